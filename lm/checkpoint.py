@@ -1,0 +1,92 @@
+"""Orbax checkpoints of the train state together with the Grain data iterator state."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from lm.config import ConfigError, flatten
+
+# Keys that shape the parameters or the data stream: a checkpoint only resumes under the same values.
+# Everything else (train.steps, eval and checkpoint cadence, learning rate, ...) may change on resume.
+_RESUME_KEY_PREFIXES = ('seed', 'model.', 'data.')
+_RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes')
+
+
+def _must_match(key: str) -> bool:
+  return key.startswith(_RESUME_KEY_PREFIXES) and key not in _RESUME_FREE_KEYS
+
+
+def has_checkpoints(directory: pathlib.Path) -> bool:
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+
+
+def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """Refuses to resume a workdir whose checkpoints come from another model or data config.
+
+  Returns the keys that changed and are safe to change, as {key: (old, new)}.
+  """
+  saved_path = workdir / 'config.json'
+  if not saved_path.exists() or not has_checkpoints(workdir / 'checkpoints'):
+    return {}
+  saved = json.loads(saved_path.read_text())
+  current = json.loads(json.dumps(flatten(config)))  # Tuples -> lists, as in the saved file.
+  changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+  clashes = [k for k in changed if _must_match(k)]
+  if clashes:
+    detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
+    more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
+    raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints of a different model or data config: '
+                      f'{detail}{more}; use a new --workdir or the same config')
+  return changed
+
+
+def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, changed: dict[str, tuple],
+                step: int) -> None:
+  """Writes config.json; a resume that changed keys is recorded in config_changes.jsonl."""
+  if jax.process_index() != 0:
+    return
+  (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
+  if changed:
+    record = {'step': step, 'time': time.time(), 'changes': {k: list(v) for k, v in changed.items()}}
+    with open(workdir / 'config_changes.jsonl', 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+class Checkpointer:
+  """Keeps the last `max_to_keep` checkpoints of {state, data iterator} under `directory`."""
+
+  def __init__(self, directory: pathlib.Path, config: ml_collections.ConfigDict):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.checkpoint.max_to_keep,
+        enable_async_checkpointing=config.checkpoint.async_save, create=True)
+    self._manager = ocp.CheckpointManager(directory.absolute(), options=options,
+                                          item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
+    self._manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+  def restore(self, step: int, like: Any, data_iterator: grain.DatasetIterator) -> Any:
+    """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where
+    it was when that step was saved."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), like)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract),
+        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+    return restored.state
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()

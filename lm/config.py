@@ -1,0 +1,257 @@
+"""The config schema: defaults every experiment starts from, and validation.
+
+Every key an experiment may set is defined in `base_config()`; `validate()` checks each key's
+type and range and the rules that tie keys together, and raises `ConfigError` with one line that
+names the key and what is allowed. Nothing else in `lm` is imported here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import math
+import pathlib
+from typing import Any, Callable
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A bad config or bad input, explained in one line for the user."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with their defaults. Experiments override values, never add keys."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Root of all randomness: init, data order, sampling. Per-step keys fold in the step.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 4096  # Rows of the embedding; the sentencepiece tokenizer is trained to this size.
+  c.model.max_len = 256  # Rows of the learned position table: the longest sequence the model accepts.
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.d_model = 256  # Residual stream width; must be divisible by num_heads.
+  c.model.mlp_dim = 1024  # Hidden width of the MLP (GPT-2 uses 4 * d_model).
+  c.model.init_std = 0.02  # Std of the normal init; residual output projections get init_std / sqrt(2 * num_layers).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'shakespeare'  # 'shakespeare', 'text_files', or any TFDS dataset prepared in array_record format.
+  c.data.paths = ''  # text_files only: comma-separated files or globs.
+  c.data.tfds_data_dir = ''  # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
+  c.data.train_split = 'train'
+  c.data.eval_split = 'validation'
+  c.data.text_key = 'text'  # Feature holding the text in each example.
+  c.data.tokenizer = 'sentencepiece'  # 'sentencepiece' (trained on the train split on first use) or 'byte'.
+  c.data.tokenizer_train_bytes = 50_000_000  # At most this much train text is used to train sentencepiece.
+  c.data.seq_len = 256  # Tokens per training sequence (the model sees seq_len inputs, predicts seq_len targets).
+  c.data.batch_size = 32  # Sequences per step.
+  c.data.shuffle_window = 1024  # Packed sequences shuffled together after packing; 0 = off.
+  c.data.val_fraction = 0.1  # text_files only: share of files (or of a single file) held out for validation.
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.learning_rate = 1e-3  # Peak, reached after warmup, then cosine decay to the end of training.
+  c.optimizer.warmup_steps = 100
+  c.optimizer.min_lr_ratio = 0.1  # Final learning rate as a fraction of the peak.
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.95
+  c.optimizer.eps = 1e-8
+  c.optimizer.weight_decay = 0.1  # Decoupled (AdamW); never applied to biases, norms or embeddings.
+  c.optimizer.grad_clip_norm = 1.0  # Global-norm clipping threshold; 0 = off.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # Total optimizer steps; the learning-rate schedule ends here.
+  c.train.log_every = 10  # Steps between train metric records.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 200  # Steps between evaluations (and samples); training always ends with one.
+  c.eval.num_batches = 8  # Batches per periodic eval; 0 = the whole split. The final eval covers the whole split.
+  c.eval.batch_size = 32
+  c.eval.sample_prompt = ''  # Text the samples continue; '' = start of a document.
+  c.eval.sample_tokens = 128  # New tokens per sample (fewer if the prompt leaves less room in max_len).
+  c.eval.num_samples = 2
+  c.eval.sample_temperature = 0.8
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 200  # Steps between checkpoints; training always ends with one.
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.async_save = True  # Write checkpoints in the background while training continues.
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-key checks. Each returns None when the value is fine, else a phrase saying what is allowed.
+
+Check = Callable[[Any], 'str | None']
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Check:
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, int):
+      return 'must be an integer'
+    if lo is not None and v < lo:
+      return f'must be >= {lo}'
+    if hi is not None and v > hi:
+      return f'must be <= {hi}'
+    return None
+  return check
+
+
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
+  def check(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+      return 'must be a finite number'
+    if lo is not None and (v <= lo if lo_open else v < lo):
+      return f'must be {">" if lo_open else ">="} {lo}'
+    if hi is not None and v > hi:
+      return f'must be <= {hi}'
+    return None
+  return check
+
+
+def _choice(*allowed: str) -> Check:
+  def check(v):
+    return None if v in allowed else f'must be one of {", ".join(repr(a) for a in allowed)}'
+  return check
+
+
+def _str(nonempty: bool = False) -> Check:
+  def check(v):
+    if not isinstance(v, str):
+      return 'must be a string'
+    if nonempty and not v:
+      return 'must not be empty'
+    return None
+  return check
+
+
+def _bool(v):
+  return None if isinstance(v, bool) else 'must be True or False'
+
+
+CHECKS: dict[str, Check] = {
+    'seed': _int(0, 2**31 - 1),
+    'model.vocab_size': _int(1),
+    'model.max_len': _int(1),
+    'model.num_layers': _int(1),
+    'model.num_heads': _int(1),
+    'model.d_model': _int(1),
+    'model.mlp_dim': _int(1),
+    'model.init_std': _float(0, lo_open=True),
+    'data.name': _str(nonempty=True),
+    'data.paths': _str(),
+    'data.tfds_data_dir': _str(),
+    'data.train_split': _str(nonempty=True),
+    'data.eval_split': _str(nonempty=True),
+    'data.text_key': _str(nonempty=True),
+    'data.tokenizer': _choice('sentencepiece', 'byte'),
+    'data.tokenizer_train_bytes': _int(1),
+    'data.seq_len': _int(1),
+    'data.batch_size': _int(1),
+    'data.shuffle_window': _int(0),
+    'data.val_fraction': _float(0, 0.5, lo_open=True),
+    'optimizer.learning_rate': _float(0, lo_open=True),
+    'optimizer.warmup_steps': _int(0),
+    'optimizer.min_lr_ratio': _float(0, 1),
+    'optimizer.b1': _float(0, 1),
+    'optimizer.b2': _float(0, 1),
+    'optimizer.eps': _float(0),
+    'optimizer.weight_decay': _float(0),
+    'optimizer.grad_clip_norm': _float(0),
+    'train.steps': _int(1),
+    'train.log_every': _int(1),
+    'eval.every': _int(1),
+    'eval.num_batches': _int(0),
+    'eval.batch_size': _int(1),
+    'eval.sample_prompt': _str(),
+    'eval.sample_tokens': _int(0),
+    'eval.num_samples': _int(0),
+    'eval.sample_temperature': _float(0, lo_open=True),
+    'checkpoint.every': _int(1),
+    'checkpoint.max_to_keep': _int(1),
+    'checkpoint.async_save': _bool,
+}
+
+BYTE_VOCAB_SIZE = 258  # 256 bytes + pad + document separator; see lm/data/tokenizers.py.
+MIN_SENTENCEPIECE_VOCAB = 320  # 256 byte-fallback pieces + specials + room for merges.
+
+
+def _cross_key_errors(c: ml_collections.ConfigDict) -> list[str]:
+  m, d, o = c.model, c.data, c.optimizer
+  errors = []
+  if m.d_model % m.num_heads:
+    errors.append(f'model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}')
+  if d.seq_len > m.max_len:
+    errors.append(f'data.seq_len={d.seq_len} exceeds the position table: must be <= model.max_len={m.max_len}')
+  if o.warmup_steps >= c.train.steps:
+    errors.append(f'optimizer.warmup_steps={o.warmup_steps} must be < train.steps={c.train.steps}')
+  if d.name == 'text_files' and not d.paths.strip():
+    errors.append("data.paths must name at least one file when data.name='text_files'")
+  if d.name != 'text_files' and d.paths:
+    errors.append(f"data.paths is only read when data.name='text_files' (data.name={d.name!r})")
+  if d.tokenizer == 'byte' and m.vocab_size < BYTE_VOCAB_SIZE:
+    errors.append(f"model.vocab_size={m.vocab_size} must be >= {BYTE_VOCAB_SIZE} with data.tokenizer='byte'")
+  if d.tokenizer == 'sentencepiece' and m.vocab_size < MIN_SENTENCEPIECE_VOCAB:
+    errors.append(f"model.vocab_size={m.vocab_size} must be >= {MIN_SENTENCEPIECE_VOCAB} "
+                  "with data.tokenizer='sentencepiece'")
+  return errors
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  """{'model.d_model': 256, ...} for every leaf of the config."""
+  flat = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def unknown_key_message(key: str) -> str:
+  nearest = difflib.get_close_matches(key, list(CHECKS), n=3, cutoff=0.5)
+  if not nearest:  # Fall back to the keys of the same group.
+    group = key.split('.')[0] + '.'
+    nearest = [k for k in CHECKS if k.startswith(group)][:6]
+  hint = f'; nearest valid keys: {", ".join(nearest)}' if nearest else ''
+  return f'unknown config key {key!r}{hint}'
+
+
+def load_experiment(path: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """get_config() of an experiment file, as --config=path gives it (for tests and notebooks)."""
+  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def override(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of config with {'group.key': value} set, as --config.group.key=value would."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for key, value in values.items():
+    if key not in CHECKS:
+      raise ConfigError(unknown_key_message(key))
+    *groups, leaf = key.split('.')
+    node = config
+    for group in groups:
+      node = node[group]
+    node[leaf] = value
+  return config
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every key and cross-key rule; returns the config locked against new keys."""
+  flat = flatten(config)
+  for key in flat:
+    if key not in CHECKS:
+      raise ConfigError(unknown_key_message(key))
+  for key, check in CHECKS.items():
+    if key not in flat:
+      raise ConfigError(f'missing config key {key!r}: start experiment configs from lm.config.base_config()')
+    problem = check(flat[key])
+    if problem:
+      raise ConfigError(f'{key}={flat[key]!r}: {problem}')
+  errors = _cross_key_errors(config)
+  if errors:
+    raise ConfigError(errors[0])
+  config.lock()
+  return config

@@ -1,0 +1,36 @@
+"""Text generation by temperature sampling (full forward pass per token; no KV cache yet)."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.jit, static_argnames=('model',))
+def _sample_tokens(params, tokens_NL: jax.Array, start: jax.Array, rng: jax.Array,
+                   temperature: jax.Array, *, model: nn.Module) -> jax.Array:
+  """Fills tokens_NL[:, start:] one position at a time, each drawn from the model's prediction."""
+
+  def body(pos, tokens_NL):
+    logits_NV = model.apply({'params': params}, tokens_NL)[:, pos - 1]
+    next_N = jax.random.categorical(jax.random.fold_in(rng, pos), logits_NV / temperature)
+    return tokens_NL.at[:, pos].set(next_N.astype(tokens_NL.dtype))
+
+  return jax.lax.fori_loop(start, tokens_NL.shape[1], body, tokens_NL)
+
+
+def sample(model: nn.Module, params, prompt_ids: np.ndarray, *, num_samples: int, num_tokens: int,
+           temperature: float, rng: jax.Array) -> np.ndarray:
+  """[num_samples, n] new token ids continuing prompt_ids, n = min(num_tokens, room left in max_len)."""
+  max_len = model.config.max_len
+  prompt_ids = np.asarray(prompt_ids, np.int32)[-(max_len - 1):]
+  length = min(len(prompt_ids) + num_tokens, max_len)
+  tokens_NL = np.zeros((num_samples, length), np.int32)
+  tokens_NL[:, :len(prompt_ids)] = prompt_ids
+  out_NL = _sample_tokens(params, tokens_NL, jnp.int32(len(prompt_ids)), rng,
+                          jnp.float32(temperature), model=model)
+  return np.asarray(out_NL[:, len(prompt_ids):])

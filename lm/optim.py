@@ -1,0 +1,29 @@
+"""The optax optimizer: AdamW with linear warmup, cosine decay and global-norm clipping."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """0 -> peak over warmup_steps, then cosine to peak * min_lr_ratio at train.steps."""
+  o = config.optimizer
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.learning_rate, warmup_steps=o.warmup_steps,
+      decay_steps=config.train.steps, end_value=o.learning_rate * o.min_lr_ratio)
+
+
+def weight_decay_mask(params) -> object:
+  """True for matmul kernels only: biases, norm scales and embeddings are not decayed."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  o = config.optimizer
+  adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                      weight_decay=o.weight_decay, mask=weight_decay_mask)
+  if o.grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw)
+  return adamw

@@ -1,0 +1,201 @@
+"""The train state, the pure train and eval steps, and the loop that runs an experiment."""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+from flax import struct
+
+from lm import checkpoint, decode, metrics
+from lm.data import pipeline
+from lm.model import count_params, make_model
+from lm.optim import learning_rate_schedule, make_optimizer
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer steps taken.
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Root key; step s uses fold_in(rng, s), so resuming needs nothing else.
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                     optimizer: optax.GradientTransformation) -> TrainState:
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+
+  def init():
+    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
+    params = nn.meta.unbox(model.init(init_rng, tokens)['params'])
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=state_rng)
+
+  return jax.jit(init)()
+
+
+def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Summed cross-entropy (nats) over unmasked targets, the count of those targets, and the logits."""
+  tokens_BL1 = batch['tokens']
+  logits_BLV = model.apply({'params': params}, tokens_BL1[:, :-1])
+  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL1[:, 1:])
+  mask_BL = batch['loss_mask'].astype(jnp.float32)
+  return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL), logits_BLV
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  def mean_loss(params):
+    total, count, _ = loss_sums(params, batch, model)
+    return total / jnp.maximum(count, 1.0)
+
+  loss, grads = jax.value_and_grad(mean_loss)(state.params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics_ = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics_
+
+
+def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
+              model: nn.Module) -> dict[str, jax.Array]:
+  """Sums for loss, perplexity and bits per byte: nats, target tokens, and bytes those targets spell."""
+  total, count, _ = loss_sums(params, batch, model)
+  target_bytes_BL = token_bytes_V[batch['tokens'][:, 1:]] * batch['loss_mask']
+  return {'loss_sum': total, 'tokens': count, 'bytes': jnp.sum(target_bytes_BL.astype(jnp.float32))}
+
+
+class Trainer:
+  """One experiment in one workdir: built once, `run()` trains to train.steps (or stop_after)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+    self.config = config
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    self._config_changes = checkpoint.check_workdir(self.workdir, config)
+    self.corpus = pipeline.load_corpus(config, self.workdir / 'tokenizer')
+    self.model = make_model(config.model)
+    optimizer = make_optimizer(config)
+    self._train_step = jax.jit(functools.partial(
+        train_step, model=self.model, optimizer=optimizer, schedule=learning_rate_schedule(config)),
+        donate_argnums=0)
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model))
+    self._token_bytes = jnp.asarray(np.pad(self.corpus.tokenizer.token_bytes,
+                                           (0, config.model.vocab_size - self.corpus.tokenizer.vocab_size)))
+    self.state = init_train_state(config, self.model, optimizer)
+    self.train_iter = iter(pipeline.train_dataset(config, self.corpus))
+    self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config)
+    latest = self.checkpointer.latest_step()
+    if latest is not None:
+      self.state = self.checkpointer.restore(latest, self.state, self.train_iter)
+      metrics.say(f'resumed from step {latest} in {self.workdir}')
+    self.start_step = int(self.state.step)
+    checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step)
+
+  def evaluate(self, num_batches: int = 0) -> dict[str, float]:
+    sums = {'loss_sum': 0.0, 'tokens': 0.0, 'bytes': 0.0}
+    for batch in pipeline.eval_batches(self.config, self.corpus, num_batches):
+      out = self._eval_step(self.state.params, batch, self._token_bytes)
+      sums = {k: sums[k] + float(v) for k, v in out.items()}
+    return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
+
+  def samples(self, step: int) -> list[str]:
+    e, tokenizer = self.config.eval, self.corpus.tokenizer
+    if not e.num_samples:
+      return []
+    prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(e.sample_prompt)])
+    rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, step), 1)
+    new = decode.sample(self.model, self.state.params, prompt, num_samples=e.num_samples,
+                        num_tokens=e.sample_tokens, temperature=e.sample_temperature, rng=rng)
+    return [e.sample_prompt + tokenizer.decode(row) for row in new]
+
+  def _eval_and_sample(self, step: int, writer: metrics.MetricWriter, final: bool) -> dict[str, float]:
+    start = time.perf_counter()
+    result = self.evaluate(0 if final else self.config.eval.num_batches)
+    writer.write(step, {f'eval/{k}': v for k, v in result.items()} | {'eval/seconds': time.perf_counter() - start})
+    scope = 'whole split' if final else f'{self.config.eval.num_batches or "all"} batches'
+    metrics.say(f'step {step}: eval loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
+                    f'bits/byte {result["bits_per_byte"]:.4f}  ({scope}, {result["tokens"]:.0f} tokens)')
+    texts = self.samples(step)
+    if texts and jax.process_index() == 0:
+      sample_dir = self.workdir / 'samples'
+      sample_dir.mkdir(exist_ok=True)
+      joined = '\n\n----------\n\n'.join(texts)
+      (sample_dir / f'step_{step:07d}.txt').write_text(joined, encoding='utf-8')
+      writer.write_text(step, 'samples', joined)
+      metrics.say(f'--- sample at step {step} ---\n{texts[0]}\n---')
+    return result
+
+  def run(self, stop_after: int | None = None) -> dict[str, float]:
+    """Trains from the current step; returns the last eval (the whole split if training finished)."""
+    c = self.config
+    end = c.train.steps if stop_after is None else min(stop_after, c.train.steps)
+    step = self.start_step
+    writer = metrics.MetricWriter(self.workdir, step)
+    metrics.say(f'model: {count_params(self.state.params):,} parameters; '
+                f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens')
+    result: dict[str, float] = {}
+    if step >= end:
+      writer.close()
+      return result
+    batch = next(self.train_iter)
+    start = time.perf_counter()
+    compiled = self._train_step.lower(self.state, batch).compile()
+    compile_s = time.perf_counter() - start
+    writer.write(step, {'train/compile_seconds': compile_s})
+    metrics.say(f'compiled the train step in {compile_s:.1f} s')
+    bar = tqdm.tqdm(total=c.train.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
+                    disable=jax.process_index() != 0, mininterval=1.0)
+    # Metrics of a log step are fetched at the next log step, so the loop never waits on the device;
+    # step time is measured between the moments those fetched metrics were ready.
+    pending = None
+    ready = (time.perf_counter(), step)
+    try:
+      while step < end:
+        if step > self.start_step:
+          batch = next(self.train_iter)
+        self.state, step_metrics = compiled(self.state, batch)
+        step += 1
+        if step % c.train.log_every == 0 or step == end:
+          ready = self._log(pending, ready, writer, bar)
+          pending = (step, step_metrics)
+        if step % c.eval.every == 0 or step == c.train.steps:
+          ready = self._log(pending, ready, writer, bar)
+          pending = None
+          result = self._eval_and_sample(step, writer, final=step == c.train.steps)
+        if step % c.checkpoint.every == 0 or step == end:
+          ready = self._log(pending, ready, writer, bar)
+          pending = None
+          self.checkpointer.save(step, self.state, self.train_iter)
+        if step % c.eval.every == 0 or step % c.checkpoint.every == 0:
+          ready = (time.perf_counter(), step)  # Keep eval and saving out of step times.
+      self._log(pending, ready, writer, bar)
+    finally:
+      bar.close()
+      self.checkpointer.close()
+      writer.close()
+    return result
+
+  def _log(self, pending: tuple[int, dict] | None, ready: tuple[float, int], writer: metrics.MetricWriter,
+           bar: tqdm.tqdm) -> tuple[float, int]:
+    """Writes the pending step's metrics with the time per step since the previous one was ready."""
+    if pending is None:
+      return ready
+    step, values = pending
+    values = {k: float(v) for k, v in jax.device_get(values).items()}
+    now = time.perf_counter()
+    values['step_seconds'] = (now - ready[0]) / (step - ready[1])
+    values['tokens_per_second'] = self.config.data.batch_size * self.config.data.seq_len / values['step_seconds']
+    writer.write(step, {f'train/{k}': v for k, v in values.items()})
+    bar.update(step - bar.n)  # The bar counts finished steps, not dispatched ones.
+    bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:,.0f}',
+                    step_ms=f'{1e3 * values["step_seconds"]:.0f}', refresh=False)
+    return now, step

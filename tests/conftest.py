@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny configs built from the real experiment files, and corpora made once."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from lm import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / 'experiments' / 'quickstart.py'
+
+# The quickstart experiment shrunk to compile and run in seconds.
+TINY = {
+    'model.vocab_size': 384, 'model.max_len': 32, 'model.num_layers': 2, 'model.num_heads': 2,
+    'model.d_model': 32, 'model.mlp_dim': 64,
+    'data.seq_len': 32, 'data.batch_size': 4, 'data.shuffle_window': 16,
+    'optimizer.warmup_steps': 2, 'train.steps': 8, 'train.log_every': 2,
+    'eval.every': 4, 'eval.num_batches': 2, 'eval.batch_size': 16, 'eval.sample_tokens': 8,
+    'checkpoint.every': 4,
+}
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory) -> str:
+  return str(tmp_path_factory.mktemp('tfds'))
+
+
+@pytest.fixture(scope='session')
+def play_files(tmp_path_factory) -> str:
+  """Four short text files cut from the plays: a small text_files corpus (~40 KB)."""
+  from lm.data.builders import normalize_text, shakespeare_plays_dir
+  folder = tmp_path_factory.mktemp('plays')
+  for play in sorted(shakespeare_plays_dir().glob('*/*.md'))[:4]:
+    text = normalize_text(play.read_text(encoding='utf-8'))
+    (folder / f'{play.stem}.txt').write_text(text[:10_000], encoding='utf-8')
+  return str(folder / '*.txt')
+
+
+def tiny_overrides(tfds_dir: str, play_files: str, **extra) -> dict:
+  return TINY | {'data.tfds_data_dir': tfds_dir, 'data.name': 'text_files', 'data.paths': play_files} | extra
+
+
+def tiny_config(tfds_dir: str, play_files: str, **extra):
+  config = config_lib.load_experiment(QUICKSTART)
+  return config_lib.validate(config_lib.override(config, tiny_overrides(tfds_dir, play_files, **extra)))
+
+
+def run_main(workdir, overrides: dict, *extra_args: str, check: bool = True) -> subprocess.CompletedProcess:
+  """python -m lm.main on the quickstart config with overrides, in a fresh process."""
+  args = [sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}']
+  args += [f'--config.{k}={v}' for k, v in overrides.items()] + list(extra_args)
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  result = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+  if check and result.returncode:
+    raise AssertionError(f'{" ".join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
+  return result

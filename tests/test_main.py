@@ -1,0 +1,123 @@
+"""The command line end to end, in fresh processes: quickstart, exact resume, one-line refusals."""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import QUICKSTART, run_main, tiny_overrides
+from lm.metrics import read_metrics
+
+
+def _restore(workdir: pathlib.Path, step: int):
+  return ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / str(step) / 'state').absolute())
+
+
+def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
+  workdir = tmp_path / 'qs'
+  result = run_main(workdir, {'data.tfds_data_dir': tfds_dir, 'train.steps': 3, 'train.log_every': 1,
+                              'optimizer.warmup_steps': 1, 'eval.every': 3, 'eval.sample_tokens': 8})
+  assert 'bits per byte' in result.stderr + result.stdout
+  records = read_metrics(workdir)
+  final = [r for r in records if 'eval/bits_per_byte' in r][-1]
+  assert final['step'] == 3 and 2.0 < final['eval/bits_per_byte'] < 6.0
+  assert final['eval/tokens'] > 100_000  # The final eval covers all three validation plays.
+  assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]
+  assert all(math.isfinite(r['train/tokens_per_second']) for r in records if 'train/loss' in r)
+  assert (workdir / 'tokenizer' / 'sentencepiece.model').exists()
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  assert (workdir / 'checkpoints' / '3' / 'state').is_dir()
+  samples = (workdir / 'samples' / 'step_0000003.txt').read_text()
+  assert samples.startswith('**HAMLET**\n') and len(samples) > len('**HAMLET**\n')
+  assert json.loads((workdir / 'config.json').read_text())['model.d_model'] == 256
+
+
+@pytest.fixture(scope='module')
+def straight_and_resumed(tfds_dir, play_files, tmp_path_factory):
+  root = tmp_path_factory.mktemp('resume')
+  overrides = tiny_overrides(tfds_dir, play_files)
+  run_main(root / 'straight', overrides)
+  first = run_main(root / 'resumed', overrides, '--stop_after=4')
+  second = run_main(root / 'resumed', overrides)
+  return root / 'straight', root / 'resumed', first, second
+
+
+def test_resume_is_bitwise_identical(straight_and_resumed):
+  straight, resumed, first, second = straight_and_resumed
+  assert 'resumed from step 4' in second.stdout + second.stderr
+  assert sorted(p.name for p in (resumed / 'checkpoints').iterdir() if p.name.isdigit()) == ['4', '8']
+  a, b = _restore(straight, 8), _restore(resumed, 8)
+  assert int(a['step']) == int(b['step']) == 8
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) > 20
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert not np.array_equal(_restore(resumed, 4)['params']['block_0']['mlp']['up']['kernel'],
+                            b['params']['block_0']['mlp']['up']['kernel'])  # Steps 5-8 did train.
+
+
+def test_resumed_run_sees_the_same_data_and_records(straight_and_resumed):
+  straight, resumed, _, _ = straight_and_resumed
+  a, b = read_metrics(straight), read_metrics(resumed)
+  keys = ('train/loss', 'train/grad_norm', 'eval/loss', 'eval/bits_per_byte')
+  rows = lambda records: [(r['step'], {k: r[k] for k in keys if k in r}) for r in records
+                          if any(k in r for k in keys)]
+  # Equal losses at steps 6 and 8, after the resume, mean the same batches in the same order.
+  assert rows(a) == rows(b) and [s for s, _ in rows(a) if 'train/loss' in _] == [2, 4, 6, 8]
+
+
+def _refusal(result) -> str:
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  lines = [l for l in result.stderr.strip().splitlines() if l.startswith('error:')]
+  assert len(lines) == 1 and result.stderr.strip().endswith(lines[0]), result.stderr[-2000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('overrides, args, expected', [
+    ({'model.d_modle': 3}, (), "unknown config key 'model.d_modle'; nearest valid keys: model.d_model"),
+    ({'optimizer.lr': 3}, (), 'nearest valid keys: optimizer.'),
+    ({'train.steps': 'many'}, (), "--config.train.steps=many"),
+    ({'model.d_model': 250}, (), 'model.d_model=250 must be divisible by model.num_heads=4'),
+    ({'data.seq_len': 512}, (), 'data.seq_len=512 exceeds the position table: must be <= model.max_len=256'),
+    ({'optimizer.learning_rate': -1.0}, (), 'optimizer.learning_rate=-1.0: must be > 0'),
+    ({'data.tokenizer': 'bpe'}, (), "data.tokenizer='bpe': must be one of 'sentencepiece', 'byte'"),
+    ({'data.name': 'text_files', 'data.paths': '/nonexistent/corpus.txt'}, (),
+     "data.paths: '/nonexistent/corpus.txt' is not a file"),
+    ({'data.name': 'lm1b_not_a_dataset'}, (), "data.name='lm1b_not_a_dataset' is not a TFDS dataset"),
+    ({}, ('--config=experiments/nope.py',), "--config: no such file 'experiments/nope.py'"),
+])
+def test_bad_input_is_refused_in_one_line(tfds_dir, tmp_path, overrides, args, expected):
+  result = run_main(tmp_path / 'run', {'data.tfds_data_dir': tfds_dir, **overrides}, *args, check=False)
+  assert expected in _refusal(result)
+
+
+def test_empty_corpus_file_is_refused(tfds_dir, tmp_path):
+  (tmp_path / 'empty.txt').write_text('')
+  result = run_main(tmp_path / 'run', {'data.tfds_data_dir': tfds_dir, 'data.name': 'text_files',
+                                       'data.paths': tmp_path / 'empty.txt'}, check=False)
+  assert f"data.paths: '{tmp_path / 'empty.txt'}' is empty" in _refusal(result)
+
+
+def test_missing_tfds_dataset_says_how_to_prepare(tfds_dir, tmp_path):
+  result = run_main(tmp_path / 'run', {'data.tfds_data_dir': str(tmp_path / 'empty_tfds'), 'data.name': 'lm1b',
+                                       'data.eval_split': 'test'}, check=False)
+  assert 'tfds build lm1b --file_format=array_record' in _refusal(result)
+
+
+def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir, play_files):
+  straight, _, _, _ = straight_and_resumed
+  before = sorted(p.name for p in (straight / 'checkpoints').iterdir())
+  overrides = tiny_overrides(tfds_dir, play_files, **{'model.d_model': 64})
+  message = _refusal(run_main(straight, overrides, check=False))
+  assert 'holds checkpoints of a different model or data config: model.d_model is 32 there, 64 here' in message
+  assert sorted(p.name for p in (straight / 'checkpoints').iterdir()) == before
+  # Changes that are safe on resume are accepted and recorded.
+  run_main(straight, tiny_overrides(tfds_dir, play_files, **{'train.steps': 10, 'eval.every': 5}))
+  changes = [json.loads(l) for l in (straight / 'config_changes.jsonl').read_text().splitlines()]
+  assert changes[-1]['step'] == 8 and changes[-1]['changes']['train.steps'] == [8, 10]
+  assert read_metrics(straight)[-1]['step'] == 10

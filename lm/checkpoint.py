@@ -34,8 +34,11 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   Returns the keys that changed and are safe to change, as {key: (old, new)}.
   """
   saved_path = workdir / 'config.json'
-  if not saved_path.exists() or not has_checkpoints(workdir / 'checkpoints'):
+  if not has_checkpoints(workdir / 'checkpoints'):
     return {}
+  if not saved_path.exists():
+    raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints but no config.json to check them '
+                      'against; use a new --workdir')
   saved = json.loads(saved_path.read_text())
   current = json.loads(json.dumps(flatten(config)))  # Tuples -> lists, as in the saved file.
   changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
@@ -48,12 +51,21 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   return changed
 
 
+def checkpointed_dataset(workdir: pathlib.Path) -> str | None:
+  """The dataset the workdir's checkpoints were trained on, if it has any."""
+  path = workdir / 'dataset.json'
+  if not has_checkpoints(workdir / 'checkpoints') or not path.exists():
+    return None
+  return json.loads(path.read_text())['dataset']
+
+
 def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, changed: dict[str, tuple],
-                step: int) -> None:
-  """Writes config.json; a resume that changed keys is recorded in config_changes.jsonl."""
+                step: int, dataset: str) -> None:
+  """Writes config.json and dataset.json; a resume that changed keys is recorded in config_changes.jsonl."""
   if jax.process_index() != 0:
     return
   (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
+  (workdir / 'dataset.json').write_text(json.dumps({'dataset': dataset}))
   if changed:
     record = {'step': step, 'time': time.time(), 'changes': {k: list(v) for k, v in changed.items()}}
     with open(workdir / 'config_changes.jsonl', 'a', encoding='utf-8') as f:

@@ -96,14 +96,15 @@ def _int(lo: int | None = None, hi: int | None = None) -> Check:
   return check
 
 
-def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> Check:
+def _float(lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+           hi_open: bool = False) -> Check:
   def check(v):
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
       return 'must be a finite number'
     if lo is not None and (v <= lo if lo_open else v < lo):
       return f'must be {">" if lo_open else ">="} {lo}'
-    if hi is not None and v > hi:
-      return f'must be <= {hi}'
+    if hi is not None and (v >= hi if hi_open else v > hi):
+      return f'must be {"<" if hi_open else "<="} {hi}'
     return None
   return check
 
@@ -152,9 +153,9 @@ CHECKS: dict[str, Check] = {
     'optimizer.learning_rate': _float(0, lo_open=True),
     'optimizer.warmup_steps': _int(0),
     'optimizer.min_lr_ratio': _float(0, 1),
-    'optimizer.b1': _float(0, 1),
-    'optimizer.b2': _float(0, 1),
-    'optimizer.eps': _float(0),
+    'optimizer.b1': _float(0, 1, hi_open=True),
+    'optimizer.b2': _float(0, 1, hi_open=True),
+    'optimizer.eps': _float(0, lo_open=True),
     'optimizer.weight_decay': _float(0),
     'optimizer.grad_clip_norm': _float(0),
     'train.steps': _int(1),
@@ -230,6 +231,9 @@ def override(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_co
   for key, value in values.items():
     if key not in CHECKS:
       raise ConfigError(unknown_key_message(key))
+    problem = CHECKS[key](value)
+    if problem:
+      raise ConfigError(f'{key}={value!r}: {problem}')
     *groups, leaf = key.split('.')
     node = config
     for group in groups:

@@ -10,6 +10,7 @@ import os
 import sys
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 from lm.config import CHECKS, ConfigError, unknown_key_message, validate
@@ -33,9 +34,14 @@ def parse_flags(argv: list[str]) -> list[str]:
       if key not in CHECKS:
         sys.exit(f'error: --config.{key}: {unknown_key_message(key)}')
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
+    argv = flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  (a flag, or the user's config file, is broken)
+    lines = [line for line in str(e).strip().splitlines() if line.strip()]
+    sys.exit(f'error: {lines[-1].strip() if lines else type(e).__name__}')
+  if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
+    sys.exit(f'error: --config: get_config() must return an ml_collections.ConfigDict, '
+             f'not {type(_CONFIG.value).__name__}')
+  return argv
 
 
 def main(argv: list[str]) -> None:
@@ -49,6 +55,9 @@ def main(argv: list[str]) -> None:
   try:
     config = validate(_CONFIG.value)
     trainer = train.Trainer(config, _WORKDIR.value)
+  except (ConfigError, OSError) as e:  # OSError: an unusable workdir or data directory.
+    sys.exit(f'error: {e}')
+  try:
     result = trainer.run(stop_after=_STOP_AFTER.value)
   except ConfigError as e:
     sys.exit(f'error: {e}')

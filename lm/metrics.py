@@ -38,9 +38,11 @@ class MetricWriter:
     path = workdir / 'metrics.jsonl'
     if path.exists():
       kept = [r for r in read_metrics(workdir) if r['step'] <= start_step]
-      path.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+      tmp = path.with_suffix('.tmp')
+      tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
+      tmp.rename(path)
     self._jsonl = open(path, 'a', encoding='utf-8')
-    self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'))
+    self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step + 1 if start_step else None)
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self._enabled:

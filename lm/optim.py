@@ -22,8 +22,8 @@ def weight_decay_mask(params) -> object:
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   o = config.optimizer
-  adamw = optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
-                      weight_decay=o.weight_decay, mask=weight_decay_mask)
-  if o.grad_clip_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), adamw)
-  return adamw
+  # Clipping is always in the chain (at infinity when off) so that turning it on or off on
+  # resume leaves the optimizer state's structure unchanged.
+  clip = optax.clip_by_global_norm(o.grad_clip_norm if o.grad_clip_norm > 0 else float('inf'))
+  return optax.chain(clip, optax.adamw(learning_rate_schedule(config), b1=o.b1, b2=o.b2, eps=o.eps,
+                                       weight_decay=o.weight_decay, mask=weight_decay_mask))

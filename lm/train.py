@@ -17,6 +17,7 @@ import tqdm
 from flax import struct
 
 from lm import checkpoint, decode, metrics
+from lm.config import ConfigError
 from lm.data import pipeline
 from lm.model import count_params, make_model
 from lm.optim import learning_rate_schedule, make_optimizer
@@ -27,7 +28,7 @@ class TrainState:
   step: jax.Array  # int32 scalar: optimizer steps taken.
   params: Any
   opt_state: Any
-  rng: jax.Array  # Root key; step s uses fold_in(rng, s), so resuming needs nothing else.
+  rng: jax.Array  # Root key of in-training randomness (samples at step s use fold_in(rng, s)).
 
 
 def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
@@ -42,20 +43,20 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
   return jax.jit(init)()
 
 
-def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Summed cross-entropy (nats) over unmasked targets, the count of those targets, and the logits."""
+def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module) -> tuple[jax.Array, jax.Array]:
+  """Summed cross-entropy (nats) over unmasked targets, and the count of those targets."""
   tokens_BL1 = batch['tokens']
   logits_BLV = model.apply({'params': params}, tokens_BL1[:, :-1])
   losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL1[:, 1:])
   mask_BL = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL), logits_BLV
+  return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   def mean_loss(params):
-    total, count, _ = loss_sums(params, batch, model)
+    total, count = loss_sums(params, batch, model)
     return total / jnp.maximum(count, 1.0)
 
   loss, grads = jax.value_and_grad(mean_loss)(state.params)
@@ -68,7 +69,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
               model: nn.Module) -> dict[str, jax.Array]:
   """Sums for loss, perplexity and bits per byte: nats, target tokens, and bytes those targets spell."""
-  total, count, _ = loss_sums(params, batch, model)
+  total, count = loss_sums(params, batch, model)
   target_bytes_BL = token_bytes_V[batch['tokens'][:, 1:]] * batch['loss_mask']
   return {'loss_sum': total, 'tokens': count, 'bytes': jnp.sum(target_bytes_BL.astype(jnp.float32))}
 
@@ -81,7 +82,8 @@ class Trainer:
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._config_changes = checkpoint.check_workdir(self.workdir, config)
-    self.corpus = pipeline.load_corpus(config, self.workdir / 'tokenizer')
+    self.corpus = pipeline.load_corpus(config, self.workdir / 'tokenizer',
+                                       checkpoint.checkpointed_dataset(self.workdir))
     self.model = make_model(config.model)
     optimizer = make_optimizer(config)
     self._train_step = jax.jit(functools.partial(
@@ -98,13 +100,14 @@ class Trainer:
       self.state = self.checkpointer.restore(latest, self.state, self.train_iter)
       metrics.say(f'resumed from step {latest} in {self.workdir}')
     self.start_step = int(self.state.step)
-    checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step)
+    checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset)
 
   def evaluate(self, num_batches: int = 0) -> dict[str, float]:
-    sums = {'loss_sum': 0.0, 'tokens': 0.0, 'bytes': 0.0}
-    for batch in pipeline.eval_batches(self.config, self.corpus, num_batches):
-      out = self._eval_step(self.state.params, batch, self._token_bytes)
-      sums = {k: sums[k] + float(v) for k, v in out.items()}
+    outs = [self._eval_step(self.state.params, batch, self._token_bytes)  # Fetched once, at the end.
+            for batch in pipeline.eval_batches(self.config, self.corpus, num_batches)]
+    if not outs:
+      raise ConfigError(f'data.eval_split={self.config.data.eval_split!r} holds no text to evaluate on')
+    sums = {k: float(np.sum([np.float64(o[k]) for o in jax.device_get(outs)])) for k in outs[0]}
     return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
 
   def samples(self, step: int) -> list[str]:
@@ -123,7 +126,7 @@ class Trainer:
     writer.write(step, {f'eval/{k}': v for k, v in result.items()} | {'eval/seconds': time.perf_counter() - start})
     scope = 'whole split' if final else f'{self.config.eval.num_batches or "all"} batches'
     metrics.say(f'step {step}: eval loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
-                    f'bits/byte {result["bits_per_byte"]:.4f}  ({scope}, {result["tokens"]:.0f} tokens)')
+                f'bits/byte {result["bits_per_byte"]:.4f}  ({scope}, {result["tokens"]:.0f} tokens)')
     texts = self.samples(step)
     if texts and jax.process_index() == 0:
       sample_dir = self.workdir / 'samples'
@@ -144,7 +147,10 @@ class Trainer:
                 f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens')
     result: dict[str, float] = {}
     if step >= end:
+      limit = 'train.steps' if end == c.train.steps else '--stop_after'
+      metrics.say(f'{self.workdir} is already at step {step}: nothing to do ({limit}={end})')
       writer.close()
+      self.checkpointer.close()
       return result
     batch = next(self.train_iter)
     start = time.perf_counter()
@@ -154,10 +160,7 @@ class Trainer:
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
     bar = tqdm.tqdm(total=c.train.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
                     disable=jax.process_index() != 0, mininterval=1.0)
-    # Metrics of a log step are fetched at the next log step, so the loop never waits on the device;
-    # step time is measured between the moments those fetched metrics were ready.
-    pending = None
-    ready = (time.perf_counter(), step)
+    mark = (time.perf_counter(), step)  # When the device had finished which step.
     try:
       while step < end:
         if step > self.start_step:
@@ -165,37 +168,32 @@ class Trainer:
         self.state, step_metrics = compiled(self.state, batch)
         step += 1
         if step % c.train.log_every == 0 or step == end:
-          ready = self._log(pending, ready, writer, bar)
-          pending = (step, step_metrics)
-        if step % c.eval.every == 0 or step == c.train.steps:
-          ready = self._log(pending, ready, writer, bar)
-          pending = None
-          result = self._eval_and_sample(step, writer, final=step == c.train.steps)
+          mark = self._log(step, step_metrics, mark, writer, bar)
         if step % c.checkpoint.every == 0 or step == end:
-          ready = self._log(pending, ready, writer, bar)
-          pending = None
-          self.checkpointer.save(step, self.state, self.train_iter)
+          self.checkpointer.save(step, self.state, self.train_iter)  # Waits for the step, then writes async.
+        if step % c.eval.every == 0 or step == c.train.steps:
+          result = self._eval_and_sample(step, writer, final=step == c.train.steps)
         if step % c.eval.every == 0 or step % c.checkpoint.every == 0:
-          ready = (time.perf_counter(), step)  # Keep eval and saving out of step times.
-      self._log(pending, ready, writer, bar)
+          mark = (time.perf_counter(), step)  # Keep eval and saving out of step times.
     finally:
       bar.close()
       self.checkpointer.close()
       writer.close()
     return result
 
-  def _log(self, pending: tuple[int, dict] | None, ready: tuple[float, int], writer: metrics.MetricWriter,
-           bar: tqdm.tqdm) -> tuple[float, int]:
-    """Writes the pending step's metrics with the time per step since the previous one was ready."""
-    if pending is None:
-      return ready
-    step, values = pending
-    values = {k: float(v) for k, v in jax.device_get(values).items()}
+  def _log(self, step: int, step_metrics: dict[str, jax.Array], mark: tuple[float, int],
+           writer: metrics.MetricWriter, bar: tqdm.tqdm) -> tuple[float, int]:
+    """Records a step's metrics, timed from the last mark to when the device finished the step.
+
+    Between log steps the host only queues work; waiting here, once per log_every steps, costs
+    the device the time to fetch one batch and makes step times exact.
+    """
+    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
     now = time.perf_counter()
-    values['step_seconds'] = (now - ready[0]) / (step - ready[1])
+    values['step_seconds'] = (now - mark[0]) / (step - mark[1])
     values['tokens_per_second'] = self.config.data.batch_size * self.config.data.seq_len / values['step_seconds']
     writer.write(step, {f'train/{k}': v for k, v in values.items()})
-    bar.update(step - bar.n)  # The bar counts finished steps, not dispatched ones.
+    bar.update(step - bar.n)
     bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:,.0f}',
                     step_ms=f'{1e3 * values["step_seconds"]:.0f}', refresh=False)
     return now, step

@@ -3,6 +3,7 @@
 import json
 import math
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -41,23 +42,23 @@ def straight_and_resumed(tfds_dir, play_files, tmp_path_factory):
   root = tmp_path_factory.mktemp('resume')
   overrides = tiny_overrides(tfds_dir, play_files)
   run_main(root / 'straight', overrides)
-  first = run_main(root / 'resumed', overrides, '--stop_after=4')
+  first = run_main(root / 'resumed', overrides, '--stop_after=5')  # Mid shuffle window, off the log steps.
   second = run_main(root / 'resumed', overrides)
   return root / 'straight', root / 'resumed', first, second
 
 
 def test_resume_is_bitwise_identical(straight_and_resumed):
   straight, resumed, first, second = straight_and_resumed
-  assert 'resumed from step 4' in second.stdout + second.stderr
-  assert sorted(p.name for p in (resumed / 'checkpoints').iterdir() if p.name.isdigit()) == ['4', '8']
+  assert 'resumed from step 5' in second.stdout + second.stderr
+  assert sorted(p.name for p in (resumed / 'checkpoints').iterdir() if p.name.isdigit()) == ['4', '5', '8']
   a, b = _restore(straight, 8), _restore(resumed, 8)
   assert int(a['step']) == int(b['step']) == 8
   leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
   assert jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) > 20
   for x, y in zip(leaves_a, leaves_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  assert not np.array_equal(_restore(resumed, 4)['params']['block_0']['mlp']['up']['kernel'],
-                            b['params']['block_0']['mlp']['up']['kernel'])  # Steps 5-8 did train.
+  assert not np.array_equal(_restore(resumed, 5)['params']['block_0']['mlp']['up']['kernel'],
+                            b['params']['block_0']['mlp']['up']['kernel'])  # Steps 6-8 did train.
 
 
 def test_resumed_run_sees_the_same_data_and_records(straight_and_resumed):
@@ -66,8 +67,10 @@ def test_resumed_run_sees_the_same_data_and_records(straight_and_resumed):
   keys = ('train/loss', 'train/grad_norm', 'eval/loss', 'eval/bits_per_byte')
   rows = lambda records: [(r['step'], {k: r[k] for k in keys if k in r}) for r in records
                           if any(k in r for k in keys)]
-  # Equal losses at steps 6 and 8, after the resume, mean the same batches in the same order.
-  assert rows(a) == rows(b) and [s for s, _ in rows(a) if 'train/loss' in _] == [2, 4, 6, 8]
+  # Equal losses at steps 6 and 8, after the resume at 5, mean the same batches in the same order.
+  assert [s for s, _ in rows(a) if 'train/loss' in _] == [2, 4, 6, 8]
+  assert [s for s, _ in rows(b) if 'train/loss' in _] == [2, 4, 5, 6, 8]  # The stopped run logged its last step.
+  assert rows(a) == [row for row in rows(b) if row[0] != 5]
 
 
 def _refusal(result) -> str:
@@ -96,6 +99,18 @@ def test_bad_input_is_refused_in_one_line(tfds_dir, tmp_path, overrides, args, e
   assert expected in _refusal(result)
 
 
+@pytest.mark.parametrize('body, expected', [
+    ('def get_config():\n  raise ValueError("bad preset name")\n', 'bad preset name'),
+    ('def get_config(:\n', 'SyntaxError'),
+    ('def get_config():\n  return {"model": 1}\n', 'get_config() must return an ml_collections.ConfigDict'),
+])
+def test_broken_experiment_file_is_refused_in_one_line(tmp_path, body, expected):
+  path = tmp_path / 'broken.py'
+  path.write_text(body)
+  result = run_main(tmp_path / 'run', {}, f'--config={path}', check=False)
+  assert expected in _refusal(result) or 'invalid syntax' in _refusal(result)
+
+
 def test_empty_corpus_file_is_refused(tfds_dir, tmp_path):
   (tmp_path / 'empty.txt').write_text('')
   result = run_main(tmp_path / 'run', {'data.tfds_data_dir': tfds_dir, 'data.name': 'text_files',
@@ -109,8 +124,24 @@ def test_missing_tfds_dataset_says_how_to_prepare(tfds_dir, tmp_path):
   assert 'tfds build lm1b --file_format=array_record' in _refusal(result)
 
 
-def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir, play_files):
-  straight, _, _, _ = straight_and_resumed
+def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  from lm.data.builders import shakespeare_plays_dir
+  text = (shakespeare_plays_dir() / 'tragedies' / 'macbeth.md').read_text(encoding='utf-8')
+  (corpus / 'a.txt').write_text(text[:20_000])
+  (corpus / 'b.txt').write_text(text[20_000:30_000])
+  overrides = tiny_overrides(tfds_dir, str(corpus / '*.txt'))
+  run_main(tmp_path / 'run', overrides, '--stop_after=2')
+  with open(corpus / 'a.txt', 'a') as f:
+    f.write('One more line.\n')
+  message = _refusal(run_main(tmp_path / 'run', overrides, check=False))
+  assert "the data changed since this workdir's checkpoints were written" in message
+
+
+def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir, play_files, tmp_path):
+  straight = tmp_path / 'copy'
+  shutil.copytree(straight_and_resumed[0], straight)
   before = sorted(p.name for p in (straight / 'checkpoints').iterdir())
   overrides = tiny_overrides(tfds_dir, play_files, **{'model.d_model': 64})
   message = _refusal(run_main(straight, overrides, check=False))

@@ -57,3 +57,9 @@ def test_gradients_are_clipped_by_global_norm():
   nu = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
         if isinstance(s, optax.ScaleByAdamState)][0].nu
   np.testing.assert_allclose(np.asarray(nu['w']['kernel']), (1 - 0.95) * 1e4, rtol=1e-5)
+
+
+def test_optimizer_state_keeps_its_structure_when_clipping_is_toggled():
+  params = {'w': {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}}
+  structures = {jax.tree.structure(make_optimizer(_config(grad_clip_norm=c)).init(params)) for c in (0.0, 1.0)}
+  assert len(structures) == 1  # So a run may resume with clipping switched on or off.

@@ -202,6 +202,8 @@ def _prepared_tfds_builder(name: str, data_dir: str | None) -> tfds.core.Dataset
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
     raise ConfigError(f'data.name={name!r} is not a TFDS dataset, nor shakespeare or text_files') from None
+  except ValueError as e:  # A name TFDS cannot parse, or an unknown builder config.
+    raise ConfigError(f'data.name={name!r}: {str(e).strip().splitlines()[0]}') from None
   if not builder.is_prepared():
     raise ConfigError(f'TFDS dataset {name!r} is not prepared in {builder.data_dir_root}; {how}')
   if builder.info.file_format != tfds.core.file_adapters.FileFormat.ARRAY_RECORD:

@@ -41,18 +41,16 @@ class _PackIterator(grain.DatasetIterator):
     self._seq_len, self._pad_id, self._pad_final = seq_len, pad_id, pad_final
     self._segments: collections.deque[tuple[Any, np.ndarray]] = collections.deque()
     self._offset = 0  # Tokens of the first segment already behind us.
-    self._exhausted = False
     self._done = False
 
   def _buffered(self) -> int:
     return sum(len(tokens) for _, tokens in self._segments) - self._offset
 
   def _read_document(self) -> bool:
-    state = copy.deepcopy(self._parent.get_state())
+    state = self._parent.get_state()
     try:
       tokens = next(self._parent)
     except StopIteration:
-      self._exhausted = True
       return False
     if len(tokens):
       self._segments.append((state, np.asarray(tokens, dtype=np.int32)))
@@ -99,7 +97,7 @@ class _PackIterator(grain.DatasetIterator):
   def set_state(self, state: dict[str, Any]) -> None:
     self._parent.set_state(copy.deepcopy(state['parent']))
     self._segments.clear()
-    self._offset, self._done, self._exhausted = 0, state['done'], False
+    self._offset, self._done = 0, state['done']
     if state['offset']:
       self._read_document()
       self._offset = state['offset']

@@ -26,6 +26,7 @@ class Corpus:
   eval_source: Any
   tokenizer: tokenizers.Tokenizer
   text_key: str
+  dataset: str  # Names the prepared data exactly (for text_files: which files, sizes, mtimes).
 
 
 def _split_source(builder, split: str, key: str, text_key: str):
@@ -46,16 +47,24 @@ def _text(example: dict, text_key: str) -> str:
   return text.decode('utf-8') if isinstance(text, bytes) else str(text)
 
 
-def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path) -> Corpus:
-  """Prepares the dataset if it is ours, opens both splits, loads or trains the tokenizer."""
+def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
+                expected_dataset: str | None = None) -> Corpus:
+  """Prepares the dataset if it is ours, opens both splits, loads or trains the tokenizer.
+
+  With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
+  """
   d = config.data
   builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction)
+  dataset = f'{builder.info.full_name}:{d.train_split}:{d.eval_split}'
+  if expected_dataset and dataset != expected_dataset:
+    raise ConfigError(f'the data changed since this workdir\'s checkpoints were written '
+                      f'({expected_dataset} then, {dataset} now; edited text files?); use a new --workdir')
   train = _split_source(builder, d.train_split, 'data.train_split', d.text_key)
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', d.text_key)
   texts = (_text(train[i], d.text_key) for i in range(len(train)))
   tokenizer = tokenizers.load_or_train(d.tokenizer, config.model.vocab_size, tokenizer_dir, texts,
-                                       d.tokenizer_train_bytes)
-  return Corpus(train, evaluation, tokenizer, d.text_key)
+                                       d.tokenizer_train_bytes, trained_on=dataset)
+  return Corpus(train, evaluation, tokenizer, d.text_key, dataset)
 
 
 class _Tokenize(grain.transforms.Map):
@@ -69,7 +78,8 @@ class _Tokenize(grain.transforms.Map):
     return np.concatenate([np.array([self._tokenizer.bos_id], np.int32), ids])
 
 
-_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
+_TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
+_EVAL_READ = grain.ReadOptions(num_threads=0)  # No prefetch threads to leave behind on an early stop.
 
 
 def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, *, process_index: int = 0,
@@ -78,7 +88,7 @@ def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, *, process_
   d = config.data
   docs = grain.MapDataset.source(corpus.train_source)[process_index::process_count]
   docs = docs.shuffle(seed=config.seed).repeat().map(_Tokenize(corpus.tokenizer, corpus.text_key))
-  packed = PackIterDataset(docs.to_iter_dataset(_READ), seq_len=d.seq_len,
+  packed = PackIterDataset(docs.to_iter_dataset(_TRAIN_READ), seq_len=d.seq_len,
                            pad_id=corpus.tokenizer.pad_id, pad_final=False)
   if d.shuffle_window:
     packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window,
@@ -89,7 +99,7 @@ def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, *, process_
 def eval_dataset(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.IterDataset:
   """The whole eval split in order, packed like training; the last window padded."""
   docs = grain.MapDataset.source(corpus.eval_source).map(_Tokenize(corpus.tokenizer, corpus.text_key))
-  return PackIterDataset(docs.to_iter_dataset(_READ), seq_len=config.data.seq_len,
+  return PackIterDataset(docs.to_iter_dataset(_EVAL_READ), seq_len=config.data.seq_len,
                          pad_id=corpus.tokenizer.pad_id, pad_final=True)
 
 

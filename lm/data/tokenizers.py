@@ -102,23 +102,25 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_bytes: int) -
   return SentencePieceTokenizer(model.getvalue())
 
 
-def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path,
-                  train_texts: Iterable[str], max_train_bytes: int) -> Tokenizer:
-  """The byte tokenizer, or the sentencepiece model in tokenizer_dir (trained there if absent)."""
+def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path, train_texts: Iterable[str],
+                  max_train_bytes: int, trained_on: str = '') -> Tokenizer:
+  """The byte tokenizer, or the sentencepiece model in tokenizer_dir.
+
+  The saved model is reused when it was trained for the same vocab_size on the same data
+  (`trained_on`); otherwise it is trained now and saved there.
+  """
   if kind == 'byte':
     return ByteTokenizer()
-  model_path = tokenizer_dir / 'sentencepiece.model'
-  if model_path.exists():
-    tokenizer = SentencePieceTokenizer(model_path.read_bytes())
-  else:
-    tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_suffix('.tmp')
-    tmp.write_bytes(tokenizer.model_proto)
-    tmp.rename(model_path)
-    (tokenizer_dir / 'tokenizer.json').write_text(
-        json.dumps(dict(kind=kind, vocab_size=tokenizer.vocab_size, requested_vocab_size=vocab_size)))
-  if tokenizer.vocab_size > vocab_size:
-    raise ConfigError(f'{model_path} has {tokenizer.vocab_size} pieces but model.vocab_size={vocab_size}; '
-                      'use a new workdir or a larger model.vocab_size')
+  model_path, info_path = tokenizer_dir / 'sentencepiece.model', tokenizer_dir / 'tokenizer.json'
+  wanted = dict(kind=kind, requested_vocab_size=vocab_size, trained_on=trained_on)
+  saved = json.loads(info_path.read_text()) if info_path.exists() else {}
+  if model_path.exists() and all(saved.get(k) == v for k, v in wanted.items()):
+    return SentencePieceTokenizer(model_path.read_bytes())
+  tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
+  tokenizer_dir.mkdir(parents=True, exist_ok=True)
+  for path, data in ((model_path, tokenizer.model_proto),
+                     (info_path, json.dumps(wanted | {'vocab_size': tokenizer.vocab_size}).encode())):
+    tmp = path.with_suffix('.tmp')
+    tmp.write_bytes(data)
+    tmp.rename(path)
   return tokenizer

@@ -1,0 +1,54 @@
+import pytest
+
+from conftest import QUICKSTART
+from lm import config as config_lib
+from lm.config import ConfigError
+
+
+def _quickstart(**values):
+  return config_lib.override(config_lib.load_experiment(QUICKSTART), values)
+
+
+def test_quickstart_is_valid_and_every_key_has_a_check():
+  config = config_lib.validate(_quickstart())
+  assert set(config_lib.flatten(config)) == set(config_lib.CHECKS)
+
+
+@pytest.mark.parametrize('values, message', [
+    ({'model.num_layers': 0}, 'model.num_layers=0: must be >= 1'),
+    ({'model.num_layers': 2.5}, 'model.num_layers=2.5: must be an integer'),
+    ({'model.init_std': 0.0}, 'model.init_std=0.0: must be > 0'),
+    ({'model.d_model': 100, 'model.num_heads': 3}, 'model.d_model=100 must be divisible by model.num_heads=3'),
+    ({'data.seq_len': 300}, 'data.seq_len=300 exceeds the position table: must be <= model.max_len=256'),
+    ({'data.tokenizer': 'wordpiece'}, "data.tokenizer='wordpiece': must be one of 'sentencepiece', 'byte'"),
+    ({'data.tokenizer': 'byte', 'model.vocab_size': 200}, "model.vocab_size=200 must be >= 258 with data.tokenizer='byte'"),
+    ({'model.vocab_size': 100}, "model.vocab_size=100 must be >= 320 with data.tokenizer='sentencepiece'"),
+    ({'data.name': 'text_files'}, "data.paths must name at least one file when data.name='text_files'"),
+    ({'data.paths': 'a.txt'}, "data.paths is only read when data.name='text_files'"),
+    ({'data.val_fraction': 0.0}, 'data.val_fraction=0.0: must be > 0'),
+    ({'data.batch_size': 0}, 'data.batch_size=0: must be >= 1'),
+    ({'optimizer.b2': 1.0}, 'optimizer.b2=1.0: must be < 1'),
+    ({'optimizer.eps': 0.0}, 'optimizer.eps=0.0: must be > 0'),
+    ({'optimizer.warmup_steps': 1000}, 'optimizer.warmup_steps=1000 must be < train.steps=1000'),
+    ({'optimizer.min_lr_ratio': 1.5}, 'optimizer.min_lr_ratio=1.5: must be <= 1'),
+    ({'optimizer.learning_rate': float('nan')}, 'optimizer.learning_rate=nan: must be a finite number'),
+    ({'eval.sample_temperature': 0.0}, 'eval.sample_temperature=0.0: must be > 0'),
+    ({'checkpoint.max_to_keep': 0}, 'checkpoint.max_to_keep=0: must be >= 1'),
+    ({'seed': -1}, 'seed=-1: must be >= 0'),
+])
+def test_bad_values_are_refused_naming_the_key(values, message):
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(_quickstart(**values))
+  assert str(error.value) == message or str(error.value).startswith(message), str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def test_unknown_keys_name_the_nearest_valid_ones():
+  with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.learning_rat'; nearest valid keys: "
+                                        r'optimizer.learning_rate'):
+    _quickstart(**{'optimizer.learning_rat': 1.0})
+  config = _quickstart()
+  config.train.unlock()
+  config.train.epochs = 3  # An experiment file that adds a key.
+  with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
+    config_lib.validate(config)

@@ -34,7 +34,7 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   assert (workdir / 'checkpoints' / '3' / 'state').is_dir()
   samples = (workdir / 'samples' / 'step_0000003.txt').read_text()
   assert samples.startswith('**HAMLET**\n') and len(samples) > len('**HAMLET**\n')
-  assert json.loads((workdir / 'config.json').read_text())['model.d_model'] == 256
+  assert json.loads((workdir / 'config.json').read_text())['model.d_model'] == 96
 
 
 @pytest.fixture(scope='module')
@@ -71,6 +71,9 @@ def test_resumed_run_sees_the_same_data_and_records(straight_and_resumed):
   assert [s for s, _ in rows(a) if 'train/loss' in _] == [2, 4, 6, 8]
   assert [s for s, _ in rows(b) if 'train/loss' in _] == [2, 4, 5, 6, 8]  # The stopped run logged its last step.
   assert rows(a) == [row for row in rows(b) if row[0] != 5]
+  for step in (4, 8):  # Samples at a periodic and at the final eval, drawn from the same keys.
+    name = f'samples/step_{step:07d}.txt'
+    assert (straight / name).read_text() == (resumed / name).read_text() != ''
 
 
 def _refusal(result) -> str:

@@ -17,7 +17,7 @@ from lm.config import ConfigError, flatten
 # Keys that shape the parameters or the data stream: a checkpoint only resumes under the same values.
 # Everything else (train.steps, eval and checkpoint cadence, learning rate, ...) may change on resume.
 _RESUME_KEY_PREFIXES = ('seed', 'model.', 'data.')
-_RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes')
+_RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes', 'model.dtype', 'model.remat')
 
 
 def _must_match(key: str) -> bool:
@@ -59,13 +59,25 @@ def checkpointed_dataset(workdir: pathlib.Path) -> str | None:
   return json.loads(path.read_text())['dataset']
 
 
+def check_data_shards(workdir: pathlib.Path, data_shards: int) -> None:
+  """The data iterators in a checkpoint resume only with as many data shards (process groups)."""
+  path = workdir / 'dataset.json'
+  if not has_checkpoints(workdir / 'checkpoints') or not path.exists():
+    return
+  saved = json.loads(path.read_text()).get('data_shards', 1)
+  if saved != data_shards:
+    raise ConfigError(f'workdir {str(workdir)!r} was trained reading {saved} data shard(s) (one per process '
+                      f'group); this run reads {data_shards}: resume with the same number of processes '
+                      'per data-parallel group, or use a new --workdir')
+
+
 def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, changed: dict[str, tuple],
-                step: int, dataset: str) -> None:
+                step: int, dataset: str, data_shards: int = 1) -> None:
   """Writes config.json and dataset.json; a resume that changed keys is recorded in config_changes.jsonl."""
   if jax.process_index() != 0:
     return
   (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
-  (workdir / 'dataset.json').write_text(json.dumps({'dataset': dataset}))
+  (workdir / 'dataset.json').write_text(json.dumps({'dataset': dataset, 'data_shards': data_shards}))
   if changed:
     record = {'step': step, 'time': time.time(), 'changes': {k: list(v) for k, v in changed.items()}}
     with open(workdir / 'config_changes.jsonl', 'a', encoding='utf-8') as f:
@@ -98,6 +110,12 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored.state
+
+  def restore_state(self, step: int, like: Any) -> Any:
+    """Only the train state at `step` (e.g. to evaluate it, or in a process that reads no data)."""
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), like)
+    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
 
   def close(self) -> None:
     self._manager.wait_until_finished()

@@ -20,6 +20,26 @@ class ConfigError(ValueError):
   """A bad config or bad input, explained in one line for the user."""
 
 
+MESH_AXES = ('data', 'fsdp', 'tensor')
+LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv', 'mlp', 'layers')
+
+# Logical axis -> mesh axes, highest priority first. One rule set serves every layout: with the
+# default mesh (-1, 1, 1) it is pure data parallelism; a larger fsdp axis shards parameters and
+# optimizer state along `embed` (and the batch further); a tensor axis splits heads, MLP and vocab.
+# A mesh axis is used once per array: activations [batch, length, embed] take fsdp for the batch,
+# so their embed dimension stays whole.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('embed', 'fsdp'),
+    ('kv', None),
+    ('length', None),
+    ('layers', None),
+)
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All keys with their defaults. Experiments override values, never add keys."""
   c = ml_collections.ConfigDict()
@@ -33,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.d_model = 256  # Residual stream width; must be divisible by num_heads.
   c.model.mlp_dim = 1024  # Hidden width of the MLP (GPT-2 uses 4 * d_model).
   c.model.init_std = 0.02  # Std of the normal init; residual output projections get init_std / sqrt(2 * num_layers).
+  c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).
+  c.model.remat = 'none'  # Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).
+  c.model.scan_layers = False  # nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.
 
   c.data = ml_collections.ConfigDict()
   c.data.name = 'shakespeare'  # 'shakespeare', 'text_files', or any TFDS dataset prepared in array_record format.
@@ -61,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Total optimizer steps; the learning-rate schedule ends here.
   c.train.log_every = 10  # Steps between train metric records.
+  c.train.microbatches = 1  # Gradient accumulation: each step's batch is split into this many sequential passes.
+
+  # The device mesh and how the model's logical axes map onto it (see lm/sharding.py).
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # Devices along (data, fsdp, tensor); one entry may be -1: all remaining devices.
+  c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 200  # Steps between evaluations (and samples); training always ends with one.
@@ -129,6 +158,31 @@ def _bool(v):
   return None if isinstance(v, bool) else 'must be True or False'
 
 
+def _mesh_shape(v):
+  if not isinstance(v, (tuple, list)) or len(v) != len(MESH_AXES) or not all(
+      isinstance(n, int) and not isinstance(n, bool) for n in v):
+    return f'must be {len(MESH_AXES)} integers, devices along {MESH_AXES}, e.g. (-1, 1, 1)'
+  if any(n == 0 or n < -1 for n in v) or list(v).count(-1) > 1:
+    return 'entries must be >= 1, with at most one -1 (all remaining devices)'
+  return None
+
+
+def _logical_axis_rules(v):
+  if not isinstance(v, (tuple, list)):
+    return 'must be a sequence of (logical axis, mesh axes) pairs'
+  for rule in v:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      return f'rule {rule!r} must be a (logical axis, mesh axes) pair'
+    logical, mesh_axes = rule
+    if logical not in LOGICAL_AXES:
+      return f'rule {tuple(rule)!r} names unknown logical axis {logical!r}; known: {", ".join(LOGICAL_AXES)}'
+    names = mesh_axes if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
+    for name in names:
+      if name is not None and name not in MESH_AXES:
+        return f'rule {tuple(rule)!r} names unknown mesh axis {name!r}; mesh axes: {", ".join(MESH_AXES)}'
+  return None
+
+
 CHECKS: dict[str, Check] = {
     'seed': _int(0, 2**31 - 1),
     'model.vocab_size': _int(1),
@@ -138,6 +192,9 @@ CHECKS: dict[str, Check] = {
     'model.d_model': _int(1),
     'model.mlp_dim': _int(1),
     'model.init_std': _float(0, lo_open=True),
+    'model.dtype': _choice('float32', 'bfloat16'),
+    'model.remat': _choice('none', 'full', 'dots'),
+    'model.scan_layers': _bool,
     'data.name': _str(nonempty=True),
     'data.paths': _str(),
     'data.tfds_data_dir': _str(),
@@ -160,6 +217,9 @@ CHECKS: dict[str, Check] = {
     'optimizer.grad_clip_norm': _float(0),
     'train.steps': _int(1),
     'train.log_every': _int(1),
+    'train.microbatches': _int(1),
+    'mesh.shape': _mesh_shape,
+    'mesh.logical_axis_rules': _logical_axis_rules,
     'eval.every': _int(1),
     'eval.num_batches': _int(0),
     'eval.batch_size': _int(1),
@@ -185,6 +245,8 @@ def _cross_key_errors(c: ml_collections.ConfigDict) -> list[str]:
     errors.append(f'data.seq_len={d.seq_len} exceeds the position table: must be <= model.max_len={m.max_len}')
   if o.warmup_steps >= c.train.steps:
     errors.append(f'optimizer.warmup_steps={o.warmup_steps} must be < train.steps={c.train.steps}')
+  if c.data.batch_size % c.train.microbatches:
+    errors.append(f'data.batch_size={d.batch_size} must be divisible by train.microbatches={c.train.microbatches}')
   if d.name == 'text_files' and not d.paths.strip():
     errors.append("data.paths must name at least one file when data.name='text_files'")
   if d.name != 'text_files' and d.paths:

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm import sharding
+
 
 @functools.partial(jax.jit, static_argnames=('model',))
 def _sample_tokens(params, tokens_NL: jax.Array, start: jax.Array, rng: jax.Array,
@@ -24,13 +26,15 @@ def _sample_tokens(params, tokens_NL: jax.Array, start: jax.Array, rng: jax.Arra
 
 
 def sample(model: nn.Module, params, prompt_ids: np.ndarray, *, num_samples: int, num_tokens: int,
-           temperature: float, rng: jax.Array) -> np.ndarray:
+           temperature: float, rng: jax.Array, mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
   """[num_samples, n] new token ids continuing prompt_ids, n = min(num_tokens, room left in max_len)."""
   max_len = model.config.max_len
   prompt_ids = np.asarray(prompt_ids, np.int32)[-(max_len - 1):]
   length = min(len(prompt_ids) + num_tokens, max_len)
   tokens_NL = np.zeros((num_samples, length), np.int32)
   tokens_NL[:, :len(prompt_ids)] = prompt_ids
-  out_NL = _sample_tokens(params, tokens_NL, jnp.int32(len(prompt_ids)), rng,
-                          jnp.float32(temperature), model=model)
-  return np.asarray(out_NL[:, len(prompt_ids):])
+  inputs = (tokens_NL, jnp.int32(len(prompt_ids)), rng, jnp.float32(temperature))
+  if mesh is not None:  # Replicated over the mesh of sharded params (the same on every process).
+    inputs = jax.device_put(inputs, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  out_NL = _sample_tokens(params, *inputs, model=model)
+  return sharding.to_host(out_NL)[:, len(prompt_ids):]

@@ -10,38 +10,44 @@ import os
 import sys
 
 from absl import app, flags, logging
-import ml_collections
-from ml_collections import config_flags
 
-from lm.config import CHECKS, ConfigError, unknown_key_message, validate
+from lm.cli import CONFIG as _CONFIG, parse_flags
+from lm.config import ConfigError, validate
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (a get_config() module).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, tokenizer and samples.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host: host:port of process 0, reachable from every process; with '
+    '--num_processes and --process_id. Omit all three on Slurm or Cloud TPU, where JAX finds them.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: how many processes take part.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: this process, 0 .. num_processes - 1.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'auto', ['auto', 'on', 'off'], 'Call jax.distributed.initialize: auto = when the '
+    'flags above are given or a Slurm job step / multi-host Cloud TPU slice is detected.')
 _STOP_AFTER = flags.DEFINE_integer(
     'stop_after', None, 'Stop (with a checkpoint) once this step is reached, as a job with a time '
     'limit would; the next run resumes from there.')
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing, with every mistake reported in one line instead of a traceback."""
-  for arg in argv[1:]:
-    if arg.startswith('--config='):
-      path = arg.split('=', 1)[1].split(':', 1)[0]
-      if not os.path.isfile(path):
-        sys.exit(f'error: --config: no such file {path!r}')
-    elif arg.startswith('--config.'):
-      key = arg[len('--config.'):].split('=', 1)[0]
-      if key not in CHECKS:
-        sys.exit(f'error: --config.{key}: {unknown_key_message(key)}')
+def _cluster_detected() -> bool:
+  """A multi-process Slurm job step, or a Cloud TPU slice of several hosts."""
+  slurm = int(os.environ.get('SLURM_NTASKS', os.environ.get('SLURM_STEP_NUM_TASKS', '1')) or 1) > 1
+  tpu_hosts = len([h for h in os.environ.get('TPU_WORKER_HOSTNAMES', '').split(',') if h]) > 1
+  return slurm or tpu_hosts
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from the flags, or auto-detected; before any other JAX call."""
+  explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
+  if _DISTRIBUTED.value == 'off' or (_DISTRIBUTED.value == 'auto' and not any(v is not None for v in explicit)
+                                     and not _cluster_detected()):
+    return
+  if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
+    sys.exit('error: --coordinator_address, --num_processes and --process_id go together')
+  import jax  # pylint: disable=import-outside-toplevel
   try:
-    argv = flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except  (a flag, or the user's config file, is broken)
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    sys.exit(f'error: {lines[-1].strip() if lines else type(e).__name__}')
-  if not isinstance(_CONFIG.value, ml_collections.ConfigDict):
-    sys.exit(f'error: --config: get_config() must return an ml_collections.ConfigDict, '
-             f'not {type(_CONFIG.value).__name__}')
-  return argv
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except Exception as e:  # pylint: disable=broad-except  (no cluster found, coordinator unreachable, ...)
+    sys.exit(f'error: jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}')
 
 
 def main(argv: list[str]) -> None:
@@ -51,9 +57,13 @@ def main(argv: list[str]) -> None:
     sys.exit('error: --config and --workdir are required, e.g. '
              'python -m lm.main --config=experiments/quickstart.py --workdir=runs/qs')
   logging.set_verbosity(logging.WARNING)
-  from lm import metrics, train  # pylint: disable=import-outside-toplevel  (jax etc.: only once flags are good)
   try:
     config = validate(_CONFIG.value)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
+  from lm import metrics, train  # pylint: disable=import-outside-toplevel  (jax etc.: only once flags are good)
+  initialize_distributed()
+  try:
     trainer = train.Trainer(config, _WORKDIR.value)
   except (ConfigError, OSError) as e:  # OSError: an unusable workdir or data directory.
     sys.exit(f'error: {e}')

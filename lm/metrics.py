@@ -18,6 +18,18 @@ def say(message: str) -> None:
     tqdm.tqdm.write(message)
 
 
+def flops_per_token(config) -> float:
+  """Training FLOPs per token (forward + backward, matmuls only): 6 per weight a token passes
+  through (every parameter but the position table; the tied embedding counts once, as the output
+  layer) plus attention's scores and weighted sum, 12 * layers * d_model * seq_len (the causal
+  mask is not subtracted: the dense form computes it all)."""
+  m = config.model
+  head = m.d_model // m.num_heads
+  per_block = m.d_model * head * m.num_heads * 4 + 2 * m.d_model * m.mlp_dim
+  weights = m.num_layers * per_block + m.vocab_size * m.d_model
+  return 6.0 * weights + 12.0 * m.num_layers * m.d_model * config.data.seq_len
+
+
 def eval_summary(loss_sum: float, token_count: float, byte_count: float) -> dict[str, float]:
   """Mean loss (nats per token), perplexity and bits per byte from summed eval statistics."""
   loss = loss_sum / max(token_count, 1.0)

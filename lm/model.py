@@ -29,8 +29,13 @@ def _ones(axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=1e-5, scale_init=_ones(('embed',)), bias_init=_zeros(('embed',)), name=name)
+def _layer_norm(name: str, dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype, scale_init=_ones(('embed',)), bias_init=_zeros(('embed',)),
+                      name=name)
+
+
+def _dtype(config) -> jnp.dtype:
+  return jnp.dtype(config.dtype)
 
 
 def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array) -> jax.Array:
@@ -42,6 +47,29 @@ def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array) ->
   scores_BHLL = jnp.where(causal_LL, scores_BHLL.astype(jnp.float32), jnp.finfo(jnp.float32).min)
   probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1).astype(v_BLHK.dtype)
   return (probs_BHLL @ v_BHLK).transpose(0, 2, 1, 3)
+
+
+class Projection(nn.Module):
+  """x @ kernel + bias over named axes, e.g. 'BLD,DHK->BLHK' (einsum keeps the kernel's shape whole,
+  so its logical axes hold at init too)."""
+
+  spec: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  std: float
+  dtype: jnp.dtype
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', _init(self.std, self.kernel_axes), self.kernel_shape)
+    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    if not self.use_bias:
+      return y
+    x_axes, out_axes = self.spec.split(',')[0], self.spec.split('->')[1]
+    out_dims = sum(a not in x_axes for a in out_axes)  # The kernel's trailing output axes.
+    bias = self.param('bias', _zeros(self.kernel_axes[-out_dims:]), self.kernel_shape[-out_dims:])
+    return y + bias.astype(self.dtype)
 
 
 class Attention(nn.Module):
@@ -56,16 +84,16 @@ class Attention(nn.Module):
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
 
     def project(name):
-      return nn.DenseGeneral(
-          features=(c.num_heads, head_dim), kernel_init=_init(c.init_std, ('embed', 'heads', 'kv')),
-          bias_init=_zeros(('heads', 'kv')), name=name)(x_BLD)
+      # No key bias: it adds q.b to every score of a query's row, which softmax ignores (its
+      # gradient is zero, up to rounding noise that Adam would amplify).
+      return Projection('BLD,DHK->BLHK', (c.d_model, c.num_heads, head_dim), ('embed', 'heads', 'kv'),
+                        c.init_std, _dtype(c), use_bias=name != 'key', name=name)(x_BLD)
 
     q_BLHK, k_BLHK, v_BLHK = project('query'), project('key'), project('value')
     out_BLHK = causal_attention(q_BLHK, k_BLHK, v_BLHK)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
-    return nn.DenseGeneral(
-        features=c.d_model, axis=(-2, -1), kernel_init=_init(out_std, ('heads', 'kv', 'embed')),
-        bias_init=_zeros(('embed',)), name='out')(out_BLHK)
+    return Projection('BLHK,HKD->BLD', (c.num_heads, head_dim, c.d_model), ('heads', 'kv', 'embed'),
+                      out_std, _dtype(c), name='out')(out_BLHK)
 
 
 class Mlp(nn.Module):
@@ -77,10 +105,10 @@ class Mlp(nn.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     c = self.config
     out_std = c.init_std / math.sqrt(2 * c.num_layers)
-    h_BLF = nn.Dense(c.mlp_dim, kernel_init=_init(c.init_std, ('embed', 'mlp')),
+    h_BLF = nn.Dense(c.mlp_dim, dtype=_dtype(c), kernel_init=_init(c.init_std, ('embed', 'mlp')),
                      bias_init=_zeros(('mlp',)), name='up')(x_BLD)
     h_BLF = nn.with_logical_constraint(nn.gelu(h_BLF), ('batch', 'length', 'mlp'))
-    return nn.Dense(c.d_model, kernel_init=_init(out_std, ('mlp', 'embed')),
+    return nn.Dense(c.d_model, dtype=_dtype(c), kernel_init=_init(out_std, ('mlp', 'embed')),
                     bias_init=_zeros(('embed',)), name='down')(h_BLF)
 
 
@@ -90,11 +118,27 @@ class Block(nn.Module):
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    x_BLD = x_BLD + Attention(self.config, name='attention')(_layer_norm('ln_attention')(x_BLD))
+  def __call__(self, x_BLD: jax.Array, _=None):
+    dtype = _dtype(self.config)
+    x_BLD = x_BLD + Attention(self.config, name='attention')(_layer_norm('ln_attention', dtype)(x_BLD))
     x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
-    x_BLD = x_BLD + Mlp(self.config, name='mlp')(_layer_norm('ln_mlp')(x_BLD))
-    return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
+    x_BLD = x_BLD + Mlp(self.config, name='mlp')(_layer_norm('ln_mlp', dtype)(x_BLD))
+    x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
+    return (x_BLD, None) if self.config.scan_layers else x_BLD  # nn.scan wants (carry, output).
+
+
+# What the backward pass keeps of a block's activations; the rest it recomputes.
+REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.checkpoint_policies.dots_saveable}
+
+
+def _block_class(config) -> type[nn.Module]:
+  block = Block
+  if config.remat != 'none':
+    block = nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    block = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, length=config.num_layers,
+                    metadata_params={nn.PARTITION_NAME: 'layers'})
+  return block
 
 
 class GPT(nn.Module):
@@ -105,15 +149,20 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL: jax.Array) -> jax.Array:
     c = self.config
-    embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_init(c.init_std, ('vocab', 'embed')),
+    dtype = _dtype(c)
+    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, embedding_init=_init(c.init_std, ('vocab', 'embed')),
                      name='token_embedding')
     positions_LD = self.param('position_embedding', _init(c.init_std, (None, 'embed')),
                               (c.max_len, c.d_model))
-    x_BLD = embed(tokens_BL) + positions_LD[:tokens_BL.shape[1]]
+    x_BLD = embed(tokens_BL) + positions_LD[:tokens_BL.shape[1]].astype(dtype)
     x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
-    for i in range(c.num_layers):
-      x_BLD = Block(c, name=f'block_{i}')(x_BLD)
-    x_BLD = _layer_norm('ln_final')(x_BLD)
+    block = _block_class(c)
+    if c.scan_layers:
+      x_BLD, _ = block(c, name='blocks')(x_BLD, None)
+    else:
+      for i in range(c.num_layers):
+        x_BLD = block(c, name=f'block_{i}')(x_BLD)
+    x_BLD = _layer_norm('ln_final', dtype)(x_BLD)
     logits_BLV = embed.attend(x_BLD)  # Tied output layer.
     return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ('batch', 'length', 'vocab'))
 
@@ -124,3 +173,20 @@ def make_model(model_config: ml_collections.ConfigDict) -> GPT:
 
 def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
+
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Parameters of the unscanned model (block_0 ... block_{n-1}) in the scanned layout (blocks)."""
+  params = dict(params)
+  blocks = [params.pop(f'block_{i}') for i in range(num_layers)]
+  params['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  return params
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """The inverse of stack_layers."""
+  params = dict(params)
+  blocks = params.pop('blocks')
+  for i in range(num_layers):
+    params[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  return params

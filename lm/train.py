@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import pathlib
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -15,8 +15,9 @@ import numpy as np
 import optax
 import tqdm
 from flax import struct
+from jax.experimental import multihost_utils
 
-from lm import checkpoint, decode, metrics
+from lm import checkpoint, decode, metrics, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.model import count_params, make_model
@@ -31,16 +32,47 @@ class TrainState:
   rng: jax.Array  # Root key of in-training randomness (samples at step s use fold_in(rng, s)).
 
 
-def init_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                     optimizer: optax.GradientTransformation) -> TrainState:
+def _unbox(tree: Any) -> Any:
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation):
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
+  def init_params():  # Boxed: each parameter carries its logical axis names.
+    return model.init(init_rng, jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+
   def init():
-    tokens = jnp.zeros((1, config.data.seq_len), jnp.int32)
-    params = nn.meta.unbox(model.init(init_rng, tokens)['params'])
+    params = _unbox(init_params())
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=state_rng)
 
-  return jax.jit(init)()
+  return init_params, init
+
+
+def state_shardings(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh, rules) -> TrainState:
+  """Where each part of the train state lives: parameters and their optimizer moments as the logical
+  rules say, counters and keys replicated. Raises ConfigError if a sharded dimension does not split."""
+  init_params, _ = _init_fn(config, model, optimizer)
+  with jax.set_mesh(None):  # Flax's DenseGeneral init would constrain its kernel before reshaping it.
+    boxed = jax.eval_shape(init_params)
+  sharding.check_divisible(boxed, mesh, rules)
+  params = sharding.shardings_of(boxed, mesh, rules)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, _unbox(boxed)), params,
+                                    transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+
+
+def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh, rules=None) -> TrainState:
+  """A fresh train state, each array created directly in its shards (never whole on one device)."""
+  rules = sharding.logical_axis_rules(config) if rules is None else rules
+  shardings = state_shardings(config, model, optimizer, mesh, rules)
+  _, init = _init_fn(config, model, optimizer)
+  with jax.set_mesh(None):  # As in state_shardings.
+    return jax.jit(init, out_shardings=shardings)()
 
 
 def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module) -> tuple[jax.Array, jax.Array]:
@@ -53,17 +85,43 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module) -> tuple[ja
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  def mean_loss(params):
-    total, count = loss_sums(params, batch, model)
-    return total / jnp.maximum(count, 1.0)
+  """One optimizer step on the mean loss over the batch's targets.
 
-  loss, grads = jax.value_and_grad(mean_loss)(state.params)
+  With microbatches = k the batch is processed in k sequential passes whose summed gradients
+  equal the whole batch's (microbatch j takes rows j, j + k, ..., so each stays spread over
+  the data shards).
+  """
+  grad_fn = jax.value_and_grad(lambda params, b: loss_sums(params, b, model), has_aux=True)
+  if microbatches == 1:
+    (total, count), grads = grad_fn(state.params, batch)
+  else:
+    def split(x):
+      x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
+      return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
+
+    def accumulate(carry, microbatch):
+      (t, c), g = grad_fn(state.params, microbatch)
+      return jax.tree.map(jnp.add, carry, (t, c, g)), None
+
+    zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
+    (total, count, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+  scale = 1.0 / jnp.maximum(count, 1.0)
+  loss, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics_ = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics_
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
+                   shardings: TrainState, batch_sharding: jax.sharding.NamedSharding):
+  """train_step under jit with explicit shardings, the state donated. Trace it inside sharding.activate."""
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, schedule=learning_rate_schedule(config),
+                                   microbatches=config.train.microbatches),
+                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
@@ -74,40 +132,81 @@ def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
   return {'loss_sum': total, 'tokens': count, 'bytes': jnp.sum(target_bytes_BL.astype(jnp.float32))}
 
 
-class Trainer:
-  """One experiment in one workdir: built once, `run()` trains to train.steps (or stop_after)."""
+def _one_process_first(load: Callable[[], Any]) -> Any:
+  """Runs `load` on process 0, then on the others: what it prepares on disk is made once."""
+  if jax.process_count() == 1:
+    return load()
+  if jax.process_index() != 0:
+    multihost_utils.sync_global_devices('lm: process 0 prepares data and tokenizer')
+  result = load()
+  if jax.process_index() == 0:
+    multihost_utils.sync_global_devices('lm: process 0 prepares data and tokenizer')
+  return result
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path):
+
+class Trainer:
+  """One experiment in one workdir: built once, `run()` trains to train.steps (or stop_after).
+
+  Runs on a mesh over `devices` (default: all devices of all processes); every process of a
+  multi-host run builds its own Trainer and reads only its rows of each batch.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+               devices: list[jax.Device] | None = None):
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self._config_changes = checkpoint.check_workdir(self.workdir, config)
-    self.corpus = pipeline.load_corpus(config, self.workdir / 'tokenizer',
-                                       checkpoint.checkpointed_dataset(self.workdir))
+    self.mesh = sharding.make_mesh(config, devices)
+    self.rules = sharding.logical_axis_rules(config)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
+    sharding.check_batch('data.batch_size', config.data.batch_size, self.mesh, self.rules, config.train.microbatches)
+    sharding.check_batch('eval.batch_size', config.eval.batch_size, self.mesh, self.rules)
     self.model = make_model(config.model)
     optimizer = make_optimizer(config)
-    self._train_step = jax.jit(functools.partial(
-        train_step, model=self.model, optimizer=optimizer, schedule=learning_rate_schedule(config)),
-        donate_argnums=0)
-    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model))
-    self._token_bytes = jnp.asarray(np.pad(self.corpus.tokenizer.token_bytes,
-                                           (0, config.model.vocab_size - self.corpus.tokenizer.vocab_size)))
-    self.state = init_train_state(config, self.model, optimizer)
-    self.train_iter = iter(pipeline.train_dataset(config, self.corpus))
+    shardings = state_shardings(config, self.model, optimizer, self.mesh, self.rules)
+    self._config_changes = checkpoint.check_workdir(self.workdir, config)
+    self.data_shard = sharding.data_shard(self.batch_sharding, config.data.batch_size)
+    checkpoint.check_data_shards(self.workdir, self.data_shard[1])
+    self.corpus = _one_process_first(lambda: pipeline.load_corpus(
+        config, self.workdir / 'tokenizer', checkpoint.checkpointed_dataset(self.workdir)))
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._train_step = jit_train_step(config, self.model, optimizer, shardings, self.batch_sharding)
+    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
+                              in_shardings=(shardings.params, self.batch_sharding, replicated),
+                              out_shardings=replicated)
+    self._token_bytes = np.pad(self.corpus.tokenizer.token_bytes,
+                               (0, config.model.vocab_size - self.corpus.tokenizer.vocab_size))
+    self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
+    self.train_iter = iter(pipeline.train_dataset(config, self.corpus, *self.data_shard))
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config)
     latest = self.checkpointer.latest_step()
     if latest is not None:
       self.state = self.checkpointer.restore(latest, self.state, self.train_iter)
       metrics.say(f'resumed from step {latest} in {self.workdir}')
-    self.start_step = int(self.state.step)
-    checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset)
+    self.start_step = int(sharding.to_host(self.state.step))
+    checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset,
+                           self.data_shard[1])
+
+  def activate(self):
+    """The mesh and logical rules in context (needed wherever a step is traced)."""
+    return sharding.activate(self.mesh, self.rules)
+
+  def next_batch(self) -> dict[str, jax.Array]:
+    """The next global training batch, assembled from this process's rows."""
+    return sharding.global_batch(next(self.train_iter), self.batch_sharding, self.config.data.batch_size)
 
   def evaluate(self, num_batches: int = 0) -> dict[str, float]:
-    outs = [self._eval_step(self.state.params, batch, self._token_bytes)  # Fetched once, at the end.
-            for batch in pipeline.eval_batches(self.config, self.corpus, num_batches)]
+    size = self.config.eval.batch_size
+    start, stop = sharding.process_rows(self.batch_sharding, size)
+    with self.activate():
+      outs = [self._eval_step(self.state.params,  # Fetched once, at the end.
+                              sharding.global_batch({k: v[start:stop] for k, v in batch.items()},
+                                                    self.batch_sharding, size),
+                              self._token_bytes)
+              for batch in pipeline.eval_batches(self.config, self.corpus, num_batches)]
     if not outs:
       raise ConfigError(f'data.eval_split={self.config.data.eval_split!r} holds no text to evaluate on')
-    sums = {k: float(np.sum([np.float64(o[k]) for o in jax.device_get(outs)])) for k in outs[0]}
+    sums = {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}
     return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
 
   def samples(self, step: int) -> list[str]:
@@ -117,7 +216,7 @@ class Trainer:
     prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(e.sample_prompt)])
     rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, step), 1)
     new = decode.sample(self.model, self.state.params, prompt, num_samples=e.num_samples,
-                        num_tokens=e.sample_tokens, temperature=e.sample_temperature, rng=rng)
+                        num_tokens=e.sample_tokens, temperature=e.sample_temperature, rng=rng, mesh=self.mesh)
     return [e.sample_prompt + tokenizer.decode(row) for row in new]
 
   def _eval_and_sample(self, step: int, writer: metrics.MetricWriter, final: bool) -> dict[str, float]:
@@ -144,7 +243,9 @@ class Trainer:
     step = self.start_step
     writer = metrics.MetricWriter(self.workdir, step)
     metrics.say(f'model: {count_params(self.state.params):,} parameters; '
-                f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens')
+                f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; mesh: '
+                + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items())
+                + f' over {self.mesh.size} {jax.devices()[0].platform} devices, {jax.process_count()} process(es)')
     result: dict[str, float] = {}
     if step >= end:
       limit = 'train.steps' if end == c.train.steps else '--stop_after'
@@ -152,9 +253,10 @@ class Trainer:
       writer.close()
       self.checkpointer.close()
       return result
-    batch = next(self.train_iter)
+    batch = self.next_batch()
     start = time.perf_counter()
-    compiled = self._train_step.lower(self.state, batch).compile()
+    with self.activate():
+      compiled = self._train_step.lower(self.state, batch).compile()
     compile_s = time.perf_counter() - start
     writer.write(step, {'train/compile_seconds': compile_s})
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
@@ -164,7 +266,7 @@ class Trainer:
     try:
       while step < end:
         if step > self.start_step:
-          batch = next(self.train_iter)
+          batch = self.next_batch()
         self.state, step_metrics = compiled(self.state, batch)
         step += 1
         if step % c.train.log_every == 0 or step == end:
@@ -188,7 +290,7 @@ class Trainer:
     Between log steps the host only queues work; waiting here, once per log_every steps, costs
     the device the time to fetch one batch and makes step times exact.
     """
-    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+    values = {k: float(v) for k, v in sharding.to_host(step_metrics).items()}
     now = time.perf_counter()
     values['step_seconds'] = (now - mark[0]) / (step - mark[1])
     values['tokens_per_second'] = self.config.data.batch_size * self.config.data.seq_len / values['step_seconds']

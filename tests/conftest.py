@@ -7,9 +7,14 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
-from lm import config as config_lib
+# Eight simulated CPU devices for every in-process test, set before any JAX op. Tests that want one
+# device build their mesh over jax.devices()[:1]; subprocesses (lm.main) see a single device.
+jax.config.update('jax_num_cpu_devices', 8)
+
+from lm import config as config_lib  # pylint: disable=wrong-import-position
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / 'experiments' / 'quickstart.py'
@@ -59,3 +64,8 @@ def run_main(workdir, overrides: dict, *extra_args: str, check: bool = True) -> 
   if check and result.returncode:
     raise AssertionError(f'{" ".join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
   return result
+
+
+def one_device_mesh(config):
+  from lm import sharding
+  return sharding.make_mesh(config, jax.devices()[:1])

@@ -45,7 +45,8 @@ def test_attention_matches_the_formula():
 def test_parameter_count_and_logical_axes(model_and_params):
   config, _, boxed = model_and_params
   m = config.model
-  per_block = 4 * m.d_model * m.d_model + 4 * m.d_model + 2 * m.d_model * m.mlp_dim + m.mlp_dim + m.d_model \
+  # q, k, v, out kernels; q, v, out biases (no key bias); MLP; two LayerNorms.
+  per_block = 4 * m.d_model * m.d_model + 3 * m.d_model + 2 * m.d_model * m.mlp_dim + m.mlp_dim + m.d_model \
       + 4 * m.d_model
   expected = m.vocab_size * m.d_model + m.max_len * m.d_model + m.num_layers * per_block + 2 * m.d_model
   assert count_params(nn.meta.unbox(boxed)) == expected

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import one_device_mesh, tiny_config
 from lm import train
 from lm.data import pipeline
 from lm.model import make_model
@@ -25,7 +25,7 @@ def test_loss_falls_when_overfitting_one_batch(setup):
   batch = next(iter(pipeline.train_dataset(config, corpus)))
   step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
                                    schedule=learning_rate_schedule(config)), donate_argnums=0)
-  state = train.init_train_state(config, model, optimizer)
+  state = train.init_train_state(config, model, optimizer, one_device_mesh(config))
   losses = []
   for _ in range(60):
     state, metrics = step(state, batch)
@@ -37,7 +37,7 @@ def test_loss_falls_when_overfitting_one_batch(setup):
 
 def test_eval_counts_every_target_and_every_byte(setup):
   config, corpus, model, optimizer = setup
-  state = train.init_train_state(config, model, optimizer)
+  state = train.init_train_state(config, model, optimizer, one_device_mesh(config))
   token_bytes = np.pad(corpus.tokenizer.token_bytes, (0, config.model.vocab_size - corpus.tokenizer.vocab_size))
   sums = {'loss_sum': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   for batch in pipeline.eval_batches(config, corpus):

@@ -82,18 +82,22 @@ _TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
 _EVAL_READ = grain.ReadOptions(num_threads=0)  # No prefetch threads to leave behind on an early stop.
 
 
-def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, *, process_index: int = 0,
-                  process_count: int = 1) -> grain.IterDataset:
-  """Endless batches {'tokens': [B, L + 1] int32, 'loss_mask': [B, L] bool} for this process."""
+def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.IterDataset:
+  """Endless batches {'tokens': [B / shard_count, L + 1] int32, 'loss_mask': [B / shard_count, L] bool}.
+
+  With several data shards (one per group of processes holding the same rows of a batch), each
+  reads its own documents; the global batch is the shards' batches stacked in shard order.
+  """
   d = config.data
-  docs = grain.MapDataset.source(corpus.train_source)[process_index::process_count]
+  docs = grain.MapDataset.source(corpus.train_source)[shard_index::shard_count]
   docs = docs.shuffle(seed=config.seed).repeat().map(_Tokenize(corpus.tokenizer, corpus.text_key))
   packed = PackIterDataset(docs.to_iter_dataset(_TRAIN_READ), seq_len=d.seq_len,
                            pad_id=corpus.tokenizer.pad_id, pad_final=False)
   if d.shuffle_window:
     packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window,
                                                          seed=config.seed)
-  return packed.batch(d.batch_size // process_count, drop_remainder=True)
+  return packed.batch(d.batch_size // shard_count, drop_remainder=True)
 
 
 def eval_dataset(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.IterDataset:

@@ -1,0 +1,142 @@
+"""Capacity report: will this config fit this mesh? Compiles the train step ahead of time, runs nothing.
+
+  python -m lm.plan --config=experiments/gpt2.py:xl --config.mesh.shape='(1,-1,1)' --devices=256
+  python -m lm.plan --config=experiments/gpt2.py:xl --topology=v5e:16x16   # needs pip install 'lm[tpu]'
+
+It plans for the devices present, or for --devices=N simulated CPU devices, or with --topology for
+a TPU slice through jax.experimental.topologies (compile-only devices: no TPU needed).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+
+from absl import app, flags
+
+from lm.cli import CONFIG, parse_flags
+from lm.config import ConfigError, validate
+
+_DEVICES = flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices instead of using the '
+                                'devices present.')
+_TOPOLOGY = flags.DEFINE_string('topology', None, "Compile for a TPU slice by name, e.g. 'v5e:16x16', "
+                                "'v4:4x4x4', 'v5p:8x8x8' (needs the libtpu wheel: pip install 'lm[tpu]').")
+
+GIB = 2**30
+
+
+def _devices(config):
+  import jax  # pylint: disable=import-outside-toplevel
+  if _TOPOLOGY.value:
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    try:
+      return list(topologies.get_topology_desc(_TOPOLOGY.value, 'tpu').devices)
+    except Exception as e:  # pylint: disable=broad-except  (no libtpu, or an unknown topology name)
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ConfigError(f'--topology={_TOPOLOGY.value}: {first} (is libtpu installed? pip install \'lm[tpu]\')')
+  return jax.devices()
+
+
+def _shard_bytes(tree) -> int:
+  """Bytes of the shards of `tree` (abstract arrays with shardings) on its most loaded device."""
+  import jax  # pylint: disable=import-outside-toplevel
+  total = 0
+  for x in jax.tree.leaves(tree):
+    total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+  return total
+
+
+def report(config, devices) -> dict[str, float]:
+  """Lowers and compiles train_step for config on a mesh over devices; returns the figures."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from lm import metrics, sharding, train  # pylint: disable=import-outside-toplevel
+  from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
+  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  mesh = sharding.make_mesh(config, devices)
+  rules = sharding.logical_axis_rules(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
+  model, optimizer = make_model(config.model), make_optimizer(config)
+  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
+  _, init = train._init_fn(config, model, optimizer)  # pylint: disable=protected-access
+  with jax.set_mesh(None):
+    shapes = jax.eval_shape(init)
+  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  b, length = config.data.batch_size, config.data.seq_len
+  batch = {'tokens': jax.ShapeDtypeStruct((b, length + 1), np.int32, sharding=batch_sharding),
+           'loss_mask': jax.ShapeDtypeStruct((b, length), np.bool_, sharding=batch_sharding)}
+  start = time.perf_counter()
+  with sharding.activate(mesh, rules):
+    lowered = train.jit_train_step(config, model, optimizer, shardings, batch_sharding).lower(state, batch)
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  per_token = metrics.flops_per_token(config)
+  figures = {
+      'devices': mesh.size, 'parameters': count_params(shapes.params), 'flops_per_token': per_token,
+      'flops_per_step_per_device': per_token * b * length / mesh.size, 'compile_seconds': compile_s,
+      'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
+      'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
+      'alias_bytes': memory.alias_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,
+      'code_bytes': memory.generated_code_size_in_bytes,
+  }
+  # Donated state is aliased: inputs and outputs share it, so it counts once.
+  figures['total_bytes'] = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
+                            + figures['temp_bytes'] + figures['code_bytes'])
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  if cost and 'flops' in cost and not config.model.scan_layers:  # A scanned body is counted once.
+    figures['xla_flops_per_step_per_device'] = float(cost['flops'])
+  return figures
+
+
+def _print(config, devices, f: dict[str, float]) -> None:
+  where = _TOPOLOGY.value or f'{len(devices)} {devices[0].platform} devices'
+  mesh = ' x '.join(f'{k}={v}' for k, v in zip(('data', 'fsdp', 'tensor'), config.mesh.shape))
+  m = config.model
+  print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {m.mlp_dim}, '
+        f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters; dtype {m.dtype}, '
+        f'remat {m.remat}, scan_layers {m.scan_layers}, microbatches {config.train.microbatches}')
+  print(f'mesh: {mesh} on {where}; batch {config.data.batch_size} x {config.data.seq_len} tokens')
+  print(f'compiled the train step in {f["compile_seconds"]:.1f} s')
+  print(f'FLOPs per token: {f["flops_per_token"]:.3e} (6 x weights + attention); '
+        f'per step per device: {f["flops_per_step_per_device"]:.3e}')
+  if 'xla_flops_per_step_per_device' in f:
+    print(f'  XLA cost analysis per step per device: {f["xla_flops_per_step_per_device"]:.3e} '
+          f'(ratio {f["xla_flops_per_step_per_device"] / f["flops_per_step_per_device"]:.2f})')
+  print('bytes per device:')
+  rows = [('parameters (float32)', f['params_bytes']), ('optimizer state', f['optimizer_bytes']),
+          ('arguments (state + batch)', f['argument_bytes']), ('outputs (aliased to arguments)', f['alias_bytes']),
+          ('temporaries (activations, gradients, collectives)', f['temp_bytes']), ('code', f['code_bytes']),
+          ('total', f['total_bytes'])]
+  for name, value in rows:
+    print(f'  {name:<52} {value / GIB:10.3f} GiB')
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  if CONFIG.value is None:
+    sys.exit('error: --config is required, e.g. python -m lm.plan --config=experiments/gpt2.py:small')
+  try:
+    config = validate(CONFIG.value)
+  except ConfigError as e:
+    sys.exit(f'error: {e}')
+  if _DEVICES.value and not _TOPOLOGY.value:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update('jax_platforms', 'cpu')  # Before any JAX op: simulated devices.
+    jax.config.update('jax_num_cpu_devices', _DEVICES.value)
+  try:
+    devices = _devices(config)
+    figures = report(config, devices)
+  except ConfigError as e:
+    hint = '' if _DEVICES.value or _TOPOLOGY.value else ' (simulate devices with --devices=N)'
+    sys.exit(f'error: {e}{hint}')
+  _print(config, devices, figures)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,248 @@
+"""Sharded training on 8 simulated CPU devices equals the single-device run."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
+from lm import checkpoint, sharding, train
+from lm.config import ConfigError
+from lm.data import pipeline
+from lm.metrics import read_metrics
+from lm.model import make_model, stack_layers
+from lm.optim import make_optimizer
+
+# Sizes that split over every mesh below: 4 heads, widths and vocab divisible by 8, 8 rows per batch.
+SHARDABLE = {'model.num_heads': 4, 'data.batch_size': 8, 'train.steps': 20}
+STEPS = 5
+
+
+@pytest.fixture(scope='module')
+def corpus_and_batches(tfds_dir, play_files, tmp_path_factory):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE)
+  corpus = pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), STEPS))
+  return corpus, batches
+
+
+def train_on(config, devices, batches, state=None):
+  """STEPS (or len(batches)) train steps on a mesh over `devices`: (losses, final state)."""
+  mesh = sharding.make_mesh(config, devices)
+  rules = sharding.logical_axis_rules(config)
+  model, optimizer = make_model(config.model), make_optimizer(config)
+  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  with sharding.activate(mesh, rules):
+    if state is None:
+      state = train.init_train_state(config, model, optimizer, mesh, rules)
+    else:
+      state = jax.device_put(state, shardings)
+    step = train.jit_train_step(config, model, optimizer, shardings, batch_sharding)
+    losses = []
+    for batch in batches:
+      state, metrics = step(state, sharding.global_batch(batch, batch_sharding, config.data.batch_size))
+      losses.append(float(metrics['loss']))
+  return np.array(losses), state
+
+
+@pytest.fixture(scope='module')
+def single_device(tfds_dir, play_files, corpus_and_batches):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE)
+  return train_on(config, jax.devices()[:1], corpus_and_batches[1])
+
+
+def assert_trees_close(a, b, rtol=1e-5):
+  """Every array of a within rtol of b's, relative to b's norm (elementwise, a value near zero
+  would count rounding noise as a large relative error)."""
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    assert x.shape == y.shape
+    error = np.linalg.norm(x - y) / max(np.linalg.norm(y), 1e-30)
+    assert error <= rtol, f'{jax.tree_util.keystr(path)}: relative error {error:.2e}'
+
+
+@pytest.mark.parametrize('shape', [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
+def test_every_mesh_matches_one_device(tfds_dir, play_files, corpus_and_batches, single_device, shape):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': shape})
+  losses, state = train_on(config, jax.devices(), corpus_and_batches[1])
+  ref_losses, ref_state = single_device
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert losses[-1] < losses[0]
+  assert_trees_close(state.params, ref_state.params)
+  assert_trees_close(state.opt_state, ref_state.opt_state)
+
+
+def test_parameter_shardings_follow_the_rules(tfds_dir, play_files):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (1, 2, 4)})
+  mesh = sharding.make_mesh(config)
+  model, optimizer = make_model(config.model), make_optimizer(config)
+  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
+    state = train.init_train_state(config, model, optimizer, mesh)
+  # What the default rules say, written out by hand: fsdp splits `embed`, tensor splits heads/mlp/vocab.
+  expected = {
+      "['token_embedding']['embedding']": P('tensor', 'fsdp'),
+      "['position_embedding']": P(None, 'fsdp'),
+      "['block_0']['attention']['query']['kernel']": P('fsdp', 'tensor', None),
+      "['block_0']['attention']['query']['bias']": P('tensor', None),
+      "['block_0']['attention']['out']['kernel']": P('tensor', None, 'fsdp'),
+      "['block_0']['attention']['out']['bias']": P('fsdp'),
+      "['block_0']['mlp']['up']['kernel']": P('fsdp', 'tensor'),
+      "['block_0']['mlp']['up']['bias']": P('tensor'),
+      "['block_0']['mlp']['down']['kernel']": P('tensor', 'fsdp'),
+      "['block_0']['ln_mlp']['scale']": P('fsdp'),
+      "['ln_final']['bias']": P('fsdp'),
+  }
+  specs = {jax.tree_util.keystr(path): leaf.sharding.spec
+           for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+  for name, spec in expected.items():
+    assert tuple(specs[name]) + (None,) * (len(spec) - len(specs[name])) == tuple(spec), name
+  # Every parameter: placed as its logical names say, in shards of the expected size.
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params'])
+  logical = nn.get_partition_spec(boxed)
+  for (path, leaf), names in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(
+      logical, is_leaf=lambda x: isinstance(x, P))):
+    axes = nn.logical_to_mesh_axes(tuple(names), sharding.logical_axis_rules(config))
+    assert leaf.sharding.spec == axes, jax.tree_util.keystr(path)
+    shard = leaf.addressable_shards[0].data.shape
+    for size, piece, a in zip(leaf.shape, shard, axes):
+      a = () if a is None else (a,) if isinstance(a, str) else a
+      assert piece * np.prod([mesh.shape[x] for x in a]) == size
+  # Adam's moments are sharded like the parameters they belong to.
+  adam = state.opt_state[1][0]
+  for p, mu, nu in zip(jax.tree.leaves(state.params), jax.tree.leaves(adam.mu), jax.tree.leaves(adam.nu)):
+    assert mu.sharding == p.sharding and nu.sharding == p.sharding
+
+
+def test_gradient_accumulation_matches_the_whole_batch(tfds_dir, play_files, corpus_and_batches, single_device):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (2, 2, 2), 'train.microbatches': 2})
+  losses, state = train_on(config, jax.devices(), corpus_and_batches[1])
+  np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+  assert_trees_close(state.params, single_device[1].params)
+
+
+def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, corpus_and_batches, single_device):
+  ref_config = tiny_config(tfds_dir, play_files, **SHARDABLE)
+  mesh = sharding.make_mesh(ref_config, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_axis_rules(ref_config)):
+    init = train.init_train_state(ref_config, make_model(ref_config.model), make_optimizer(ref_config), mesh)
+  num_layers = ref_config.model.num_layers
+  for remat, scan in itertools.product(['none', 'full', 'dots'], [False, True]):
+    config = tiny_config(tfds_dir, play_files, **SHARDABLE,
+                         **{'mesh.shape': (2, 2, 2), 'model.remat': remat, 'model.scan_layers': scan})
+    params = stack_layers(init.params, num_layers) if scan else init.params  # Same values, layers stacked.
+    state = init.replace(params=params, opt_state=make_optimizer(config).init(params))
+    losses, _ = train_on(config, jax.devices(), corpus_and_batches[1][:3], jax.device_get(state))
+    np.testing.assert_allclose(losses, single_device[0][:3], rtol=1e-5, err_msg=f'remat={remat} scan={scan}')
+
+
+def test_bfloat16_trains_and_keeps_float32_parameters(tfds_dir, play_files, corpus_and_batches):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE,
+                       **{'mesh.shape': (2, 2, 2), 'model.dtype': 'bfloat16', 'optimizer.learning_rate': 1e-2})
+  batch = corpus_and_batches[1][0]
+  losses, state = train_on(config, jax.devices(), [batch] * 30)
+  assert losses[-1] < 0.6 * losses[0], losses
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
+  model = make_model(config.model)
+  hidden = model.apply({'params': state.params}, batch['tokens'][:, :-1], capture_intermediates=True,
+                       mutable=['intermediates'])[1]['intermediates']
+  assert hidden['block_0']['mlp']['up']['__call__'][0].dtype == np.dtype('bfloat16')
+
+
+def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_batches, tmp_path):
+  corpus, batches = corpus_and_batches
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (8, 1, 1)})
+  _, state = train_on(config, jax.devices(), batches[:3])
+  checkpointer = checkpoint.Checkpointer(tmp_path, config)
+  data = iter(pipeline.train_dataset(config, corpus))
+  checkpointer.save(3, state, data)
+  checkpointer.close()
+  expected, _ = train_on(config, jax.devices(), batches[3:], state)
+  for shape, devices in [((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:
+    other = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': shape})
+    mesh = sharding.make_mesh(other, devices)
+    model, optimizer = make_model(other.model), make_optimizer(other)
+    with sharding.activate(mesh, sharding.logical_axis_rules(other)):
+      like = train.init_train_state(other, model, optimizer, mesh)
+    restorer = checkpoint.Checkpointer(tmp_path, other)
+    restored = restorer.restore(3, like, iter(pipeline.train_dataset(other, corpus)))
+    restorer.close()
+    assert jax.tree.leaves(restored.params)[0].sharding.mesh.shape == mesh.shape
+    assert int(restored.step) == 3
+    losses, _ = train_on(other, devices, batches[3:], restored)
+    np.testing.assert_allclose(losses, expected, rtol=1e-5, err_msg=str(shape))
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'mesh.shape': (3, 1, 1)}, 'mesh.shape=(3, 1, 1) uses 3 devices but there are 8'),
+    ({'mesh.shape': (-1, 3, 1)}, 'mesh.shape=(-1, 3, 1): 8 devices do not split'),
+    ({'data.batch_size': 12}, 'data.batch_size=12 must be divisible by the 8 batch shards'),
+    ({'mesh.shape': (1, 1, 8)}, 'model.num_heads=4 does not split over mesh tensor=8'),
+    ({'mesh.shape': (1, 8, 1), 'model.d_model': 36}, 'model.d_model=36 does not split over mesh fsdp=8'),
+])
+def test_bad_meshes_are_refused_before_compiling(tfds_dir, play_files, overrides, message):
+  config = tiny_config(tfds_dir, play_files, **(SHARDABLE | overrides))
+  with pytest.raises(ConfigError) as error:
+    mesh = sharding.make_mesh(config)
+    rules = sharding.logical_axis_rules(config)
+    sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules)
+    train.state_shardings(config, make_model(config.model), make_optimizer(config), mesh, rules)
+  assert str(error.value).startswith(message), str(error.value)
+  assert '\n' not in str(error.value)
+
+
+def test_unknown_mesh_axis_in_a_rule_is_refused(tfds_dir, play_files):
+  rules = (('batch', ('data', 'pipeline')),)
+  with pytest.raises(ConfigError, match="names unknown mesh axis 'pipeline'; mesh axes: data, fsdp, tensor"):
+    tiny_config(tfds_dir, play_files, **{'mesh.logical_axis_rules': rules})
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
+  """2 processes x 4 devices through jax.distributed equal 1 process x 8 devices."""
+  workdir = tmp_path / 'run'
+  overrides = tiny_overrides(tfds_dir, play_files, **(SHARDABLE | {'train.steps': 4, 'eval.every': 4}))
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
+      + [f'--config.{k}={v}' for k, v in overrides.items()],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+  assert 'over 8 cpu devices, 2 process(es)' in outputs[0]
+  assert (workdir / 'checkpoints' / '4' / 'data' / 'process_1-of-2.json').exists()
+
+  # The reference: one process, 8 devices, the same global batches (data shard 0 rows, then shard 1).
+  config = tiny_config(tfds_dir, play_files, **(SHARDABLE | {'train.steps': 4, 'eval.every': 4}))
+  corpus = pipeline.load_corpus(config, workdir / 'tokenizer')
+  shards = [iter(pipeline.train_dataset(config, corpus, i, 2)) for i in range(2)]
+  batches = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in
+             (tuple(next(s) for s in shards) for _ in range(4))]
+  losses, state = train_on(config, jax.devices(), batches)
+  logged = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
+  np.testing.assert_allclose(logged, losses[1::2], rtol=1e-5)
+
+  mesh = sharding.make_mesh(config)
+  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
+    like = train.init_train_state(config, make_model(config.model), make_optimizer(config), mesh)
+  restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
+  restored = restorer.restore_state(4, like)
+  restorer.close()
+  assert int(restored.step) == 4
+  assert_trees_close(restored.params, state.params)

@@ -3,11 +3,13 @@
   SIZE    small (124M), medium (350M), large (774M), xl (1.5B)
   LAYOUT  dp           data parallel: parameters replicated, batch split over all devices
           fsdp         parameters, gradients and optimizer state split along embed over all devices
+          hybrid       fsdp within groups of 16 devices, data parallel across groups (for meshes
+                       larger than d_model allows: xl's 1600 splits 16 or 64 ways, not 256)
           fsdp_tensor  fsdp over devices / 4, and heads, MLP and vocab split 4 ways (tensor parallel;
                        needs heads divisible by 4, so not xl with its 25)
 
 For example, what GPT-2 XL needs per chip of a v5e 16x16 slice:
-  python -m lm.plan --config=experiments/gpt2.py:xl,fsdp --topology=v5e:16x16
+  python -m lm.plan --config=experiments/gpt2.py:xl,hybrid --topology=v5e:16x16
 """
 
 import ml_collections
@@ -16,7 +18,7 @@ from lm.config import base_config
 
 # (layers, d_model, heads) of each size; mlp_dim is 4 * d_model.
 SIZES = {'small': (12, 768, 12), 'medium': (24, 1024, 16), 'large': (36, 1280, 20), 'xl': (48, 1600, 25)}
-LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'fsdp_tensor': (1, -1, 4)}
+LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
 
 
 def get_config(arg: str = 'small') -> ml_collections.ConfigDict:

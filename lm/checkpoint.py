@@ -84,6 +84,11 @@ def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, change
       f.write(json.dumps(record) + '\n')
 
 
+def _abstract(like: Any) -> Any:
+  """Shapes, dtypes and shardings to restore into: orbax reshards a checkpoint written on any mesh."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), like)
+
+
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of {state, data iterator} under `directory`."""
 
@@ -104,18 +109,14 @@ class Checkpointer:
   def restore(self, step: int, like: Any, data_iterator: grain.DatasetIterator) -> Any:
     """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where
     it was when that step was saved."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), like)
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
+        state=ocp.args.StandardRestore(_abstract(like)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored.state
 
   def restore_state(self, step: int, like: Any) -> Any:
     """Only the train state at `step` (e.g. to evaluate it, or in a process that reads no data)."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, 'sharding', None)), like)
-    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))).state
 
   def close(self) -> None:
     self._manager.wait_until_finished()

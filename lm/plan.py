@@ -1,7 +1,7 @@
 """Capacity report: will this config fit this mesh? Compiles the train step ahead of time, runs nothing.
 
-  python -m lm.plan --config=experiments/gpt2.py:xl --config.mesh.shape='(1,-1,1)' --devices=256
-  python -m lm.plan --config=experiments/gpt2.py:xl --topology=v5e:16x16   # needs pip install 'lm[tpu]'
+  python -m lm.plan --config=experiments/gpt2.py:xl,hybrid --devices=256
+  python -m lm.plan --config=experiments/gpt2.py:xl,hybrid --topology=v5e:16x16   # pip install 'lm[tpu]'
 
 It plans for the devices present, or for --devices=N simulated CPU devices, or with --topology for
 a TPU slice through jax.experimental.topologies (compile-only devices: no TPU needed).
@@ -10,6 +10,7 @@ a TPU slice through jax.experimental.topologies (compile-only devices: no TPU ne
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 
@@ -29,6 +30,8 @@ GIB = 2**30
 def _devices(config):
   import jax  # pylint: disable=import-outside-toplevel
   if _TOPOLOGY.value:
+    os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # No slice to ask: this host alone.
+    os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
       return list(topologies.get_topology_desc(_TOPOLOGY.value, 'tpu').devices)
@@ -61,10 +64,7 @@ def report(config, devices) -> dict[str, float]:
   sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
   model, optimizer = make_model(config.model), make_optimizer(config)
   shardings = train.state_shardings(config, model, optimizer, mesh, rules)
-  _, init = train._init_fn(config, model, optimizer)  # pylint: disable=protected-access
-  with jax.set_mesh(None):
-    shapes = jax.eval_shape(init)
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  state = train.abstract_train_state(config, model, optimizer, shardings)
   b, length = config.data.batch_size, config.data.seq_len
   batch = {'tokens': jax.ShapeDtypeStruct((b, length + 1), np.int32, sharding=batch_sharding),
            'loss_mask': jax.ShapeDtypeStruct((b, length), np.bool_, sharding=batch_sharding)}
@@ -76,7 +76,7 @@ def report(config, devices) -> dict[str, float]:
   memory = compiled.memory_analysis()
   per_token = metrics.flops_per_token(config)
   figures = {
-      'devices': mesh.size, 'parameters': count_params(shapes.params), 'flops_per_token': per_token,
+      'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'parameters': count_params(state.params), 'flops_per_token': per_token,
       'flops_per_step_per_device': per_token * b * length / mesh.size, 'compile_seconds': compile_s,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
       'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
@@ -95,7 +95,7 @@ def report(config, devices) -> dict[str, float]:
 
 def _print(config, devices, f: dict[str, float]) -> None:
   where = _TOPOLOGY.value or f'{len(devices)} {devices[0].platform} devices'
-  mesh = ' x '.join(f'{k}={v}' for k, v in zip(('data', 'fsdp', 'tensor'), config.mesh.shape))
+  mesh = ' x '.join(f'{k}={v}' for k, v in zip(('data', 'fsdp', 'tensor'), f['mesh_shape']))
   m = config.model
   print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {m.mlp_dim}, '
         f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters; dtype {m.dtype}, '
@@ -107,9 +107,10 @@ def _print(config, devices, f: dict[str, float]) -> None:
   if 'xla_flops_per_step_per_device' in f:
     print(f'  XLA cost analysis per step per device: {f["xla_flops_per_step_per_device"]:.3e} '
           f'(ratio {f["xla_flops_per_step_per_device"] / f["flops_per_step_per_device"]:.2f})')
-  print('bytes per device:')
+  print('bytes per device (total = arguments + outputs - aliased + temporaries + code):')
   rows = [('parameters (float32)', f['params_bytes']), ('optimizer state', f['optimizer_bytes']),
-          ('arguments (state + batch)', f['argument_bytes']), ('outputs (aliased to arguments)', f['alias_bytes']),
+          ('arguments (state + batch)', f['argument_bytes']), ('outputs', f['output_bytes']),
+          ('  of which aliased to (donated) arguments', f['alias_bytes']),
           ('temporaries (activations, gradients, collectives)', f['temp_bytes']), ('code', f['code_bytes']),
           ('total', f['total_bytes'])]
   for name, value in rows:

@@ -66,6 +66,12 @@ def shardings_of(abstract_boxed: Any, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def mesh_axes_of(logical: str | None, rules) -> tuple[str, ...]:
+  """The mesh axes a logical axis is split over by itself (no other axis of the array competing)."""
+  axes = nn.logical_to_mesh_axes((logical,), rules)[0]
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
   """A ConfigError naming the config key when a sharded dimension does not split evenly."""
   flat = jax.tree_util.tree_leaves_with_path(
@@ -75,7 +81,7 @@ def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
       continue
     mesh_axes = nn.logical_to_mesh_axes(leaf.names, rules)
     for size, logical, axes in zip(leaf.value.shape, leaf.names, mesh_axes):
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)  # As the array has them.
       shards = math.prod(mesh.shape[a] for a in axes)
       if size % shards:
         over = ' x '.join(f'{a}={mesh.shape[a]}' for a in axes)
@@ -91,9 +97,7 @@ def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
 
 
 def batch_shards(mesh: Mesh, rules) -> int:
-  axes = nn.logical_to_mesh_axes(('batch',), rules)[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  return math.prod(mesh.shape[a] for a in axes)
+  return math.prod(mesh.shape[a] for a in mesh_axes_of('batch', rules))
 
 
 def check_batch(key: str, batch_size: int, mesh: Mesh, rules, microbatches: int = 1) -> None:

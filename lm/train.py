@@ -65,6 +65,15 @@ def state_shardings(config: ml_collections.ConfigDict, model: nn.Module, optimiz
   return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
 
 
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
+                         shardings: TrainState) -> TrainState:
+  """The train state as shapes, dtypes and shardings only: what a restore or an AOT compile needs."""
+  _, init = _init_fn(config, model, optimizer)
+  with jax.set_mesh(None):  # As in state_shardings.
+    shapes = jax.eval_shape(init)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
 def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh, rules=None) -> TrainState:
   """A fresh train state, each array created directly in its shards (never whole on one device)."""
@@ -176,12 +185,14 @@ class Trainer:
                               out_shardings=replicated)
     self._token_bytes = np.pad(self.corpus.tokenizer.token_bytes,
                                (0, config.model.vocab_size - self.corpus.tokenizer.vocab_size))
-    self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
     self.train_iter = iter(pipeline.train_dataset(config, self.corpus, *self.data_shard))
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config)
     latest = self.checkpointer.latest_step()
-    if latest is not None:
-      self.state = self.checkpointer.restore(latest, self.state, self.train_iter)
+    if latest is None:
+      self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
+    else:  # Straight into the shards of this mesh, whatever mesh wrote it.
+      abstract = abstract_train_state(config, self.model, optimizer, shardings)
+      self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
       metrics.say(f'resumed from step {latest} in {self.workdir}')
     self.start_step = int(sharding.to_host(self.state.step))
     checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset,

@@ -96,6 +96,8 @@ def _refusal(result) -> str:
      "data.paths: '/nonexistent/corpus.txt' is not a file"),
     ({'data.name': 'lm1b_not_a_dataset'}, (), "data.name='lm1b_not_a_dataset' is not a TFDS dataset"),
     ({}, ('--config=experiments/nope.py',), "--config: no such file 'experiments/nope.py'"),
+    ({'mesh.shape': (2, 1, 1)}, (), 'mesh.shape=(2, 1, 1) uses 2 devices but there are 1'),
+    ({'mesh.logical_axis_rules': (('batch', 'pipe'),)}, (), "names unknown mesh axis 'pipe'"),
 ])
 def test_bad_input_is_refused_in_one_line(tfds_dir, tmp_path, overrides, args, expected):
   result = run_main(tmp_path / 'run', {'data.tfds_data_dir': tfds_dir, **overrides}, *args, check=False)

@@ -246,3 +246,11 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
   restorer.close()
   assert int(restored.step) == 4
   assert_trees_close(restored.params, state.params)
+
+
+def test_resuming_with_another_number_of_data_shards_is_refused(tmp_path):
+  (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
+  (tmp_path / 'dataset.json').write_text('{"dataset": "shakespeare", "data_shards": 2}')
+  checkpoint.check_data_shards(tmp_path, 2)
+  with pytest.raises(ConfigError, match=r'trained reading 2 data shard\(s\).*this run reads 1'):
+    checkpoint.check_data_shards(tmp_path, 1)

@@ -1,0 +1,60 @@
+"""lm.plan: the capacity report, compiled for meshes of 8 simulated devices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import QUICKSTART, ROOT
+from lm import config as config_lib
+from lm import plan
+
+
+def _config(**values):
+  return config_lib.validate(config_lib.override(config_lib.load_experiment(QUICKSTART), values))
+
+
+def test_flops_per_token_agrees_with_xla():
+  figures = plan.report(_config(**{'mesh.shape': (1, 1, 1)}), jax.devices()[:1])
+  # XLA also counts the elementwise work (softmax, GELU, LayerNorm, Adam): a few percent more.
+  ratio = figures['xla_flops_per_step_per_device'] / figures['flops_per_step_per_device']
+  assert 1.0 <= ratio < 1.1, ratio
+  assert figures['parameters'] == 852_672  # The quickstart's, as lm.main prints it.
+
+
+def test_fsdp_splits_parameters_and_optimizer_state():
+  dp = plan.report(_config(**{'mesh.shape': (8, 1, 1)}), jax.devices())
+  fsdp = plan.report(_config(**{'mesh.shape': (1, 8, 1)}), jax.devices())
+  assert dp['params_bytes'] == 4 * dp['parameters']  # Replicated float32.
+  assert dp['params_bytes'] / 8 <= fsdp['params_bytes'] < dp['params_bytes'] / 7  # Only small biases stay whole.
+  for f in (dp, fsdp):
+    assert 2 * f['params_bytes'] <= f['optimizer_bytes'] < 2 * f['params_bytes'] + 64  # Adam's mu and nu.
+    assert f['alias_bytes'] >= f['params_bytes'] + f['optimizer_bytes']  # The state is donated.
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, '-m', 'lm.plan', f'--config={QUICKSTART}', *args], capture_output=True,
+                        text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_plan_command_reports_a_simulated_mesh():
+  result = _plan('--devices=8', '--config.mesh.shape=(2,4,1)')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'mesh: data=2 x fsdp=4 x tensor=1 on 8 cpu devices' in result.stdout
+  assert 'total' in result.stdout and 'FLOPs per token' in result.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--devices=8', '--config.mesh.shape=(3,1,1)'), 'error: mesh.shape=(3, 1, 1) uses 3 devices but there are 8'),
+    (('--devices=8', '--config.mesh.shape=(1,1,8)'), 'error: model.num_heads=2 does not split over mesh tensor=8'),
+    (('--devices=8', "--config.mesh.logical_axis_rules=(('batch','pipe'),)"), "names unknown mesh axis 'pipe'"),
+])
+def test_plan_refuses_bad_meshes_in_one_line(args, message):
+  result = _plan(*args)
+  assert result.returncode != 0
+  assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]

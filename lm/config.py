@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv', 'mlp', 'layers')
+LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp', 'layers')
 
 # Logical axis -> mesh axes, highest priority first. One rule set serves every layout: with the
 # default mesh (-1, 1, 1) it is pure data parallelism; a larger fsdp axis shards parameters and
@@ -32,6 +32,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ('batch', ('data', 'fsdp')),
     ('vocab', 'tensor'),
     ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
     ('embed', 'fsdp'),
     ('kv', None),
@@ -52,7 +53,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_heads = 4
   c.model.d_model = 256  # Residual stream width; must be divisible by num_heads.
   c.model.mlp_dim = 1024  # Hidden width of the MLP (GPT-2 uses 4 * d_model).
-  c.model.init_std = 0.02  # Std of the normal init; residual output projections get init_std / sqrt(2 * num_layers).
+  c.model.init_std = 0.02  # Std of the normal init of every matrix and embedding.
+  c.model.init = 'gpt2'  # 'gpt2': residual output projections get init_std / sqrt(2 * num_layers); 'normal': all init_std.
+  c.model.use_bias = True  # Biases in the attention and MLP projections (never on keys: softmax ignores them).
+  c.model.num_kv_heads = 0  # Key/value heads: 0 = num_heads (multi-head); 1 = multi-query; else grouped-query.
+  c.model.positions = 'learned'  # 'learned' (a table of max_len rows), 'rope' (rotary), or 'none'.
+  c.model.rope_base = 10000.0  # RoPE wavelength base (positions='rope').
+  c.model.norm = 'layernorm'  # 'layernorm' or 'rmsnorm'.
+  c.model.norm_position = 'pre'  # 'pre': x + f(norm(x)) with a final norm; 'post': norm(x + f(x)).
+  c.model.qk_norm = False  # RMS-normalise queries and keys per head before the dot product.
+  c.model.sliding_window = 0  # Attend only to the last this-many positions (self included); 0 = all.
+  c.model.embed_multiplier = 1.0  # Token embeddings are scaled by this on input (e.g. sqrt(d_model)).
+  c.model.mlp = 'gelu'  # 'gelu', 'relu', or 'swiglu' (three matrices: pick mlp_dim about 2/3 of the 4x rule).
+  c.model.tie_embeddings = True  # Output layer = the token embedding transposed; False: a separate matrix.
   c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).
   c.model.remat = 'none'  # Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).
   c.model.scan_layers = False  # nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.
@@ -84,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000  # Total optimizer steps; the learning-rate schedule ends here.
   c.train.log_every = 10  # Steps between train metric records.
+  c.train.z_loss = 0.0  # Weight of the auxiliary loss z_loss * log(sum(exp(logits)))^2 (keeps logits near 0).
+  c.train.label_smoothing = 0.0  # Share of each target's probability spread evenly over the vocabulary.
   c.train.microbatches = 1  # Gradient accumulation: each step's batch is split into this many sequential passes.
 
   # The device mesh and how the model's logical axes map onto it (see lm/sharding.py).
@@ -192,6 +207,18 @@ CHECKS: dict[str, Check] = {
     'model.d_model': _int(1),
     'model.mlp_dim': _int(1),
     'model.init_std': _float(0, lo_open=True),
+    'model.init': _choice('gpt2', 'normal'),
+    'model.use_bias': _bool,
+    'model.num_kv_heads': _int(0),
+    'model.positions': _choice('learned', 'rope', 'none'),
+    'model.rope_base': _float(1, lo_open=True),
+    'model.norm': _choice('layernorm', 'rmsnorm'),
+    'model.norm_position': _choice('pre', 'post'),
+    'model.qk_norm': _bool,
+    'model.sliding_window': _int(0),
+    'model.embed_multiplier': _float(0, lo_open=True),
+    'model.mlp': _choice('gelu', 'relu', 'swiglu'),
+    'model.tie_embeddings': _bool,
     'model.dtype': _choice('float32', 'bfloat16'),
     'model.remat': _choice('none', 'full', 'dots'),
     'model.scan_layers': _bool,
@@ -218,6 +245,8 @@ CHECKS: dict[str, Check] = {
     'train.steps': _int(1),
     'train.log_every': _int(1),
     'train.microbatches': _int(1),
+    'train.z_loss': _float(0),
+    'train.label_smoothing': _float(0, 1, hi_open=True),
     'mesh.shape': _mesh_shape,
     'mesh.logical_axis_rules': _logical_axis_rules,
     'eval.every': _int(1),
@@ -241,6 +270,11 @@ def _cross_key_errors(c: ml_collections.ConfigDict) -> list[str]:
   errors = []
   if m.d_model % m.num_heads:
     errors.append(f'model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}')
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    errors.append(f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}')
+  if m.positions == 'rope' and m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2:
+    errors.append(f"model.positions='rope' needs an even head dimension: model.d_model={m.d_model} / "
+                  f'model.num_heads={m.num_heads} = {m.d_model // m.num_heads}')
   if d.seq_len > m.max_len:
     errors.append(f'data.seq_len={d.seq_len} exceeds the position table: must be <= model.max_len={m.max_len}')
   if o.warmup_steps >= c.train.steps:

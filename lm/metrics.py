@@ -20,12 +20,13 @@ def say(message: str) -> None:
 
 def flops_per_token(config) -> float:
   """Training FLOPs per token (forward + backward, matmuls only): 6 per weight a token passes
-  through (every parameter but the position table; the tied embedding counts once, as the output
-  layer) plus attention's scores and weighted sum, 12 * layers * d_model * seq_len (the causal
+  through (every matrix but the position table and the input embedding, whose lookup is free; the
+  output layer counts, tied or not) plus attention's scores and weighted sum, 12 * layers * d_model * seq_len (the causal
   mask is not subtracted: the dense form computes it all)."""
   m = config.model
   head = m.d_model // m.num_heads
-  per_block = m.d_model * head * m.num_heads * 4 + 2 * m.d_model * m.mlp_dim
+  kv_heads = m.num_kv_heads or m.num_heads
+  per_block = 2 * m.d_model * head * (m.num_heads + kv_heads) + (3 if m.mlp == 'swiglu' else 2) * m.d_model * m.mlp_dim
   weights = m.num_layers * per_block + m.vocab_size * m.d_model
   return 6.0 * weights + 12.0 * m.num_layers * m.d_model * config.data.seq_len
 

@@ -22,6 +22,7 @@ from lm.config import MESH_AXES, ConfigError
 
 # Config keys whose values size each logical axis: named in divisibility errors.
 _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads': 'model.num_heads',
+                   'kv_heads': 'model.num_kv_heads',
                    'mlp': 'model.mlp_dim', 'kv': 'the head dim (model.d_model / model.num_heads)',
                    'layers': 'model.num_layers', 'length': 'model.max_len'}
 
@@ -72,8 +73,12 @@ def mesh_axes_of(logical: str | None, rules) -> tuple[str, ...]:
   return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
+def check_divisible(abstract_boxed: Any, mesh: Mesh, rules, model_config=None) -> None:
   """A ConfigError naming the config key when a sharded dimension does not split evenly."""
+  size_keys = dict(_AXIS_SIZE_KEYS)
+  if model_config is not None and not model_config.num_kv_heads:  # kv heads default to num_heads.
+    size_keys['kv_heads'] = 'model.num_heads'
+
   flat = jax.tree_util.tree_leaves_with_path(
       abstract_boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
   for path, leaf in flat:
@@ -86,7 +91,7 @@ def check_divisible(abstract_boxed: Any, mesh: Mesh, rules) -> None:
       if size % shards:
         over = ' x '.join(f'{a}={mesh.shape[a]}' for a in axes)
         raise ConfigError(
-            f'{_AXIS_SIZE_KEYS.get(logical, logical)}={size} does not split over mesh {over} '
+            f'{size_keys.get(logical, logical)}={size} does not split over mesh {over} '
             f'(mesh.logical_axis_rules shard {logical!r} there; parameter {jax.tree_util.keystr(path)}); '
             f'change mesh.shape or the size')
 

@@ -57,7 +57,7 @@ def state_shardings(config: ml_collections.ConfigDict, model: nn.Module, optimiz
   init_params, _ = _init_fn(config, model, optimizer)
   with jax.set_mesh(None):  # Flax's DenseGeneral init would constrain its kernel before reshaping it.
     boxed = jax.eval_shape(init_params)
-  sharding.check_divisible(boxed, mesh, rules)
+  sharding.check_divisible(boxed, mesh, rules, config.model)
   params = sharding.shardings_of(boxed, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_state = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, _unbox(boxed)), params,
@@ -84,25 +84,37 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimi
     return jax.jit(init, out_shardings=shardings)()
 
 
-def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module) -> tuple[jax.Array, jax.Array]:
-  """Summed cross-entropy (nats) over unmasked targets, and the count of those targets."""
+def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: float = 0.0,
+              label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Summed loss (nats) over unmasked targets, and the count of those targets.
+
+  With the defaults the loss is the cross-entropy; training may add label smoothing (a share of
+  the target spread over the vocabulary) and z-loss (z_loss * logsumexp(logits)^2).
+  """
   tokens_BL1 = batch['tokens']
   logits_BLV = model.apply({'params': params}, tokens_BL1[:, :-1])
-  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, tokens_BL1[:, 1:])
+  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_BL = jnp.take_along_axis(logits_BLV, tokens_BL1[:, 1:, None], axis=-1)[..., 0]
+  losses_BL = log_z_BL - target_BL
+  if label_smoothing:
+    losses_BL = (1 - label_smoothing) * losses_BL + label_smoothing * (log_z_BL - jnp.mean(logits_BLV, axis=-1))
+  if z_loss:
+    losses_BL = losses_BL + z_loss * jnp.square(log_z_BL)
   mask_BL = batch['loss_mask'].astype(jnp.float32)
   return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the mean loss over the batch's targets.
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1,
+               z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the mean loss over the batch's targets (see loss_sums).
 
   With microbatches = k the batch is processed in k sequential passes whose summed gradients
   equal the whole batch's (microbatch j takes rows j, j + k, ..., so each stays spread over
   the data shards).
   """
-  grad_fn = jax.value_and_grad(lambda params, b: loss_sums(params, b, model), has_aux=True)
+  grad_fn = jax.value_and_grad(lambda params, b: loss_sums(params, b, model, z_loss=z_loss,
+                                                          label_smoothing=label_smoothing), has_aux=True)
   if microbatches == 1:
     (total, count), grads = grad_fn(state.params, batch)
   else:
@@ -129,7 +141,8 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimize
   """train_step under jit with explicit shardings, the state donated. Trace it inside sharding.activate."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, schedule=learning_rate_schedule(config),
-                                   microbatches=config.train.microbatches),
+                                   microbatches=config.train.microbatches, z_loss=config.train.z_loss,
+                                   label_smoothing=config.train.label_smoothing),
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
 
 

@@ -19,6 +19,10 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'model.num_layers': 2.5}, 'model.num_layers=2.5: must be an integer'),
     ({'model.init_std': 0.0}, 'model.init_std=0.0: must be > 0'),
     ({'model.d_model': 100, 'model.num_heads': 3}, 'model.d_model=100 must be divisible by model.num_heads=3'),
+    ({'model.num_kv_heads': 3}, 'model.num_kv_heads=3 must divide model.num_heads=2'),
+    ({'model.positions': 'rope', 'model.d_model': 98}, "model.positions='rope' needs an even head dimension: "
+                                                       'model.d_model=98 / model.num_heads=2 = 49'),
+    ({'model.mlp': 'silu'}, "model.mlp='silu': must be one of 'gelu', 'relu', 'swiglu'"),
     ({'data.seq_len': 300}, 'data.seq_len=300 exceeds the position table: must be <= model.max_len=128'),
     ({'data.tokenizer': 'wordpiece'}, "data.tokenizer='wordpiece': must be one of 'sentencepiece', 'byte'"),
     ({'data.tokenizer': 'byte', 'model.vocab_size': 200}, "model.vocab_size=200 must be >= 258 with data.tokenizer='byte'"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm.model import causal_attention, count_params, make_model
+from lm.model import causal_attention, count_params, make_model, norm_layer, rotary
 
 
 @pytest.fixture(scope='module')
@@ -30,16 +30,18 @@ def test_changing_a_token_never_changes_earlier_logits(model_and_params):
     assert np.abs(base[:, t:] - changed[:, t:]).max() > 1e-4
 
 
-def test_attention_matches_the_formula():
+@pytest.mark.parametrize('window', [0, 2])
+def test_attention_matches_the_formula(window):
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
-  out = np.asarray(causal_attention(q, k, v))
+  out = np.asarray(causal_attention(q, k, v, window))
   for b in range(2):
     for h in range(3):
       for i in range(5):
-        scores = q[b, i, h] @ k[b, :i + 1, h].T / math.sqrt(4)
+        first = max(0, i - window + 1) if window else 0  # A window of w sees positions i - w + 1 .. i.
+        scores = q[b, i, h] @ k[b, first:i + 1, h].T / math.sqrt(4)
         probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-        np.testing.assert_allclose(out[b, i, h], probs @ v[b, :i + 1, h], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out[b, i, h], probs @ v[b, first:i + 1, h], rtol=1e-5, atol=1e-6)
 
 
 def test_parameter_count_and_logical_axes(model_and_params):
@@ -66,3 +68,103 @@ def test_logits_are_tied_to_the_embedding(model_and_params):
   tokens = jnp.zeros((1, 4), jnp.int32)  # Token 3 is never an input here, so only the output row moves.
   delta = model.apply({'params': bumped}, tokens) - model.apply({'params': params}, tokens)
   assert np.abs(delta[..., 3]).min() > 0 and np.abs(np.delete(np.asarray(delta), 3, axis=-1)).max() == 0
+
+
+# One value changed from the defaults per variant; causality and training must hold for each.
+VARIANTS = {
+    'rope': {'positions': 'rope'}, 'no_positions': {'positions': 'none'}, 'rmsnorm': {'norm': 'rmsnorm'},
+    'relu': {'mlp': 'relu'}, 'swiglu': {'mlp': 'swiglu'}, 'multi_query': {'num_kv_heads': 1},
+    'untied': {'tie_embeddings': False}, 'post_norm': {'norm_position': 'post'}, 'qk_norm': {'qk_norm': True},
+    'window': {'sliding_window': 4}, 'no_bias': {'use_bias': False},
+    'llama_like': {'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu', 'num_kv_heads': 1, 'tie_embeddings': False},
+}
+
+
+def _variant(**knobs):
+  config = config_lib.base_config()
+  config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32, **knobs)
+  model = make_model(config.model)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
+  return config, model, params
+
+
+@pytest.mark.parametrize('name', VARIANTS)
+def test_every_variant_is_causal(name):
+  _, model, params = _variant(**VARIANTS[name])
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97)
+  base = model.apply({'params': params}, tokens)
+  changed = model.apply({'params': params}, tokens.at[:, 7].set((tokens[:, 7] + 1) % 97))
+  np.testing.assert_array_equal(base[:, :7], changed[:, :7])
+  assert np.abs(base[:, 7:] - changed[:, 7:]).max() > 1e-4
+
+
+def test_variants_have_the_parameters_they_should():
+  names = lambda params: {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+  base = names(_variant()[2])
+  assert names(_variant(positions='rope')[2]) == base - {"['position_embedding']"}
+  assert names(_variant(norm='rmsnorm')[2]) == {n for n in base if not ("['ln_" in n and n.endswith("['bias']"))}
+  assert names(_variant(mlp='swiglu')[2]) == base | {f"['block_{i}']['mlp']['gate']['{w}']" for i in (0, 1)
+                                                     for w in ('kernel', 'bias')}
+  assert names(_variant(tie_embeddings=False)[2]) == base | {"['output']['kernel']"}
+  assert _variant(num_kv_heads=1)[2]['block_0']['attention']['key']['kernel'].shape == (16, 1, 4)
+  assert names(_variant(norm_position='post')[2]) == {n for n in base if not n.startswith("['ln_final']")}
+  assert names(_variant(qk_norm=True)[2]) == base | {f"['block_{i}']['attention']['{q}_norm']['scale']"
+                                                     for i in (0, 1) for q in ('query', 'key')}
+  assert names(_variant(use_bias=False)[2]) == {n for n in base if not (n.endswith("['bias']") and "['ln_" not in n)}
+
+
+@pytest.mark.parametrize('init, down_std', [('gpt2', 0.02 / math.sqrt(2 * 2)), ('normal', 0.02)])
+def test_init_scheme_sets_the_residual_projection_std(init, down_std):
+  config = config_lib.base_config()
+  config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=256, mlp_dim=1024, init=init)
+  params = nn.meta.unbox(make_model(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  for name, std in [('down', down_std), ('up', 0.02)]:
+    np.testing.assert_allclose(np.std(params['block_0']['mlp'][name]['kernel']), std, rtol=0.02)
+  np.testing.assert_allclose(np.std(params['block_1']['attention']['out']['kernel']), down_std, rtol=0.02)
+
+
+def test_embed_multiplier_scales_the_input_embedding_only():
+  knobs = {'positions': 'none', 'tie_embeddings': False}
+  _, scaled, params = _variant(embed_multiplier=3.0, **knobs)
+  _, plain, _ = _variant(**knobs)
+  tripled = dict(params, token_embedding={'embedding': 3.0 * params['token_embedding']['embedding']})
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97)
+  np.testing.assert_allclose(scaled.apply({'params': params}, tokens), plain.apply({'params': tripled}, tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+  rng = np.random.default_rng(0)
+  q, k = rng.standard_normal((2, 8)).astype(np.float32)
+  scores = {}
+  for shift in (0, 5):  # The same q at position 2 + shift, the same k at position 0 + shift.
+    q_BLHK = np.zeros((1, 12, 1, 8), np.float32)
+    k_BLHK = np.zeros((1, 12, 1, 8), np.float32)
+    q_BLHK[0, 2 + shift, 0], k_BLHK[0, shift, 0] = q, k
+    scores[shift] = float(rotary(q_BLHK, 10000.0)[0, 2 + shift, 0] @ rotary(k_BLHK, 10000.0)[0, shift, 0])
+  np.testing.assert_allclose(scores[0], scores[5], rtol=1e-5)
+  assert abs(scores[0] - float(q @ k)) > 1e-3  # But it does depend on position.
+
+
+def test_grouped_query_attention_equals_multi_head_with_shared_kv_weights():
+  _, gqa, params = _variant(num_kv_heads=2)  # 4 query heads, 2 kv heads.
+  _, mha, _ = _variant()
+  full = jax.tree.map(lambda x: x, params)
+  for i in (0, 1):
+    attention = dict(full[f'block_{i}']['attention'])
+    attention['key'] = {'kernel': jnp.repeat(attention['key']['kernel'], 2, axis=1)}
+    attention['value'] = {name: jnp.repeat(w, 2, axis=-2) for name, w in attention['value'].items()}
+    full[f'block_{i}'] = dict(full[f'block_{i}'], attention=attention)
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97)
+  np.testing.assert_allclose(gqa.apply({'params': params}, tokens), mha.apply({'params': full}, tokens),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_matches_its_formula():
+  x = np.random.default_rng(0).standard_normal((2, 3, 16)).astype(np.float32)
+  scale = np.linspace(0.5, 1.5, 16).astype(np.float32)
+  config = config_lib.base_config().model
+  config.norm = 'rmsnorm'
+  out = norm_layer('n', config).apply({'params': {'scale': scale}}, x)
+  expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-5) * scale
+  np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)

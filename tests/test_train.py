@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import one_device_mesh, tiny_config
-from lm import train
+from lm import sharding, train
 from lm.data import pipeline
 from lm.model import make_model
 from lm.optim import learning_rate_schedule, make_optimizer
@@ -20,16 +20,24 @@ def setup(tfds_dir, play_files, tmp_path_factory):
   return config, corpus, model, optimizer
 
 
-def test_loss_falls_when_overfitting_one_batch(setup):
-  config, corpus, model, optimizer = setup
+def overfit(config, corpus, steps: int):
+  """Losses and final state of `steps` train steps on one fixed batch."""
+  model, optimizer, mesh = make_model(config.model), make_optimizer(config), one_device_mesh(config)
   batch = next(iter(pipeline.train_dataset(config, corpus)))
-  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(config)), donate_argnums=0)
-  state = train.init_train_state(config, model, optimizer, one_device_mesh(config))
+  rules = sharding.logical_axis_rules(config)
+  step = train.jit_train_step(config, model, optimizer, train.state_shardings(config, model, optimizer, mesh, rules),
+                              sharding.batch_sharding(mesh, rules))
+  state = train.init_train_state(config, model, optimizer, mesh)
   losses = []
-  for _ in range(60):
+  for _ in range(steps):
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
+  return losses, state
+
+
+def test_loss_falls_when_overfitting_one_batch(setup):
+  config, corpus, _, _ = setup
+  losses, state = overfit(config, corpus, 60)
   assert abs(losses[0] - np.log(config.model.vocab_size)) < 0.5  # Starts near uniform.
   assert losses[-1] < 0.5 * losses[0], losses
   assert int(state.step) == 60
@@ -48,3 +56,33 @@ def test_eval_counts_every_target_and_every_byte(setup):
   num_tokens = sum(1 + len(corpus.tokenizer.encode(t)) for t in texts)
   assert sums['tokens'] == num_tokens - 1
   np.testing.assert_allclose(sums['loss_sum'] / sums['tokens'], np.log(config.model.vocab_size), atol=0.3)
+
+
+@pytest.mark.parametrize('knobs', [
+    {'model.positions': 'rope'}, {'model.positions': 'none'}, {'model.norm': 'rmsnorm'}, {'model.mlp': 'relu'},
+    {'model.mlp': 'swiglu'}, {'model.num_kv_heads': 1}, {'model.tie_embeddings': False},
+    {'model.norm_position': 'post'}, {'model.qk_norm': True}, {'model.sliding_window': 8},
+    {'model.embed_multiplier': 5.657}, {'train.z_loss': 1e-3, 'train.label_smoothing': 0.1},
+], ids=lambda knobs: '-'.join(f'{k.split(".")[1]}={v}' for k, v in knobs.items()))
+def test_every_architecture_variant_trains(setup, tfds_dir, play_files, knobs):
+  _, corpus, _, _ = setup
+  config = tiny_config(tfds_dir, play_files, **{'train.steps': 30, 'optimizer.learning_rate': 1e-2}, **knobs)
+  losses, _ = overfit(config, corpus, 30)
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_z_loss_and_label_smoothing_follow_their_formulas(setup):
+  config, corpus, model, optimizer = setup
+  params = train.init_train_state(config, model, optimizer, one_device_mesh(config)).params
+  batch = next(iter(pipeline.train_dataset(config, corpus)))
+  logits = np.asarray(model.apply({'params': params}, batch['tokens'][:, :-1]), np.float64)
+  log_z = np.log(np.exp(logits).sum(-1))
+  target = np.take_along_axis(logits, batch['tokens'][:, 1:, None], -1)[..., 0]
+  mask = batch['loss_mask']
+  ce = ((log_z - target) * mask).sum()
+  smooth = ((log_z - logits.mean(-1)) * mask).sum()
+  for z, a in [(0.0, 0.0), (1e-2, 0.0), (0.0, 0.1), (1e-2, 0.1)]:
+    total, count = train.loss_sums(params, batch, model, z_loss=z, label_smoothing=a)
+    expected = (1 - a) * ce + a * smooth + z * (np.square(log_z) * mask).sum()
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    assert float(count) == mask.sum()

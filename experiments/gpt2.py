@@ -1,12 +1,16 @@
 """GPT-2 sizes (Radford et al. 2019) as presets: --config=experiments/gpt2.py:SIZE[,LAYOUT].
 
-  SIZE    small (124M), medium (350M), large (774M), xl (1.5B)
+  SIZE    small, medium, large, xl: the published shapes and parameter counts (see PUBLISHED_PARAMS),
+          with GPT-2's 50,257-token vocabulary, 1,024 learned positions, tied embeddings, biases
+          everywhere (the key bias too) and GELU MLPs 4x wide
   LAYOUT  dp           data parallel: parameters replicated, batch split over all devices
           fsdp         parameters, gradients and optimizer state split along embed over all devices
           hybrid       fsdp within groups of 16 devices, data parallel across groups (for meshes
                        larger than d_model allows: xl's 1600 splits 16 or 64 ways, not 256)
           fsdp_tensor  fsdp over devices / 4, and heads, MLP and vocab split 4 ways (tensor parallel;
-                       needs heads divisible by 4, so not xl with its 25)
+                       needs heads divisible by 4, so not xl with its 25). The vocabulary is padded
+                       to 50,304 (a multiple of 128) so it splits: 47 x d_model parameters more
+                       than published (36,096 for small).
 
 For example, what GPT-2 XL needs per chip of a v5e 16x16 slice:
   python -m lm.plan --config=experiments/gpt2.py:xl,hybrid --topology=v5e:16x16
@@ -18,6 +22,7 @@ from lm.config import base_config
 
 # (layers, d_model, heads) of each size; mlp_dim is 4 * d_model.
 SIZES = {'small': (12, 768, 12), 'medium': (24, 1024, 16), 'large': (36, 1280, 20), 'xl': (48, 1600, 25)}
+PUBLISHED_PARAMS = {'small': 124_439_808, 'medium': 354_823_168, 'large': 774_030_080, 'xl': 1_557_611_200}
 LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
 
 
@@ -31,9 +36,9 @@ def get_config(arg: str = 'small') -> ml_collections.ConfigDict:
   config.model.num_layers = layers
   config.model.d_model = width
   config.model.num_heads = heads
-  config.model.mlp_dim = 4 * width
+  config.model.mlp_dim = 0  # 4 * d_model.
   config.model.max_len = 1024
-  config.model.vocab_size = 50304  # GPT-2's 50257 rounded up to a multiple of 128: splits over tensor axes.
+  config.model.vocab_size = 50304 if layout == 'fsdp_tensor' else 50257
   config.model.dtype = 'bfloat16'  # float32 master weights and optimizer state.
   config.model.scan_layers = True  # Compile time independent of depth.
   config.model.remat = 'full' if size in ('large', 'xl') else 'none'

@@ -17,7 +17,9 @@ from lm.config import ConfigError, flatten
 # Keys that shape the parameters or the data stream: a checkpoint only resumes under the same values.
 # Everything else (train.steps, eval and checkpoint cadence, learning rate, ...) may change on resume.
 _RESUME_KEY_PREFIXES = ('seed', 'model.', 'data.')
-_RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes', 'model.dtype', 'model.remat')
+_RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes', 'model.dtype', 'model.remat',
+                     'model.embed_dropout', 'model.attention_dropout', 'model.residual_dropout',
+                     'model.moe_capacity_factor')
 
 
 def _must_match(key: str) -> bool:
@@ -49,6 +51,27 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
     raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints of a different model or data config: '
                       f'{detail}{more}; use a new --workdir or the same config')
   return changed
+
+
+# Model keys that leave the parameters' shapes alone: they may differ between a run and the run
+# whose parameters it starts from (checkpoint.init_from).
+_INIT_FREE_KEYS = _RESUME_FREE_KEYS + ('model.sliding_window', 'model.rope_base')
+
+
+def check_init_from(source: pathlib.Path, config: ml_collections.ConfigDict) -> int:
+  """The latest step of the workdir `source`, whose parameters are to start this run; a ConfigError
+  unless it has checkpoints of a model shaped like config's, with the same tokenizer kind."""
+  where = f'checkpoint.init_from={str(source)!r}'
+  if not has_checkpoints(source / 'checkpoints') or not (source / 'config.json').exists():
+    raise ConfigError(f'{where} is not a workdir with checkpoints and a config.json')
+  saved = json.loads((source / 'config.json').read_text())
+  current = json.loads(json.dumps(flatten(config)))
+  clashes = [k for k in current if (k.startswith('model.') and k not in _INIT_FREE_KEYS or k == 'data.tokenizer')
+             and saved.get(k) != current[k]]
+  if clashes:
+    detail = ', '.join(f'{k} is {saved.get(k)!r} there, {current[k]!r} here' for k in clashes[:3])
+    raise ConfigError(f'{where} holds a differently shaped model: {detail}')
+  return max(int(p.name) for p in (source / 'checkpoints').iterdir() if p.name.isdigit())
 
 
 def checkpointed_dataset(workdir: pathlib.Path) -> str | None:
@@ -117,6 +140,13 @@ class Checkpointer:
   def restore_state(self, step: int, like: Any) -> Any:
     """Only the train state at `step` (e.g. to evaluate it, or in a process that reads no data)."""
     return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))).state
+
+  def restore_params(self, step: int, like_params: Any) -> Any:
+    """Only the parameters at `step`, placed like `like_params`."""
+    item = {'params': _abstract(like_params)}
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    return restored.state['params']
 
   def close(self) -> None:
     self._manager.wait_until_finished()

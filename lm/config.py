@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
-LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp', 'layers')
+LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp', 'expert', 'layers')
 
 # Logical axis -> mesh axes, highest priority first. One rule set serves every layout: with the
 # default mesh (-1, 1, 1) it is pure data parallelism; a larger fsdp axis shards parameters and
@@ -34,6 +34,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
+    ('expert', None),  # ('expert', 'data'): expert parallelism, each data shard holding some experts.
     ('embed', 'fsdp'),
     ('kv', None),
     ('length', None),
@@ -47,15 +48,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Root of all randomness: init, data order, sampling. Per-step keys fold in the step.
 
   c.model = ml_collections.ConfigDict()
+  c.model.kind = 'decoder'  # 'decoder' (GPT) or 'encoder_decoder' (needs data.objective 'span_corruption' or 'seq2seq').
   c.model.vocab_size = 4096  # Rows of the embedding; the sentencepiece tokenizer is trained to this size.
   c.model.max_len = 256  # Rows of the learned position table: the longest sequence the model accepts.
-  c.model.num_layers = 4
+  c.model.num_layers = 4  # Blocks of the decoder.
+  c.model.num_encoder_layers = 0  # encoder_decoder only: blocks of the encoder; 0 = num_layers.
   c.model.num_heads = 4
   c.model.d_model = 256  # Residual stream width; must be divisible by num_heads.
-  c.model.mlp_dim = 1024  # Hidden width of the MLP (GPT-2 uses 4 * d_model).
+  c.model.mlp_dim = 1024  # Hidden width of the MLP; 0 = 4 * d_model, or for swiglu 2/3 of that (same parameters).
+  c.model.mlp_multiple_of = 1  # mlp_dim=0 with swiglu: round the width up to a multiple of this (Llama: 256).
   c.model.init_std = 0.02  # Std of the normal init of every matrix and embedding.
   c.model.init = 'gpt2'  # 'gpt2': residual output projections get init_std / sqrt(2 * num_layers); 'normal': all init_std.
-  c.model.use_bias = True  # Biases in the attention and MLP projections (never on keys: softmax ignores them).
+  c.model.use_bias = True  # Biases in the attention and MLP projections (GPT-2 has them, Llama not).
   c.model.num_kv_heads = 0  # Key/value heads: 0 = num_heads (multi-head); 1 = multi-query; else grouped-query.
   c.model.positions = 'learned'  # 'learned' (a table of max_len rows), 'rope' (rotary), or 'none'.
   c.model.rope_base = 10000.0  # RoPE wavelength base (positions='rope').
@@ -64,25 +68,38 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.qk_norm = False  # RMS-normalise queries and keys per head before the dot product.
   c.model.sliding_window = 0  # Attend only to the last this-many positions (self included); 0 = all.
   c.model.embed_multiplier = 1.0  # Token embeddings are scaled by this on input (e.g. sqrt(d_model)).
-  c.model.mlp = 'gelu'  # 'gelu', 'relu', or 'swiglu' (three matrices: pick mlp_dim about 2/3 of the 4x rule).
+  c.model.mlp = 'gelu'  # 'gelu', 'relu', or 'swiglu' (three matrices; see mlp_dim=0).
+  c.model.embed_dropout = 0.0  # Dropout rate on the embeddings (training only; masks drawn per step).
+  c.model.attention_dropout = 0.0  # ... on the attention probabilities.
+  c.model.residual_dropout = 0.0  # ... on each attention and MLP output before its residual add.
+  c.model.moe_experts = 0  # Mixture of experts: experts per MoE layer; 0 = dense MLPs only.
+  c.model.moe_top_k = 2  # Experts each token is routed to.
+  c.model.moe_every = 1  # Every this-many-th block (counting from 1) has experts instead of an MLP.
+  c.model.moe_capacity_factor = 1.25  # Slots per expert = factor * top_k * seq_len / experts; overflow is dropped; 0 = none.
   c.model.tie_embeddings = True  # Output layer = the token embedding transposed; False: a separate matrix.
   c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).
   c.model.remat = 'none'  # Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).
   c.model.scan_layers = False  # nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = 'shakespeare'  # 'shakespeare', 'text_files', or any TFDS dataset prepared in array_record format.
-  c.data.paths = ''  # text_files only: comma-separated files or globs.
+  c.data.name = 'shakespeare'  # 'shakespeare', 'text_files', 'text_pairs', or any TFDS dataset prepared as array_record.
+  c.data.paths = ''  # text_files / text_pairs: comma-separated files or globs (pairs: .tsv input<TAB>target, or .jsonl).
   c.data.tfds_data_dir = ''  # '' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.text_key = 'text'  # Feature holding the text in each example.
   c.data.tokenizer = 'sentencepiece'  # 'sentencepiece' (trained on the train split on first use) or 'byte'.
   c.data.tokenizer_train_bytes = 50_000_000  # At most this much train text is used to train sentencepiece.
+  c.data.objective = 'lm'  # 'lm' (next token), 'span_corruption' (T5, on the same text) or 'seq2seq' (input/target pairs).
   c.data.seq_len = 256  # Tokens per training sequence (the model sees seq_len inputs, predicts seq_len targets).
+  c.data.target_len = 64  # seq2seq: decoder positions per example (targets are cut or padded to this).
+  c.data.input_key = 'input'  # seq2seq: the feature holding the input text ...
+  c.data.target_key = 'target'  # ... and the one holding the target text.
+  c.data.noise_density = 0.15  # span_corruption: share of tokens masked ...
+  c.data.mean_span_length = 3.0  # ... in spans of this mean length.
   c.data.batch_size = 32  # Sequences per step.
   c.data.shuffle_window = 1024  # Packed sequences shuffled together after packing; 0 = off.
-  c.data.val_fraction = 0.1  # text_files only: share of files (or of a single file) held out for validation.
+  c.data.val_fraction = 0.1  # text_files: share of files (or of a lone file) held out for validation; text_pairs: of pairs.
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.learning_rate = 1e-3  # Peak, reached after warmup, then cosine decay to the end of training.
@@ -99,6 +116,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.log_every = 10  # Steps between train metric records.
   c.train.z_loss = 0.0  # Weight of the auxiliary loss z_loss * log(sum(exp(logits)))^2 (keeps logits near 0).
   c.train.label_smoothing = 0.0  # Share of each target's probability spread evenly over the vocabulary.
+  c.train.moe_balance_loss = 0.01  # Weight of the experts' load-balancing loss (mean over MoE layers).
+  c.train.peak_flops_per_device = 0.0  # For train/mfu: peak FLOP/s of one device; 0 = known TPU/GPU kinds, none on CPU.
   c.train.microbatches = 1  # Gradient accumulation: each step's batch is split into this many sequential passes.
 
   # The device mesh and how the model's logical axes map onto it (see lm/sharding.py).
@@ -119,7 +138,45 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 200  # Steps between checkpoints; training always ends with one.
   c.checkpoint.max_to_keep = 3
   c.checkpoint.async_save = True  # Write checkpoints in the background while training continues.
+  c.checkpoint.init_from = ''  # A workdir whose latest parameters (and tokenizer) start a fresh run: fine-tuning.
   return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes derived from several keys.
+
+def span_lengths(seq_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int, int]:
+  """Span corruption (lm/data/spans.py): (raw_len, num_noise, num_spans, target_len), the longest
+  token window whose corrupted input fits in seq_len, and what it yields."""
+
+  def counts(raw_len):
+    num_noise = min(max(1, round(raw_len * noise_density)), raw_len - 1)
+    num_spans = max(1, min(round(num_noise / mean_span_length), num_noise, raw_len - num_noise))
+    return num_noise, num_spans
+
+  raw_len = seq_len
+  while True:  # The corrupted input of raw_len + 1 tokens would still fit: take it.
+    noise, spans = counts(raw_len + 1)
+    if raw_len + 1 - noise + spans > seq_len:
+      break
+    raw_len += 1
+  num_noise, num_spans = counts(raw_len)
+  return raw_len, num_noise, num_spans, num_noise + num_spans
+
+
+
+def reserved_ids(config: ml_collections.ConfigDict) -> int:
+  """Ids at the top of the vocabulary the tokenizer leaves free: span corruption's sentinels."""
+  d = config.data
+  return span_lengths(d.seq_len, d.noise_density, d.mean_span_length)[2] if d.objective == 'span_corruption' else 0
+
+
+def target_len(config: ml_collections.ConfigDict) -> int:
+  """Decoder positions of an encoder-decoder example (seq2seq: data.target_len)."""
+  d = config.data
+  if d.objective == 'span_corruption':
+    return span_lengths(d.seq_len, d.noise_density, d.mean_span_length)[3]
+  return d.target_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +257,15 @@ def _logical_axis_rules(v):
 
 CHECKS: dict[str, Check] = {
     'seed': _int(0, 2**31 - 1),
+    'model.kind': _choice('decoder', 'encoder_decoder'),
+    'model.num_encoder_layers': _int(0),
     'model.vocab_size': _int(1),
     'model.max_len': _int(1),
     'model.num_layers': _int(1),
     'model.num_heads': _int(1),
     'model.d_model': _int(1),
-    'model.mlp_dim': _int(1),
+    'model.mlp_dim': _int(0),
+    'model.mlp_multiple_of': _int(1),
     'model.init_std': _float(0, lo_open=True),
     'model.init': _choice('gpt2', 'normal'),
     'model.use_bias': _bool,
@@ -218,6 +278,13 @@ CHECKS: dict[str, Check] = {
     'model.sliding_window': _int(0),
     'model.embed_multiplier': _float(0, lo_open=True),
     'model.mlp': _choice('gelu', 'relu', 'swiglu'),
+    'model.embed_dropout': _float(0, 1, hi_open=True),
+    'model.attention_dropout': _float(0, 1, hi_open=True),
+    'model.residual_dropout': _float(0, 1, hi_open=True),
+    'model.moe_experts': _int(0),
+    'model.moe_top_k': _int(1),
+    'model.moe_every': _int(1),
+    'model.moe_capacity_factor': _float(0),
     'model.tie_embeddings': _bool,
     'model.dtype': _choice('float32', 'bfloat16'),
     'model.remat': _choice('none', 'full', 'dots'),
@@ -230,7 +297,13 @@ CHECKS: dict[str, Check] = {
     'data.text_key': _str(nonempty=True),
     'data.tokenizer': _choice('sentencepiece', 'byte'),
     'data.tokenizer_train_bytes': _int(1),
+    'data.objective': _choice('lm', 'span_corruption', 'seq2seq'),
     'data.seq_len': _int(1),
+    'data.target_len': _int(1),
+    'data.input_key': _str(nonempty=True),
+    'data.target_key': _str(nonempty=True),
+    'data.noise_density': _float(0, 1, lo_open=True, hi_open=True),
+    'data.mean_span_length': _float(1),
     'data.batch_size': _int(1),
     'data.shuffle_window': _int(0),
     'data.val_fraction': _float(0, 0.5, lo_open=True),
@@ -247,6 +320,8 @@ CHECKS: dict[str, Check] = {
     'train.microbatches': _int(1),
     'train.z_loss': _float(0),
     'train.label_smoothing': _float(0, 1, hi_open=True),
+    'train.moe_balance_loss': _float(0),
+    'train.peak_flops_per_device': _float(0),
     'mesh.shape': _mesh_shape,
     'mesh.logical_axis_rules': _logical_axis_rules,
     'eval.every': _int(1),
@@ -259,9 +334,11 @@ CHECKS: dict[str, Check] = {
     'checkpoint.every': _int(1),
     'checkpoint.max_to_keep': _int(1),
     'checkpoint.async_save': _bool,
+    'checkpoint.init_from': _str(),
 }
 
 BYTE_VOCAB_SIZE = 258  # 256 bytes + pad + document separator; see lm/data/tokenizers.py.
+PAD_IDS = {'byte': 256, 'sentencepiece': 0}  # The padding id of each data.tokenizer.
 MIN_SENTENCEPIECE_VOCAB = 320  # 256 byte-fallback pieces + specials + room for merges.
 
 
@@ -277,18 +354,41 @@ def _cross_key_errors(c: ml_collections.ConfigDict) -> list[str]:
                   f'model.num_heads={m.num_heads} = {m.d_model // m.num_heads}')
   if d.seq_len > m.max_len:
     errors.append(f'data.seq_len={d.seq_len} exceeds the position table: must be <= model.max_len={m.max_len}')
+  if m.moe_experts and m.moe_top_k > m.moe_experts:
+    errors.append(f'model.moe_top_k={m.moe_top_k} must be <= model.moe_experts={m.moe_experts}')
+  if m.moe_experts and m.moe_every > m.num_layers:
+    errors.append(f'model.moe_every={m.moe_every} leaves no block with experts: must be <= model.num_layers={m.num_layers}')
+  if m.moe_experts and m.moe_every > 1 and m.scan_layers:
+    errors.append(f'model.moe_every={m.moe_every} mixes MLP and expert blocks, which model.scan_layers=True cannot '
+                  'scan: set moe_every=1 or scan_layers=False')
+  if m.kind == 'decoder' and d.objective != 'lm':
+    errors.append(f"data.objective={d.objective!r} needs model.kind='encoder_decoder' (model.kind='decoder')")
+  if m.kind == 'encoder_decoder' and d.objective == 'lm':
+    errors.append("model.kind='encoder_decoder' needs data.objective='span_corruption' or 'seq2seq' "
+                  "(data.objective='lm')")
+  if m.kind == 'decoder' and m.num_encoder_layers:
+    errors.append(f"model.num_encoder_layers={m.num_encoder_layers} needs model.kind='encoder_decoder'")
+  if m.kind == 'encoder_decoder' and target_len(c) > m.max_len:
+    what = ('the span-corruption targets of data.seq_len' if d.objective == 'span_corruption'
+            else f'data.target_len={d.target_len}')
+    errors.append(f'{what} need {target_len(c)} decoder positions: must be <= model.max_len={m.max_len}')
   if o.warmup_steps >= c.train.steps:
     errors.append(f'optimizer.warmup_steps={o.warmup_steps} must be < train.steps={c.train.steps}')
   if c.data.batch_size % c.train.microbatches:
     errors.append(f'data.batch_size={d.batch_size} must be divisible by train.microbatches={c.train.microbatches}')
-  if d.name == 'text_files' and not d.paths.strip():
-    errors.append("data.paths must name at least one file when data.name='text_files'")
-  if d.name != 'text_files' and d.paths:
-    errors.append(f"data.paths is only read when data.name='text_files' (data.name={d.name!r})")
-  if d.tokenizer == 'byte' and m.vocab_size < BYTE_VOCAB_SIZE:
-    errors.append(f"model.vocab_size={m.vocab_size} must be >= {BYTE_VOCAB_SIZE} with data.tokenizer='byte'")
-  if d.tokenizer == 'sentencepiece' and m.vocab_size < MIN_SENTENCEPIECE_VOCAB:
-    errors.append(f"model.vocab_size={m.vocab_size} must be >= {MIN_SENTENCEPIECE_VOCAB} "
+  if d.name in ('text_files', 'text_pairs') and not d.paths.strip():
+    errors.append(f'data.paths must name at least one file when data.name={d.name!r}')
+  if d.name not in ('text_files', 'text_pairs') and d.paths:
+    errors.append(f"data.paths is only read when data.name is 'text_files' or 'text_pairs' (data.name={d.name!r})")
+  if d.name == 'text_pairs' and d.objective != 'seq2seq':
+    errors.append(f"data.name='text_pairs' holds (input, target) pairs: needs data.objective='seq2seq' "
+                  f'(data.objective={d.objective!r})')
+  reserved = reserved_ids(c)
+  sentinels = f' + {reserved} span-corruption sentinels' if reserved else ''
+  if d.tokenizer == 'byte' and m.vocab_size < BYTE_VOCAB_SIZE + reserved:
+    errors.append(f"model.vocab_size={m.vocab_size} must be >= {BYTE_VOCAB_SIZE}{sentinels} with data.tokenizer='byte'")
+  if d.tokenizer == 'sentencepiece' and m.vocab_size < MIN_SENTENCEPIECE_VOCAB + reserved:
+    errors.append(f"model.vocab_size={m.vocab_size} must be >= {MIN_SENTENCEPIECE_VOCAB}{sentinels} "
                   "with data.tokenizer='sentencepiece'")
   return errors
 

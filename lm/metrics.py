@@ -11,6 +11,10 @@ import jax
 import numpy as np
 import tqdm
 
+from lm.config import target_len
+from lm.layers import mlp_width
+from lm.model import is_moe_layer
+
 
 def say(message: str) -> None:
   """Prints a line to the console (process 0 only) without breaking the progress bar."""
@@ -18,17 +22,67 @@ def say(message: str) -> None:
     tqdm.tqdm.write(message)
 
 
-def flops_per_token(config) -> float:
-  """Training FLOPs per token (forward + backward, matmuls only): 6 per weight a token passes
-  through (every matrix but the position table and the input embedding, whose lookup is free; the
-  output layer counts, tied or not) plus attention's scores and weighted sum, 12 * layers * d_model * seq_len (the causal
-  mask is not subtracted: the dense form computes it all)."""
+def tokens_per_example(config) -> int:
+  """Tokens one row of a training batch holds: seq_len, plus the decoder's for an encoder-decoder."""
+  if config.model.kind == 'encoder_decoder':
+    return config.data.seq_len + target_len(config)
+  return config.data.seq_len
+
+
+def flops_per_example(config) -> float:
+  """Training FLOPs (forward + backward, matmuls only) for one row of a batch.
+
+  Every weight matrix costs 6 FLOPs per token passing through it (2 forward, 4 backward): all but
+  the position table and the input embedding, whose lookup is free; the output layer counts, tied
+  or not. A mixture of experts counts its router and the top_k experts a token uses, not the
+  capacity slack. Attention adds 12 * d_model FLOPs per (query, key) pair it scores (Q K^T and the
+  weighted sum of V, forward and backward), counting every pair of the L x L square: the causal
+  mask and a sliding window are not subtracted, because the dense kernel computes them too.
+  """
   m = config.model
   head = m.d_model // m.num_heads
-  kv_heads = m.num_kv_heads or m.num_heads
-  per_block = 2 * m.d_model * head * (m.num_heads + kv_heads) + (3 if m.mlp == 'swiglu' else 2) * m.d_model * m.mlp_dim
-  weights = m.num_layers * per_block + m.vocab_size * m.d_model
-  return 6.0 * weights + 12.0 * m.num_layers * m.d_model * config.data.seq_len
+  q_out = 2 * m.d_model * head * m.num_heads
+  kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
+  dense = (3 if m.mlp == 'swiglu' else 2) * m.d_model * mlp_width(m)
+  moe = m.moe_top_k * dense + m.d_model * m.moe_experts
+
+  def mlps(layers):  # Summed MLP weights a token passes through in `layers` blocks.
+    moe_layers = sum(is_moe_layer(m, i) for i in range(layers))
+    return moe_layers * moe + (layers - moe_layers) * dense
+
+  def self_attending(layers, length):
+    return 6 * length * (layers * (q_out + kv) + mlps(layers)) + 12 * layers * m.d_model * length**2
+
+  if m.kind == 'decoder':
+    length = config.data.seq_len
+    return self_attending(m.num_layers, length) + 6 * length * m.vocab_size * m.d_model
+  source, target = config.data.seq_len, target_len(config)
+  cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.d_model * target * source)
+  return (self_attending(m.num_encoder_layers or m.num_layers, source) + self_attending(m.num_layers, target)
+          + cross + 6 * target * m.vocab_size * m.d_model)
+
+
+def flops_per_token(config) -> float:
+  """flops_per_example / tokens_per_example: for a decoder 6 * weights + 12 * layers * d_model * L."""
+  return flops_per_example(config) / tokens_per_example(config)
+
+
+# Peak dense bfloat16 FLOP/s per device, by jax device_kind (longest matching prefix wins).
+PEAK_FLOPS = {
+    'TPU v2': 45e12, 'TPU v3': 123e12, 'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12,
+    'TPU v5p': 459e12, 'TPU v5': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'TPU7x': 2307e12,
+    'NVIDIA A100': 312e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA B200': 2250e12,
+    'NVIDIA GH200': 989e12, 'NVIDIA L4': 121e12, 'NVIDIA A10': 125e12,
+}
+
+
+def peak_flops_per_device(config, device) -> float | None:
+  """train.peak_flops_per_device, else the table's figure for the device kind; None if unknown (CPU)."""
+  if config.train.peak_flops_per_device:
+    return config.train.peak_flops_per_device
+  kind = getattr(device, 'device_kind', '')
+  matches = [name for name in PEAK_FLOPS if kind.startswith(name)]
+  return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 def eval_summary(loss_sum: float, token_count: float, byte_count: float) -> dict[str, float]:

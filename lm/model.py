@@ -1,179 +1,27 @@
-"""A GPT-style decoder-only Transformer in Flax linen.
+"""The models: a GPT-style decoder (token ids -> next-token logits) and an encoder-decoder
+Transformer (input ids, target ids -> next-target-token logits), both stacks of lm/layers.Block.
 
-Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`) and every
-activation is constrained to (`batch`, `length`, ...); the mapping of those names onto a device
-mesh lives in the config, so sharding needs no change here.
-
-Shape suffixes: B batch, L length, D d_model, H heads, G kv heads, K head dim, F mlp_dim, V vocab.
+`model.kind` picks one; every other model key applies to both where it makes sense (the encoder
+is bidirectional, so it takes no sliding window).
 """
 
 from __future__ import annotations
-
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-
-def _init(std: float, axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
-
-
-def _zeros(axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
-
-
-def _ones(axes: tuple[str | None, ...]):
-  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
-
-
-def norm_layer(name: str, config) -> nn.Module:
-  """model.norm: LayerNorm (x - mean) / std * scale + bias, or RMSNorm x / rms(x) * scale."""
-  if config.norm == 'rmsnorm':
-    return nn.RMSNorm(epsilon=1e-5, dtype=_dtype(config), scale_init=_ones(('embed',)), name=name)
-  return nn.LayerNorm(epsilon=1e-5, dtype=_dtype(config), scale_init=_ones(('embed',)),
-                      bias_init=_zeros(('embed',)), name=name)
-
-
-def residual_out_std(config) -> float:
-  """Init std of the matrices that write into the residual stream (attention out, MLP down)."""
-  if config.init == 'gpt2':  # Scaled by depth so the residual stream's variance stays put.
-    return config.init_std / math.sqrt(2 * config.num_layers)
-  return config.init_std
-
-
-def rotary(x_BLHK: jax.Array, base: float) -> jax.Array:
-  """RoPE: rotates each (x_i, x_{i + K/2}) pair by position * base^(-2i/K), so q.k depends on
-  positions only through their difference."""
-  half = x_BLHK.shape[-1] // 2
-  inv_freq_k = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_LK = jnp.arange(x_BLHK.shape[1], dtype=jnp.float32)[:, None] * inv_freq_k[None, :]
-  cos, sin = jnp.cos(angles_LK)[None, :, None, :], jnp.sin(angles_LK)[None, :, None, :]
-  x1, x2 = x_BLHK[..., :half].astype(jnp.float32), x_BLHK[..., half:].astype(jnp.float32)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
-
-
-def _dtype(config) -> jnp.dtype:
-  return jnp.dtype(config.dtype)
-
-
-def causal_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, window: int = 0) -> jax.Array:
-  """softmax(Q K^T / sqrt(d_k)) V with position i attending to positions <= i (and, with a
-  window w > 0, only to the last w of them: i - w < j <= i)."""
-  q_BHLK, k_BHLK, v_BHLK = (x.transpose(0, 2, 1, 3) for x in (q_BLHK, k_BLHK, v_BLHK))
-  scores_BHLL = (q_BHLK @ k_BHLK.swapaxes(-1, -2)) / math.sqrt(q_BLHK.shape[-1])
-  length = q_BLHK.shape[1]
-  causal_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
-  if window:
-    causal_LL &= ~jnp.tril(jnp.ones((length, length), dtype=bool), k=-window)
-  scores_BHLL = jnp.where(causal_LL, scores_BHLL.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-  probs_BHLL = jax.nn.softmax(scores_BHLL, axis=-1).astype(v_BLHK.dtype)
-  return (probs_BHLL @ v_BHLK).transpose(0, 2, 1, 3)
-
-
-class Projection(nn.Module):
-  """x @ kernel + bias over named axes, e.g. 'BLD,DHK->BLHK' (einsum keeps the kernel's shape whole,
-  so its logical axes hold at init too)."""
-
-  spec: str
-  kernel_shape: tuple[int, ...]
-  kernel_axes: tuple[str, ...]
-  std: float
-  dtype: jnp.dtype
-  use_bias: bool = True
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', _init(self.std, self.kernel_axes), self.kernel_shape)
-    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
-    if not self.use_bias:
-      return y
-    x_axes, out_axes = self.spec.split(',')[0], self.spec.split('->')[1]
-    out_dims = sum(a not in x_axes for a in out_axes)  # The kernel's trailing output axes.
-    bias = self.param('bias', _zeros(self.kernel_axes[-out_dims:]), self.kernel_shape[-out_dims:])
-    return y + bias.astype(self.dtype)
-
-
-class Attention(nn.Module):
-  """Causal multi-head self-attention."""
-
-  config: ml_collections.FrozenConfigDict
-
-  @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    c = self.config
-    head_dim = c.d_model // c.num_heads
-    out_std = residual_out_std(c)
-
-    kv_heads = c.num_kv_heads or c.num_heads
-
-    def project(name, heads, heads_axis):
-      # No key bias: it adds q.b to every score of a query's row, which softmax ignores (its
-      # gradient is zero, up to rounding noise that Adam would amplify).
-      return Projection('BLD,DHK->BLHK', (c.d_model, heads, head_dim), ('embed', heads_axis, 'kv'),
-                        c.init_std, _dtype(c), use_bias=c.use_bias and name != 'key', name=name)(x_BLD)
-
-    q_BLHK = project('query', c.num_heads, 'heads')
-    k_BLGK, v_BLGK = project('key', kv_heads, 'kv_heads'), project('value', kv_heads, 'kv_heads')
-    if c.qk_norm:  # RMS-normalise each head's query and key (bounds the attention logits).
-      q_BLHK = nn.RMSNorm(epsilon=1e-6, dtype=_dtype(c), scale_init=_ones(('kv',)), name='query_norm')(q_BLHK)
-      k_BLGK = nn.RMSNorm(epsilon=1e-6, dtype=_dtype(c), scale_init=_ones(('kv',)), name='key_norm')(k_BLGK)
-    if c.positions == 'rope':
-      q_BLHK, k_BLGK = rotary(q_BLHK, c.rope_base), rotary(k_BLGK, c.rope_base)
-    # Grouped-query attention: each of the kv_heads serves num_heads / kv_heads query heads.
-    k_BLHK, v_BLHK = (jnp.repeat(x, c.num_heads // kv_heads, axis=2) for x in (k_BLGK, v_BLGK))
-    out_BLHK = causal_attention(q_BLHK, k_BLHK, v_BLHK, c.sliding_window)
-    out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
-    return Projection('BLHK,HKD->BLD', (c.num_heads, head_dim, c.d_model), ('heads', 'kv', 'embed'),
-                      out_std, _dtype(c), use_bias=c.use_bias, name='out')(out_BLHK)
-
-
-class Mlp(nn.Module):
-  """Dense -> activation -> Dense; with 'swiglu', silu(gate(x)) * up(x) -> Dense."""
-
-  config: ml_collections.FrozenConfigDict
-
-  @nn.compact
-  def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    c = self.config
-    out_std = residual_out_std(c)
-
-    def dense_in(name):
-      return nn.Dense(c.mlp_dim, use_bias=c.use_bias, dtype=_dtype(c), kernel_init=_init(c.init_std, ('embed', 'mlp')),
-                      bias_init=_zeros(('mlp',)), name=name)(x_BLD)
-
-    if c.mlp == 'swiglu':
-      h_BLF = nn.silu(dense_in('gate')) * dense_in('up')
-    else:
-      h_BLF = {'gelu': nn.gelu, 'relu': nn.relu}[c.mlp](dense_in('up'))
-    h_BLF = nn.with_logical_constraint(h_BLF, ('batch', 'length', 'mlp'))
-    return nn.Dense(c.d_model, use_bias=c.use_bias, dtype=_dtype(c), kernel_init=_init(out_std, ('mlp', 'embed')),
-                    bias_init=_zeros(('embed',)), name='down')(h_BLF)
-
-
-class Block(nn.Module):
-  """Residual block: attention then MLP, each with a norm before (pre) or after (post) the residual add."""
-
-  config: ml_collections.FrozenConfigDict
-
-  @nn.compact
-  def __call__(self, x_BLD: jax.Array, _=None):
-    dtype = _dtype(self.config)
-    c = self.config
-    for name, layer in (('attention', Attention(c, name='attention')), ('mlp', Mlp(c, name='mlp'))):
-      norm = norm_layer(f'ln_{name}', c)
-      if c.norm_position == 'pre':  # x + f(norm(x)): the residual stream itself is never normalised.
-        x_BLD = x_BLD + layer(norm(x_BLD))
-      else:  # norm(x + f(x)), as in the original Transformer.
-        x_BLD = norm(x_BLD + layer(x_BLD))
-      x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
-    return (x_BLD, None) if self.config.scan_layers else x_BLD  # nn.scan wants (carry, output).
-
+from lm.config import PAD_IDS
+from lm.layers import Block, _init, causal_mask, dropout, dtype_of, norm_layer
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
 REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.checkpoint_policies.dots_saveable}
+
+
+def is_moe_layer(config, index: int) -> bool:
+  """Whether block `index` (from 0) holds a mixture of experts: every moe_every-th block."""
+  return bool(config.moe_experts) and (index + 1) % config.moe_every == 0
 
 
 def _block_class(config) -> type[nn.Module]:
@@ -181,45 +29,139 @@ def _block_class(config) -> type[nn.Module]:
   if config.remat != 'none':
     block = nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
   if config.scan_layers:
-    block = nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True}, length=config.num_layers,
+    block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0}, split_rngs={'params': True, 'dropout': True},
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   return block
 
 
+def _stack(config, x_BLD: jax.Array, *, num_layers: int, train: bool, causal: bool = True, cross: bool = False,
+           context_BSD=None, self_mask=None, context_mask=None) -> jax.Array:
+  """num_layers blocks, made in the calling module's compact scope: one scanned `blocks` if
+  model.scan_layers, else block_0 ... block_{n-1}."""
+  block = _block_class(config)
+  if config.scan_layers:  # All blocks alike (validation forbids moe_every > 1 here).
+    x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, 0), name='blocks')(
+        x_BLD, context_BSD, self_mask, context_mask)
+    return x_BLD
+  for i in range(num_layers):
+    x_BLD = block(config, train, causal, cross, is_moe_layer(config, i), name=f'block_{i}')(
+        x_BLD, context_BSD, self_mask, context_mask)
+  return x_BLD
+
+
+def _embed(module: nn.Module, embedding: nn.Embed, tokens_BL: jax.Array, positions_LD, train: bool) -> jax.Array:
+  """Token embeddings times embed_multiplier, plus learned positions if any, then embedding dropout."""
+  c = module.config
+  x_BLD = embedding(tokens_BL) * jnp.asarray(c.embed_multiplier, dtype_of(c))
+  if positions_LD is not None:
+    x_BLD = x_BLD + positions_LD[:tokens_BL.shape[1]].astype(dtype_of(c))
+  x_BLD = dropout(module, x_BLD, c.embed_dropout, train)
+  return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
+
+
+def _token_embedding(config) -> nn.Embed:
+  return nn.Embed(config.vocab_size, config.d_model, dtype=dtype_of(config), name='token_embedding',
+                  embedding_init=_init(config.init_std, ('vocab', 'embed')))
+
+
+def _position_table(module: nn.Module, name: str) -> jax.Array | None:
+  # 'rope' rotates queries and keys instead; 'none' relies on the causal mask.
+  c = module.config
+  if c.positions != 'learned':
+    return None
+  return module.param(name, _init(c.init_std, (None, 'embed')), (c.max_len, c.d_model))
+
+
+def _output_layer(config) -> nn.Dense:
+  return nn.Dense(config.vocab_size, use_bias=False, dtype=dtype_of(config), name='output',
+                  kernel_init=_init(config.init_std, ('embed', 'vocab')))
+
+
+def _logits(logits_BLV: jax.Array) -> jax.Array:
+  return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+
+
 class GPT(nn.Module):
-  """Token ids [B, L] -> next-token logits [B, L, V] (float32)."""
+  """Token ids [B, L] -> next-token logits [B, L, V] (float32). `train` turns dropout on (its
+  randomness comes from the 'dropout' rng)."""
 
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens_BL: jax.Array) -> jax.Array:
+  def __call__(self, tokens_BL: jax.Array, train: bool = False) -> jax.Array:
     c = self.config
-    dtype = _dtype(c)
-    embed = nn.Embed(c.vocab_size, c.d_model, dtype=dtype, embedding_init=_init(c.init_std, ('vocab', 'embed')),
-                     name='token_embedding')
-    x_BLD = embed(tokens_BL) * jnp.asarray(c.embed_multiplier, dtype)
-    if c.positions == 'learned':  # 'rope' rotates queries and keys instead; 'none' relies on the causal mask.
-      positions_LD = self.param('position_embedding', _init(c.init_std, (None, 'embed')), (c.max_len, c.d_model))
-      x_BLD = x_BLD + positions_LD[:tokens_BL.shape[1]].astype(dtype)
-    x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
-    block = _block_class(c)
-    if c.scan_layers:
-      x_BLD, _ = block(c, name='blocks')(x_BLD, None)
-    else:
-      for i in range(c.num_layers):
-        x_BLD = block(c, name=f'block_{i}')(x_BLD)
+    embedding = _token_embedding(c)
+    x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train)
+    x_BLD = _stack(c, x_BLD, num_layers=c.num_layers, train=train,
+                   self_mask=causal_mask(tokens_BL.shape[1], c.sliding_window))
     if c.norm_position == 'pre':  # Post-norm blocks already end normalised.
       x_BLD = norm_layer('ln_final', c)(x_BLD)
-    if c.tie_embeddings:
-      logits_BLV = embed.attend(x_BLD)
-    else:
-      logits_BLV = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, kernel_init=_init(c.init_std, ('embed', 'vocab')),
-                            name='output')(x_BLD)
-    return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+    return _logits(embedding.attend(x_BLD) if c.tie_embeddings else _output_layer(c)(x_BLD))
 
 
-def make_model(model_config: ml_collections.ConfigDict) -> GPT:
-  return GPT(ml_collections.FrozenConfigDict(model_config))
+class Stack(nn.Module):
+  """Blocks and (pre-norm) a final norm: the encoder or the decoder of an EncoderDecoder."""
+
+  config: ml_collections.FrozenConfigDict
+  num_layers: int
+  causal: bool
+  cross: bool
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, train: bool, context_BSD=None, self_mask=None, context_mask=None):
+    x_BLD = _stack(self.config, x_BLD, num_layers=self.num_layers, train=train, causal=self.causal,
+                   cross=self.cross, context_BSD=context_BSD, self_mask=self_mask, context_mask=context_mask)
+    return norm_layer('ln_final', self.config)(x_BLD) if self.config.norm_position == 'pre' else x_BLD
+
+
+class EncoderDecoder(nn.Module):
+  """The original Transformer layout: a bidirectional encoder over the inputs [B, S], and a causal
+  decoder over the targets [B, L] that cross-attends to the encoder output; one token embedding
+  serves inputs, targets and (tied) the output. Returns next-target logits [B, L, V]; input
+  positions holding `pad_id` are invisible to both stacks."""
+
+  config: ml_collections.FrozenConfigDict
+  pad_id: int = 0
+
+  def setup(self):
+    c = self.config
+    self.token_embedding = _token_embedding(c)
+    self.encoder_position_embedding = _position_table(self, 'encoder_position_embedding')
+    self.position_embedding = _position_table(self, 'position_embedding')
+    self.encoder = Stack(c, c.num_encoder_layers or c.num_layers, causal=False, cross=False)
+    self.decoder = Stack(c, c.num_layers, causal=True, cross=True)
+    if not c.tie_embeddings:
+      self.output = _output_layer(c)
+
+  def __call__(self, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False) -> jax.Array:
+    return self.decode(self.encode(inputs_BS, train), inputs_BS, tokens_BL, train)
+
+  def encode(self, inputs_BS: jax.Array, train: bool = False) -> jax.Array:
+    x_BSD = _embed(self, self.token_embedding, inputs_BS, self.encoder_position_embedding, train)
+    return self.encoder(x_BSD, train, self_mask=(inputs_BS != self.pad_id)[:, None, :])
+
+  def decode(self, encoded_BSD: jax.Array, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False):
+    c = self.config
+    x_BLD = _embed(self, self.token_embedding, tokens_BL, self.position_embedding, train)
+    x_BLD = self.decoder(x_BLD, train, encoded_BSD, causal_mask(tokens_BL.shape[1], c.sliding_window),
+                         (inputs_BS != self.pad_id)[:, None, :])
+    return _logits(self.token_embedding.attend(x_BLD) if c.tie_embeddings else self.output(x_BLD))
+
+
+def make_model(config: ml_collections.ConfigDict) -> nn.Module:
+  """The model config.model.kind names (the encoder-decoder learns the tokenizer's padding id)."""
+  model_config = ml_collections.FrozenConfigDict(config.model)
+  if model_config.kind == 'encoder_decoder':
+    return EncoderDecoder(model_config, PAD_IDS[config.data.tokenizer])
+  return GPT(model_config)
+
+
+def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train: bool = False,
+                rngs: dict | None = None, mutable=False):
+  """Logits predicting batch['tokens'][:, 1:] from the tokens before (and batch['inputs'], if any)."""
+  args = (batch['inputs'],) if 'inputs' in batch else ()
+  return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable)
 
 
 def count_params(params) -> int:

@@ -62,12 +62,13 @@ def report(config, devices) -> dict[str, float]:
   rules = sharding.logical_axis_rules(config)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
-  model, optimizer = make_model(config.model), make_optimizer(config)
+  model, optimizer = make_model(config), make_optimizer(config)
   shardings = train.state_shardings(config, model, optimizer, mesh, rules)
   state = train.abstract_train_state(config, model, optimizer, shardings)
-  b, length = config.data.batch_size, config.data.seq_len
-  batch = {'tokens': jax.ShapeDtypeStruct((b, length + 1), np.int32, sharding=batch_sharding),
-           'loss_mask': jax.ShapeDtypeStruct((b, length), np.bool_, sharding=batch_sharding)}
+  b = config.data.batch_size
+  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
+           for k, x in train.example_batch(config, b).items()}
+  batch['loss_mask'] = jax.ShapeDtypeStruct((b, batch['tokens'].shape[1] - 1), np.bool_, sharding=batch_sharding)
   start = time.perf_counter()
   with sharding.activate(mesh, rules):
     lowered = train.jit_train_step(config, model, optimizer, shardings, batch_sharding).lower(state, batch)
@@ -77,7 +78,7 @@ def report(config, devices) -> dict[str, float]:
   per_token = metrics.flops_per_token(config)
   figures = {
       'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'parameters': count_params(state.params), 'flops_per_token': per_token,
-      'flops_per_step_per_device': per_token * b * length / mesh.size, 'compile_seconds': compile_s,
+      'flops_per_step_per_device': metrics.flops_per_example(config) * b / mesh.size, 'compile_seconds': compile_s,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
       'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
       'alias_bytes': memory.alias_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,
@@ -94,10 +95,11 @@ def report(config, devices) -> dict[str, float]:
 
 
 def _print(config, devices, f: dict[str, float]) -> None:
+  from lm.layers import mlp_width  # pylint: disable=import-outside-toplevel
   where = _TOPOLOGY.value or f'{len(devices)} {devices[0].platform} devices'
   mesh = ' x '.join(f'{k}={v}' for k, v in zip(('data', 'fsdp', 'tensor'), f['mesh_shape']))
   m = config.model
-  print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {m.mlp_dim}, '
+  print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {mlp_width(m)}, '
         f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters; dtype {m.dtype}, '
         f'remat {m.remat}, scan_layers {m.scan_layers}, microbatches {config.train.microbatches}')
   print(f'mesh: {mesh} on {where}; batch {config.data.batch_size} x {config.data.seq_len} tokens')

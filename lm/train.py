@@ -20,7 +20,8 @@ from jax.experimental import multihost_utils
 from lm import checkpoint, decode, metrics, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.model import count_params, make_model
+from lm.config import target_len
+from lm.model import apply_model, count_params, make_model
 from lm.optim import learning_rate_schedule, make_optimizer
 
 
@@ -37,11 +38,21 @@ def _unbox(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
 
 
+def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
+  """Zeros shaped like a batch of config's data (see lm/data/pipeline.py)."""
+  if config.model.kind == 'encoder_decoder':
+    return {'inputs': jnp.zeros((batch_size, config.data.seq_len), jnp.int32),
+            'tokens': jnp.zeros((batch_size, target_len(config) + 1), jnp.int32)}
+  return {'tokens': jnp.zeros((batch_size, config.data.seq_len + 1), jnp.int32)}
+
+
 def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation):
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
   def init_params():  # Boxed: each parameter carries its logical axis names.
-    return model.init(init_rng, jnp.zeros((1, config.data.seq_len), jnp.int32))['params']
+    batch = example_batch(config)
+    args = (batch['inputs'],) if 'inputs' in batch else ()
+    return model.init(init_rng, *args, batch['tokens'][:, :-1])['params']
 
   def init():
     params = _unbox(init_params())
@@ -85,14 +96,19 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimi
 
 
 def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: float = 0.0,
-              label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
-  """Summed loss (nats) over unmasked targets, and the count of those targets.
+              label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
+              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed loss in nats over unmasked targets, count of those targets, mean MoE balance loss).
 
   With the defaults the loss is the cross-entropy; training may add label smoothing (a share of
-  the target spread over the vocabulary) and z-loss (z_loss * logsumexp(logits)^2).
+  the target spread over the vocabulary), z-loss (z_loss * logsumexp(logits)^2), and the experts'
+  load-balancing loss (moe_balance_loss * its mean over MoE layers, per target). A dropout_rng turns
+  dropout on.
   """
+  train = dropout_rng is not None
+  logits_BLV, aux = apply_model(model, params, batch, train=train, rngs={'dropout': dropout_rng} if train else None,
+                                mutable=['aux_loss'])
   tokens_BL1 = batch['tokens']
-  logits_BLV = model.apply({'params': params}, tokens_BL1[:, :-1])
   log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
   target_BL = jnp.take_along_axis(logits_BLV, tokens_BL1[:, 1:, None], axis=-1)[..., 0]
   losses_BL = log_z_BL - target_BL
@@ -101,38 +117,53 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: 
   if z_loss:
     losses_BL = losses_BL + z_loss * jnp.square(log_z_BL)
   mask_BL = batch['loss_mask'].astype(jnp.float32)
-  return jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+  total, count = jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+  balance_layers = jax.tree.leaves(aux.get('aux_loss', {}))
+  balance = jnp.mean(jnp.concatenate([jnp.ravel(x) for x in balance_layers])) if balance_layers else jnp.float32(0)
+  return total + moe_balance_loss * balance * count, count, balance
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1,
-               z_loss: float = 0.0, label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               z_loss: float = 0.0, label_smoothing: float = 0.0,
+               moe_balance_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean loss over the batch's targets (see loss_sums).
 
   With microbatches = k the batch is processed in k sequential passes whose summed gradients
   equal the whole batch's (microbatch j takes rows j, j + k, ..., so each stays spread over
-  the data shards).
+  the data shards). Dropout masks come from fold_in(state.rng, step) (and the microbatch), so a
+  resumed run draws the same ones.
   """
-  grad_fn = jax.value_and_grad(lambda params, b: loss_sums(params, b, model, z_loss=z_loss,
-                                                          label_smoothing=label_smoothing), has_aux=True)
+  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
+
+  def loss_fn(params, b, rng):
+    total, count, balance = loss_sums(params, b, model, z_loss=z_loss, label_smoothing=label_smoothing,
+                                      moe_balance_loss=moe_balance_loss, dropout_rng=rng)
+    return total, (count, balance * count)
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    (total, count), grads = grad_fn(state.params, batch)
+    (total, (count, balance_sum)), grads = grad_fn(state.params, batch, step_rng)
   else:
     def split(x):
       x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
       return nn.with_logical_constraint(x, (None, 'batch') + (None,) * (x.ndim - 2))
 
-    def accumulate(carry, microbatch):
-      (t, c), g = grad_fn(state.params, microbatch)
-      return jax.tree.map(jnp.add, carry, (t, c, g)), None
+    def accumulate(carry, xs):
+      index, microbatch = xs
+      (t, (c, b)), g = grad_fn(state.params, microbatch, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, carry, (t, c, b, g)), None
 
-    zeros = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
-    (total, count, grads), _ = jax.lax.scan(accumulate, zeros, jax.tree.map(split, batch))
+    zeros = (jnp.float32(0), jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
+    (total, count, balance_sum, grads), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
   scale = 1.0 / jnp.maximum(count, 1.0)
   loss, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics_ = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
+  if model.config.moe_experts:
+    metrics_['moe_balance_loss'] = balance_sum * scale
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics_
 
 
@@ -142,14 +173,15 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimize
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, schedule=learning_rate_schedule(config),
                                    microbatches=config.train.microbatches, z_loss=config.train.z_loss,
-                                   label_smoothing=config.train.label_smoothing),
+                                   label_smoothing=config.train.label_smoothing,
+                                   moe_balance_loss=config.train.moe_balance_loss),
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
 
 
 def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
               model: nn.Module) -> dict[str, jax.Array]:
   """Sums for loss, perplexity and bits per byte: nats, target tokens, and bytes those targets spell."""
-  total, count = loss_sums(params, batch, model)
+  total, count, _ = loss_sums(params, batch, model)
   target_bytes_BL = token_bytes_V[batch['tokens'][:, 1:]] * batch['loss_mask']
   return {'loss_sum': total, 'tokens': count, 'bytes': jnp.sum(target_bytes_BL.astype(jnp.float32))}
 
@@ -164,6 +196,11 @@ def _one_process_first(load: Callable[[], Any]) -> Any:
   if jax.process_index() == 0:
     multihost_utils.sync_global_devices('lm: process 0 prepares data and tokenizer')
   return result
+
+
+def _until(ids: np.ndarray, end_id: int) -> np.ndarray:
+  ends = np.flatnonzero(ids == end_id)
+  return ids[:ends[0]] if len(ends) else ids
 
 
 class Trainer:
@@ -183,10 +220,13 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
     sharding.check_batch('data.batch_size', config.data.batch_size, self.mesh, self.rules, config.train.microbatches)
     sharding.check_batch('eval.batch_size', config.eval.batch_size, self.mesh, self.rules)
-    self.model = make_model(config.model)
+    self.model = make_model(config)
+    self._peak_flops = metrics.peak_flops_per_device(config, self.mesh.devices.flat[0])
     optimizer = make_optimizer(config)
     shardings = state_shardings(config, self.model, optimizer, self.mesh, self.rules)
     self._config_changes = checkpoint.check_workdir(self.workdir, config)
+    init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from else None
+    init_step = checkpoint.check_init_from(init_from, config) if init_from else None
     self.data_shard = sharding.data_shard(self.batch_sharding, config.data.batch_size)
     checkpoint.check_data_shards(self.workdir, self.data_shard[1])
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
@@ -203,6 +243,11 @@ class Trainer:
     latest = self.checkpointer.latest_step()
     if latest is None:
       self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
+      if init_from:  # Fine-tuning: that run's parameters, a fresh optimizer and step 0.
+        source = checkpoint.Checkpointer(init_from / 'checkpoints', config)
+        self.state = self.state.replace(params=source.restore_params(init_step, self.state.params))
+        source.close()
+        metrics.say(f'parameters from step {init_step} of {init_from}')
     else:  # Straight into the shards of this mesh, whatever mesh wrote it.
       abstract = abstract_train_state(config, self.model, optimizer, shardings)
       self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
@@ -237,10 +282,17 @@ class Trainer:
     e, tokenizer = self.config.eval, self.corpus.tokenizer
     if not e.num_samples:
       return []
-    prompt = np.concatenate([[tokenizer.bos_id], tokenizer.encode(e.sample_prompt)])
     rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, step), 1)
+    prompt, input_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(e.sample_prompt)]), None
+    if self.config.model.kind == 'encoder_decoder':  # The prompt is the input; the decoder starts afresh.
+      seq_len = self.config.data.seq_len
+      input_ids = np.pad(prompt[1:seq_len + 1], (0, max(0, seq_len - len(prompt) + 1)), constant_values=tokenizer.pad_id)
+      prompt = prompt[:1]
     new = decode.sample(self.model, self.state.params, prompt, num_samples=e.num_samples,
-                        num_tokens=e.sample_tokens, temperature=e.sample_temperature, rng=rng, mesh=self.mesh)
+                        num_tokens=min(e.sample_tokens, target_len(self.config)), temperature=e.sample_temperature,
+                        rng=rng, mesh=self.mesh, input_ids=input_ids)
+    if input_ids is not None:  # Shows the input, then what the decoder made of it (up to its end token).
+      return [f'{e.sample_prompt}\n=>\n{tokenizer.decode(_until(row, tokenizer.bos_id))}' for row in new]
     return [e.sample_prompt + tokenizer.decode(row) for row in new]
 
   def _eval_and_sample(self, step: int, writer: metrics.MetricWriter, final: bool) -> dict[str, float]:
@@ -317,7 +369,9 @@ class Trainer:
     values = {k: float(v) for k, v in sharding.to_host(step_metrics).items()}
     now = time.perf_counter()
     values['step_seconds'] = (now - mark[0]) / (step - mark[1])
-    values['tokens_per_second'] = self.config.data.batch_size * self.config.data.seq_len / values['step_seconds']
+    values['tokens_per_second'] = self.config.data.batch_size * metrics.tokens_per_example(self.config) / values['step_seconds']
+    if self._peak_flops:  # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
+      values['mfu'] = metrics.flops_per_token(self.config) * values['tokens_per_second'] / (self._peak_flops * self.mesh.size)
     writer.write(step, {f'train/{k}': v for k, v in values.items()})
     bar.update(step - bar.n)
     bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:,.0f}',

@@ -11,7 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import QUICKSTART, run_main, tiny_overrides
-from lm.metrics import read_metrics
+from lm import config as config_lib
+from lm.metrics import flops_per_token, read_metrics
 
 
 def _restore(workdir: pathlib.Path, step: int):
@@ -21,7 +22,8 @@ def _restore(workdir: pathlib.Path, step: int):
 def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   workdir = tmp_path / 'qs'
   result = run_main(workdir, {'data.tfds_data_dir': tfds_dir, 'train.steps': 3, 'train.log_every': 1,
-                              'optimizer.warmup_steps': 1, 'eval.every': 3, 'eval.sample_tokens': 8})
+                              'optimizer.warmup_steps': 1, 'eval.every': 3, 'eval.sample_tokens': 8,
+                              'train.peak_flops_per_device': 1e12})
   assert 'bits per byte' in result.stderr + result.stdout
   records = read_metrics(workdir)
   final = [r for r in records if 'eval/bits_per_byte' in r][-1]
@@ -29,6 +31,10 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   assert final['eval/tokens'] > 100_000  # The final eval covers all three validation plays.
   assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]
   assert all(math.isfinite(r['train/tokens_per_second']) for r in records if 'train/loss' in r)
+  per_token = flops_per_token(config_lib.load_experiment(QUICKSTART))
+  for r in records:
+    if 'train/loss' in r:  # MFU: the model's FLOPs per second over the (configured) peak of the one device.
+      assert r['train/mfu'] == pytest.approx(per_token * r['train/tokens_per_second'] / 1e12, rel=1e-9)
   assert (workdir / 'tokenizer' / 'sentencepiece.model').exists()
   assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
   assert (workdir / 'checkpoints' / '3' / 'state').is_dir()
@@ -40,8 +46,8 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
 @pytest.fixture(scope='module')
 def straight_and_resumed(tfds_dir, play_files, tmp_path_factory):
   root = tmp_path_factory.mktemp('resume')
-  overrides = tiny_overrides(tfds_dir, play_files)
-  run_main(root / 'straight', overrides)
+  overrides = tiny_overrides(tfds_dir, play_files, **{'model.residual_dropout': 0.1, 'model.attention_dropout': 0.1})
+  run_main(root / 'straight', overrides)  # With dropout, whose masks must resume exactly too.
   first = run_main(root / 'resumed', overrides, '--stop_after=5')  # Mid shuffle window, off the log steps.
   second = run_main(root / 'resumed', overrides)
   return root / 'straight', root / 'resumed', first, second

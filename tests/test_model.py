@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm.model import causal_attention, count_params, make_model, norm_layer, rotary
+from lm.layers import attention, causal_mask, norm_layer, rotary
+from lm.model import count_params, make_model
 
 
 @pytest.fixture(scope='module')
 def model_and_params():
   config = config_lib.base_config()
   config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=2, d_model=16, mlp_dim=32)
-  model = make_model(config.model)
+  model = make_model(config)
   boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params']
   return config, model, boxed
 
@@ -34,7 +35,7 @@ def test_changing_a_token_never_changes_earlier_logits(model_and_params):
 def test_attention_matches_the_formula(window):
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
-  out = np.asarray(causal_attention(q, k, v, window))
+  out = np.asarray(attention(q, k, v, causal_mask(5, window)))
   for b in range(2):
     for h in range(3):
       for i in range(5):
@@ -47,8 +48,8 @@ def test_attention_matches_the_formula(window):
 def test_parameter_count_and_logical_axes(model_and_params):
   config, _, boxed = model_and_params
   m = config.model
-  # q, k, v, out kernels; q, v, out biases (no key bias); MLP; two LayerNorms.
-  per_block = 4 * m.d_model * m.d_model + 3 * m.d_model + 2 * m.d_model * m.mlp_dim + m.mlp_dim + m.d_model \
+  # q, k, v, out kernels and biases; MLP; two LayerNorms.
+  per_block = 4 * m.d_model * m.d_model + 4 * m.d_model + 2 * m.d_model * m.mlp_dim + m.mlp_dim + m.d_model \
       + 4 * m.d_model
   expected = m.vocab_size * m.d_model + m.max_len * m.d_model + m.num_layers * per_block + 2 * m.d_model
   assert count_params(nn.meta.unbox(boxed)) == expected
@@ -77,13 +78,15 @@ VARIANTS = {
     'untied': {'tie_embeddings': False}, 'post_norm': {'norm_position': 'post'}, 'qk_norm': {'qk_norm': True},
     'window': {'sliding_window': 4}, 'no_bias': {'use_bias': False},
     'llama_like': {'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu', 'num_kv_heads': 1, 'tie_embeddings': False},
+    'moe': {'moe_experts': 4, 'moe_top_k': 2, 'moe_capacity_factor': 1.0},  # Capacity 8 of 16 tokens: some dropped.
+    'moe_scanned': {'moe_experts': 4, 'moe_top_k': 1, 'moe_capacity_factor': 1.0, 'scan_layers': True},
 }
 
 
 def _variant(**knobs):
   config = config_lib.base_config()
   config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32, **knobs)
-  model = make_model(config.model)
+  model = make_model(config)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
   return config, model, params
 
@@ -117,7 +120,7 @@ def test_variants_have_the_parameters_they_should():
 def test_init_scheme_sets_the_residual_projection_std(init, down_std):
   config = config_lib.base_config()
   config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=256, mlp_dim=1024, init=init)
-  params = nn.meta.unbox(make_model(config.model).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  params = nn.meta.unbox(make_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params'])
   for name, std in [('down', down_std), ('up', 0.02)]:
     np.testing.assert_allclose(np.std(params['block_0']['mlp'][name]['kernel']), std, rtol=0.02)
   np.testing.assert_allclose(np.std(params['block_1']['attention']['out']['kernel']), down_std, rtol=0.02)
@@ -152,8 +155,8 @@ def test_grouped_query_attention_equals_multi_head_with_shared_kv_weights():
   full = jax.tree.map(lambda x: x, params)
   for i in (0, 1):
     attention = dict(full[f'block_{i}']['attention'])
-    attention['key'] = {'kernel': jnp.repeat(attention['key']['kernel'], 2, axis=1)}
-    attention['value'] = {name: jnp.repeat(w, 2, axis=-2) for name, w in attention['value'].items()}
+    for name in ('key', 'value'):  # Kernels [D, G, K] and biases [G, K]: each kv head serves two query heads.
+      attention[name] = {w: jnp.repeat(x, 2, axis=-2) for w, x in attention[name].items()}
     full[f'block_{i}'] = dict(full[f'block_{i}'], attention=attention)
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97)
   np.testing.assert_allclose(gqa.apply({'params': params}, tokens), mha.apply({'params': full}, tokens),
@@ -168,3 +171,45 @@ def test_rmsnorm_matches_its_formula():
   out = norm_layer('n', config).apply({'params': {'scale': scale}}, x)
   expected = x / np.sqrt(np.mean(x**2, axis=-1, keepdims=True) + 1e-5) * scale
   np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_zeroes_the_given_share_and_rescales_the_rest():
+  from lm.layers import dropout  # pylint: disable=import-outside-toplevel
+
+  class Drop(nn.Module):
+    @nn.compact
+    def __call__(self, x, train):
+      return dropout(self, x, 0.3, train)
+
+  x = jnp.ones((100_000,))
+  out = np.asarray(Drop().apply({}, x, True, rngs={'dropout': jax.random.PRNGKey(0)}))
+  assert abs(np.mean(out == 0) - 0.3) < 0.01
+  np.testing.assert_allclose(out[out != 0], 1 / 0.7, rtol=1e-6)
+  np.testing.assert_array_equal(Drop().apply({}, x, False), x)
+
+
+@pytest.mark.parametrize('rate_key', ['embed_dropout', 'attention_dropout', 'residual_dropout'])
+def test_each_dropout_acts_in_training_only(rate_key):
+  _, plain, params = _variant()
+  _, dropped, _ = _variant(**{rate_key: 0.2})
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97)
+  reference = plain.apply({'params': params}, tokens)
+  np.testing.assert_array_equal(dropped.apply({'params': params}, tokens), reference)  # Eval: off.
+  run = lambda seed: dropped.apply({'params': params}, tokens, True, rngs={'dropout': jax.random.PRNGKey(seed)})
+  np.testing.assert_array_equal(run(0), run(0))  # Same key, same masks.
+  assert np.abs(run(0) - reference).max() > 1e-3 and np.abs(run(0) - run(1)).max() > 1e-3
+  # Training without dropout is the eval function.
+  np.testing.assert_array_equal(plain.apply({'params': params}, tokens, True, rngs={'dropout': jax.random.PRNGKey(0)}),
+                                reference)
+
+
+@pytest.mark.parametrize('knobs, learns', [({}, False), ({'positions': 'rope'}, True), ({'qk_norm': True}, True)])
+def test_key_bias_learns_only_where_softmax_does_not_ignore_it(knobs, learns):
+  _, model, params = _variant(**knobs)
+  params['block_0']['attention']['key']['bias'] = jnp.full((4, 4), 0.5)  # Nonzero, so it matters where it can.
+  tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, 97)
+  loss = lambda p: jnp.mean(jax.nn.log_softmax(model.apply({'params': p}, tokens))[..., 0])
+  grads = jax.grad(loss)(params)
+  key_bias_grad = np.abs(grads['block_0']['attention']['key']['bias']).max()
+  assert (key_bias_grad > 1e-6) == learns, key_bias_grad
+  assert np.abs(grads['block_0']['attention']['query']['bias']).max() > 1e-6

@@ -23,7 +23,16 @@ def test_flops_per_token_agrees_with_xla():
   # XLA also counts the elementwise work (softmax, GELU, LayerNorm, Adam): a few percent more.
   ratio = figures['xla_flops_per_step_per_device'] / figures['flops_per_step_per_device']
   assert 1.0 <= ratio < 1.1, ratio
-  assert figures['parameters'] == 852_672  # The quickstart's, as lm.main prints it.
+  assert figures['parameters'] == 853_056  # The quickstart's, as lm.main prints it.
+
+
+def test_encoder_decoder_flops_agree_with_xla():
+  config = config_lib.load_experiment(ROOT / 'experiments' / 't5.py')
+  config = config_lib.validate(config_lib.override(config, {'mesh.shape': (1, 1, 1), 'data.batch_size': 4,
+                                                            'data.seq_len': 64, 'model.residual_dropout': 0.0}))
+  figures = plan.report(config, jax.devices()[:1])
+  ratio = figures['xla_flops_per_step_per_device'] / figures['flops_per_step_per_device']
+  assert 1.0 <= ratio < 1.1, ratio
 
 
 def test_fsdp_splits_parameters_and_optimizer_state():

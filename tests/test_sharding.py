@@ -39,7 +39,7 @@ def train_on(config, devices, batches, state=None):
   """STEPS (or len(batches)) train steps on a mesh over `devices`: (losses, final state)."""
   mesh = sharding.make_mesh(config, devices)
   rules = sharding.logical_axis_rules(config)
-  model, optimizer = make_model(config.model), make_optimizer(config)
+  model, optimizer = make_model(config), make_optimizer(config)
   shardings = train.state_shardings(config, model, optimizer, mesh, rules)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   with sharding.activate(mesh, rules):
@@ -85,7 +85,7 @@ def test_every_mesh_matches_one_device(tfds_dir, play_files, corpus_and_batches,
 def test_parameter_shardings_follow_the_rules(tfds_dir, play_files):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (1, 2, 4)})
   mesh = sharding.make_mesh(config)
-  model, optimizer = make_model(config.model), make_optimizer(config)
+  model, optimizer = make_model(config), make_optimizer(config)
   with sharding.activate(mesh, sharding.logical_axis_rules(config)):
     state = train.init_train_state(config, model, optimizer, mesh)
   # What the default rules say, written out by hand: fsdp splits `embed`, tensor splits heads/mlp/vocab.
@@ -130,11 +130,30 @@ def test_gradient_accumulation_matches_the_whole_batch(tfds_dir, play_files, cor
   assert_trees_close(state.params, single_device[1].params)
 
 
+def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, play_files, tmp_path):
+  """The encoder-decoder and the mixture of experts under the same sharding: experts split over
+  `data` (expert parallelism), the rest as the default rules say."""
+  from lm.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=import-outside-toplevel
+  rules = tuple(('expert', 'data') if name == 'expert' else (name, axes) for name, axes in DEFAULT_LOGICAL_AXIS_RULES)
+  knobs = SHARDABLE | {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption', 'model.moe_experts': 4,
+                       'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules}
+  config = tiny_config(tfds_dir, play_files, **knobs)
+  corpus = pipeline.load_corpus(config, tmp_path)
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
+  ref_losses, ref_state = train_on(config, jax.devices()[:1], batches)
+  config = tiny_config(tfds_dir, play_files, **knobs, **{'mesh.shape': (2, 2, 2)})
+  losses, state = train_on(config, jax.devices(), batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_trees_close(state.params, ref_state.params)
+  up = state.params['encoder']['block_0']['moe']['up']
+  assert up.sharding.spec[0] == 'data' and up.addressable_shards[0].data.shape[0] == 2  # Two experts per shard.
+
+
 def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, corpus_and_batches, single_device):
   ref_config = tiny_config(tfds_dir, play_files, **SHARDABLE)
   mesh = sharding.make_mesh(ref_config, jax.devices()[:1])
   with sharding.activate(mesh, sharding.logical_axis_rules(ref_config)):
-    init = train.init_train_state(ref_config, make_model(ref_config.model), make_optimizer(ref_config), mesh)
+    init = train.init_train_state(ref_config, make_model(ref_config), make_optimizer(ref_config), mesh)
   num_layers = ref_config.model.num_layers
   for remat, scan in itertools.product(['none', 'full', 'dots'], [False, True]):
     config = tiny_config(tfds_dir, play_files, **SHARDABLE,
@@ -152,7 +171,7 @@ def test_bfloat16_trains_and_keeps_float32_parameters(tfds_dir, play_files, corp
   losses, state = train_on(config, jax.devices(), [batch] * 30)
   assert losses[-1] < 0.6 * losses[0], losses
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
-  model = make_model(config.model)
+  model = make_model(config)
   hidden = model.apply({'params': state.params}, batch['tokens'][:, :-1], capture_intermediates=True,
                        mutable=['intermediates'])[1]['intermediates']
   assert hidden['block_0']['mlp']['up']['__call__'][0].dtype == np.dtype('bfloat16')
@@ -170,7 +189,7 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
   for shape, devices in [((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:
     other = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': shape})
     mesh = sharding.make_mesh(other, devices)
-    model, optimizer = make_model(other.model), make_optimizer(other)
+    model, optimizer = make_model(other), make_optimizer(other)
     with sharding.activate(mesh, sharding.logical_axis_rules(other)):
       like = train.init_train_state(other, model, optimizer, mesh)
     restorer = checkpoint.Checkpointer(tmp_path, other)
@@ -195,7 +214,7 @@ def test_bad_meshes_are_refused_before_compiling(tfds_dir, play_files, overrides
     mesh = sharding.make_mesh(config)
     rules = sharding.logical_axis_rules(config)
     sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules)
-    train.state_shardings(config, make_model(config.model), make_optimizer(config), mesh, rules)
+    train.state_shardings(config, make_model(config), make_optimizer(config), mesh, rules)
   assert str(error.value).startswith(message), str(error.value)
   assert '\n' not in str(error.value)
 
@@ -240,7 +259,7 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
 
   mesh = sharding.make_mesh(config)
   with sharding.activate(mesh, sharding.logical_axis_rules(config)):
-    like = train.init_train_state(config, make_model(config.model), make_optimizer(config), mesh)
+    like = train.init_train_state(config, make_model(config), make_optimizer(config), mesh)
   restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
   restored = restorer.restore_state(4, like)
   restorer.close()

@@ -15,14 +15,14 @@ from lm.optim import learning_rate_schedule, make_optimizer
 def setup(tfds_dir, play_files, tmp_path_factory):
   config = tiny_config(tfds_dir, play_files, **{'train.steps': 60, 'optimizer.learning_rate': 1e-2})
   corpus = pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
-  model = make_model(config.model)
+  model = make_model(config)
   optimizer = make_optimizer(config)
   return config, corpus, model, optimizer
 
 
 def overfit(config, corpus, steps: int):
   """Losses and final state of `steps` train steps on one fixed batch."""
-  model, optimizer, mesh = make_model(config.model), make_optimizer(config), one_device_mesh(config)
+  model, optimizer, mesh = make_model(config), make_optimizer(config), one_device_mesh(config)
   batch = next(iter(pipeline.train_dataset(config, corpus)))
   rules = sharding.logical_axis_rules(config)
   step = train.jit_train_step(config, model, optimizer, train.state_shardings(config, model, optimizer, mesh, rules),
@@ -58,11 +58,15 @@ def test_eval_counts_every_target_and_every_byte(setup):
   np.testing.assert_allclose(sums['loss_sum'] / sums['tokens'], np.log(config.model.vocab_size), atol=0.3)
 
 
+# Every knob in at least one of these (each combination compiles once, so knobs share the cost).
 @pytest.mark.parametrize('knobs', [
-    {'model.positions': 'rope'}, {'model.positions': 'none'}, {'model.norm': 'rmsnorm'}, {'model.mlp': 'relu'},
-    {'model.mlp': 'swiglu'}, {'model.num_kv_heads': 1}, {'model.tie_embeddings': False},
-    {'model.norm_position': 'post'}, {'model.qk_norm': True}, {'model.sliding_window': 8},
-    {'model.embed_multiplier': 5.657}, {'train.z_loss': 1e-3, 'train.label_smoothing': 0.1},
+    {'model.positions': 'rope', 'model.norm': 'rmsnorm', 'model.mlp': 'swiglu', 'model.num_kv_heads': 1,
+     'model.tie_embeddings': False, 'model.use_bias': False},
+    {'model.positions': 'none', 'model.mlp': 'relu', 'model.norm_position': 'post', 'model.qk_norm': True},
+    {'model.sliding_window': 8, 'model.embed_multiplier': 5.657, 'model.init': 'normal', 'train.z_loss': 1e-3,
+     'train.label_smoothing': 0.1},
+    {'model.moe_experts': 4, 'model.moe_top_k': 2},
+    {'model.embed_dropout': 0.1, 'model.attention_dropout': 0.1, 'model.residual_dropout': 0.1},
 ], ids=lambda knobs: '-'.join(f'{k.split(".")[1]}={v}' for k, v in knobs.items()))
 def test_every_architecture_variant_trains(setup, tfds_dir, play_files, knobs):
   _, corpus, _, _ = setup
@@ -82,7 +86,25 @@ def test_z_loss_and_label_smoothing_follow_their_formulas(setup):
   ce = ((log_z - target) * mask).sum()
   smooth = ((log_z - logits.mean(-1)) * mask).sum()
   for z, a in [(0.0, 0.0), (1e-2, 0.0), (0.0, 0.1), (1e-2, 0.1)]:
-    total, count = train.loss_sums(params, batch, model, z_loss=z, label_smoothing=a)
+    total, count, _ = train.loss_sums(params, batch, model, z_loss=z, label_smoothing=a)
     expected = (1 - a) * ce + a * smooth + z * (np.square(log_z) * mask).sum()
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     assert float(count) == mask.sum()
+
+
+def test_dropout_masks_are_seeded_by_the_step(setup, tfds_dir, play_files):
+  _, corpus, _, _ = setup
+  config = tiny_config(tfds_dir, play_files, **{'model.residual_dropout': 0.3, 'model.attention_dropout': 0.3})
+  model, optimizer, mesh = make_model(config), make_optimizer(config), one_device_mesh(config)
+  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(config)))
+  batch = next(iter(pipeline.train_dataset(config, corpus)))
+  state = train.init_train_state(config, model, optimizer, mesh)
+  loss = lambda s: float(step(s, batch)[1]['loss'])
+  assert loss(state) == loss(state)  # The same step draws the same masks ...
+  later = state.replace(step=state.step + 1)
+  assert loss(later) != loss(state)  # ... another step other masks (same params, same batch).
+  eval_loss = train.eval_step(state.params, batch, np.ones(config.model.vocab_size, np.int32), model=model)
+  plain = train.eval_step(state.params, batch, np.ones(config.model.vocab_size, np.int32),
+                          model=make_model(tiny_config(tfds_dir, play_files)))
+  assert float(eval_loss['loss_sum']) == float(plain['loss_sum'])  # Eval sees no dropout.

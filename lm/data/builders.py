@@ -1,8 +1,9 @@
-"""TFDS builders (array_record, no TensorFlow) for the shipped Shakespeare corpus and user text files.
+"""TFDS builders (array_record, no TensorFlow) for the shipped Shakespeare corpus, user text files,
+and user (input, target) text pairs.
 
-Both store examples {'text', 'doc'}: `doc` names the play or file an example came from, and the
-train/validation split never puts parts of one doc on both sides (except a lone text file, which
-is cut once at a line boundary).
+The first two store examples {'text', 'doc'}: `doc` names the play or file an example came from,
+and the train/validation split never puts parts of one doc on both sides (except a lone text file,
+which is cut once at a line boundary). Text pairs store {input_key, target_key}.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import pathlib
@@ -132,14 +134,19 @@ def resolve_text_files(paths: str) -> list[pathlib.Path]:
   return sorted(set(files))
 
 
+def _files_digest(files: list[pathlib.Path], *settings) -> str:
+  """Names the files' current contents (path, size, mtime) and the settings that shape the splits."""
+  digest = hashlib.sha1(repr(settings).encode())
+  for f in files:
+    stat = f.stat()
+    digest.update(f'{f}\0{stat.st_size}\0{stat.st_mtime_ns}\0'.encode())
+  return digest.hexdigest()[:12]
+
+
 class TextFilesConfig(tfds.core.BuilderConfig):
 
   def __init__(self, *, files: list[pathlib.Path], val_fraction: float):
-    digest = hashlib.sha1(repr(val_fraction).encode())
-    for f in files:
-      stat = f.stat()
-      digest.update(f'{f}\0{stat.st_size}\0{stat.st_mtime_ns}\0'.encode())
-    super().__init__(name=f'files_{digest.hexdigest()[:12]}', description=f'{len(files)} text files')
+    super().__init__(name=f'files_{_files_digest(files, val_fraction)}', description=f'{len(files)} text files')
     self.files = files
     self.val_fraction = val_fraction
 
@@ -179,14 +186,75 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
         yield f'{doc_index:06d}/{i:06d}', dict(text=chunk, doc=name)
 
 
-def prepare_builder(name: str, data_dir: str | None, paths: str = '',
-                    val_fraction: float = 0.1) -> tfds.core.DatasetBuilder:
-  """The builder for a dataset, prepared in array_record format (built here for our two)."""
+class TextPairsConfig(tfds.core.BuilderConfig):
+
+  def __init__(self, *, files: list[pathlib.Path], val_fraction: float, keys: tuple[str, str]):
+    super().__init__(name=f'pairs_{_files_digest(files, val_fraction, keys)}', description=f'{len(files)} pair files')
+    self.files = files
+    self.val_fraction = val_fraction
+    self.keys = tuple(keys)
+
+
+def read_pairs(path: pathlib.Path, keys: tuple[str, str]) -> Iterator[tuple[str, str]]:
+  """(input, target) per line: 'input<TAB>target' in a .tsv file, or a JSON object with both keys
+  in a .jsonl file (tabs and newlines escaped as \\t and \\n in .tsv)."""
+  jsonl = path.suffix.lower() in ('.jsonl', '.json')
+  for number, line in enumerate(path.read_text(encoding='utf-8').splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f'data.paths: {str(path)!r} line {number}'
+    if jsonl:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ConfigError(f'{where} is not JSON ({e.msg})') from None
+      missing = [k for k in keys if not isinstance(record, dict) or k not in record]
+      if missing:
+        raise ConfigError(f'{where} has no {missing[0]!r} field (data.input_key / data.target_key)')
+      yield str(record[keys[0]]), str(record[keys[1]])
+    else:
+      fields = line.split('\t')
+      if len(fields) != 2:
+        raise ConfigError(f'{where} has {len(fields)} tab-separated fields; expected input<TAB>target')
+      yield tuple(f.replace('\\n', '\n').replace('\\t', '\t') for f in fields)
+
+
+class TextPairs(tfds.core.GeneratorBasedBuilder):
+  """(input, target) pairs from .tsv or .jsonl files; the last ceil(val_fraction * n) pairs, in
+  file order, are validation."""
+
+  VERSION = tfds.core.Version('1.0.0')
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    features = {key: tfds.features.Text() for key in self.builder_config.keys}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features), description=self.__doc__)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    keys = self.builder_config.keys
+    pairs = [pair for f in self.builder_config.files for pair in read_pairs(f, keys)]
+    num_val = math.ceil(self.builder_config.val_fraction * len(pairs))
+    if len(pairs) < 2 or num_val >= len(pairs):
+      raise ConfigError(f'data.paths holds {len(pairs)} pair(s): too few to hold out '
+                        f'data.val_fraction={self.builder_config.val_fraction} of them')
+    return {'train': self._generate_examples(pairs[:-num_val]), 'validation': self._generate_examples(pairs[-num_val:])}
+
+  def _generate_examples(self, pairs):
+    for i, (source, target) in enumerate(pairs):
+      yield f'{i:09d}', {self.builder_config.keys[0]: source, self.builder_config.keys[1]: target}
+
+
+def prepare_builder(name: str, data_dir: str | None, paths: str = '', val_fraction: float = 0.1,
+                    pair_keys: tuple[str, str] = ('input', 'target')) -> tfds.core.DatasetBuilder:
+  """The builder for a dataset, prepared in array_record format (built here for our three)."""
   if name == 'shakespeare':
     builder = Shakespeare(data_dir=data_dir, file_format='array_record')
   elif name == 'text_files':
     config = TextFilesConfig(files=resolve_text_files(paths), val_fraction=val_fraction)
     builder = TextFiles(config=config, data_dir=data_dir, file_format='array_record')
+  elif name == 'text_pairs':
+    config = TextPairsConfig(files=resolve_text_files(paths), val_fraction=val_fraction, keys=pair_keys)
+    builder = TextPairs(config=config, data_dir=data_dir, file_format='array_record')
   else:
     return _prepared_tfds_builder(name, data_dir)
   if not builder.is_prepared():
@@ -201,7 +269,7 @@ def _prepared_tfds_builder(name: str, data_dir: str | None) -> tfds.core.Dataset
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except tfds.core.registered.DatasetNotFoundError:
-    raise ConfigError(f'data.name={name!r} is not a TFDS dataset, nor shakespeare or text_files') from None
+    raise ConfigError(f'data.name={name!r} is not a TFDS dataset, nor shakespeare, text_files or text_pairs') from None
   except ValueError as e:  # A name TFDS cannot parse, or an unknown builder config.
     raise ConfigError(f'data.name={name!r}: {str(e).strip().splitlines()[0]}') from None
   if not builder.is_prepared():

@@ -3,6 +3,13 @@
 Train order is a pure function of (seed, position in the stream, process): documents are
 shuffled per epoch by index, packed, then shuffled again in windows of packed sequences; the
 iterator's state is small and goes into every checkpoint.
+
+data.objective shapes the batches:
+  lm               {'tokens': [B, L + 1], 'loss_mask': [B, L]}: next-token prediction (decoder).
+  span_corruption  packed windows corrupted T5-style (lm/data/spans.py) into
+                   {'inputs': [B, L], 'tokens': [B, T + 1], 'loss_mask': [B, T]} (encoder-decoder).
+  seq2seq          one (input, target) example per row, the same keys, cut or padded to L and T.
+The model predicts tokens[:, 1:] from tokens[:, :-1] (and the inputs), where loss_mask is True.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ import grain
 import ml_collections
 import numpy as np
 
-from lm.config import ConfigError
-from lm.data import builders, tokenizers
+from lm.config import ConfigError, reserved_ids, target_len
+from lm.data import builders, spans, tokenizers
 from lm.data.packing import PackIterDataset
 
 
@@ -25,20 +32,22 @@ class Corpus:
   train_source: Any  # Random-access TFDS data sources of examples with a text feature.
   eval_source: Any
   tokenizer: tokenizers.Tokenizer
-  text_key: str
+  text_keys: tuple[str, ...]  # The text feature, or (seq2seq) the input and target features.
   dataset: str  # Names the prepared data exactly (for text_files: which files, sizes, mtimes).
 
 
-def _split_source(builder, split: str, key: str, text_key: str):
+def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
   splits = list(builder.info.splits)
   if split not in splits:
     raise ConfigError(f'{key}={split!r} is not a split of {builder.name!r}; it has {", ".join(sorted(splits))}')
   source = builder.as_data_source(split)
   if len(source) == 0:
     raise ConfigError(f'{key}={split!r} of {builder.name!r} holds no examples')
-  if text_key not in source[0]:
-    raise ConfigError(f'data.text_key={text_key!r} is not a feature of {builder.name!r}; '
-                      f'it has {", ".join(sorted(source[0]))}')
+  for text_key, config_key in zip(text_keys, ('data.input_key', 'data.target_key') if len(text_keys) == 2
+                                  else ('data.text_key',)):
+    if text_key not in source[0]:
+      raise ConfigError(f'{config_key}={text_key!r} is not a feature of {builder.name!r}; '
+                        f'it has {", ".join(sorted(source[0]))}')
   return source
 
 
@@ -49,33 +58,80 @@ def _text(example: dict, text_key: str) -> str:
 
 def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
                 expected_dataset: str | None = None) -> Corpus:
-  """Prepares the dataset if it is ours, opens both splits, loads or trains the tokenizer.
+  """Prepares the dataset if it is ours, opens both splits, loads or trains the tokenizer (or, with
+  checkpoint.init_from, takes that run's).
 
   With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
   """
   d = config.data
-  builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction)
+  builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
+                                     (d.input_key, d.target_key))
   dataset = f'{builder.info.full_name}:{d.train_split}:{d.eval_split}'
   if expected_dataset and dataset != expected_dataset:
     raise ConfigError(f'the data changed since this workdir\'s checkpoints were written '
                       f'({expected_dataset} then, {dataset} now; edited text files?); use a new --workdir')
-  train = _split_source(builder, d.train_split, 'data.train_split', d.text_key)
-  evaluation = _split_source(builder, d.eval_split, 'data.eval_split', d.text_key)
-  texts = (_text(train[i], d.text_key) for i in range(len(train)))
-  tokenizer = tokenizers.load_or_train(d.tokenizer, config.model.vocab_size, tokenizer_dir, texts,
-                                       d.tokenizer_train_bytes, trained_on=dataset)
-  return Corpus(train, evaluation, tokenizer, d.text_key, dataset)
+  text_keys = (d.input_key, d.target_key) if d.objective == 'seq2seq' else (d.text_key,)
+  train = _split_source(builder, d.train_split, 'data.train_split', text_keys)
+  evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
+  texts = (_text(train[i], key) for i in range(len(train)) for key in text_keys)
+  init_from = config.checkpoint.init_from
+  tokenizer = tokenizers.load_or_train(d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir,
+                                       texts, d.tokenizer_train_bytes, trained_on=dataset,
+                                       copy_from=pathlib.Path(init_from) / 'tokenizer' if init_from else None)
+  return Corpus(train, evaluation, tokenizer, text_keys, dataset)
 
 
 class _Tokenize(grain.transforms.Map):
   """Example -> int32 tokens of its text, led by the document separator."""
 
-  def __init__(self, tokenizer: tokenizers.Tokenizer, text_key: str):
-    self._tokenizer, self._text_key = tokenizer, text_key
+  def __init__(self, tokenizer: tokenizers.Tokenizer, text_keys: tuple[str, ...]):
+    self._tokenizer, (self._text_key,) = tokenizer, text_keys
 
   def map(self, example: dict) -> np.ndarray:
     ids = self._tokenizer.encode(_text(example, self._text_key))
     return np.concatenate([np.array([self._tokenizer.bos_id], np.int32), ids])
+
+
+class _TokenizePair(grain.transforms.Map):
+  """(input, target) example -> {'inputs': [seq_len], 'tokens': [target_len + 1], 'loss_mask': [target_len]}.
+
+  The input is cut or padded to seq_len; the decoder reads the document separator, the target, and
+  the separator again (so it learns where a target ends), cut or padded to target_len + 1.
+  """
+
+  def __init__(self, tokenizer: tokenizers.Tokenizer, keys: tuple[str, str], seq_len: int, target_len: int):
+    self._tokenizer, self._keys, self._seq_len, self._target_len = tokenizer, keys, seq_len, target_len
+
+  def map(self, example: dict) -> dict[str, np.ndarray]:
+    t, (input_key, target_key) = self._tokenizer, self._keys
+    inputs = t.encode(_text(example, input_key))[:self._seq_len]
+    tokens = np.concatenate([[t.bos_id], t.encode(_text(example, target_key)), [t.bos_id]])[:self._target_len + 1]
+    loss_mask = np.arange(self._target_len) < len(tokens) - 1
+    return {'inputs': np.pad(inputs, (0, self._seq_len - len(inputs)), constant_values=t.pad_id).astype(np.int32),
+            'tokens': np.pad(tokens, (0, self._target_len + 1 - len(tokens)), constant_values=t.pad_id).astype(np.int32),
+            'loss_mask': loss_mask}
+
+
+def _span_corruption(config: ml_collections.ConfigDict, corpus: Corpus) -> spans.SpanCorruption:
+  d, t = config.data, corpus.tokenizer
+  return spans.SpanCorruption(d.seq_len, d.noise_density, d.mean_span_length, config.model.vocab_size,
+                              start_id=t.bos_id, pad_id=t.pad_id)
+
+
+def _examples(config: ml_collections.ConfigDict, corpus: Corpus, docs: grain.MapDataset,
+              read: grain.ReadOptions, training: bool) -> grain.IterDataset:
+  """Documents -> examples of data.objective (a finite eval stream keeps its padded tail for lm)."""
+  d, t = config.data, corpus.tokenizer
+  if d.objective == 'seq2seq':
+    pair = _TokenizePair(t, corpus.text_keys, d.seq_len, target_len(config))
+    return docs.map(pair).to_iter_dataset(read)
+  docs = docs.map(_Tokenize(t, corpus.text_keys)).to_iter_dataset(read)
+  if d.objective == 'lm':
+    return PackIterDataset(docs, seq_len=d.seq_len, pad_id=t.pad_id, pad_final=not training)
+  corruption = _span_corruption(config, corpus)
+  # Windows of raw_len tokens (each starting on the last token of the one before).
+  windows = PackIterDataset(docs, seq_len=corruption.raw_len - 1, pad_id=t.pad_id, pad_final=False)
+  return windows.random_map(corruption, seed=config.seed)
 
 
 _TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
@@ -84,16 +140,14 @@ _EVAL_READ = grain.ReadOptions(num_threads=0)  # No prefetch threads to leave be
 
 def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, shard_index: int = 0,
                   shard_count: int = 1) -> grain.IterDataset:
-  """Endless batches {'tokens': [B / shard_count, L + 1] int32, 'loss_mask': [B / shard_count, L] bool}.
+  """Endless batches of B / shard_count rows (see the module docstring for their keys).
 
   With several data shards (one per group of processes holding the same rows of a batch), each
   reads its own documents; the global batch is the shards' batches stacked in shard order.
   """
   d = config.data
   docs = grain.MapDataset.source(corpus.train_source)[shard_index::shard_count]
-  docs = docs.shuffle(seed=config.seed).repeat().map(_Tokenize(corpus.tokenizer, corpus.text_key))
-  packed = PackIterDataset(docs.to_iter_dataset(_TRAIN_READ), seq_len=d.seq_len,
-                           pad_id=corpus.tokenizer.pad_id, pad_final=False)
+  packed = _examples(config, corpus, docs.shuffle(seed=config.seed).repeat(), _TRAIN_READ, training=True)
   if d.shuffle_window:
     packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window,
                                                          seed=config.seed)
@@ -101,10 +155,9 @@ def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, shard_index
 
 
 def eval_dataset(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.IterDataset:
-  """The whole eval split in order, packed like training; the last window padded."""
-  docs = grain.MapDataset.source(corpus.eval_source).map(_Tokenize(corpus.tokenizer, corpus.text_key))
-  return PackIterDataset(docs.to_iter_dataset(_EVAL_READ), seq_len=config.data.seq_len,
-                         pad_id=corpus.tokenizer.pad_id, pad_final=True)
+  """The whole eval split in order, made into examples like training (lm: the last window padded;
+  span corruption: the tail dropped, the same corruption every time)."""
+  return _examples(config, corpus, grain.MapDataset.source(corpus.eval_source), _EVAL_READ, training=False)
 
 
 def eval_batches(config: ml_collections.ConfigDict, corpus: Corpus,
@@ -117,6 +170,6 @@ def eval_batches(config: ml_collections.ConfigDict, corpus: Corpus,
       return
     short = size - len(batch['tokens'])
     if short:
-      batch = {'tokens': np.pad(batch['tokens'], ((0, short), (0, 0)), constant_values=corpus.tokenizer.pad_id),
-               'loss_mask': np.pad(batch['loss_mask'], ((0, short), (0, 0)), constant_values=False)}
+      batch = {k: np.pad(v, ((0, short), (0, 0)), constant_values=False if k == 'loss_mask' else corpus.tokenizer.pad_id)
+               for k, v in batch.items()}
     yield batch

@@ -14,7 +14,7 @@ from typing import Iterable, Protocol
 import numpy as np
 import sentencepiece as spm
 
-from lm.config import ConfigError
+from lm.config import PAD_IDS, ConfigError
 
 
 class Tokenizer(Protocol):
@@ -32,7 +32,7 @@ class ByteTokenizer:
   """Ids 0..255 are the bytes themselves; 256 pads and 257 starts a document."""
 
   vocab_size = 258
-  pad_id = 256
+  pad_id = PAD_IDS['byte']
   bos_id = 257
 
   def __init__(self):
@@ -94,7 +94,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_bytes: int) -
         vocab_size=vocab_size, hard_vocab_limit=False, model_type='bpe', character_coverage=1.0,
         byte_fallback=True, normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
-        user_defined_symbols=['\n'], pad_id=0, unk_id=1, bos_id=2, eos_id=-1,
+        user_defined_symbols=['\n'], pad_id=PAD_IDS['sentencepiece'], unk_id=1, bos_id=2, eos_id=-1,
         max_sentence_length=1 << 16, num_threads=2, minloglevel=2)
   except RuntimeError as e:
     raise ConfigError(f'sentencepiece training failed for model.vocab_size={vocab_size}: '
@@ -103,23 +103,31 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_bytes: int) -
 
 
 def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path, train_texts: Iterable[str],
-                  max_train_bytes: int, trained_on: str = '') -> Tokenizer:
+                  max_train_bytes: int, trained_on: str = '', copy_from: pathlib.Path | None = None) -> Tokenizer:
   """The byte tokenizer, or the sentencepiece model in tokenizer_dir.
 
   The saved model is reused when it was trained for the same vocab_size on the same data
-  (`trained_on`); otherwise it is trained now and saved there.
+  (`trained_on`); otherwise it is trained now and saved there. With copy_from (the tokenizer
+  folder of the run a fine-tuning starts from), that model is used and saved here, whatever it was
+  trained on.
   """
   if kind == 'byte':
     return ByteTokenizer()
   model_path, info_path = tokenizer_dir / 'sentencepiece.model', tokenizer_dir / 'tokenizer.json'
-  wanted = dict(kind=kind, requested_vocab_size=vocab_size, trained_on=trained_on)
-  saved = json.loads(info_path.read_text()) if info_path.exists() else {}
-  if model_path.exists() and all(saved.get(k) == v for k, v in wanted.items()):
-    return SentencePieceTokenizer(model_path.read_bytes())
-  tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
+  if copy_from is not None:
+    if not (copy_from / 'sentencepiece.model').exists():
+      raise ConfigError(f'checkpoint.init_from: no sentencepiece tokenizer in {str(copy_from)!r}')
+    tokenizer = SentencePieceTokenizer((copy_from / 'sentencepiece.model').read_bytes())
+    info = json.loads((copy_from / 'tokenizer.json').read_text()) | {'copied_from': str(copy_from)}
+  else:
+    wanted = dict(kind=kind, requested_vocab_size=vocab_size, trained_on=trained_on)
+    saved = json.loads(info_path.read_text()) if info_path.exists() else {}
+    if model_path.exists() and all(saved.get(k) == v for k, v in wanted.items()):
+      return SentencePieceTokenizer(model_path.read_bytes())
+    tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
+    info = wanted | {'vocab_size': tokenizer.vocab_size}
   tokenizer_dir.mkdir(parents=True, exist_ok=True)
-  for path, data in ((model_path, tokenizer.model_proto),
-                     (info_path, json.dumps(wanted | {'vocab_size': tokenizer.vocab_size}).encode())):
+  for path, data in ((model_path, tokenizer.model_proto), (info_path, json.dumps(info).encode())):
     tmp = path.with_suffix('.tmp')
     tmp.write_bytes(data)
     tmp.rename(path)

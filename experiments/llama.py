@@ -1,0 +1,83 @@
+"""Llama-style decoders as presets: --config=experiments/llama.py:SIZE[,LAYOUT].
+
+The Llama recipe on our knobs: RMSNorm before each sublayer, SwiGLU MLPs, rotary positions,
+grouped-query attention, no biases, an untied output layer, no dropout.
+
+  SIZE    tiny  6 layers, d_model 384, 6 heads / 2 kv heads, 4,096-token sentencepiece on the
+                Shakespeare plays: trains on a laptop CPU (12.6M parameters)
+          125m  12 x 768, 12 / 4 heads, 32,000 tokens (124.7M parameters)
+          1b    16 x 2048, 32 / 8 heads, MLP 8192, 32,000 tokens (1.10B parameters)
+          7b    Llama 2 7B's shapes: 32 x 4096, 32 heads (multi-head: Llama 2 keeps GQA for 70B),
+                MLP 11,008 by the 2/3 rule, 32,000 tokens; 6,738,415,616 parameters as published
+          8b    Llama 3 8B's shapes: 32 x 4096, 32 / 8 heads, MLP 14,336, 128,256 tokens, RoPE base
+                500,000; 8,030,261,248 parameters as published
+  LAYOUT  dp (default), fsdp, hybrid, fsdp_tensor: as in experiments/gpt2.py
+
+The larger sizes read any prepared TFDS text dataset (lm1b by default) and train a sentencepiece
+tokenizer on it; they are for pods (see python -m lm.plan), not for this CPU.
+"""
+
+import ml_collections
+
+from lm.config import base_config
+
+# layers, d_model, heads, kv heads, mlp_dim (0: the 2/3 rule, rounded up to 256), vocab, rope base, seq_len.
+SIZES = {
+    'tiny': (6, 384, 6, 2, 0, 4096, 10_000.0, 256),
+    '125m': (12, 768, 12, 4, 0, 32_000, 10_000.0, 2048),
+    '1b': (16, 2048, 32, 8, 8192, 32_000, 10_000.0, 2048),
+    '7b': (32, 4096, 32, 32, 0, 32_000, 10_000.0, 4096),
+    '8b': (32, 4096, 32, 8, 14_336, 128_256, 500_000.0, 8192),
+}
+PUBLISHED_PARAMS = {'7b': 6_738_415_616, '8b': 8_030_261_248}
+LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
+
+
+def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
+  size, _, layout = arg.partition(',')
+  if size not in SIZES or (layout or 'dp') not in LAYOUTS:
+    raise ValueError(f'experiments/llama.py:{arg}: expected SIZE[,LAYOUT] with SIZE one of {", ".join(SIZES)} '
+                     f'and LAYOUT one of {", ".join(LAYOUTS)}')
+  layers, width, heads, kv_heads, mlp_dim, vocab, rope_base, seq_len = SIZES[size]
+  config = base_config()
+  m = config.model
+  m.num_layers, m.d_model, m.num_heads, m.num_kv_heads = layers, width, heads, kv_heads
+  m.mlp, m.mlp_dim, m.mlp_multiple_of = 'swiglu', mlp_dim, 256
+  m.vocab_size, m.max_len = vocab, seq_len
+  m.positions, m.rope_base = 'rope', rope_base
+  m.norm, m.norm_position = 'rmsnorm', 'pre'
+  m.use_bias, m.tie_embeddings = False, False
+  m.init = 'normal'
+
+  config.optimizer.b2 = 0.95
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.grad_clip_norm = 1.0
+  config.optimizer.min_lr_ratio = 0.1
+  config.data.seq_len = seq_len
+  config.mesh.shape = LAYOUTS[layout or 'dp']
+
+  if size == 'tiny':  # Laptop scale, on the shipped plays.
+    config.data.name = 'shakespeare'
+    config.data.batch_size = 16
+    config.optimizer.learning_rate = 1e-3
+    config.optimizer.warmup_steps = 200
+    config.train.steps = 5000
+    config.eval.every = 500
+    config.checkpoint.every = 500
+    return config
+
+  m.dtype = 'bfloat16'  # float32 master weights and optimizer state.
+  m.scan_layers = True
+  m.remat = 'full' if size in ('7b', '8b') else 'none'
+  config.data.name = 'lm1b'
+  config.data.eval_split = 'test'
+  config.data.batch_size = 2**22 // seq_len if size in ('7b', '8b') else 2**19 // seq_len  # 4M / 0.5M tokens.
+  config.optimizer.learning_rate = 3e-4 if size in ('7b', '8b') else 6e-4 if size == '1b' else 1e-3
+  config.optimizer.warmup_steps = 2000
+  config.train.steps = 250_000
+  config.train.log_every = 50
+  config.eval.every = 2000
+  config.eval.num_batches = 4
+  config.eval.batch_size = config.data.batch_size
+  config.checkpoint.every = 1000
+  return config

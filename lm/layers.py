@@ -1,0 +1,299 @@
+"""The Transformer's layers in Flax linen: norms, rotary positions, attention, MLP, mixture of experts,
+and the residual block that composes them. lm/model.py stacks blocks into the decoder and the
+encoder-decoder.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `kv`, `mlp`,
+`expert`) and activations are constrained to (`batch`, `length`, ...); the mapping of those names
+onto a device mesh lives in the config, so sharding needs no change here.
+
+Shape suffixes: B batch, L length (queries), S length (keys), D d_model, H heads, G kv heads, K head
+dim, F mlp_dim, E experts, C expert capacity, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+
+def _init(std: float, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def _zeros(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _ones(axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+def dtype_of(config) -> jnp.dtype:
+  return jnp.dtype(config.dtype)
+
+
+def mlp_width(config) -> int:
+  """model.mlp_dim, or with mlp_dim=0 the usual rule: 4 * d_model, and for SwiGLU (three matrices
+  instead of two, so the same parameters) 2/3 of that, rounded up to a multiple of mlp_multiple_of."""
+  if config.mlp_dim:
+    return config.mlp_dim
+  if config.mlp != 'swiglu':
+    return 4 * config.d_model
+  width = int(2 * 4 * config.d_model / 3)
+  return -(-width // config.mlp_multiple_of) * config.mlp_multiple_of
+
+
+def norm_layer(name: str, config) -> nn.Module:
+  """model.norm: LayerNorm (x - mean) / std * scale + bias, or RMSNorm x / rms(x) * scale."""
+  if config.norm == 'rmsnorm':
+    return nn.RMSNorm(epsilon=1e-5, dtype=dtype_of(config), scale_init=_ones(('embed',)), name=name)
+  return nn.LayerNorm(epsilon=1e-5, dtype=dtype_of(config), scale_init=_ones(('embed',)),
+                      bias_init=_zeros(('embed',)), name=name)
+
+
+def residual_out_std(config) -> float:
+  """Init std of the matrices that write into the residual stream (attention out, MLP down)."""
+  if config.init == 'gpt2':  # Scaled by depth so the residual stream's variance stays put.
+    return config.init_std / math.sqrt(2 * config.num_layers)
+  return config.init_std
+
+
+def dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
+  """x with each entry zeroed with probability `rate` and the rest scaled by 1 / (1 - rate), drawn
+  from the module's 'dropout' rng, when training; x itself in eval or at rate 0."""
+  if not rate or not train:
+    return x
+  keep = jax.random.bernoulli(module.make_rng('dropout'), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
+
+
+def rotary(x_BLHK: jax.Array, base: float) -> jax.Array:
+  """RoPE: rotates each (x_i, x_{i + K/2}) pair by position * base^(-2i/K), so q.k depends on
+  positions only through their difference."""
+  half = x_BLHK.shape[-1] // 2
+  inv_freq_k = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angles_LK = jnp.arange(x_BLHK.shape[1], dtype=jnp.float32)[:, None] * inv_freq_k[None, :]
+  cos, sin = jnp.cos(angles_LK)[None, :, None, :], jnp.sin(angles_LK)[None, :, None, :]
+  x1, x2 = x_BLHK[..., :half].astype(jnp.float32), x_BLHK[..., half:].astype(jnp.float32)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
+
+
+def causal_mask(length: int, window: int = 0) -> jax.Array:
+  """[L, L] bool: query i may see key j iff j <= i (and, with a window w > 0, i - w < j)."""
+  mask_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
+  if window:
+    mask_LL &= ~jnp.tril(jnp.ones((length, length), dtype=bool), k=-window)
+  return mask_LL
+
+
+def attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, mask: jax.Array | None,
+              probs_dropout=lambda p: p) -> jax.Array:
+  """softmax(Q K^T / sqrt(d_k)) V where `mask` (broadcastable to [B, L, S]) is True; scores and
+  softmax in float32."""
+  q_BHLK, k_BHSK, v_BHSK = (x.transpose(0, 2, 1, 3) for x in (q_BLHK, k_BSHK, v_BSHK))
+  scores_BHLS = (q_BHLK @ k_BHSK.swapaxes(-1, -2)).astype(jnp.float32) / math.sqrt(q_BLHK.shape[-1])
+  if mask is not None:
+    mask_B1LS = jnp.broadcast_to(mask, (q_BLHK.shape[0], q_BLHK.shape[1], k_BSHK.shape[1]))[:, None]
+    scores_BHLS = jnp.where(mask_B1LS, scores_BHLS, jnp.finfo(jnp.float32).min)
+  probs_BHLS = probs_dropout(jax.nn.softmax(scores_BHLS, axis=-1)).astype(v_BSHK.dtype)
+  return (probs_BHLS @ v_BHSK).transpose(0, 2, 1, 3)
+
+
+class Projection(nn.Module):
+  """x @ kernel + bias over named axes, e.g. 'BLD,DHK->BLHK' (einsum keeps the kernel's shape whole,
+  so its logical axes hold at init too)."""
+
+  spec: str
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  std: float
+  dtype: jnp.dtype
+  use_bias: bool = True
+  frozen_bias: bool = False  # The bias gets no gradient (for one whose true gradient is zero).
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', _init(self.std, self.kernel_axes), self.kernel_shape)
+    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    if not self.use_bias:
+      return y
+    x_axes, out_axes = self.spec.split(',')[0], self.spec.split('->')[1]
+    out_dims = sum(a not in x_axes for a in out_axes)  # The kernel's trailing output axes.
+    bias = self.param('bias', _zeros(self.kernel_axes[-out_dims:]), self.kernel_shape[-out_dims:])
+    if self.frozen_bias:
+      bias = jax.lax.stop_gradient(bias)
+    return y + bias.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head attention of x over itself, or (cross-attention) over a context sequence."""
+
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, mask: jax.Array | None, context_BSD: jax.Array | None = None) -> jax.Array:
+    c = self.config
+    head_dim = c.d_model // c.num_heads
+    kv_heads = c.num_kv_heads or c.num_heads
+    source_BSD = x_BLD if context_BSD is None else context_BSD
+
+    # A key bias b adds q.b to all scores of a query, which softmax ignores: its gradient is zero but
+    # for rounding noise that Adam would amplify into a random walk, so it is frozen (GPT-2 has one,
+    # hence it exists). Rotated (RoPE) or normalised (QK-norm) keys make it matter: then it learns.
+    frozen_key_bias = not c.qk_norm and (c.positions != 'rope' or context_BSD is not None)
+
+    def project(name, x, heads, heads_axis):
+      return Projection('BLD,DHK->BLHK', (c.d_model, heads, head_dim), ('embed', heads_axis, 'kv'), c.init_std,
+                        dtype_of(c), use_bias=c.use_bias, frozen_bias=name == 'key' and frozen_key_bias, name=name)(x)
+
+    q_BLHK = project('query', x_BLD, c.num_heads, 'heads')
+    k_BSGK, v_BSGK = project('key', source_BSD, kv_heads, 'kv_heads'), project('value', source_BSD, kv_heads, 'kv_heads')
+    if c.qk_norm:  # RMS-normalise each head's query and key (bounds the attention logits).
+      q_BLHK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='query_norm')(q_BLHK)
+      k_BSGK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='key_norm')(k_BSGK)
+    if c.positions == 'rope' and context_BSD is None:  # Cross-attention compares no positions.
+      q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base), rotary(k_BSGK, c.rope_base)
+    # Grouped-query attention: each of the kv_heads serves num_heads / kv_heads query heads.
+    k_BSHK, v_BSHK = (jnp.repeat(x, c.num_heads // kv_heads, axis=2) for x in (k_BSGK, v_BSGK))
+    out_BLHK = attention(q_BLHK, k_BSHK, v_BSHK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train))
+    out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
+    return Projection('BLHK,HKD->BLD', (c.num_heads, head_dim, c.d_model), ('heads', 'kv', 'embed'),
+                      residual_out_std(c), dtype_of(c), use_bias=c.use_bias, name='out')(out_BLHK)
+
+
+def _activation(config):
+  return {'gelu': nn.gelu, 'relu': nn.relu, 'swiglu': nn.silu}[config.mlp]
+
+
+class Mlp(nn.Module):
+  """Dense -> activation -> Dense; with 'swiglu', silu(gate(x)) * up(x) -> Dense."""
+
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    c = self.config
+    width = mlp_width(c)
+
+    def dense_in(name):
+      return Projection('BLD,DF->BLF', (c.d_model, width), ('embed', 'mlp'), c.init_std, dtype_of(c),
+                        use_bias=c.use_bias, name=name)(x_BLD)
+
+    h_BLF = _activation(c)(dense_in('gate' if c.mlp == 'swiglu' else 'up'))
+    if c.mlp == 'swiglu':
+      h_BLF = h_BLF * dense_in('up')
+    h_BLF = nn.with_logical_constraint(h_BLF, ('batch', 'length', 'mlp'))
+    return Projection('BLF,FD->BLD', (width, c.d_model), ('mlp', 'embed'), residual_out_std(c), dtype_of(c),
+                      use_bias=c.use_bias, name='down')(h_BLF)
+
+
+def route(router_probs_BLE: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k routing with `capacity` slots per expert and sequence.
+
+  Returns dispatch_BLEC (bool: token l goes to slot c of expert e) and combine_BLEC (dispatch
+  times the token's gate for that expert: its top-k probabilities renormalised to sum to 1).
+  Slots fill in sequence order (a token's choices in rank order); a choice that finds its expert
+  full is dropped. Filling by position keeps a decoder causal: whether token l keeps a slot
+  depends only on tokens up to l.
+  """
+  num_experts = router_probs_BLE.shape[-1]
+  gates_BLk, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
+  gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
+  batch, length = experts_BLk.shape[:2]
+  chosen_BLkE = jax.nn.one_hot(experts_BLk, num_experts, dtype=jnp.int32)
+  # Slot of each choice in its expert: the choices that came before it.
+  slot_BLkE = jnp.cumsum(chosen_BLkE.reshape(batch, length * top_k, num_experts), axis=1).reshape(chosen_BLkE.shape) - 1
+  kept_BLkE = chosen_BLkE * (slot_BLkE < capacity)
+  slots_BLkEC = jax.nn.one_hot(slot_BLkE, capacity, dtype=jnp.float32) * kept_BLkE[..., None]
+  dispatch_BLEC = jnp.sum(slots_BLkEC, axis=2)
+  combine_BLEC = jnp.einsum('BLkEC,BLk->BLEC', slots_BLkEC, gates_BLk)
+  return dispatch_BLEC.astype(bool), combine_BLEC
+
+
+def balance_loss(router_probs_BLE: jax.Array, top_k: int) -> jax.Array:
+  """Switch Transformer's load-balancing loss E * sum_e f_e * p_e: f_e the share of top-k choices
+  that pick expert e, p_e its mean router probability. It is 1 for a uniform router (its minimum
+  there) and grows as the router concentrates on a few experts."""
+  num_experts = router_probs_BLE.shape[-1]
+  _, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
+  share_E = jnp.mean(jnp.sum(jax.nn.one_hot(experts_BLk, num_experts), axis=2), axis=(0, 1)) / top_k
+  return num_experts * jnp.sum(share_E * jnp.mean(router_probs_BLE, axis=(0, 1)))
+
+
+def expert_capacity(config, length: int) -> int:
+  """Slots per expert and sequence: capacity_factor * top_k * length / experts (0: all tokens fit)."""
+  if not config.moe_capacity_factor:
+    return length
+  return min(length, math.ceil(config.moe_capacity_factor * config.moe_top_k * length / config.moe_experts))
+
+
+class MoeMlp(nn.Module):
+  """A mixture of experts, each an MLP like `Mlp`: a linear router picks moe_top_k experts per token
+  and the output is their gate-weighted sum. Sows the load-balancing loss into 'aux_loss'."""
+
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    c = self.config
+    width, num_experts, dtype = mlp_width(c), c.moe_experts, dtype_of(c)
+    router_DE = self.param('router', _init(c.init_std, ('embed', None)), (c.d_model, num_experts))
+    probs_BLE = jax.nn.softmax(jnp.einsum('BLD,DE->BLE', x_BLD.astype(jnp.float32), router_DE), axis=-1)
+    self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
+    dispatch_BLEC, combine_BLEC = route(probs_BLE, c.moe_top_k, expert_capacity(c, x_BLD.shape[1]))
+    x_EBCD = jnp.einsum('BLEC,BLD->EBCD', dispatch_BLEC.astype(dtype), x_BLD.astype(dtype))
+    x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
+
+    def expert_in(name):
+      kernel = self.param(name, _init(c.init_std, ('expert', 'embed', 'mlp')), (num_experts, c.d_model, width))
+      h_EBCF = jnp.einsum('EBCD,EDF->EBCF', x_EBCD, kernel.astype(dtype))
+      if c.use_bias:
+        h_EBCF += self.param(f'{name}_bias', _zeros(('expert', 'mlp')), (num_experts, width)).astype(dtype)[:, None, None]
+      return h_EBCF
+
+    h_EBCF = _activation(c)(expert_in('gate' if c.mlp == 'swiglu' else 'up'))
+    if c.mlp == 'swiglu':
+      h_EBCF = h_EBCF * expert_in('up')
+    h_EBCF = nn.with_logical_constraint(h_EBCF, ('expert', 'batch', None, 'mlp'))
+    down_EFD = self.param('down', _init(residual_out_std(c), ('expert', 'mlp', 'embed')), (num_experts, width, c.d_model))
+    y_EBCD = jnp.einsum('EBCF,EFD->EBCD', h_EBCF, down_EFD.astype(dtype))
+    if c.use_bias:
+      y_EBCD += self.param('down_bias', _zeros(('expert', 'embed')), (num_experts, c.d_model)).astype(dtype)[:, None, None]
+    return jnp.einsum('BLEC,EBCD->BLD', combine_BLEC.astype(dtype), y_EBCD)
+
+
+class Block(nn.Module):
+  """Residual block: self-attention, then (encoder-decoder only) cross-attention to the encoder
+  output, then an MLP or mixture of experts; each sublayer with a norm before (pre) or after
+  (post) its residual add, and residual dropout on its output."""
+
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+  causal: bool = True  # False: bidirectional (the encoder).
+  cross: bool = False  # Attend to a context (the encoder output) after self-attention.
+  moe: bool = False  # A mixture of experts instead of the MLP.
+
+  @nn.compact
+  def __call__(self, x_BLD: jax.Array, context_BSD: jax.Array | None = None, self_mask=None, context_mask=None):
+    c = self.config
+    sublayers = [('attention', lambda x: Attention(c, self.train, name='attention')(x, self_mask))]
+    if self.cross:
+      sublayers.append(('cross_attention', lambda x: Attention(c, self.train, name='cross_attention')(
+          x, context_mask, context_BSD)))
+    ffn = MoeMlp(c, self.train, name='moe') if self.moe else Mlp(c, self.train, name='mlp')
+    sublayers.append(('moe' if self.moe else 'mlp', ffn))
+    for name, layer in sublayers:
+      norm = norm_layer(f'ln_{name}', c)
+      if c.norm_position == 'pre':  # x + f(norm(x)): the residual stream itself is never normalised.
+        x_BLD = x_BLD + dropout(self, layer(norm(x_BLD)), c.residual_dropout, self.train)
+      else:  # norm(x + f(x)), as in the original Transformer.
+        x_BLD = norm(x_BLD + dropout(self, layer(x_BLD), c.residual_dropout, self.train))
+      x_BLD = nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
+    return (x_BLD, None) if c.scan_layers else x_BLD  # nn.scan wants (carry, output).

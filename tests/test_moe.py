@@ -1,0 +1,95 @@
+"""Mixture of experts: routing, capacity, the balance loss, and the per-layer interval."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from lm import config as config_lib
+from lm.layers import MoeMlp, balance_loss, route
+from lm.model import make_model
+
+
+def _moe_config(**knobs):
+  config = config_lib.base_config()
+  config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=2, d_model=16, mlp_dim=32,
+                      moe_experts=4, moe_top_k=2, moe_capacity_factor=0.0)
+  config.model.update(**knobs)
+  return config
+
+
+def test_every_token_goes_to_its_top_k_experts_with_gates_summing_to_one():
+  probs = jax.nn.softmax(jax.random.normal(jax.random.PRNGKey(0), (3, 10, 5)))
+  dispatch, combine = route(probs, top_k=2, capacity=10)
+  np.testing.assert_array_equal(dispatch.sum(axis=(2, 3)), 2)  # Two experts, one slot each.
+  experts = np.asarray(dispatch.any(-1))
+  top2 = np.argsort(-np.asarray(probs), axis=-1)[..., :2]
+  for b in range(3):
+    for l in range(10):
+      assert set(np.flatnonzero(experts[b, l])) == set(top2[b, l])
+  np.testing.assert_allclose(combine.sum(axis=(2, 3)), 1.0, rtol=1e-6)
+  # No two tokens share a slot.
+  assert dispatch.sum(axis=1).max() == 1
+
+
+def test_capacity_keeps_the_earliest_tokens():
+  probs = jnp.tile(jnp.array([0.7, 0.2, 0.1]), (1, 6, 1))  # Every token prefers expert 0, then 1.
+  dispatch, combine = route(probs, top_k=1, capacity=2)
+  np.testing.assert_array_equal(dispatch[0, :, 0].sum(-1), [1, 1, 0, 0, 0, 0])
+  assert not dispatch[0, :, 1:].any()  # A dropped choice goes nowhere else.
+  np.testing.assert_allclose(combine[0, :2, 0].sum(-1), 1.0)
+
+
+def test_moe_layer_is_the_gate_weighted_sum_of_its_top_k_experts():
+  config = _moe_config()
+  layer = MoeMlp(ml_collections.FrozenConfigDict(config.model))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(2), x)['params'])
+  out = np.asarray(layer.apply({'params': params}, x))
+  p = jax.tree.map(np.asarray, params)
+  xs = np.asarray(x, np.float64)
+  logits = xs @ p['router']
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  for b in range(2):
+    for l in range(6):
+      top = np.argsort(-probs[b, l])[:2]
+      gates = probs[b, l, top] / probs[b, l, top].sum()
+      expected = sum(g * (np.asarray(nn.gelu(xs[b, l] @ p['up'][e] + p['up_bias'][e])) @ p['down'][e] + p['down_bias'][e])
+                     for g, e in zip(gates, top))
+      np.testing.assert_allclose(out[b, l], expected, rtol=2e-4, atol=2e-5)
+
+
+def test_balance_loss_is_one_for_a_uniform_router_and_more_otherwise():
+  uniform = jnp.full((4, 8, 6), 1 / 6)
+  assert float(balance_loss(uniform, top_k=2)) == pytest.approx(1.0, abs=1e-6)
+  for seed in range(5):
+    probs = jax.nn.softmax(3 * jax.random.normal(jax.random.PRNGKey(seed), (4, 8, 6)))
+    assert float(balance_loss(probs, top_k=2)) > 1.0
+  collapsed = jax.nn.softmax(jnp.tile(jnp.array([9.0, 0, 0, 0, 0, 0]), (4, 8, 1)))
+  assert float(balance_loss(collapsed, top_k=1)) > 5.9  # Nearly E: all tokens on one expert.
+
+
+def test_moe_every_places_experts_on_every_nth_block_with_their_own_logical_axis():
+  config = _moe_config(num_layers=4, moe_every=2)
+  boxed = make_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  assert [('moe' in boxed[f'block_{i}'], 'mlp' in boxed[f'block_{i}']) for i in range(4)] == \
+      [(False, True), (True, False), (False, True), (True, False)]
+  specs = nn.get_partition_spec(boxed)['block_1']['moe']
+  assert specs['up'] == jax.sharding.PartitionSpec('expert', 'embed', 'mlp')
+  assert specs['down'] == jax.sharding.PartitionSpec('expert', 'mlp', 'embed')
+  assert nn.meta.unbox(boxed)['block_1']['moe']['up'].shape == (4, 16, 32)
+
+
+def test_moe_balance_loss_reaches_the_training_loss():
+  from lm import train  # pylint: disable=import-outside-toplevel
+  config = _moe_config(moe_capacity_factor=1.0)
+  model = make_model(config)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params'])
+  batch = {'tokens': jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 97), 'loss_mask': jnp.ones((2, 8), bool)}
+  plain, count, balance = train.loss_sums(params, batch, model)
+  weighted, _, _ = train.loss_sums(params, batch, model, moe_balance_loss=0.5)
+  assert float(balance) >= 1.0
+  np.testing.assert_allclose(float(weighted - plain), 0.5 * float(balance) * float(count), rtol=1e-5)

@@ -1,0 +1,66 @@
+"""Every preset's parameter count from jax.eval_shape (shapes only: nothing is allocated)."""
+
+import importlib.util
+
+import jax
+import pytest
+
+from conftest import ROOT
+from lm import config as config_lib
+from lm import train
+from lm.layers import mlp_width
+from lm.model import count_params, make_model
+
+
+def _preset(name: str, arg: str, **overrides):
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'experiments' / f'{name}.py')
+  experiment = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(experiment)
+  return experiment, config_lib.validate(config_lib.override(experiment.get_config(arg), overrides))
+
+
+def _count(config) -> int:
+  model = make_model(config)
+  batch = train.example_batch(config)
+  args = (batch['inputs'],) if 'inputs' in batch else ()
+  return count_params(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, batch['tokens'][:, :-1]))['params'])
+
+
+@pytest.mark.parametrize('size', ['small', 'medium', 'large', 'xl'])
+def test_gpt2_presets_have_the_published_parameter_counts(size):
+  experiment, config = _preset('gpt2', size)
+  assert _count(config) == experiment.PUBLISHED_PARAMS[size]
+
+
+def _llama_count(m) -> int:
+  """Embedding + untied output, per block four attention matrices (k and v kv_heads wide), three
+  SwiGLU matrices and two RMSNorm scales, and the final norm."""
+  head = m.d_model // m.num_heads
+  attention = 2 * m.d_model * m.d_model + 2 * m.d_model * head * m.num_kv_heads
+  block = attention + 3 * m.d_model * mlp_width(m) + 2 * m.d_model
+  return 2 * m.vocab_size * m.d_model + m.num_layers * block + m.d_model
+
+
+@pytest.mark.parametrize('size', ['tiny', '125m', '1b', '7b', '8b'])
+def test_llama_presets_count_what_the_recipe_says(size):
+  experiment, config = _preset('llama', size)
+  count = _count(config)
+  assert count == _llama_count(config.model)
+  if size in experiment.PUBLISHED_PARAMS:
+    assert count == experiment.PUBLISHED_PARAMS[size]
+
+
+def test_llama_7b_mlp_follows_the_two_thirds_rule():
+  _, config = _preset('llama', '7b')
+  assert config.model.mlp_dim == 0 and mlp_width(config.model) == 11008  # 2/3 * 4 * 4096 = 10922.7, up to 256s.
+
+
+def test_gpt2_tensor_layout_pads_the_vocabulary():
+  _, config = _preset('gpt2', 'small,fsdp_tensor')
+  assert config.model.vocab_size % 128 == 0 and _count(config) == 124_439_808 + 47 * 768
+
+
+def test_t5_presets_share_one_model():
+  _, span = _preset('t5', 'span')
+  _, seq2seq = _preset('t5', 'seq2seq', **{'data.paths': __file__})  # Pairs files are the user's to name.
+  assert span.model.to_dict() == seq2seq.model.to_dict()  # So a span run's checkpoint starts a seq2seq run.

@@ -34,7 +34,7 @@ DEFAULT_LOGICAL_AXIS_RULES = (
     ('heads', 'tensor'),
     ('kv_heads', 'tensor'),
     ('mlp', 'tensor'),
-    ('expert', None),  # ('expert', 'data'): expert parallelism, each data shard holding some experts.
+    ('expert', None),  # Expert parallelism: put ('expert', 'data') first, so experts (not the batch) take data.
     ('embed', 'fsdp'),
     ('kv', None),
     ('length', None),
@@ -75,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe_experts = 0  # Mixture of experts: experts per MoE layer; 0 = dense MLPs only.
   c.model.moe_top_k = 2  # Experts each token is routed to.
   c.model.moe_every = 1  # Every this-many-th block (counting from 1) has experts instead of an MLP.
-  c.model.moe_capacity_factor = 1.25  # Slots per expert = factor * top_k * seq_len / experts; overflow is dropped; 0 = none.
+  c.model.moe_capacity_factor = 1.25  # Slots per expert = factor * top_k * max_len / experts; overflow is dropped; 0 = none.
   c.model.tie_embeddings = True  # Output layer = the token embedding transposed; False: a separate matrix.
   c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).
   c.model.remat = 'none'  # Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).

@@ -197,14 +197,16 @@ def route(router_probs_BLE: jax.Array, top_k: int, capacity: int) -> tuple[jax.A
   """Top-k routing with `capacity` slots per expert and sequence.
 
   Returns dispatch_BLEC (bool: token l goes to slot c of expert e) and combine_BLEC (dispatch
-  times the token's gate for that expert: its top-k probabilities renormalised to sum to 1).
+  times the token's gate for that expert: its router probability, renormalised over its top k when
+  k > 1; with k = 1 the raw probability, as in Switch, so the router still gets the task's gradient).
   Slots fill in sequence order (a token's choices in rank order); a choice that finds its expert
   full is dropped. Filling by position keeps a decoder causal: whether token l keeps a slot
   depends only on tokens up to l.
   """
   num_experts = router_probs_BLE.shape[-1]
   gates_BLk, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
-  gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
+  if top_k > 1:
+    gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
   batch, length = experts_BLk.shape[:2]
   chosen_BLkE = jax.nn.one_hot(experts_BLk, num_experts, dtype=jnp.int32)
   # Slot of each choice in its expert: the choices that came before it.
@@ -227,10 +229,12 @@ def balance_loss(router_probs_BLE: jax.Array, top_k: int) -> jax.Array:
 
 
 def expert_capacity(config, length: int) -> int:
-  """Slots per expert and sequence: capacity_factor * top_k * length / experts (0: all tokens fit)."""
+  """Slots per expert in a sequence of `length`: capacity_factor * top_k * max_len / experts (0: all
+  tokens fit). Sized by max_len, not the length at hand, so a token kept in training is kept when
+  sampling from a shorter sequence too."""
   if not config.moe_capacity_factor:
     return length
-  return min(length, math.ceil(config.moe_capacity_factor * config.moe_top_k * length / config.moe_experts))
+  return min(length, math.ceil(config.moe_capacity_factor * config.moe_top_k * config.max_len / config.moe_experts))
 
 
 class MoeMlp(nn.Module):
@@ -244,7 +248,7 @@ class MoeMlp(nn.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     c = self.config
     width, num_experts, dtype = mlp_width(c), c.moe_experts, dtype_of(c)
-    router_DE = self.param('router', _init(c.init_std, ('embed', None)), (c.d_model, num_experts))
+    router_DE = self.param('router_kernel', _init(c.init_std, ('embed', None)), (c.d_model, num_experts))
     probs_BLE = jax.nn.softmax(jnp.einsum('BLD,DE->BLE', x_BLD.astype(jnp.float32), router_DE), axis=-1)
     self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
     dispatch_BLEC, combine_BLEC = route(probs_BLE, c.moe_top_k, expert_capacity(c, x_BLD.shape[1]))
@@ -252,7 +256,7 @@ class MoeMlp(nn.Module):
     x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
 
     def expert_in(name):
-      kernel = self.param(name, _init(c.init_std, ('expert', 'embed', 'mlp')), (num_experts, c.d_model, width))
+      kernel = self.param(f'{name}_kernel', _init(c.init_std, ('expert', 'embed', 'mlp')), (num_experts, c.d_model, width))
       h_EBCF = jnp.einsum('EBCD,EDF->EBCF', x_EBCD, kernel.astype(dtype))
       if c.use_bias:
         h_EBCF += self.param(f'{name}_bias', _zeros(('expert', 'mlp')), (num_experts, width)).astype(dtype)[:, None, None]
@@ -262,7 +266,8 @@ class MoeMlp(nn.Module):
     if c.mlp == 'swiglu':
       h_EBCF = h_EBCF * expert_in('up')
     h_EBCF = nn.with_logical_constraint(h_EBCF, ('expert', 'batch', None, 'mlp'))
-    down_EFD = self.param('down', _init(residual_out_std(c), ('expert', 'mlp', 'embed')), (num_experts, width, c.d_model))
+    down_EFD = self.param('down_kernel', _init(residual_out_std(c), ('expert', 'mlp', 'embed')),
+                          (num_experts, width, c.d_model))
     y_EBCD = jnp.einsum('EBCF,EFD->EBCD', h_EBCF, down_EFD.astype(dtype))
     if c.use_bias:
       y_EBCD += self.param('down_bias', _zeros(('expert', 'embed')), (num_experts, c.d_model)).astype(dtype)[:, None, None]

@@ -24,13 +24,13 @@ def is_moe_layer(config, index: int) -> bool:
   return bool(config.moe_experts) and (index + 1) % config.moe_every == 0
 
 
-def _block_class(config) -> type[nn.Module]:
+def _block_class(config, num_layers: int) -> type[nn.Module]:
   block = Block
   if config.remat != 'none':
     block = nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
   if config.scan_layers:
     block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0}, split_rngs={'params': True, 'dropout': True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=config.num_layers,
+                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   return block
 
@@ -39,7 +39,7 @@ def _stack(config, x_BLD: jax.Array, *, num_layers: int, train: bool, causal: bo
            context_BSD=None, self_mask=None, context_mask=None) -> jax.Array:
   """num_layers blocks, made in the calling module's compact scope: one scanned `blocks` if
   model.scan_layers, else block_0 ... block_{n-1}."""
-  block = _block_class(config)
+  block = _block_class(config, num_layers)
   if config.scan_layers:  # All blocks alike (validation forbids moe_every > 1 here).
     x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, 0), name='blocks')(
         x_BLD, context_BSD, self_mask, context_mask)

@@ -16,8 +16,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def weight_decay_mask(params) -> object:
-  """True for matmul kernels only: biases, norm scales and embeddings are not decayed."""
-  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == 'kernel', params)
+  """True for matmul kernels only (`kernel`, and the experts' `*_kernel`): biases, norm scales and
+  embeddings are not decayed."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key.endswith('kernel'), params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:

@@ -134,7 +134,8 @@ def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, p
   """The encoder-decoder and the mixture of experts under the same sharding: experts split over
   `data` (expert parallelism), the rest as the default rules say."""
   from lm.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=import-outside-toplevel
-  rules = tuple(('expert', 'data') if name == 'expert' else (name, axes) for name, axes in DEFAULT_LOGICAL_AXIS_RULES)
+  # First, so that in the dispatched activations [expert, batch, slot, embed] the experts take `data`.
+  rules = (('expert', 'data'),) + tuple(rule for rule in DEFAULT_LOGICAL_AXIS_RULES if rule[0] != 'expert')
   knobs = SHARDABLE | {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption', 'model.moe_experts': 4,
                        'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules}
   config = tiny_config(tfds_dir, play_files, **knobs)
@@ -145,8 +146,10 @@ def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, p
   losses, state = train_on(config, jax.devices(), batches)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert_trees_close(state.params, ref_state.params)
-  up = state.params['encoder']['block_0']['moe']['up']
+  up = state.params['encoder']['block_0']['moe']['up_kernel']
   assert up.sharding.spec[0] == 'data' and up.addressable_shards[0].data.shape[0] == 2  # Two experts per shard.
+  # The dispatched tokens [expert, batch, slot, embed]: split by expert over `data` (all-to-all, not all-gather).
+  assert nn.logical_to_mesh_axes(('expert', 'batch', None, 'embed'), rules)[0] == 'data'
 
 
 def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, corpus_and_batches, single_device):

@@ -78,6 +78,11 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
   tokenizer = tokenizers.load_or_train(d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir,
                                        texts, d.tokenizer_train_bytes, trained_on=dataset,
                                        copy_from=pathlib.Path(init_from) / 'tokenizer' if init_from else None)
+  room = config.model.vocab_size - reserved_ids(config)
+  if tokenizer.vocab_size > room:  # A tokenizer taken over by checkpoint.init_from may not fit.
+    sentinels = f' less {reserved_ids(config)} span-corruption sentinels' if reserved_ids(config) else ''
+    raise ConfigError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}'
+                      f'{sentinels} leaves room for {room}')
   return Corpus(train, evaluation, tokenizer, text_keys, dataset)
 
 
@@ -119,7 +124,7 @@ def _span_corruption(config: ml_collections.ConfigDict, corpus: Corpus) -> spans
 
 
 def _examples(config: ml_collections.ConfigDict, corpus: Corpus, docs: grain.MapDataset,
-              read: grain.ReadOptions, training: bool) -> grain.IterDataset:
+              read: grain.ReadOptions, training: bool, shard_index: int = 0) -> grain.IterDataset:
   """Documents -> examples of data.objective (a finite eval stream keeps its padded tail for lm)."""
   d, t = config.data, corpus.tokenizer
   if d.objective == 'seq2seq':
@@ -131,7 +136,8 @@ def _examples(config: ml_collections.ConfigDict, corpus: Corpus, docs: grain.Map
   corruption = _span_corruption(config, corpus)
   # Windows of raw_len tokens (each starting on the last token of the one before).
   windows = PackIterDataset(docs, seq_len=corruption.raw_len - 1, pad_id=t.pad_id, pad_final=False)
-  return windows.random_map(corruption, seed=config.seed)
+  # Grain seeds each window's masks by (seed, position in this stream): the shard goes into the seed.
+  return windows.random_map(corruption, seed=(config.seed * 1_000_003 + shard_index) % 2**32)
 
 
 _TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
@@ -147,7 +153,8 @@ def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, shard_index
   """
   d = config.data
   docs = grain.MapDataset.source(corpus.train_source)[shard_index::shard_count]
-  packed = _examples(config, corpus, docs.shuffle(seed=config.seed).repeat(), _TRAIN_READ, training=True)
+  packed = _examples(config, corpus, docs.shuffle(seed=config.seed).repeat(), _TRAIN_READ, training=True,
+                     shard_index=shard_index)
   if d.shuffle_window:
     packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window,
                                                          seed=config.seed)

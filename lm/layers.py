@@ -71,13 +71,15 @@ def dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Ar
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
-def rotary(x_BLHK: jax.Array, base: float) -> jax.Array:
+def rotary(x_BLHK: jax.Array, base: float, positions_BL: jax.Array | None = None) -> jax.Array:
   """RoPE: rotates each (x_i, x_{i + K/2}) pair by position * base^(-2i/K), so q.k depends on
-  positions only through their difference."""
+  positions only through their difference. Positions default to 0 .. L-1."""
   half = x_BLHK.shape[-1] // 2
   inv_freq_k = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angles_LK = jnp.arange(x_BLHK.shape[1], dtype=jnp.float32)[:, None] * inv_freq_k[None, :]
-  cos, sin = jnp.cos(angles_LK)[None, :, None, :], jnp.sin(angles_LK)[None, :, None, :]
+  if positions_BL is None:
+    positions_BL = jnp.arange(x_BLHK.shape[1])[None, :]
+  angles_BLK = positions_BL.astype(jnp.float32)[..., None] * inv_freq_k
+  cos, sin = jnp.cos(angles_BLK)[:, :, None, :], jnp.sin(angles_BLK)[:, :, None, :]
   x1, x2 = x_BLHK[..., :half].astype(jnp.float32), x_BLHK[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
 
@@ -134,9 +136,38 @@ class Attention(nn.Module):
 
   config: ml_collections.FrozenConfigDict
   train: bool = False
+  decode: bool = False  # Self-attention over a KV cache (see `cached_keys`).
+
+  def cached_keys(self, k_BLGK: jax.Array, v_BLGK: jax.Array, positions_BL: jax.Array, valid_BL: jax.Array):
+    """Writes this call's keys and values into the 'cache' collection after those of earlier calls;
+    returns all cached keys and values [B, max_len, G, K] and the mask [B, L, max_len] of the slots
+    each new query may see: written, valid (not padding), not after it, and within the window."""
+    c = self.config
+    batch, length = k_BLGK.shape[:2]
+    initialised = self.has_variable('cache', 'cached_key')
+    key = self.variable('cache', 'cached_key', jnp.zeros, (batch, c.max_len) + k_BLGK.shape[2:], k_BLGK.dtype)
+    value = self.variable('cache', 'cached_value', jnp.zeros, (batch, c.max_len) + v_BLGK.shape[2:], v_BLGK.dtype)
+    slot_positions = self.variable('cache', 'cached_positions', jnp.zeros, (batch, c.max_len), jnp.int32)
+    slot_valid = self.variable('cache', 'cached_valid', jnp.zeros, (batch, c.max_len), bool)
+    index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    if initialised:  # (At init the cache is only being created.)
+      start = index.value
+      key.value = jax.lax.dynamic_update_slice(key.value, k_BLGK, (0, start, 0, 0))
+      value.value = jax.lax.dynamic_update_slice(value.value, v_BLGK, (0, start, 0, 0))
+      slot_positions.value = jax.lax.dynamic_update_slice(slot_positions.value, positions_BL.astype(jnp.int32), (0, start))
+      slot_valid.value = jax.lax.dynamic_update_slice(slot_valid.value, valid_BL, (0, start))
+      index.value = start + length
+    slots_L = index.value - length + jnp.arange(length)
+    mask_BLS = slot_valid.value[:, None, :] & (jnp.arange(c.max_len)[None, None, :] <= slots_L[None, :, None])
+    if c.sliding_window:
+      mask_BLS &= positions_BL[:, :, None] - slot_positions.value[:, None, :] < c.sliding_window
+    return key.value, value.value, mask_BLS
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, mask: jax.Array | None, context_BSD: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x_BLD: jax.Array, mask: jax.Array | None, context_BSD: jax.Array | None = None,
+               positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None) -> jax.Array:
+    """positions_BL (default 0 .. L-1) place the tokens for RoPE and the cache; valid_BL marks the
+    tokens that are not padding (decode only: `mask` covers the rest)."""
     c = self.config
     head_dim = c.d_model // c.num_heads
     kv_heads = c.num_kv_heads or c.num_heads
@@ -157,7 +188,11 @@ class Attention(nn.Module):
       q_BLHK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='query_norm')(q_BLHK)
       k_BSGK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='key_norm')(k_BSGK)
     if c.positions == 'rope' and context_BSD is None:  # Cross-attention compares no positions.
-      q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base), rotary(k_BSGK, c.rope_base)
+      q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base, positions_BL), rotary(k_BSGK, c.rope_base, positions_BL)
+    if self.decode:
+      if positions_BL is None or valid_BL is None:
+        raise ValueError('decoding with a KV cache needs positions_BL and valid_BL')
+      k_BSGK, v_BSGK, mask = self.cached_keys(k_BSGK, v_BSGK, positions_BL, valid_BL)
     # Grouped-query attention: each of the kv_heads serves num_heads / kv_heads query heads.
     k_BSHK, v_BSHK = (jnp.repeat(x, c.num_heads // kv_heads, axis=2) for x in (k_BSGK, v_BSGK))
     out_BLHK = attention(q_BLHK, k_BSHK, v_BSHK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train))
@@ -284,11 +319,14 @@ class Block(nn.Module):
   causal: bool = True  # False: bidirectional (the encoder).
   cross: bool = False  # Attend to a context (the encoder output) after self-attention.
   moe: bool = False  # A mixture of experts instead of the MLP.
+  decode: bool = False  # Self-attention over a KV cache.
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, context_BSD: jax.Array | None = None, self_mask=None, context_mask=None):
+  def __call__(self, x_BLD: jax.Array, context_BSD: jax.Array | None = None, self_mask=None, context_mask=None,
+               positions_BL=None, valid_BL=None):
     c = self.config
-    sublayers = [('attention', lambda x: Attention(c, self.train, name='attention')(x, self_mask))]
+    sublayers = [('attention', lambda x: Attention(c, self.train, self.decode, name='attention')(
+        x, self_mask, None, positions_BL, valid_BL))]
     if self.cross:
       sublayers.append(('cross_attention', lambda x: Attention(c, self.train, name='cross_attention')(
           x, context_mask, context_BSD)))

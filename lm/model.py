@@ -29,33 +29,36 @@ def _block_class(config, num_layers: int) -> type[nn.Module]:
   if config.remat != 'none':
     block = nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
   if config.scan_layers:
-    block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0}, split_rngs={'params': True, 'dropout': True},
-                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_layers,
+    block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0, 'cache': 0},
+                    split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * 5, length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   return block
 
 
 def _stack(config, x_BLD: jax.Array, *, num_layers: int, train: bool, causal: bool = True, cross: bool = False,
-           context_BSD=None, self_mask=None, context_mask=None) -> jax.Array:
+           context_BSD=None, self_mask=None, context_mask=None, decode: bool = False, positions_BL=None,
+           valid_BL=None) -> jax.Array:
   """num_layers blocks, made in the calling module's compact scope: one scanned `blocks` if
   model.scan_layers, else block_0 ... block_{n-1}."""
   block = _block_class(config, num_layers)
+  args = (x_BLD, context_BSD, self_mask, context_mask, positions_BL, valid_BL)
   if config.scan_layers:  # All blocks alike (validation forbids moe_every > 1 here).
-    x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, 0), name='blocks')(
-        x_BLD, context_BSD, self_mask, context_mask)
+    x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, 0), decode, name='blocks')(*args)
     return x_BLD
   for i in range(num_layers):
-    x_BLD = block(config, train, causal, cross, is_moe_layer(config, i), name=f'block_{i}')(
-        x_BLD, context_BSD, self_mask, context_mask)
+    x_BLD = block(config, train, causal, cross, is_moe_layer(config, i), decode, name=f'block_{i}')(x_BLD, *args[1:])
   return x_BLD
 
 
-def _embed(module: nn.Module, embedding: nn.Embed, tokens_BL: jax.Array, positions_LD, train: bool) -> jax.Array:
-  """Token embeddings times embed_multiplier, plus learned positions if any, then embedding dropout."""
+def _embed(module: nn.Module, embedding: nn.Embed, tokens_BL: jax.Array, table_PD, train: bool,
+           positions_BL: jax.Array | None = None) -> jax.Array:
+  """Token embeddings times embed_multiplier, plus learned positions if any (rows 0 .. L-1 of the
+  table, or those of positions_BL), then embedding dropout."""
   c = module.config
   x_BLD = embedding(tokens_BL) * jnp.asarray(c.embed_multiplier, dtype_of(c))
-  if positions_LD is not None:
-    x_BLD = x_BLD + positions_LD[:tokens_BL.shape[1]].astype(dtype_of(c))
+  if table_PD is not None:
+    rows = table_PD[:tokens_BL.shape[1]][None] if positions_BL is None else table_PD[positions_BL]
+    x_BLD = x_BLD + rows.astype(dtype_of(c))
   x_BLD = dropout(module, x_BLD, c.embed_dropout, train)
   return nn.with_logical_constraint(x_BLD, ('batch', 'length', 'embed'))
 
@@ -84,17 +87,24 @@ def _logits(logits_BLV: jax.Array) -> jax.Array:
 
 class GPT(nn.Module):
   """Token ids [B, L] -> next-token logits [B, L, V] (float32). `train` turns dropout on (its
-  randomness comes from the 'dropout' rng)."""
+  randomness comes from the 'dropout' rng).
+
+  With decode=True the tokens continue those of earlier calls through a KV cache (the mutable
+  'cache' collection, made by `init_cache`): positions_BL says where each token sits in its
+  sequence and valid_BL which tokens are real (False: left padding, never attended to).
+  """
 
   config: ml_collections.FrozenConfigDict
 
   @nn.compact
-  def __call__(self, tokens_BL: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(self, tokens_BL: jax.Array, train: bool = False, decode: bool = False,
+               positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None) -> jax.Array:
     c = self.config
     embedding = _token_embedding(c)
-    x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train)
+    x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train, positions_BL)
     x_BLD = _stack(c, x_BLD, num_layers=c.num_layers, train=train,
-                   self_mask=causal_mask(tokens_BL.shape[1], c.sliding_window))
+                   self_mask=None if decode else causal_mask(tokens_BL.shape[1], c.sliding_window),
+                   decode=decode, positions_BL=positions_BL, valid_BL=valid_BL)
     if c.norm_position == 'pre':  # Post-norm blocks already end normalised.
       x_BLD = norm_layer('ln_final', c)(x_BLD)
     return _logits(embedding.attend(x_BLD) if c.tie_embeddings else _output_layer(c)(x_BLD))
@@ -162,6 +172,13 @@ def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train:
   """Logits predicting batch['tokens'][:, 1:] from the tokens before (and batch['inputs'], if any)."""
   args = (batch['inputs'],) if 'inputs' in batch else ()
   return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable)
+
+
+def init_cache(model: GPT, batch_size: int) -> dict:
+  """An empty KV cache for batch_size sequences of up to model.config.max_len tokens."""
+  tokens = jnp.zeros((batch_size, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, False, True, tokens, tokens > 0))
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(shapes['cache']))
 
 
 def count_params(params) -> int:

@@ -1,5 +1,4 @@
 import itertools
-import pathlib
 
 import grain
 import numpy as np

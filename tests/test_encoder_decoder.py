@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import one_device_mesh, tiny_config
+from conftest import tiny_config
 from lm import config as config_lib
 from lm import train
 from lm.data import pipeline, spans
 from lm.model import make_model
+from test_sharding import SHARDABLE, assert_trees_close, train_on
 from test_train import overfit
 
 SPAN = {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption'}
@@ -192,3 +193,25 @@ def test_bad_encoder_decoder_configs_name_both_keys(tfds_dir, play_files):
   for overrides, message in cases:
     with pytest.raises(config_lib.ConfigError, match=re.escape(message)):
       tiny_config(tfds_dir, play_files, **overrides)
+
+
+def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, play_files, tmp_path):
+  """The encoder-decoder and the mixture of experts under the same sharding: experts split over
+  `data` (expert parallelism), the rest as the default rules say."""
+  from lm.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=import-outside-toplevel
+  # First, so that in the dispatched activations [expert, batch, slot, embed] the experts take `data`.
+  rules = (('expert', 'data'),) + tuple(rule for rule in DEFAULT_LOGICAL_AXIS_RULES if rule[0] != 'expert')
+  knobs = SHARDABLE | {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption', 'model.moe_experts': 4,
+                       'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules}
+  config = tiny_config(tfds_dir, play_files, **knobs)
+  corpus = pipeline.load_corpus(config, tmp_path)
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
+  ref_losses, ref_state = train_on(config, jax.devices()[:1], batches)
+  config = tiny_config(tfds_dir, play_files, **knobs, **{'mesh.shape': (2, 2, 2)})
+  losses, state = train_on(config, jax.devices(), batches)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_trees_close(state.params, ref_state.params)
+  up = state.params['encoder']['block_0']['moe']['up_kernel']
+  assert up.sharding.spec[0] == 'data' and up.addressable_shards[0].data.shape[0] == 2  # Two experts per shard.
+  # The dispatched tokens [expert, batch, slot, embed]: split by expert over `data` (all-to-all, not all-gather).
+  assert nn.logical_to_mesh_axes(('expert', 'batch', None, 'embed'), rules)[0] == 'data'

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-import socket
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -14,11 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
+from conftest import tiny_config
 from lm import checkpoint, sharding, train
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.metrics import read_metrics
 from lm.model import make_model, stack_layers
 from lm.optim import make_optimizer
 
@@ -130,28 +125,6 @@ def test_gradient_accumulation_matches_the_whole_batch(tfds_dir, play_files, cor
   assert_trees_close(state.params, single_device[1].params)
 
 
-def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, play_files, tmp_path):
-  """The encoder-decoder and the mixture of experts under the same sharding: experts split over
-  `data` (expert parallelism), the rest as the default rules say."""
-  from lm.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=import-outside-toplevel
-  # First, so that in the dispatched activations [expert, batch, slot, embed] the experts take `data`.
-  rules = (('expert', 'data'),) + tuple(rule for rule in DEFAULT_LOGICAL_AXIS_RULES if rule[0] != 'expert')
-  knobs = SHARDABLE | {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption', 'model.moe_experts': 4,
-                       'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules}
-  config = tiny_config(tfds_dir, play_files, **knobs)
-  corpus = pipeline.load_corpus(config, tmp_path)
-  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
-  ref_losses, ref_state = train_on(config, jax.devices()[:1], batches)
-  config = tiny_config(tfds_dir, play_files, **knobs, **{'mesh.shape': (2, 2, 2)})
-  losses, state = train_on(config, jax.devices(), batches)
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-  assert_trees_close(state.params, ref_state.params)
-  up = state.params['encoder']['block_0']['moe']['up_kernel']
-  assert up.sharding.spec[0] == 'data' and up.addressable_shards[0].data.shape[0] == 2  # Two experts per shard.
-  # The dispatched tokens [expert, batch, slot, embed]: split by expert over `data` (all-to-all, not all-gather).
-  assert nn.logical_to_mesh_axes(('expert', 'batch', None, 'embed'), rules)[0] == 'data'
-
-
 def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, corpus_and_batches, single_device):
   ref_config = tiny_config(tfds_dir, play_files, **SHARDABLE)
   mesh = sharding.make_mesh(ref_config, jax.devices()[:1])
@@ -226,53 +199,3 @@ def test_unknown_mesh_axis_in_a_rule_is_refused(tfds_dir, play_files):
   rules = (('batch', ('data', 'pipeline')),)
   with pytest.raises(ConfigError, match="names unknown mesh axis 'pipeline'; mesh axes: data, fsdp, tensor"):
     tiny_config(tfds_dir, play_files, **{'mesh.logical_axis_rules': rules})
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
-def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
-  """2 processes x 4 devices through jax.distributed equal 1 process x 8 devices."""
-  workdir = tmp_path / 'run'
-  overrides = tiny_overrides(tfds_dir, play_files, **(SHARDABLE | {'train.steps': 4, 'eval.every': 4}))
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}',
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
-      + [f'--config.{k}={v}' for k, v in overrides.items()],
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in range(2)]
-  outputs = [p.communicate(timeout=600)[0] for p in procs]
-  assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
-  assert 'over 8 cpu devices, 2 process(es)' in outputs[0]
-  assert (workdir / 'checkpoints' / '4' / 'data' / 'process_1-of-2.json').exists()
-
-  # The reference: one process, 8 devices, the same global batches (data shard 0 rows, then shard 1).
-  config = tiny_config(tfds_dir, play_files, **(SHARDABLE | {'train.steps': 4, 'eval.every': 4}))
-  corpus = pipeline.load_corpus(config, workdir / 'tokenizer')
-  shards = [iter(pipeline.train_dataset(config, corpus, i, 2)) for i in range(2)]
-  batches = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in
-             (tuple(next(s) for s in shards) for _ in range(4))]
-  losses, state = train_on(config, jax.devices(), batches)
-  logged = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
-  np.testing.assert_allclose(logged, losses[1::2], rtol=1e-5)
-
-  mesh = sharding.make_mesh(config)
-  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
-    like = train.init_train_state(config, make_model(config), make_optimizer(config), mesh)
-  restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
-  restored = restorer.restore_state(4, like)
-  restorer.close()
-  assert int(restored.step) == 4
-  assert_trees_close(restored.params, state.params)
-
-
-def test_resuming_with_another_number_of_data_shards_is_refused(tmp_path):
-  (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
-  (tmp_path / 'dataset.json').write_text('{"dataset": "shakespeare", "data_shards": 2}')
-  checkpoint.check_data_shards(tmp_path, 2)
-  with pytest.raises(ConfigError, match=r'trained reading 2 data shard\(s\).*this run reads 1'):
-    checkpoint.check_data_shards(tmp_path, 1)

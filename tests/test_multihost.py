@@ -1,0 +1,71 @@
+"""Several hosts, simulated: processes joined by jax.distributed on 127.0.0.1 equal one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
+from lm import checkpoint, sharding, train
+from lm.config import ConfigError
+from lm.data import pipeline
+from lm.metrics import read_metrics
+from lm.model import make_model
+from lm.optim import make_optimizer
+from test_sharding import SHARDABLE, assert_trees_close, train_on
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
+  """2 processes x 4 devices through jax.distributed equal 1 process x 8 devices."""
+  workdir = tmp_path / 'run'
+  overrides = tiny_overrides(tfds_dir, play_files, **(SHARDABLE | {'train.steps': 4, 'eval.every': 4}))
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}',
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
+      + [f'--config.{k}={v}' for k, v in overrides.items()],
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in range(2)]
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+  assert 'over 8 cpu devices, 2 process(es)' in outputs[0]
+  assert (workdir / 'checkpoints' / '4' / 'data' / 'process_1-of-2.json').exists()
+
+  # The reference: one process, 8 devices, the same global batches (data shard 0 rows, then shard 1).
+  config = tiny_config(tfds_dir, play_files, **(SHARDABLE | {'train.steps': 4, 'eval.every': 4}))
+  corpus = pipeline.load_corpus(config, workdir / 'tokenizer')
+  shards = [iter(pipeline.train_dataset(config, corpus, i, 2)) for i in range(2)]
+  batches = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in
+             (tuple(next(s) for s in shards) for _ in range(4))]
+  losses, state = train_on(config, jax.devices(), batches)
+  logged = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
+  np.testing.assert_allclose(logged, losses[1::2], rtol=1e-5)
+
+  mesh = sharding.make_mesh(config)
+  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
+    like = train.init_train_state(config, make_model(config), make_optimizer(config), mesh)
+  restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
+  restored = restorer.restore_state(4, like)
+  restorer.close()
+  assert int(restored.step) == 4
+  assert_trees_close(restored.params, state.params)
+
+
+def test_resuming_with_another_number_of_data_shards_is_refused(tmp_path):
+  (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
+  (tmp_path / 'dataset.json').write_text('{"dataset": "shakespeare", "data_shards": 2}')
+  checkpoint.check_data_shards(tmp_path, 2)
+  with pytest.raises(ConfigError, match=r'trained reading 2 data shard\(s\).*this run reads 1'):
+    checkpoint.check_data_shards(tmp_path, 1)

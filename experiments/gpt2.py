@@ -18,19 +18,15 @@ For example, what GPT-2 XL needs per chip of a v5e 16x16 slice:
 
 import ml_collections
 
-from lm.config import base_config
+from lm.config import MESH_LAYOUTS, base_config, preset_arg
 
 # (layers, d_model, heads) of each size; mlp_dim is 4 * d_model.
 SIZES = {'small': (12, 768, 12), 'medium': (24, 1024, 16), 'large': (36, 1280, 20), 'xl': (48, 1600, 25)}
 PUBLISHED_PARAMS = {'small': 124_439_808, 'medium': 354_823_168, 'large': 774_030_080, 'xl': 1_557_611_200}
-LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
 
 
 def get_config(arg: str = 'small') -> ml_collections.ConfigDict:
-  size, _, layout = arg.partition(',')
-  if size not in SIZES or (layout or 'dp') not in LAYOUTS:
-    raise ValueError(f'experiments/gpt2.py:{arg}: expected SIZE[,LAYOUT] with SIZE one of {", ".join(SIZES)} '
-                     f'and LAYOUT one of {", ".join(LAYOUTS)}')
+  size, layout = preset_arg('experiments/gpt2.py', arg, SIZES)
   config = base_config()
   layers, width, heads = SIZES[size]
   config.model.num_layers = layers
@@ -59,5 +55,5 @@ def get_config(arg: str = 'small') -> ml_collections.ConfigDict:
   config.eval.batch_size = 512  # Also split over every batch shard.
   config.checkpoint.every = 1000
 
-  config.mesh.shape = LAYOUTS[layout or 'dp']
+  config.mesh.shape = MESH_LAYOUTS[layout]
   return config

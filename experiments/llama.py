@@ -19,7 +19,7 @@ tokenizer on it; they are for pods (see python -m lm.plan), not for this CPU.
 
 import ml_collections
 
-from lm.config import base_config
+from lm.config import MESH_LAYOUTS, base_config, preset_arg
 
 # layers, d_model, heads, kv heads, mlp_dim (0: the 2/3 rule, rounded up to 256), vocab, rope base, seq_len.
 SIZES = {
@@ -30,14 +30,10 @@ SIZES = {
     '8b': (32, 4096, 32, 8, 14_336, 128_256, 500_000.0, 8192),
 }
 PUBLISHED_PARAMS = {'7b': 6_738_415_616, '8b': 8_030_261_248}
-LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
-  size, _, layout = arg.partition(',')
-  if size not in SIZES or (layout or 'dp') not in LAYOUTS:
-    raise ValueError(f'experiments/llama.py:{arg}: expected SIZE[,LAYOUT] with SIZE one of {", ".join(SIZES)} '
-                     f'and LAYOUT one of {", ".join(LAYOUTS)}')
+  size, layout = preset_arg('experiments/llama.py', arg, SIZES)
   layers, width, heads, kv_heads, mlp_dim, vocab, rope_base, seq_len = SIZES[size]
   config = base_config()
   m = config.model
@@ -54,7 +50,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 1.0
   config.optimizer.min_lr_ratio = 0.1
   config.data.seq_len = seq_len
-  config.mesh.shape = LAYOUTS[layout or 'dp']
+  config.mesh.shape = MESH_LAYOUTS[layout]
 
   if size == 'tiny':  # Laptop scale, on the shipped plays.
     config.data.name = 'shakespeare'

@@ -42,6 +42,20 @@ DEFAULT_LOGICAL_AXIS_RULES = (
 )
 
 
+# Named mesh.shape layouts for presets (--config=experiments/gpt2.py:SIZE,LAYOUT); see the README.
+MESH_LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
+
+
+def preset_arg(experiment: str, arg: str, sizes) -> tuple[str, str]:
+  """(SIZE, LAYOUT) of a preset's 'SIZE[,LAYOUT]' argument (LAYOUT default 'dp'), or a one-line error."""
+  size, _, layout = arg.partition(',')
+  layout = layout or 'dp'
+  if size not in sizes or layout not in MESH_LAYOUTS:
+    raise ValueError(f'{experiment}:{arg}: expected SIZE[,LAYOUT] with SIZE one of {", ".join(sizes)} '
+                     f'and LAYOUT one of {", ".join(MESH_LAYOUTS)}')
+  return size, layout
+
+
 def base_config() -> ml_collections.ConfigDict:
   """All keys with their defaults. Experiments override values, never add keys."""
   c = ml_collections.ConfigDict()

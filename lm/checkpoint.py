@@ -26,6 +26,9 @@ def _must_match(key: str) -> bool:
   return key.startswith(_RESUME_KEY_PREFIXES) and key not in _RESUME_FREE_KEYS
 
 
+IMPORTED_FILE = 'imported.json'  # Marks a workdir of imported parameters (python -m lm.hf import).
+
+
 def has_checkpoints(directory: pathlib.Path) -> bool:
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
@@ -38,6 +41,9 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   saved_path = workdir / 'config.json'
   if not has_checkpoints(workdir / 'checkpoints'):
     return {}
+  if (workdir / IMPORTED_FILE).exists():
+    raise ConfigError(f'workdir {str(workdir)!r} holds imported parameters, not a training run; train from them '
+                      f'with --config.checkpoint.init_from={workdir} and a new --workdir')
   if not saved_path.exists():
     raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints but no config.json to check them '
                       'against; use a new --workdir')
@@ -128,6 +134,10 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+  def save_params(self, step: int, params: Any) -> None:
+    """Parameters alone (no optimizer or data state): what restore_params reads, e.g. imported weights."""
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({'params': params})))
 
   def restore(self, step: int, like: Any, data_iterator: grain.DatasetIterator) -> Any:
     """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where

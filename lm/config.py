@@ -102,7 +102,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.train_split = 'train'
   c.data.eval_split = 'validation'
   c.data.text_key = 'text'  # Feature holding the text in each example.
-  c.data.tokenizer = 'sentencepiece'  # 'sentencepiece' (trained on the train split on first use) or 'byte'.
+  # 'sentencepiece' (trained on the train split on first use), 'byte', or 'huggingface' (a tokenizer.json
+  # taken from checkpoint.init_from: a GPT-2 brought in by python -m lm.hf import).
+  c.data.tokenizer = 'sentencepiece'
   c.data.tokenizer_train_bytes = 50_000_000  # At most this much train text is used to train sentencepiece.
   c.data.objective = 'lm'  # 'lm' (next token), 'span_corruption' (T5, on the same text) or 'seq2seq' (input/target pairs).
   c.data.seq_len = 256  # Tokens per training sequence (the model sees seq_len inputs, predicts seq_len targets).
@@ -309,7 +311,7 @@ CHECKS: dict[str, Check] = {
     'data.train_split': _str(nonempty=True),
     'data.eval_split': _str(nonempty=True),
     'data.text_key': _str(nonempty=True),
-    'data.tokenizer': _choice('sentencepiece', 'byte'),
+    'data.tokenizer': _choice('sentencepiece', 'byte', 'huggingface'),
     'data.tokenizer_train_bytes': _int(1),
     'data.objective': _choice('lm', 'span_corruption', 'seq2seq'),
     'data.seq_len': _int(1),
@@ -377,6 +379,8 @@ def _cross_key_errors(c: ml_collections.ConfigDict) -> list[str]:
                   'scan: set moe_every=1 or scan_layers=False')
   if m.kind == 'decoder' and d.objective != 'lm':
     errors.append(f"data.objective={d.objective!r} needs model.kind='encoder_decoder' (model.kind='decoder')")
+  if m.kind == 'encoder_decoder' and d.tokenizer not in PAD_IDS:
+    errors.append(f"model.kind='encoder_decoder' needs data.tokenizer 'sentencepiece' or 'byte' (not {d.tokenizer!r})")
   if m.kind == 'encoder_decoder' and d.objective == 'lm':
     errors.append("model.kind='encoder_decoder' needs data.objective='span_corruption' or 'seq2seq' "
                   "(data.objective='lm')")

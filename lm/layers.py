@@ -92,17 +92,21 @@ def causal_mask(length: int, window: int = 0) -> jax.Array:
   return mask_LL
 
 
-def attention(q_BLHK: jax.Array, k_BSHK: jax.Array, v_BSHK: jax.Array, mask: jax.Array | None,
+def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax.Array | None,
               probs_dropout=lambda p: p) -> jax.Array:
   """softmax(Q K^T / sqrt(d_k)) V where `mask` (broadcastable to [B, L, S]) is True; scores and
-  softmax in float32."""
-  q_BHLK, k_BHSK, v_BHSK = (x.transpose(0, 2, 1, 3) for x in (q_BLHK, k_BSHK, v_BSHK))
-  scores_BHLS = (q_BHLK @ k_BHSK.swapaxes(-1, -2)).astype(jnp.float32) / math.sqrt(q_BLHK.shape[-1])
+  softmax in float32. Keys and values come heads-major (the KV cache's layout, so decoding reads it
+  without transposing); each of their G heads serves H / G query heads (grouped-query attention)."""
+  batch, length, heads, head_dim = q_BLHK.shape
+  groups = k_BGSK.shape[1]
+  q_BGRLK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
+  scores_BGRLS = jnp.einsum('bgrlk,bgsk->bgrls', q_BGRLK, k_BGSK).astype(jnp.float32) / math.sqrt(head_dim)
   if mask is not None:
-    mask_B1LS = jnp.broadcast_to(mask, (q_BLHK.shape[0], q_BLHK.shape[1], k_BSHK.shape[1]))[:, None]
-    scores_BHLS = jnp.where(mask_B1LS, scores_BHLS, jnp.finfo(jnp.float32).min)
-  probs_BHLS = probs_dropout(jax.nn.softmax(scores_BHLS, axis=-1)).astype(v_BSHK.dtype)
-  return (probs_BHLS @ v_BHSK).transpose(0, 2, 1, 3)
+    mask_B11LS = jnp.broadcast_to(mask, (batch, length, k_BGSK.shape[2]))[:, None, None]
+    scores_BGRLS = jnp.where(mask_B11LS, scores_BGRLS, jnp.finfo(jnp.float32).min)
+  probs_BGRLS = probs_dropout(jax.nn.softmax(scores_BGRLS, axis=-1)).astype(v_BGSK.dtype)
+  out_BGRLK = jnp.einsum('bgrls,bgsk->bgrlk', probs_BGRLS, v_BGSK)
+  return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
 class Projection(nn.Module):
@@ -138,27 +142,30 @@ class Attention(nn.Module):
   train: bool = False
   decode: bool = False  # Self-attention over a KV cache (see `cached_keys`).
 
-  def cached_keys(self, k_BLGK: jax.Array, v_BLGK: jax.Array, positions_BL: jax.Array, valid_BL: jax.Array):
+  def cached_keys(self, k_BGLK: jax.Array, v_BGLK: jax.Array, positions_BL: jax.Array, valid_BL: jax.Array):
     """Writes this call's keys and values into the 'cache' collection after those of earlier calls;
-    returns all cached keys and values [B, max_len, G, K] and the mask [B, L, max_len] of the slots
-    each new query may see: written, valid (not padding), not after it, and within the window."""
+    returns all cached keys and values [B, G, S, K] and the mask [B, L, S] of the slots each new
+    query may see: written, valid (not padding), not after it, and within the window. S is the
+    cache's length: max_len as created here, or shorter (lm.model.init_cache), so that decoding
+    attends over the slots in use, not all max_len."""
     c = self.config
-    batch, length = k_BLGK.shape[:2]
+    batch, length = k_BGLK.shape[0], k_BGLK.shape[2]
+    shape = (batch, k_BGLK.shape[1], c.max_len, k_BGLK.shape[3])
     initialised = self.has_variable('cache', 'cached_key')
-    key = self.variable('cache', 'cached_key', jnp.zeros, (batch, c.max_len) + k_BLGK.shape[2:], k_BLGK.dtype)
-    value = self.variable('cache', 'cached_value', jnp.zeros, (batch, c.max_len) + v_BLGK.shape[2:], v_BLGK.dtype)
+    key = self.variable('cache', 'cached_key', jnp.zeros, shape, k_BGLK.dtype)
+    value = self.variable('cache', 'cached_value', jnp.zeros, shape, v_BGLK.dtype)
     slot_positions = self.variable('cache', 'cached_positions', jnp.zeros, (batch, c.max_len), jnp.int32)
     slot_valid = self.variable('cache', 'cached_valid', jnp.zeros, (batch, c.max_len), bool)
     index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
     if initialised:  # (At init the cache is only being created.)
       start = index.value
-      key.value = jax.lax.dynamic_update_slice(key.value, k_BLGK, (0, start, 0, 0))
-      value.value = jax.lax.dynamic_update_slice(value.value, v_BLGK, (0, start, 0, 0))
+      key.value = jax.lax.dynamic_update_slice(key.value, k_BGLK, (0, 0, start, 0))
+      value.value = jax.lax.dynamic_update_slice(value.value, v_BGLK, (0, 0, start, 0))
       slot_positions.value = jax.lax.dynamic_update_slice(slot_positions.value, positions_BL.astype(jnp.int32), (0, start))
       slot_valid.value = jax.lax.dynamic_update_slice(slot_valid.value, valid_BL, (0, start))
       index.value = start + length
     slots_L = index.value - length + jnp.arange(length)
-    mask_BLS = slot_valid.value[:, None, :] & (jnp.arange(c.max_len)[None, None, :] <= slots_L[None, :, None])
+    mask_BLS = slot_valid.value[:, None, :] & (jnp.arange(key.value.shape[2])[None, None, :] <= slots_L[None, :, None])
     if c.sliding_window:
       mask_BLS &= positions_BL[:, :, None] - slot_positions.value[:, None, :] < c.sliding_window
     return key.value, value.value, mask_BLS
@@ -189,13 +196,12 @@ class Attention(nn.Module):
       k_BSGK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='key_norm')(k_BSGK)
     if c.positions == 'rope' and context_BSD is None:  # Cross-attention compares no positions.
       q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base, positions_BL), rotary(k_BSGK, c.rope_base, positions_BL)
+    k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
     if self.decode:
       if positions_BL is None or valid_BL is None:
         raise ValueError('decoding with a KV cache needs positions_BL and valid_BL')
-      k_BSGK, v_BSGK, mask = self.cached_keys(k_BSGK, v_BSGK, positions_BL, valid_BL)
-    # Grouped-query attention: each of the kv_heads serves num_heads / kv_heads query heads.
-    k_BSHK, v_BSHK = (jnp.repeat(x, c.num_heads // kv_heads, axis=2) for x in (k_BSGK, v_BSGK))
-    out_BLHK = attention(q_BLHK, k_BSHK, v_BSHK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train))
+      k_BGSK, v_BGSK, mask = self.cached_keys(k_BGSK, v_BGSK, positions_BL, valid_BL)
+    out_BLHK = attention(q_BLHK, k_BGSK, v_BGSK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train))
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
     return Projection('BLHK,HKD->BLD', (c.num_heads, head_dim, c.d_model), ('heads', 'kv', 'embed'),
                       residual_out_std(c), dtype_of(c), use_bias=c.use_bias, name='out')(out_BLHK)

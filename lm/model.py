@@ -174,11 +174,33 @@ def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train:
   return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable)
 
 
-def init_cache(model: GPT, batch_size: int) -> dict:
-  """An empty KV cache for batch_size sequences of up to model.config.max_len tokens."""
+# Each cache variable's slot axis (counted from the end; the scanned layout adds a leading layer axis).
+_CACHE_SLOT_AXIS = {'cached_key': -2, 'cached_value': -2, 'cached_positions': -1, 'cached_valid': -1}
+
+
+def _slot_axis(path) -> int | None:
+  return _CACHE_SLOT_AXIS.get(path[-1].key)
+
+
+def init_cache(model: GPT, batch_size: int, length: int | None = None) -> dict:
+  """An empty KV cache for batch_size sequences of up to `length` tokens (default: max_len)."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, False, True, tokens, tokens > 0))
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(shapes['cache']))
+  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(shapes['cache']))
+  return cache if length is None else resize_cache(cache, length)
+
+
+def resize_cache(cache: dict, length: int) -> dict:
+  """The cache with room for `length` tokens: empty slots added (or unused ones dropped) at the end."""
+  def resize(path, x):
+    axis = _slot_axis(path)
+    if axis is None:
+      return x
+    axis %= x.ndim
+    if x.shape[axis] >= length:
+      return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+    return jnp.pad(x, [(0, length - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+  return jax.tree_util.tree_map_with_path(resize, cache)
 
 
 def count_params(params) -> int:

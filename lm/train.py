@@ -186,6 +186,34 @@ def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
   return {'loss_sum': total, 'tokens': count, 'bytes': jnp.sum(target_bytes_BL.astype(jnp.float32))}
 
 
+def jit_eval_step(model: nn.Module, param_shardings, batch_sharding: jax.sharding.NamedSharding):
+  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(eval_step, model=model), in_shardings=(param_shardings, batch_sharding, replicated),
+                 out_shardings=replicated)
+
+
+def evaluate_params(config: ml_collections.ConfigDict, corpus: pipeline.Corpus, params, jitted_eval_step,
+                    batch_sharding: jax.sharding.NamedSharding, token_bytes_V: np.ndarray,
+                    num_batches: int = 0) -> dict[str, float]:
+  """Loss, perplexity and bits per byte of params on the eval split (num_batches=0: all of it),
+  each process feeding its rows of every batch. Call inside sharding.activate."""
+  size = config.eval.batch_size
+  start, stop = sharding.process_rows(batch_sharding, size)
+  outs = [jitted_eval_step(params,  # Fetched once, at the end.
+                           sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding, size),
+                           token_bytes_V)
+          for batch in pipeline.eval_batches(config, corpus, num_batches)]
+  if not outs:
+    raise ConfigError(f'data.eval_split={config.data.eval_split!r} holds no text to evaluate on')
+  sums = {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}
+  return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
+
+
+def padded_token_bytes(tokenizer, vocab_size: int) -> np.ndarray:
+  """Bytes per token id for all vocab_size rows of the model (0 beyond the tokenizer's)."""
+  return np.pad(tokenizer.token_bytes, (0, vocab_size - tokenizer.vocab_size))
+
+
 def _one_process_first(load: Callable[[], Any]) -> Any:
   """Runs `load` on process 0, then on the others: what it prepares on disk is made once."""
   if jax.process_count() == 1:
@@ -231,13 +259,9 @@ class Trainer:
     checkpoint.check_data_shards(self.workdir, self.data_shard[1])
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
         config, self.workdir / 'tokenizer', checkpoint.checkpointed_dataset(self.workdir)))
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self._train_step = jit_train_step(config, self.model, optimizer, shardings, self.batch_sharding)
-    self._eval_step = jax.jit(functools.partial(eval_step, model=self.model),
-                              in_shardings=(shardings.params, self.batch_sharding, replicated),
-                              out_shardings=replicated)
-    self._token_bytes = np.pad(self.corpus.tokenizer.token_bytes,
-                               (0, config.model.vocab_size - self.corpus.tokenizer.vocab_size))
+    self._eval_step = jit_eval_step(self.model, shardings.params, self.batch_sharding)
+    self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
     self.train_iter = iter(pipeline.train_dataset(config, self.corpus, *self.data_shard))
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config)
     latest = self.checkpointer.latest_step()
@@ -265,18 +289,9 @@ class Trainer:
     return sharding.global_batch(next(self.train_iter), self.batch_sharding, self.config.data.batch_size)
 
   def evaluate(self, num_batches: int = 0) -> dict[str, float]:
-    size = self.config.eval.batch_size
-    start, stop = sharding.process_rows(self.batch_sharding, size)
     with self.activate():
-      outs = [self._eval_step(self.state.params,  # Fetched once, at the end.
-                              sharding.global_batch({k: v[start:stop] for k, v in batch.items()},
-                                                    self.batch_sharding, size),
-                              self._token_bytes)
-              for batch in pipeline.eval_batches(self.config, self.corpus, num_batches)]
-    if not outs:
-      raise ConfigError(f'data.eval_split={self.config.data.eval_split!r} holds no text to evaluate on')
-    sums = {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}
-    return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
+      return evaluate_params(self.config, self.corpus, self.state.params, self._eval_step, self.batch_sharding,
+                             self._token_bytes, num_batches)
 
   def samples(self, step: int) -> list[str]:
     e, tokenizer = self.config.eval, self.corpus.tokenizer

@@ -35,7 +35,7 @@ def test_changing_a_token_never_changes_earlier_logits(model_and_params):
 def test_attention_matches_the_formula(window):
   rng = np.random.default_rng(0)
   q, k, v = (rng.standard_normal((2, 5, 3, 4)).astype(np.float32) for _ in range(3))
-  out = np.asarray(attention(q, k, v, causal_mask(5, window)))
+  out = np.asarray(attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), causal_mask(5, window)))
   for b in range(2):
     for h in range(3):
       for i in range(5):
@@ -43,6 +43,15 @@ def test_attention_matches_the_formula(window):
         scores = q[b, i, h] @ k[b, first:i + 1, h].T / math.sqrt(4)
         probs = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
         np.testing.assert_allclose(out[b, i, h], probs @ v[b, first:i + 1, h], rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_query_attention_shares_each_kv_head():
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 2, 5, 4)).astype(np.float32) for _ in range(2))  # 2 kv heads for 6 query heads.
+  out = np.asarray(attention(q, k, v, causal_mask(5)))
+  repeated = [np.repeat(x, 3, axis=1) for x in (k, v)]  # Query head h reads kv head h // 3.
+  np.testing.assert_allclose(out, attention(q, *repeated, causal_mask(5)), rtol=1e-6, atol=1e-6)
 
 
 def test_parameter_count_and_logical_axes(model_and_params):

@@ -57,9 +57,9 @@ def _text(example: dict, text_key: str) -> str:
 
 
 def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
-                expected_dataset: str | None = None) -> Corpus:
+                expected_dataset: str | None = None, tokenizer: tokenizers.Tokenizer | None = None) -> Corpus:
   """Prepares the dataset if it is ours, opens both splits, loads or trains the tokenizer (or, with
-  checkpoint.init_from, takes that run's).
+  checkpoint.init_from, takes that run's; or uses the one given).
 
   With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
   """
@@ -75,7 +75,7 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
   texts = (_text(train[i], key) for i in range(len(train)) for key in text_keys)
   init_from = config.checkpoint.init_from
-  tokenizer = tokenizers.load_or_train(d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir,
+  tokenizer = tokenizer or tokenizers.load_or_train(d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir,
                                        texts, d.tokenizer_train_bytes, trained_on=dataset,
                                        copy_from=pathlib.Path(init_from) / 'tokenizer' if init_from else None)
   room = config.model.vocab_size - reserved_ids(config)

@@ -1,4 +1,5 @@
-"""Tokenizers: raw UTF-8 bytes, or SentencePiece trained on the train split and kept in the workdir.
+"""Tokenizers: raw UTF-8 bytes, SentencePiece trained on the train split and kept in the workdir, or
+a Hugging Face `tokenizer.json` (e.g. GPT-2's byte-level BPE, brought in by `python -m lm.hf import`).
 
 Both are lossless (decode(encode(text)) == text) and know how many bytes of text each token
 stands for (`token_bytes`), which is what turns a loss in nats per token into bits per byte.
@@ -71,6 +72,82 @@ class SentencePieceTokenizer:
     return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
+def _byte_alphabet() -> dict[str, int]:
+  """Byte-level BPE (GPT-2) writes byte b as one printable character: itself if printable, else
+  chr(256 + n) for the n-th unprintable byte. Returns character -> byte."""
+  printable = [*range(ord('!'), ord('~') + 1), *range(ord('\xa1'), ord('\xac') + 1), *range(ord('\xae'), 256)]
+  unprintable = [b for b in range(256) if b not in printable]
+  return {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(unprintable)}
+
+
+END_TOKENS = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')  # What may separate documents.
+
+
+class HuggingFaceTokenizer:
+  """A `tokenizers` tokenizer from its tokenizer.json. Its end-of-text token (the first of
+  END_TOKENS it has) separates documents, as <|endoftext|> does for GPT-2, and pads."""
+
+  HF_FILE = 'hf_tokenizer.json'  # Its name in a workdir's tokenizer folder.
+
+  def __init__(self, json_text: str):
+    try:
+      import tokenizers  # pylint: disable=import-outside-toplevel
+    except ImportError:
+      raise ConfigError("a Hugging Face tokenizer needs the 'tokenizers' package: pip install -e '.[hf]'") from None
+    self.json_text = json_text
+    self._tok = tokenizers.Tokenizer.from_str(json_text)
+    self.vocab_size = self._tok.get_vocab_size()
+    ends = [t for t in END_TOKENS if self._tok.token_to_id(t) is not None]
+    if not ends:
+      raise ConfigError(f'the tokenizer has none of the end-of-text tokens {", ".join(END_TOKENS)}')
+    self.end_token = ends[0]
+    self.bos_id = self.pad_id = self._tok.token_to_id(ends[0])
+    special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
+    alphabet = _byte_alphabet()
+    byte_level = all(ch in alphabet for ch in 'Ġhello')  # GPT-2's space is Ġ.
+    vocab = self._tok.get_vocab(with_added_tokens=True)
+    self.token_bytes = np.zeros(self.vocab_size, np.int32)
+    for piece, i in vocab.items():
+      if piece in special or i >= self.vocab_size:
+        continue
+      if byte_level and all(ch in alphabet for ch in piece):
+        self.token_bytes[i] = len(piece)
+      else:
+        self.token_bytes[i] = len(self._tok.decode([i], skip_special_tokens=False).encode('utf-8'))
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
+
+
+def load(kind: str, tokenizer_dir: pathlib.Path) -> Tokenizer:
+  """The tokenizer a run saved in its workdir's tokenizer folder."""
+  if kind == 'byte':
+    return ByteTokenizer()
+  name = 'sentencepiece.model' if kind == 'sentencepiece' else HuggingFaceTokenizer.HF_FILE
+  if not (tokenizer_dir / name).exists():
+    raise ConfigError(f'no {kind} tokenizer in {str(tokenizer_dir)!r} (expected {name})')
+  if kind == 'sentencepiece':
+    return SentencePieceTokenizer((tokenizer_dir / name).read_bytes())
+  return HuggingFaceTokenizer((tokenizer_dir / name).read_text(encoding='utf-8'))
+
+
+def save(tokenizer: Tokenizer, tokenizer_dir: pathlib.Path, info: dict) -> None:
+  """The tokenizer's file (if it has one) and `info` into tokenizer_dir, each written atomically."""
+  files = {'tokenizer.json': json.dumps(info).encode()}
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    files['sentencepiece.model'] = tokenizer.model_proto
+  elif isinstance(tokenizer, HuggingFaceTokenizer):
+    files[HuggingFaceTokenizer.HF_FILE] = tokenizer.json_text.encode('utf-8')
+  tokenizer_dir.mkdir(parents=True, exist_ok=True)
+  for name, data in files.items():
+    tmp = tokenizer_dir / f'{name}.tmp'
+    tmp.write_bytes(data)
+    tmp.rename(tokenizer_dir / name)
+
+
 def _training_sentences(texts: Iterable[str], max_bytes: int, max_chars: int = 4096):
   """Paragraphs (with their newlines) of at most max_chars, up to max_bytes in all."""
   seen = 0
@@ -108,27 +185,27 @@ def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path, train
 
   The saved model is reused when it was trained for the same vocab_size on the same data
   (`trained_on`); otherwise it is trained now and saved there. With copy_from (the tokenizer
-  folder of the run a fine-tuning starts from), that model is used and saved here, whatever it was
-  trained on.
+  folder of the run a fine-tuning starts from), that run's tokenizer is used and saved here,
+  whatever it was trained on: the only way to get a 'huggingface' one.
   """
   if kind == 'byte':
     return ByteTokenizer()
-  model_path, info_path = tokenizer_dir / 'sentencepiece.model', tokenizer_dir / 'tokenizer.json'
   if copy_from is not None:
-    if not (copy_from / 'sentencepiece.model').exists():
-      raise ConfigError(f'checkpoint.init_from: no sentencepiece tokenizer in {str(copy_from)!r}')
-    tokenizer = SentencePieceTokenizer((copy_from / 'sentencepiece.model').read_bytes())
+    try:
+      tokenizer = load(kind, copy_from)
+    except ConfigError as e:
+      raise ConfigError(f'checkpoint.init_from: {e}') from None
     info = json.loads((copy_from / 'tokenizer.json').read_text()) | {'copied_from': str(copy_from)}
+  elif kind == 'huggingface':
+    raise ConfigError("data.tokenizer='huggingface' takes the tokenizer of checkpoint.init_from (a workdir "
+                      "made by python -m lm.hf import); set checkpoint.init_from")
   else:
     wanted = dict(kind=kind, requested_vocab_size=vocab_size, trained_on=trained_on)
+    info_path = tokenizer_dir / 'tokenizer.json'
     saved = json.loads(info_path.read_text()) if info_path.exists() else {}
-    if model_path.exists() and all(saved.get(k) == v for k, v in wanted.items()):
-      return SentencePieceTokenizer(model_path.read_bytes())
+    if (tokenizer_dir / 'sentencepiece.model').exists() and all(saved.get(k) == v for k, v in wanted.items()):
+      return load(kind, tokenizer_dir)
     tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
     info = wanted | {'vocab_size': tokenizer.vocab_size}
-  tokenizer_dir.mkdir(parents=True, exist_ok=True)
-  for path, data in ((model_path, tokenizer.model_proto), (info_path, json.dumps(info).encode())):
-    tmp = path.with_suffix('.tmp')
-    tmp.write_bytes(data)
-    tmp.rename(path)
+  save(tokenizer, tokenizer_dir, info)
   return tokenizer

@@ -1,0 +1,82 @@
+"""A run read back from its workdir for inference: its config, model, parameters and tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import jax
+import ml_collections
+
+from lm import checkpoint, sharding
+from lm.config import ConfigError, base_config, override, validate
+from lm.data import tokenizers
+from lm.model import make_model
+from lm.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class SavedRun:
+  config: ml_collections.ConfigDict
+  model: Any  # The flax module.
+  params: Any  # Placed on `mesh` as the config's logical axis rules say.
+  tokenizer: tokenizers.Tokenizer
+  step: int
+  mesh: jax.sharding.Mesh
+  workdir: pathlib.Path
+
+
+def _tuples(value):
+  return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The validated config of the run in workdir (its config.json)."""
+  flat = json.loads((workdir / 'config.json').read_text())
+  return validate(override(base_config(), {k: _tuples(v) for k, v in flat.items()}))
+
+
+def _mesh(config: ml_collections.ConfigDict, devices, mesh_shape) -> tuple[jax.sharding.Mesh, ml_collections.ConfigDict]:
+  """A mesh of mesh_shape, or else of the run's shape if that fits these devices, else of one device."""
+  if mesh_shape is not None:
+    config = override(config, {'mesh.shape': tuple(mesh_shape)})
+    return sharding.make_mesh(config, devices), config
+  try:
+    return sharding.make_mesh(config, devices), config
+  except ConfigError:
+    config = override(config, {'mesh.shape': (1, 1, 1)})
+    return sharding.make_mesh(config, list(devices or jax.devices())[:1]), config
+
+
+def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax.Device] | None = None,
+         mesh_shape: tuple[int, int, int] | None = None) -> SavedRun:
+  """The parameters at `step` (default: the latest checkpoint) of the run in workdir, on a mesh over
+  `devices` (default: all) of mesh_shape (default: the run's, or one device if that does not fit;
+  the run's logical axis rules apply). ConfigError if workdir holds no such run."""
+  workdir = pathlib.Path(workdir)
+  if not checkpoint.has_checkpoints(workdir / 'checkpoints') or not (workdir / 'config.json').exists():
+    raise ConfigError(f'{str(workdir)!r} holds no model: expected a workdir with config.json and checkpoints/ '
+                      '(made by python -m lm.main or python -m lm.hf import)')
+  from lm import train  # pylint: disable=import-outside-toplevel  (train imports this module's neighbours)
+  config = saved_config(workdir)
+  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise ConfigError(f'{str(workdir)!r} has no checkpoint of step {step}; it has {", ".join(map(str, steps))}')
+  tokenizer = tokenizers.load(config.data.tokenizer, workdir / 'tokenizer')
+  if tokenizer.vocab_size > config.model.vocab_size:
+    raise ConfigError(f'the tokenizer in {str(workdir / "tokenizer")!r} has {tokenizer.vocab_size} tokens but the '
+                      f'model only model.vocab_size={config.model.vocab_size}: they do not belong together')
+  mesh, config = _mesh(config, devices, mesh_shape)
+  model = make_model(config)
+  optimizer = make_optimizer(config)
+  shardings = train.state_shardings(config, model, optimizer, mesh, sharding.logical_axis_rules(config))
+  like = train.abstract_train_state(config, model, optimizer, shardings).params
+  checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
+  try:
+    params = checkpointer.restore_params(step, like)
+  finally:
+    checkpointer.close()
+  return SavedRun(config, model, params, tokenizer, step, mesh, workdir)

@@ -15,8 +15,16 @@ def _decoder(**knobs):
   config = config_lib.base_config()
   config.model.update(dict(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32) | knobs)
   model = make_model(config)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
   return model, params
+
+
+_FORWARDS = {}
+
+
+def forward(model, params, tokens):
+  """model.apply under jit, compiled once per model and shape."""
+  return _FORWARDS.setdefault(model, jax.jit(lambda p, t: model.apply({'params': p}, t)))(params, tokens)
 
 
 VARIANTS = {'learned_mha': {}, 'rope_gqa': {'positions': 'rope', 'num_kv_heads': 2},
@@ -29,7 +37,7 @@ VARIANTS = {'learned_mha': {}, 'rope_gqa': {'positions': 'rope', 'num_kv_heads':
 def test_cached_decoding_gives_the_full_forward_logits(name):
   model, params = _decoder(**VARIANTS[name])
   tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 97)
-  full = model.apply({'params': params}, tokens)
+  full = forward(model, params, tokens)
   apply = jax.jit(lambda cache, t, pos: model.apply({'params': params, 'cache': cache}, t, False, True, pos,
                                                     jnp.ones_like(t, bool), mutable=['cache']))
   positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
@@ -45,19 +53,19 @@ def test_left_padding_changes_nothing():
   tokens = jax.random.randint(jax.random.PRNGKey(1), (1, 6), 0, 97)
   padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), tokens], axis=1)
   valid = jnp.arange(9)[None] >= 3
-  logits, _ = model.apply({'params': params, 'cache': init_cache(model, 1)}, padded, False, True,
-                          jnp.maximum(jnp.arange(9)[None] - 3, 0), valid, mutable=['cache'])
-  np.testing.assert_allclose(logits[:, 3:], model.apply({'params': params}, tokens), rtol=1e-5, atol=1e-5)
+  prefill = jax.jit(lambda cache, t, pos, valid: model.apply({'params': params, 'cache': cache}, t, False, True, pos,
+                                                             valid, mutable=['cache']))
+  logits, _ = prefill(init_cache(model, 1), padded, jnp.maximum(jnp.arange(9)[None] - 3, 0), valid)
+  np.testing.assert_allclose(logits[:, 3:], forward(model, params, tokens), rtol=1e-5, atol=1e-5)
 
 
 def greedy_full(model, params, prompt, num_new: int) -> list[int]:
   """num_new tokens, each the argmax of a full forward pass over the sequence so far (padded on
   the right to max_len, which a causal model does not see)."""
-  forward = jax.jit(lambda tokens: model.apply({'params': params}, tokens))
   tokens = np.zeros((1, model.config.max_len), np.int32)
   tokens[0, :len(prompt)] = prompt
   for t in range(len(prompt), len(prompt) + num_new):
-    tokens[0, t] = int(jnp.argmax(forward(tokens)[0, t - 1]))
+    tokens[0, t] = int(jnp.argmax(forward(model, params, tokens)[0, t - 1]))
   return list(tokens[0, len(prompt):len(prompt) + num_new])
 
 

@@ -56,7 +56,8 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
 
   config = _shape(name)
   max_len = max(config.model.max_len, PROMPT_LEN + new_tokens)  # Learned positions for every token.
-  config = validate(override(config, {'model.max_len': max_len, 'model.dtype': 'float32',
+  # Layers unrolled, as lm.saved.load gives them for generation.
+  config = validate(override(config, {'model.max_len': max_len, 'model.dtype': 'float32', 'model.scan_layers': False,
                                       'data.seq_len': min(config.data.seq_len, max_len)}))
   hf.check_gpt2_shaped(config)
   model = make_model(config)

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from lm import decode, saved, train
-from lm.config import ConfigError
+from lm import checkpoint, decode, saved, train
+from lm.config import ConfigError, flatten, override
+from lm.model import stack_layers
 from lm.evaluate import evaluate
 from lm.generate import generate
 from test_decode import _decoder, greedy_full
@@ -121,6 +122,24 @@ def test_sharded_generation_equals_one_device(workdir):
     sharded = saved.load(path, devices=jax.devices(), mesh_shape=shape)
     assert len({d for x in jax.tree.leaves(sharded.params) for d in x.sharding.device_set}) == 8
     assert generate(sharded, ['Ham', 'So'], max_new_tokens=16, greedy=True) == one
+
+
+def test_scanned_runs_generate_unrolled_and_the_same(workdir, tmp_path):
+  path, _ = workdir
+  run = saved.load(path, devices=jax.devices()[:1])
+  scanned = tmp_path / 'scanned'  # The same weights, saved as a scanned model would save them.
+  os.symlink(path / 'tokenizer', scanned / 'tokenizer' if scanned.exists() else (scanned.mkdir(), scanned / 'tokenizer')[1])
+  config = override(run.config, {'model.scan_layers': True})
+  (scanned / 'config.json').write_text(json.dumps(flatten(config)))
+  checkpointer = checkpoint.Checkpointer(scanned / 'checkpoints', config)
+  checkpointer.save_params(7, jax.device_get(stack_layers(run.params, config.model.num_layers)))
+  checkpointer.close()
+  expected = generate(run, ['Ham', 'So'], max_new_tokens=12, greedy=True)
+  unrolled = saved.load(scanned, devices=jax.devices()[:1])
+  assert not unrolled.config.model.scan_layers and 'block_0' in unrolled.params
+  assert generate(unrolled, ['Ham', 'So'], max_new_tokens=12, greedy=True) == expected
+  kept = saved.load(scanned, devices=jax.devices()[:1], unroll_layers=False)
+  assert 'blocks' in kept.params and generate(kept, ['Ham', 'So'], max_new_tokens=12, greedy=True) == expected
 
 
 def test_evaluate_reproduces_the_final_eval(workdir):

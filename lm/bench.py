@@ -47,12 +47,12 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
                    repeats: int = 3) -> list[dict]:
   """One record per batch size: lm's and (with_torch) transformers' new tokens per second, each the
   best of `repeats` runs after a warm-up."""
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from lm import decode, hf  # pylint: disable=import-outside-toplevel
   from lm.config import override, validate  # pylint: disable=import-outside-toplevel
   from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
-  from lm.train import _unbox  # pylint: disable=import-outside-toplevel
 
   config = _shape(name)
   max_len = max(config.model.max_len, PROMPT_LEN + new_tokens)  # Learned positions for every token.
@@ -61,10 +61,10 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
                                       'data.seq_len': min(config.data.seq_len, max_len)}))
   hf.check_gpt2_shaped(config)
   model = make_model(config)
-  params = jax.jit(lambda: _unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params']))()
+  params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params']))()
   torch_model = None
   if with_torch:
-    torch, transformers = hf._require('torch'), hf._require('transformers')  # pylint: disable=protected-access
+    torch, transformers = hf.require('torch'), hf.require('transformers')
     torch_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf.hf_config(config, None))).eval()
     state = {k: torch.tensor(v) for k, v in hf.params_to_hf(jax.device_get(params), config).items()}
     torch_model.load_state_dict(state, strict=False)  # lm_head is tied to wte.

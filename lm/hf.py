@@ -27,7 +27,8 @@ from lm.config import ConfigError, base_config, flatten, override, validate
 _GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')
 
 
-def _require(module: str):
+def require(module: str):
+  """The module, or a ConfigError saying to install the hf extra."""
   try:
     return __import__(module, fromlist=['_'])
   except ImportError:
@@ -159,7 +160,7 @@ def import_gpt2(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_c
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size='
                       f'{config.model.vocab_size}: they do not belong together')
-  params = params_from_hf(_require('safetensors.numpy').load_file(str(hf_dir / 'model.safetensors')), config)
+  params = params_from_hf(require('safetensors.numpy').load_file(str(hf_dir / 'model.safetensors')), config)
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizers.save(tokenizer, workdir / 'tokenizer', {'kind': 'huggingface', 'vocab_size': tokenizer.vocab_size,
                                                      'imported_from': str(hf_dir.absolute())})
@@ -177,7 +178,7 @@ def export_gpt2(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: i
   import jax  # pylint: disable=import-outside-toplevel
   from lm import saved, sharding  # pylint: disable=import-outside-toplevel
   from lm.data import tokenizers  # pylint: disable=import-outside-toplevel
-  safetensors_numpy = _require('safetensors.numpy')
+  safetensors_numpy = require('safetensors.numpy')
   workdir, hf_dir = pathlib.Path(workdir), pathlib.Path(hf_dir)
   run = saved.load(workdir, step, devices=jax.devices()[:1], mesh_shape=(1, 1, 1))
   check_gpt2_shaped(run.config)

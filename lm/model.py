@@ -178,10 +178,6 @@ def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train:
 _CACHE_SLOT_AXIS = {'cached_key': -2, 'cached_value': -2, 'cached_positions': -1, 'cached_valid': -1}
 
 
-def _slot_axis(path) -> int | None:
-  return _CACHE_SLOT_AXIS.get(path[-1].key)
-
-
 def init_cache(model: GPT, batch_size: int, length: int | None = None) -> dict:
   """An empty KV cache for batch_size sequences of up to `length` tokens (default: max_len)."""
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
@@ -193,7 +189,7 @@ def init_cache(model: GPT, batch_size: int, length: int | None = None) -> dict:
 def resize_cache(cache: dict, length: int) -> dict:
   """The cache with room for `length` tokens: empty slots added (or unused ones dropped) at the end."""
   def resize(path, x):
-    axis = _slot_axis(path)
+    axis = _CACHE_SLOT_AXIS.get(path[-1].key)
     if axis is None:
       return x
     axis %= x.ndim

@@ -58,7 +58,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
 
   A model trained with scanned layers comes back unrolled (block_0 ... block_{n-1}; unroll_layers=
   False keeps the scan): decoding then reads each layer's weights in place instead of slicing them
-  out of the stack every step (2.8x the tokens per second of GPT-2 small at batch 8 on a CPU).
+  out of the stack every step (2.3x the tokens per second of GPT-2 small at batch 8 on a CPU).
   """
   workdir = pathlib.Path(workdir)
   if not checkpoint.has_checkpoints(workdir / 'checkpoints') or not (workdir / 'config.json').exists():

@@ -143,7 +143,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 200  # Steps between evaluations (and samples); training always ends with one.
-  c.eval.num_batches = 8  # Batches per periodic eval; 0 = the whole split. The final eval covers the whole split.
+  c.eval.num_batches = 8  # Batches per periodic eval; 0 = the whole split.
+  c.eval.final_num_batches = 0  # Batches of the eval that ends training; 0 = the whole split.
   c.eval.batch_size = 32
   c.eval.sample_prompt = ''  # Text the samples continue; '' = start of a document.
   c.eval.sample_tokens = 128  # New tokens per sample (fewer if the prompt leaves less room in max_len).
@@ -342,6 +343,7 @@ CHECKS: dict[str, Check] = {
     'mesh.logical_axis_rules': _logical_axis_rules,
     'eval.every': _int(1),
     'eval.num_batches': _int(0),
+    'eval.final_num_batches': _int(0),
     'eval.batch_size': _int(1),
     'eval.sample_prompt': _str(),
     'eval.sample_tokens': _int(0),
@@ -431,12 +433,28 @@ def unknown_key_message(key: str) -> str:
   return f'unknown config key {key!r}{hint}'
 
 
-def load_experiment(path: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """get_config() of an experiment file, as --config=path gives it (for tests and notebooks)."""
-  spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+def load_module(path: str | pathlib.Path):
+  """The experiment file at path, imported as a module (get_config, and get_sweep if it sweeps)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise ConfigError(f'no such experiment file {str(path)!r}')
+  spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def split_spec(spec: str | pathlib.Path) -> tuple[str, str | None]:
+  """'path:arg' -> (path, arg); a bare path -> (path, None), as --config=path[:arg] reads it."""
+  path, colon, arg = str(spec).partition(':')
+  return path, arg if colon else None
+
+
+def load_experiment(spec: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """get_config() of an experiment file, or get_config(arg) for 'path:arg', as --config=spec gives it."""
+  path, arg = split_spec(spec)
+  module = load_module(path)
+  return module.get_config() if arg is None else module.get_config(arg)
 
 
 def override(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:

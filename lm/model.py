@@ -203,6 +203,12 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
+def count_embedding_params(params) -> int:
+  """Parameters of the token and position tables and an untied output layer: those that scale with
+  the vocabulary or context, not the depth (scaling laws count the rest)."""
+  return sum(count_params(v) for k, v in params.items() if 'embedding' in k or k == 'output')
+
+
 def stack_layers(params: dict, num_layers: int) -> dict:
   """Parameters of the unscanned model (block_0 ... block_{n-1}) in the scanned layout (blocks)."""
   params = dict(params)

@@ -21,7 +21,7 @@ from lm import checkpoint, decode, metrics, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.config import target_len
-from lm.model import apply_model, count_params, make_model
+from lm.model import apply_model, count_embedding_params, count_params, make_model
 from lm.optim import learning_rate_schedule, make_optimizer
 
 
@@ -312,9 +312,10 @@ class Trainer:
 
   def _eval_and_sample(self, step: int, writer: metrics.MetricWriter, final: bool) -> dict[str, float]:
     start = time.perf_counter()
-    result = self.evaluate(0 if final else self.config.eval.num_batches)
+    num_batches = self.config.eval.final_num_batches if final else self.config.eval.num_batches
+    result = self.evaluate(num_batches)
     writer.write(step, {f'eval/{k}': v for k, v in result.items()} | {'eval/seconds': time.perf_counter() - start})
-    scope = 'whole split' if final else f'{self.config.eval.num_batches or "all"} batches'
+    scope = f'{num_batches} batches' if num_batches else 'whole split'
     metrics.say(f'step {step}: eval loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
                 f'bits/byte {result["bits_per_byte"]:.4f}  ({scope}, {result["tokens"]:.0f} tokens)')
     texts = self.samples(step)
@@ -349,7 +350,9 @@ class Trainer:
     with self.activate():
       compiled = self._train_step.lower(self.state, batch).compile()
     compile_s = time.perf_counter() - start
-    writer.write(step, {'train/compile_seconds': compile_s})
+    writer.write(step, {'train/compile_seconds': compile_s, 'model/params': count_params(self.state.params),
+                        'model/embedding_params': count_embedding_params(self.state.params),
+                        'model/flops_per_token': metrics.flops_per_token(c)})
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
     bar = tqdm.tqdm(total=c.train.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
                     disable=jax.process_index() != 0, mininterval=1.0)

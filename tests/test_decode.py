@@ -11,12 +11,20 @@ from lm import decode
 from lm.model import init_cache, make_model
 
 
+_DECODERS = {}
+
+
 def _decoder(**knobs):
-  config = config_lib.base_config()
-  config.model.update(dict(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32) | knobs)
-  model = make_model(config)
-  params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
-  return model, params
+  """A small decoder and its parameters, made once per set of knobs (shared by the tests asking for the
+  same). Initialised op by op: its ops compile once per shape, most of them shared by all the variants,
+  where a jitted init would compile whole (as long as the forward pass) for each."""
+  key = tuple(sorted(knobs.items()))
+  if key not in _DECODERS:
+    config = config_lib.base_config()
+    config.model.update(dict(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32) | knobs)
+    model = make_model(config)
+    _DECODERS[key] = model, nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
+  return _DECODERS[key]
 
 
 _FORWARDS = {}

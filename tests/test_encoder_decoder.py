@@ -12,24 +12,39 @@ import pytest
 
 from conftest import tiny_config
 from lm import config as config_lib
-from lm import train
+from lm import sharding, train
 from lm.data import pipeline, spans
 from lm.model import make_model
+from lm.optim import make_optimizer
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 from test_train import overfit
 
 SPAN = {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption'}
 
 
+# Models, their parameters and their jitted forward passes, made once per variant and shared by the tests.
+_MODELS, _FORWARDS = {}, {}
+
+
 def _model(**knobs):
-  config = config_lib.base_config()
-  config.model.update(kind='encoder_decoder', vocab_size=260, max_len=16, num_layers=2, num_heads=2, d_model=16,
-                      mlp_dim=32, **knobs)
-  config.data.update(objective='seq2seq', tokenizer='byte')
-  model = make_model(config)
-  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32),
-                                    jnp.zeros((1, 10), jnp.int32))['params'])
-  return model, params
+  key = tuple(sorted(knobs.items()))
+  if key not in _MODELS:
+    config = config_lib.base_config()
+    config.model.update(kind='encoder_decoder', vocab_size=260, max_len=16, num_layers=2, num_heads=2, d_model=16,
+                        mlp_dim=32, **knobs)
+    config.data.update(objective='seq2seq', tokenizer='byte')
+    model = make_model(config)
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32),
+                                               jnp.zeros((1, 10), jnp.int32))['params'])
+    _MODELS[key] = model, params
+  return _MODELS[key]
+
+
+def _forward(model, method: str | None = None):
+  """model.apply (or its `method`) under jit: op by op, each op compiles on its own per shape."""
+  if (model, method) not in _FORWARDS:
+    _FORWARDS[model, method] = jax.jit(lambda params, *args: model.apply({'params': params}, *args, method=method))
+  return _FORWARDS[model, method]
 
 
 @pytest.fixture(scope='module')
@@ -44,8 +59,8 @@ def _tokens(seed, shape):
 def test_encoder_is_bidirectional(model_and_params):
   model, params = model_and_params
   inputs = _tokens(1, (2, 12))
-  encode = lambda x: model.apply({'params': params}, x, method=model.encode)
-  base, changed = encode(inputs), encode(inputs.at[:, 9].set((inputs[:, 9] + 1) % 90))
+  encode = _forward(model, 'encode')
+  base, changed = encode(params, inputs), encode(params, inputs.at[:, 9].set((inputs[:, 9] + 1) % 90))
   assert np.abs(base[:, :9] - changed[:, :9]).max() > 1e-4  # Earlier positions see a later token.
 
 
@@ -54,7 +69,8 @@ def test_encoder_is_bidirectional(model_and_params):
 def test_decoder_is_causal_and_reads_the_inputs(knobs):
   model, params = _model(**knobs)
   inputs, tokens = _tokens(1, (2, 12)), _tokens(2, (2, 10))
-  apply = lambda x, t: model.apply({'params': params}, x, t)
+  forward = _forward(model)
+  apply = lambda x, t: forward(params, x, t)
   base = apply(inputs, tokens)
   changed = apply(inputs, tokens.at[:, 6].set((tokens[:, 6] + 1) % 90))
   np.testing.assert_array_equal(base[:, :6], changed[:, :6])
@@ -67,8 +83,9 @@ def test_input_padding_is_invisible(model_and_params):
   model, params = model_and_params
   inputs, tokens = _tokens(1, (2, 12)), _tokens(2, (2, 10))
   padded = jnp.concatenate([inputs[:, :8], jnp.full((2, 4), 256)], axis=1)  # Byte tokenizer's pad id.
-  short = model.apply({'params': params}, inputs[:, :8], tokens)
-  np.testing.assert_allclose(model.apply({'params': params}, padded, tokens), short, rtol=1e-5, atol=1e-5)
+  forward = _forward(model)
+  short = forward(params, inputs[:, :8], tokens)
+  np.testing.assert_allclose(forward(params, padded, tokens), short, rtol=1e-5, atol=1e-5)
 
 
 def test_span_corruption_masks_the_configured_share_and_round_trips():
@@ -96,7 +113,9 @@ def test_span_corruption_masks_the_configured_share_and_round_trips():
 
 @pytest.fixture(scope='module')
 def span_setup(tfds_dir, play_files, tmp_path_factory):
-  config = tiny_config(tfds_dir, play_files, **SPAN, **{'train.steps': 40, 'optimizer.learning_rate': 1e-2})
+  # One encoder and one decoder block: what span corruption trains does not depend on depth.
+  config = tiny_config(tfds_dir, play_files, **SPAN, **{'train.steps': 40, 'optimizer.learning_rate': 1e-2,
+                                                        'model.num_layers': 1})
   return config, pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
 
 
@@ -156,15 +175,16 @@ def test_seq2seq_examples_hold_the_pairs(tfds_dir, play_files, pairs_file, tmp_p
 
 
 def test_span_corruption_pretraining_then_seq2seq_fine_tuning(tfds_dir, play_files, pairs_file, tmp_path):
-  pretrain = _seq2seq_config(tfds_dir, play_files, pairs_file, **{
+  one_block = {'model.num_layers': 1, 'model.vocab_size': 272}  # One encoder and one decoder block learn the task.
+  pretrain = _seq2seq_config(tfds_dir, play_files, pairs_file, **one_block, **{
       'data.objective': 'span_corruption', 'data.name': 'text_files', 'data.paths': play_files,
-      'model.vocab_size': 272, 'train.steps': 4, 'eval.num_samples': 0})
+      'train.steps': 4, 'eval.num_samples': 0})
   devices = jax.devices()[:1]
   trainer = train.Trainer(pretrain, tmp_path / 'pretrain', devices)
   trainer.run()
   pretrained = jax.device_get(trainer.state.params)
-  finetune = _seq2seq_config(tfds_dir, play_files, pairs_file, **{
-      'model.vocab_size': 272, 'train.steps': 100, 'optimizer.learning_rate': 5e-3, 'eval.every': 100,
+  finetune = _seq2seq_config(tfds_dir, play_files, pairs_file, **one_block, **{
+      'train.steps': 100, 'optimizer.learning_rate': 5e-3, 'eval.every': 100,
       'checkpoint.every': 100,
       'checkpoint.init_from': str(tmp_path / 'pretrain'), 'eval.num_samples': 1, 'eval.sample_temperature': 0.01})
   tuner = train.Trainer(finetune, tmp_path / 'finetune', devices)
@@ -201,14 +221,19 @@ def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, p
   from lm.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=import-outside-toplevel
   # First, so that in the dispatched activations [expert, batch, slot, embed] the experts take `data`.
   rules = (('expert', 'data'),) + tuple(rule for rule in DEFAULT_LOGICAL_AXIS_RULES if rule[0] != 'expert')
+  # One block each in the encoder and the decoder: experts in both, at half the compile time of two.
   knobs = SHARDABLE | {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption', 'model.moe_experts': 4,
-                       'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules}
+                       'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules, 'model.num_layers': 1}
   config = tiny_config(tfds_dir, play_files, **knobs)
   corpus = pipeline.load_corpus(config, tmp_path)
   batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
-  ref_losses, ref_state = train_on(config, jax.devices()[:1], batches)
+  # Both runs start from the same state (how init shards is test_sharding's; each jitted init costs a compile).
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
+    initial = jax.device_get(train.init_train_state(config, make_model(config), make_optimizer(config), mesh))
+  ref_losses, ref_state = train_on(config, jax.devices()[:1], batches, initial)
   config = tiny_config(tfds_dir, play_files, **knobs, **{'mesh.shape': (2, 2, 2)})
-  losses, state = train_on(config, jax.devices(), batches)
+  losses, state = train_on(config, jax.devices(), batches, initial)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert_trees_close(state.params, ref_state.params)
   up = state.params['encoder']['block_0']['moe']['up_kernel']

@@ -91,7 +91,8 @@ def test_one_compile_per_bucket_and_stops():
 @pytest.fixture(scope='module')
 def workdir(tfds_dir, play_files, tmp_path_factory):
   path = tmp_path_factory.mktemp('gen') / 'run'
-  config = tiny_config(tfds_dir, play_files, **{'train.steps': 12, 'eval.every': 12, 'checkpoint.every': 12})
+  config = tiny_config(tfds_dir, play_files, **{'train.steps': 12, 'eval.every': 12, 'checkpoint.every': 12,
+                                                'eval.num_samples': 0})  # The tests below do the sampling.
   trainer = train.Trainer(config, path, devices=jax.devices()[:1])
   final = trainer.run()
   return path, final

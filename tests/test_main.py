@@ -44,12 +44,14 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
 
 
 @pytest.fixture(scope='module')
-def straight_and_resumed(tfds_dir, play_files, tmp_path_factory):
+def straight_and_resumed(tfds_dir, play_files, tmp_path_factory, compile_cache):
   root = tmp_path_factory.mktemp('resume')
   overrides = tiny_overrides(tfds_dir, play_files, **{'model.residual_dropout': 0.1, 'model.attention_dropout': 0.1})
-  run_main(root / 'straight', overrides)  # With dropout, whose masks must resume exactly too.
-  first = run_main(root / 'resumed', overrides, '--stop_after=5')  # Mid shuffle window, off the log steps.
-  second = run_main(root / 'resumed', overrides)
+  # With dropout, whose masks must resume exactly too. The three processes run the same compiled steps.
+  run_main(root / 'straight', overrides, compile_cache=compile_cache)
+  # Stopped mid shuffle window, off the log steps.
+  first = run_main(root / 'resumed', overrides, '--stop_after=5', compile_cache=compile_cache)
+  second = run_main(root / 'resumed', overrides, compile_cache=compile_cache)
   return root / 'straight', root / 'resumed', first, second
 
 
@@ -135,7 +137,7 @@ def test_missing_tfds_dataset_says_how_to_prepare(tfds_dir, tmp_path):
   assert 'tfds build lm1b --file_format=array_record' in _refusal(result)
 
 
-def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path):
+def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path, compile_cache):
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
   from lm.data.builders import shakespeare_plays_dir
@@ -143,14 +145,14 @@ def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path):
   (corpus / 'a.txt').write_text(text[:20_000])
   (corpus / 'b.txt').write_text(text[20_000:30_000])
   overrides = tiny_overrides(tfds_dir, str(corpus / '*.txt'))
-  run_main(tmp_path / 'run', overrides, '--stop_after=2')
+  run_main(tmp_path / 'run', overrides, '--stop_after=2', compile_cache=compile_cache)
   with open(corpus / 'a.txt', 'a') as f:
     f.write('One more line.\n')
   message = _refusal(run_main(tmp_path / 'run', overrides, check=False))
   assert "the data changed since this workdir's checkpoints were written" in message
 
 
-def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir, play_files, tmp_path):
+def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir, play_files, tmp_path, compile_cache):
   straight = tmp_path / 'copy'
   shutil.copytree(straight_and_resumed[0], straight)
   before = sorted(p.name for p in (straight / 'checkpoints').iterdir())
@@ -159,7 +161,8 @@ def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir
   assert 'holds checkpoints of a different model or data config: model.d_model is 32 there, 64 here' in message
   assert sorted(p.name for p in (straight / 'checkpoints').iterdir()) == before
   # Changes that are safe on resume are accepted and recorded.
-  run_main(straight, tiny_overrides(tfds_dir, play_files, **{'train.steps': 10, 'eval.every': 5}))
+  run_main(straight, tiny_overrides(tfds_dir, play_files, **{'train.steps': 10, 'eval.every': 5}),
+           compile_cache=compile_cache)
   changes = [json.loads(l) for l in (straight / 'config_changes.jsonl').read_text().splitlines()]
   assert changes[-1]['step'] == 8 and changes[-1]['changes']['train.steps'] == [8, 10]
   assert read_metrics(straight)[-1]['step'] == 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import flax.linen as nn
 import jax
@@ -12,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
 from lm import checkpoint, sharding, train
-from lm.config import ConfigError
+from lm.config import ConfigError, flatten
 from lm.data import pipeline
 from lm.model import make_model, stack_layers
 from lm.optim import make_optimizer
@@ -30,19 +31,36 @@ def corpus_and_batches(tfds_dir, play_files, tmp_path_factory):
   return corpus, batches
 
 
-def train_on(config, devices, batches, state=None):
-  """STEPS (or len(batches)) train steps on a mesh over `devices`: (losses, final state)."""
+_STEPS = {}
+
+
+def _jitted_step(config, devices):
+  """(mesh, rules, model, optimizer, state shardings, batch sharding, jitted train step) for config on a
+  mesh over devices: one per config and mesh (the mesh.shape key aside, which the mesh itself says), so
+  that tests training the same model on the same mesh share one compile."""
   mesh = sharding.make_mesh(config, devices)
-  rules = sharding.logical_axis_rules(config)
-  model, optimizer = make_model(config), make_optimizer(config)
-  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
+  flat = {k: v for k, v in flatten(config).items() if k != 'mesh.shape'}
+  key = (json.dumps(flat, sort_keys=True, default=str), tuple(d.id for d in mesh.devices.flat),
+         tuple(mesh.shape.items()))
+  if key not in _STEPS:
+    rules = sharding.logical_axis_rules(config)
+    model, optimizer = make_model(config), make_optimizer(config)
+    shardings = train.state_shardings(config, model, optimizer, mesh, rules)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    step = train.jit_train_step(config, model, optimizer, shardings, batch_sharding)
+    _STEPS[key] = (mesh, rules, model, optimizer, shardings, batch_sharding, step)
+  return _STEPS[key]
+
+
+def train_on(config, devices, batches, state=None):
+  """STEPS (or len(batches)) train steps on a mesh over `devices`, from a fresh state initialised in its
+  shards on that mesh, or from `state` placed there: (losses, final state)."""
+  mesh, rules, model, optimizer, shardings, batch_sharding, step = _jitted_step(config, devices)
   with sharding.activate(mesh, rules):
     if state is None:
       state = train.init_train_state(config, model, optimizer, mesh, rules)
     else:
       state = jax.device_put(state, shardings)
-    step = train.jit_train_step(config, model, optimizer, shardings, batch_sharding)
     losses = []
     for batch in batches:
       state, metrics = step(state, sharding.global_batch(batch, batch_sharding, config.data.batch_size))
@@ -51,9 +69,19 @@ def train_on(config, devices, batches, state=None):
 
 
 @pytest.fixture(scope='module')
-def single_device(tfds_dir, play_files, corpus_and_batches):
+def initial_state(tfds_dir, play_files):
+  """The SHARDABLE model's fresh train state, on the host: where tests start that are not about
+  initialisation (each jitted init costs a compile as long as a train step's)."""
   config = tiny_config(tfds_dir, play_files, **SHARDABLE)
-  return train_on(config, jax.devices()[:1], corpus_and_batches[1])
+  mesh = sharding.make_mesh(config, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
+    return jax.device_get(train.init_train_state(config, make_model(config), make_optimizer(config), mesh))
+
+
+@pytest.fixture(scope='module')
+def single_device(tfds_dir, play_files, corpus_and_batches, initial_state):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE)
+  return train_on(config, jax.devices()[:1], corpus_and_batches[1], initial_state)
 
 
 def assert_trees_close(a, b, rtol=1e-5):
@@ -118,45 +146,49 @@ def test_parameter_shardings_follow_the_rules(tfds_dir, play_files):
     assert mu.sharding == p.sharding and nu.sharding == p.sharding
 
 
-def test_gradient_accumulation_matches_the_whole_batch(tfds_dir, play_files, corpus_and_batches, single_device):
+def test_gradient_accumulation_matches_the_whole_batch(tfds_dir, play_files, corpus_and_batches, single_device,
+                                                       initial_state):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (2, 2, 2), 'train.microbatches': 2})
-  losses, state = train_on(config, jax.devices(), corpus_and_batches[1])
+  losses, state = train_on(config, jax.devices(), corpus_and_batches[1], initial_state)
   np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
   assert_trees_close(state.params, single_device[1].params)
 
 
-def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, corpus_and_batches, single_device):
-  ref_config = tiny_config(tfds_dir, play_files, **SHARDABLE)
-  mesh = sharding.make_mesh(ref_config, jax.devices()[:1])
-  with sharding.activate(mesh, sharding.logical_axis_rules(ref_config)):
-    init = train.init_train_state(ref_config, make_model(ref_config), make_optimizer(ref_config), mesh)
-  num_layers = ref_config.model.num_layers
-  for remat, scan in itertools.product(['none', 'full', 'dots'], [False, True]):
-    config = tiny_config(tfds_dir, play_files, **SHARDABLE,
-                         **{'mesh.shape': (2, 2, 2), 'model.remat': remat, 'model.scan_layers': scan})
-    params = stack_layers(init.params, num_layers) if scan else init.params  # Same values, layers stacked.
-    state = init.replace(params=params, opt_state=make_optimizer(config).init(params))
-    losses, _ = train_on(config, jax.devices(), corpus_and_batches[1][:3], jax.device_get(state))
-    np.testing.assert_allclose(losses, single_device[0][:3], rtol=1e-5, err_msg=f'remat={remat} scan={scan}')
+# Each policy, remat both outside and inside a scan (prevent_cse differs), and a scan without remat; the
+# plain model on this mesh is test_every_mesh_matches_one_device's.
+@pytest.mark.parametrize('remat, scan', [('full', False), ('dots', True), ('none', True)])
+def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, corpus_and_batches, single_device,
+                                                         initial_state, remat, scan):
+  config = tiny_config(tfds_dir, play_files, **SHARDABLE,
+                       **{'mesh.shape': (2, 2, 2), 'model.remat': remat, 'model.scan_layers': scan})
+  params = initial_state.params
+  params = stack_layers(params, config.model.num_layers) if scan else params  # Same values, layers stacked.
+  state = initial_state.replace(params=params, opt_state=make_optimizer(config).init(params))
+  losses, _ = train_on(config, jax.devices(), corpus_and_batches[1][:3], jax.device_get(state))
+  np.testing.assert_allclose(losses, single_device[0][:3], rtol=1e-5, err_msg=f'remat={remat} scan={scan}')
 
 
-def test_bfloat16_trains_and_keeps_float32_parameters(tfds_dir, play_files, corpus_and_batches):
+def test_bfloat16_trains_and_keeps_float32_parameters(tfds_dir, play_files, corpus_and_batches, initial_state):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE,
                        **{'mesh.shape': (2, 2, 2), 'model.dtype': 'bfloat16', 'optimizer.learning_rate': 1e-2})
   batch = corpus_and_batches[1][0]
-  losses, state = train_on(config, jax.devices(), [batch] * 30)
+  _, _, model, optimizer, shardings, _, _ = _jitted_step(config, jax.devices())
+  fresh = train.abstract_train_state(config, model, optimizer, shardings)  # What init makes: float32 parameters.
+  assert {x.dtype for x in jax.tree.leaves(fresh.params)} == {np.dtype('float32')}
+  assert jax.tree.structure(fresh) == jax.tree.structure(initial_state)
+  losses, state = train_on(config, jax.devices(), [batch] * 30, initial_state)
   assert losses[-1] < 0.6 * losses[0], losses
   assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype('float32')}
-  model = make_model(config)
-  hidden = model.apply({'params': state.params}, batch['tokens'][:, :-1], capture_intermediates=True,
-                       mutable=['intermediates'])[1]['intermediates']
+  hidden = jax.jit(lambda params, tokens: model.apply({'params': params}, tokens, capture_intermediates=True,
+                                                     mutable=['intermediates']))(state.params, batch['tokens'][:, :-1])
+  hidden = hidden[1]['intermediates']
   assert hidden['block_0']['mlp']['up']['__call__'][0].dtype == np.dtype('bfloat16')
 
 
-def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_batches, tmp_path):
+def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_batches, initial_state, tmp_path):
   corpus, batches = corpus_and_batches
   config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (8, 1, 1)})
-  _, state = train_on(config, jax.devices(), batches[:3])
+  _, state = train_on(config, jax.devices(), batches[:3], initial_state)
   checkpointer = checkpoint.Checkpointer(tmp_path, config)
   data = iter(pipeline.train_dataset(config, corpus))
   checkpointer.save(3, state, data)
@@ -164,10 +196,8 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
   expected, _ = train_on(config, jax.devices(), batches[3:], state)
   for shape, devices in [((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:
     other = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': shape})
-    mesh = sharding.make_mesh(other, devices)
-    model, optimizer = make_model(other), make_optimizer(other)
-    with sharding.activate(mesh, sharding.logical_axis_rules(other)):
-      like = train.init_train_state(other, model, optimizer, mesh)
+    mesh, _, model, optimizer, shardings, _, _ = _jitted_step(other, devices)
+    like = train.abstract_train_state(other, model, optimizer, shardings)  # Shapes and shardings on that mesh.
     restorer = checkpoint.Checkpointer(tmp_path, other)
     restored = restorer.restore(3, like, iter(pipeline.train_dataset(other, corpus)))
     restorer.close()

@@ -20,14 +20,22 @@ def setup(tfds_dir, play_files, tmp_path_factory):
   return config, corpus, model, optimizer
 
 
-def overfit(config, corpus, steps: int):
-  """Losses and final state of `steps` train steps on one fixed batch."""
+@pytest.fixture(scope='module')
+def initial_state(setup):
+  """The setup model's fresh train state, on the host, for the tests that start from one (each jitted
+  init costs a compile as long as a train step's)."""
+  config, _, model, optimizer = setup
+  return jax.device_get(train.init_train_state(config, model, optimizer, one_device_mesh(config)))
+
+
+def overfit(config, corpus, steps: int, state=None):
+  """Losses and final state of `steps` train steps on one fixed batch, from a fresh state or `state`."""
   model, optimizer, mesh = make_model(config), make_optimizer(config), one_device_mesh(config)
   batch = next(iter(pipeline.train_dataset(config, corpus)))
   rules = sharding.logical_axis_rules(config)
-  step = train.jit_train_step(config, model, optimizer, train.state_shardings(config, model, optimizer, mesh, rules),
-                              sharding.batch_sharding(mesh, rules))
-  state = train.init_train_state(config, model, optimizer, mesh)
+  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
+  step = train.jit_train_step(config, model, optimizer, shardings, sharding.batch_sharding(mesh, rules))
+  state = train.init_train_state(config, model, optimizer, mesh) if state is None else jax.device_put(state, shardings)
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -35,21 +43,21 @@ def overfit(config, corpus, steps: int):
   return losses, state
 
 
-def test_loss_falls_when_overfitting_one_batch(setup):
+def test_loss_falls_when_overfitting_one_batch(setup, initial_state):
   config, corpus, _, _ = setup
-  losses, state = overfit(config, corpus, 60)
+  losses, state = overfit(config, corpus, 60, initial_state)
   assert abs(losses[0] - np.log(config.model.vocab_size)) < 0.5  # Starts near uniform.
   assert losses[-1] < 0.5 * losses[0], losses
   assert int(state.step) == 60
 
 
-def test_eval_counts_every_target_and_every_byte(setup):
-  config, corpus, model, optimizer = setup
-  state = train.init_train_state(config, model, optimizer, one_device_mesh(config))
+def test_eval_counts_every_target_and_every_byte(setup, initial_state):
+  config, corpus, model, _ = setup
   token_bytes = np.pad(corpus.tokenizer.token_bytes, (0, config.model.vocab_size - corpus.tokenizer.vocab_size))
   sums = {'loss_sum': 0.0, 'tokens': 0.0, 'bytes': 0.0}
+  eval_step = jax.jit(functools.partial(train.eval_step, model=model))
   for batch in pipeline.eval_batches(config, corpus):
-    out = train.eval_step(state.params, batch, token_bytes, model=model)
+    out = eval_step(initial_state.params, batch, token_bytes)
     sums = {k: sums[k] + float(v) for k, v in out.items()}
   texts = [corpus.eval_source[i]['text'].decode() for i in range(len(corpus.eval_source))]
   assert sums['bytes'] == sum(len(t.encode('utf-8')) for t in texts)  # bits/byte divides by the real size.
@@ -61,12 +69,12 @@ def test_eval_counts_every_target_and_every_byte(setup):
 # Every knob in at least one of these (each combination compiles once, so knobs share the cost).
 @pytest.mark.parametrize('knobs', [
     {'model.positions': 'rope', 'model.norm': 'rmsnorm', 'model.mlp': 'swiglu', 'model.num_kv_heads': 1,
-     'model.tie_embeddings': False, 'model.use_bias': False},
+     'model.tie_embeddings': False, 'model.use_bias': False,
+     'model.embed_dropout': 0.1, 'model.attention_dropout': 0.1, 'model.residual_dropout': 0.1},
     {'model.positions': 'none', 'model.mlp': 'relu', 'model.norm_position': 'post', 'model.qk_norm': True},
     {'model.sliding_window': 8, 'model.embed_multiplier': 5.657, 'model.init': 'normal', 'train.z_loss': 1e-3,
      'train.label_smoothing': 0.1},
     {'model.moe_experts': 4, 'model.moe_top_k': 2},
-    {'model.embed_dropout': 0.1, 'model.attention_dropout': 0.1, 'model.residual_dropout': 0.1},
 ], ids=lambda knobs: '-'.join(f'{k.split(".")[1]}={v}' for k, v in knobs.items()))
 def test_every_architecture_variant_trains(setup, tfds_dir, play_files, knobs):
   _, corpus, _, _ = setup
@@ -75,9 +83,9 @@ def test_every_architecture_variant_trains(setup, tfds_dir, play_files, knobs):
   assert losses[-1] < 0.6 * losses[0], losses
 
 
-def test_z_loss_and_label_smoothing_follow_their_formulas(setup):
-  config, corpus, model, optimizer = setup
-  params = train.init_train_state(config, model, optimizer, one_device_mesh(config)).params
+def test_z_loss_and_label_smoothing_follow_their_formulas(setup, initial_state):
+  config, corpus, model, _ = setup
+  params = initial_state.params
   batch = next(iter(pipeline.train_dataset(config, corpus)))
   logits = np.asarray(model.apply({'params': params}, batch['tokens'][:, :-1]), np.float64)
   log_z = np.log(np.exp(logits).sum(-1))
@@ -92,19 +100,20 @@ def test_z_loss_and_label_smoothing_follow_their_formulas(setup):
     assert float(count) == mask.sum()
 
 
-def test_dropout_masks_are_seeded_by_the_step(setup, tfds_dir, play_files):
+def test_dropout_masks_are_seeded_by_the_step(setup, initial_state, tfds_dir, play_files):
   _, corpus, _, _ = setup
   config = tiny_config(tfds_dir, play_files, **{'model.residual_dropout': 0.3, 'model.attention_dropout': 0.3})
-  model, optimizer, mesh = make_model(config), make_optimizer(config), one_device_mesh(config)
+  model, optimizer = make_model(config), make_optimizer(config)
   step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
                                    schedule=learning_rate_schedule(config)))
   batch = next(iter(pipeline.train_dataset(config, corpus)))
-  state = train.init_train_state(config, model, optimizer, mesh)
+  state = jax.device_put(initial_state, jax.devices()[0])  # Dropout adds no parameters: the same state fits.
   loss = lambda s: float(step(s, batch)[1]['loss'])
   assert loss(state) == loss(state)  # The same step draws the same masks ...
   later = state.replace(step=state.step + 1)
   assert loss(later) != loss(state)  # ... another step other masks (same params, same batch).
-  eval_loss = train.eval_step(state.params, batch, np.ones(config.model.vocab_size, np.int32), model=model)
-  plain = train.eval_step(state.params, batch, np.ones(config.model.vocab_size, np.int32),
-                          model=make_model(tiny_config(tfds_dir, play_files)))
+  eval_loss = jax.jit(functools.partial(train.eval_step, model=model))(
+      state.params, batch, np.ones(config.model.vocab_size, np.int32))
+  plain = jax.jit(functools.partial(train.eval_step, model=make_model(tiny_config(tfds_dir, play_files))))(
+      state.params, batch, np.ones(config.model.vocab_size, np.int32))
   assert float(eval_loss['loss_sum']) == float(plain['loss_sum'])  # Eval sees no dropout.

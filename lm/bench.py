@@ -1,6 +1,18 @@
 """Benchmarks that measure side by side in one run and print ratios.
 
+  python -m lm.bench --config=experiments/bench.py [--config.a.b=v ...] [--compare=torch] [--json]
+  python -m lm.bench compile --config=experiments/bench.py --config.model.scan_layers=True [--depths=6,48]
   python -m lm.bench generate [--models=quickstart,gpt2_small] [--batch_sizes=1,8] [--new_tokens=256] [--json]
+
+Training (the default): for the config's model, batch and mesh, the train step's compile time, its
+time per step as the training loop runs it (a fresh batch from the data pipeline each step), tokens
+per second, model FLOPs utilisation against (a) the device's peak from lm.metrics.PEAK_FLOPS and (b)
+the dense matmul rate measured on this device in the same run, the peak memory, and the data
+pipeline's own tokens per second. --compare=torch also trains the same-shaped GPT-2 of
+`transformers` in PyTorch, eager and under torch.compile (torch_eager: eager only), in a child
+process each, on the same shapes, batch and optimizer, and prints the ratios. Needs the `hf` extra.
+
+compile: the train step's compile time at several depths, and its ratio to the first.
 
 generate: new tokens per second of lm's KV-cache decoding against `transformers`' generate (PyTorch,
 KV cache, same CPU) on the same random GPT-2-shaped weights, greedy on both sides, with a check that
@@ -95,38 +107,330 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
   return records
 
 
+def _median(values: list[float]) -> float:
+  return sorted(values)[len(values) // 2]
+
+
+def _default_flags_matmul_flops(dtype: str) -> float:
+  """measure_matmul_flops in a child process without lm's CPU XLA flag (see lm/__init__.py)."""
+  import os  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  from lm import CPU_XLA_FLAGS  # pylint: disable=import-outside-toplevel
+  env = dict(os.environ, LM_DEFAULT_XLA_FLAGS='0', XLA_FLAGS=os.environ.get('XLA_FLAGS', '').replace(CPU_XLA_FLAGS, ''))
+  done = subprocess.run([sys.executable, '-m', 'lm.bench', 'matmul_peak', dtype], capture_output=True, text=True,
+                        env=env, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
+  return float(done.stdout.strip().splitlines()[-1])
+
+
+def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repeats: int = 3,
+                data_batches: int = 50, profile_dir: str | None = None) -> dict:
+  """Compile and train-step figures of config's experiment on all devices (see the module docstring).
+
+  Step time is the median over `repeats` windows of `steps` steps each (after two warm-up steps),
+  each step on a fresh batch from the data pipeline, the host queuing steps as the training loop
+  does; a window ends when the device has finished its last step.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from lm import metrics, sharding, train  # pylint: disable=import-outside-toplevel
+  from lm.data import pipeline  # pylint: disable=import-outside-toplevel
+  from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
+  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  device = jax.devices()[0]
+  matmul_rates = {'lm_xla_flags': metrics.measure_matmul_flops(device, config.model.dtype)}
+  if device.platform == 'cpu':  # XLA's own CPU default (YNNPACK matmuls) too: the peak is the faster one.
+    matmul_rates['xla_default_flags'] = _default_flags_matmul_flops(config.model.dtype)
+  measured_peak = max(matmul_rates.values())
+  mesh = sharding.make_mesh(config)
+  rules = sharding.logical_axis_rules(config)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
+  model, optimizer = make_model(config), make_optimizer(config)
+  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
+  corpus = pipeline.load_corpus(config, pathlib.Path(tokenizer_dir))
+  shard = sharding.data_shard(batch_sharding, config.data.batch_size)
+  tokens_per_row = metrics.tokens_per_example(config)
+
+  # The data pipeline alone, from a fresh iterator: filling the shuffle window, then data_batches more.
+  rows = config.data.batch_size // shard[1]
+  batches = -(-config.data.shuffle_window // rows) + data_batches
+  start = time.perf_counter()
+  data = iter(pipeline.train_dataset(config, corpus, *shard))
+  for _ in range(batches):
+    next(data)
+  data_tokens_per_s = batches * rows * tokens_per_row / (time.perf_counter() - start)
+
+  state = train.init_train_state(config, model, optimizer, mesh, rules)
+  next_batch = lambda: sharding.global_batch(next(data), batch_sharding, config.data.batch_size)
+  batch = next_batch()
+  with sharding.activate(mesh, rules):
+    start = time.perf_counter()
+    compiled = train.jit_train_step(config, model, optimizer, shardings, batch_sharding).lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+  for _ in range(2):
+    state, step_metrics = compiled(state, next_batch())
+  jax.block_until_ready(step_metrics)
+  windows = []
+  for repeat in range(repeats):
+    trace = profile_dir is not None and repeat == repeats - 1
+    if trace:
+      jax.profiler.start_trace(profile_dir)
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, step_metrics = compiled(state, next_batch())
+    jax.block_until_ready(step_metrics)
+    windows.append((time.perf_counter() - start) / steps)
+    if trace:
+      jax.profiler.stop_trace()
+  step_s = _median(windows)
+
+  tokens_per_s = config.data.batch_size * tokens_per_row / step_s
+  flops_per_token = metrics.flops_per_token(config)
+  achieved = flops_per_token * tokens_per_s / mesh.size  # Per device.
+  hardware_peak = metrics.peak_flops_per_device(config, device)
+  memory_stats = device.memory_stats() or {}
+  if 'peak_bytes_in_use' in memory_stats:
+    peak_memory, memory_source = memory_stats['peak_bytes_in_use'], 'device'
+  else:  # CPU: what XLA planned for one step (arguments, outputs and temporaries, less donated buffers).
+    m = compiled.memory_analysis()
+    peak_memory = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    memory_source = 'compiler'
+  return {
+      'bench': 'train', 'params': count_params(state.params), 'batch_size': config.data.batch_size,
+      'tokens_per_example': tokens_per_row, 'devices': mesh.size, 'device_kind': device.device_kind,
+      'platform': device.platform, 'dtype': config.model.dtype, 'compile_s': compile_s, 'step_s': step_s,
+      'step_s_windows': windows, 'train_tokens_per_s': tokens_per_s, 'flops_per_token': flops_per_token,
+      'achieved_flops_per_device': achieved, 'measured_peak_flops': measured_peak, 'matmul_flops': matmul_rates,
+      'mfu_measured_peak': achieved / measured_peak, 'hardware_peak_flops': hardware_peak,
+      'mfu_hardware_peak': achieved / hardware_peak if hardware_peak else None,
+      'peak_memory_bytes': int(peak_memory), 'memory_source': memory_source,
+      'data_tokens_per_s': data_tokens_per_s, 'data_to_train_ratio': data_tokens_per_s / tokens_per_s,
+      'final_loss': float(step_metrics['loss']),
+  }
+
+
+def bench_compile(config, depths: list[int]) -> list[dict]:
+  """Compile time of the train step at each depth (model.num_layers) of config, from shapes alone (no
+  data, no parameters), with the size of the program XLA compiles. With model.scan_layers the
+  blocks are one scanned body, so neither should grow with depth."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from lm import sharding, train  # pylint: disable=import-outside-toplevel
+  from lm.config import override, target_len, validate  # pylint: disable=import-outside-toplevel
+  from lm.model import make_model  # pylint: disable=import-outside-toplevel
+  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  records = []
+  for depth in depths:
+    c = validate(override(config, {'model.num_layers': depth}))
+    mesh, rules = sharding.make_mesh(c), sharding.logical_axis_rules(c)
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    sharding.check_batch('data.batch_size', c.data.batch_size, mesh, rules, c.train.microbatches)
+    model, optimizer = make_model(c), make_optimizer(c)
+    shardings = train.state_shardings(c, model, optimizer, mesh, rules)
+    state = train.abstract_train_state(c, model, optimizer, shardings)
+    targets = target_len(c) if c.model.kind == 'encoder_decoder' else c.data.seq_len
+    shapes = jax.eval_shape(lambda: train.example_batch(c, c.data.batch_size)
+                            | {'loss_mask': jnp.zeros((c.data.batch_size, targets), bool)})
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), shapes)
+    with sharding.activate(mesh, rules):
+      start = time.perf_counter()
+      lowered = train.jit_train_step(c, model, optimizer, shardings, batch_sharding).lower(state, batch)
+      lowered.compile()
+      seconds = time.perf_counter() - start
+    records.append({'bench': 'compile', 'num_layers': depth, 'scan_layers': c.model.scan_layers,
+                    'compile_s': seconds, 'program_chars': len(lowered.as_text()),
+                    'compile_ratio': seconds / records[0]['compile_s'] if records else 1.0})
+  return records
+
+
+def torch_peer(spec: dict) -> dict:
+  """Trains transformers' GPT-2 of spec's shape in PyTorch on random tokens: the same batch, AdamW with
+  the same settings and gradient clipping, float32; eager, or with spec['compile'] under torch.compile.
+  Timed like bench_train (median of windows after warm-up); the first steps' time is the compile time."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from lm import hf  # pylint: disable=import-outside-toplevel
+  torch, transformers = hf.require('torch'), hf.require('transformers')
+  torch.manual_seed(0)
+  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**spec['hf_config'])).train()
+  opt = spec['optimizer']
+  optimizer = torch.optim.AdamW(model.parameters(), lr=opt['learning_rate'], betas=(opt['b1'], opt['b2']),
+                                eps=opt['eps'], weight_decay=opt['weight_decay'])
+  vocab, batch, length = spec['hf_config']['vocab_size'], spec['batch_size'], spec['seq_len']
+  rng = np.random.default_rng(0)
+
+  def step(forward):
+    tokens = torch.from_numpy(rng.integers(0, vocab, (batch, length + 1)))
+    logits = forward(tokens[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if opt['grad_clip_norm']:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), opt['grad_clip_norm'])
+    optimizer.step()
+    return float(loss)
+
+  forward = lambda x: model(input_ids=x).logits
+  if spec['compile']:
+    forward = torch.compile(forward)
+  start = time.perf_counter()
+  for _ in range(2):
+    step(forward)
+  warmup_s = time.perf_counter() - start
+  windows = []
+  for _ in range(spec['repeats']):
+    start = time.perf_counter()
+    for _ in range(spec['steps']):
+      loss = step(forward)
+    windows.append((time.perf_counter() - start) / spec['steps'])
+  step_s = _median(windows)
+  size = 2048  # PyTorch's own dense matmul rate on this machine, for reference.
+  a = torch.randn(size, size)
+  best = _best_of(3, lambda: a @ a)[0]
+  return {'mode': 'compile' if spec['compile'] else 'eager', 'step_s': step_s, 'step_s_windows': windows,
+          'tokens_per_s': batch * length / step_s, 'warmup_s': warmup_s, 'threads': torch.get_num_threads(),
+          'torch_version': torch.__version__, 'params': sum(p.numel() for p in model.parameters()),
+          'matmul_flops': 2 * size**3 / best, 'final_loss': loss}
+
+
+def compare_torch(config, modes: list[str], steps: int, repeats: int, timeout_s: float = 1800) -> dict:
+  """torch_peer in a child process per mode ('eager', 'compile'); a mode that fails reports its error."""
+  import subprocess  # pylint: disable=import-outside-toplevel
+  from lm import hf  # pylint: disable=import-outside-toplevel
+  hf.check_gpt2_shaped(config)
+  if config.model.dtype != 'float32':
+    raise ValueError(f'--compare=torch trains in float32: set --config.model.dtype=float32 (not {config.model.dtype})')
+  spec = {'hf_config': hf.hf_config(config, None), 'optimizer': dict(config.optimizer), 'batch_size': config.data.batch_size,
+          'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats}
+  results = {}
+  for mode in modes:
+    args = [sys.executable, '-m', 'lm.bench', 'torch_peer', json.dumps(spec | {'compile': mode == 'compile'})]
+    try:
+      done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s,
+                            cwd=pathlib.Path(__file__).resolve().parents[1])
+    except subprocess.TimeoutExpired:
+      results[mode] = {'error': f'timed out after {timeout_s:.0f} s'}
+      continue
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{')]
+    if done.returncode or not lines:
+      tail = (done.stderr.strip().splitlines() or ['no output'])[-1]
+      results[mode] = {'error': f'exit {done.returncode}: {tail}'}
+    else:
+      results[mode] = json.loads(lines[-1])
+  return results
+
+
 def _define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
-  flags.DEFINE_list('models', ['quickstart', 'gpt2_small'], 'Model shapes: quickstart, gpt2_small.')
-  flags.DEFINE_list('batch_sizes', ['1', '8'], 'Batch sizes to measure.')
-  flags.DEFINE_integer('new_tokens', 256, 'New tokens per sequence (after a 16-token prompt).')
-  flags.DEFINE_bool('torch', True, 'Measure transformers\' generate alongside.')
-  flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (the fastest counts).')
-  flags.DEFINE_bool('json', False, 'Print one JSON line per measurement instead of a table.')
+  # generate
+  flags.DEFINE_list('models', ['quickstart', 'gpt2_small'], 'generate: model shapes: quickstart, gpt2_small.')
+  flags.DEFINE_list('batch_sizes', ['1', '8'], 'generate: batch sizes to measure.')
+  flags.DEFINE_integer('new_tokens', 256, 'generate: new tokens per sequence (after a 16-token prompt).')
+  flags.DEFINE_bool('torch', True, 'generate: measure transformers\' generate alongside.')
+  # train
+  flags.DEFINE_integer('steps', 5, 'train: steps per timed window.')
+  flags.DEFINE_integer('data_batches', 50, 'train: batches the data pipeline is timed on, after those that fill its shuffle window.')
+  flags.DEFINE_enum('compare', 'none', ['none', 'torch', 'torch_eager'],
+                    'train: also train transformers\' GPT-2 in PyTorch (torch: eager and torch.compile).')
+  flags.DEFINE_string('workdir', 'runs/bench', 'train: where the tokenizer is kept between runs.')
+  flags.DEFINE_string('profile_dir', None, 'train: write a jax.profiler trace of the last timed window here.')
+  flags.DEFINE_list('depths', ['6', '48'], 'compile: model.num_layers values to compile the train step at.')
+  # both
+  flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (generate: the fastest counts; train: the median).')
+  flags.DEFINE_bool('json', False, 'Print one JSON line per measurement instead of text.')
+
+
+def _print_train(r: dict) -> None:
+  gib = r['peak_memory_bytes'] / 2**30
+  hardware = (f'{100 * r["mfu_hardware_peak"]:.1f}% of the {r["hardware_peak_flops"] / 1e12:.0f} TFLOP/s '
+              f'{r["device_kind"]} peak' if r['hardware_peak_flops'] else f'no table peak for {r["device_kind"]!r}')
+  print(f'model: {r["params"]:,} parameters, batch {r["batch_size"]} x {r["tokens_per_example"]} tokens, '
+        f'{r["dtype"]}, {r["devices"]} {r["platform"]} device(s)')
+  print(f'compile: {r["compile_s"]:.1f} s')
+  print(f'train step: {1e3 * r["step_s"]:.1f} ms ({", ".join(f"{1e3 * w:.1f}" for w in r["step_s_windows"])} ms '
+        f'in {len(r["step_s_windows"])} windows), {r["train_tokens_per_s"]:,.0f} tokens/s')
+  rates = ', '.join(f'{k} {v / 1e9:,.1f}' for k, v in r['matmul_flops'].items())
+  print(f'MFU: {100 * r["mfu_measured_peak"]:.1f}% of the {r["measured_peak_flops"] / 1e9:,.1f} GFLOP/s matmul rate '
+        f'measured here ({rates}; {r["achieved_flops_per_device"] / 1e9:,.1f} GFLOP/s of model FLOPs per device); '
+        f'{hardware}')
+  print(f'peak memory: {gib:.2f} GiB ({"device statistics" if r["memory_source"] == "device" else "XLA memory plan"})')
+  print(f'data pipeline: {r["data_tokens_per_s"]:,.0f} tokens/s, {r["data_to_train_ratio"]:.0f}x what training consumes')
+  for mode in ('eager', 'compile'):
+    if f'torch_{mode}' not in r:
+      continue
+    t = r[f'torch_{mode}']
+    if 'error' in t:
+      print(f'transformers GPT-2, PyTorch {mode}: failed ({t["error"]})')
+      continue
+    print(f'transformers GPT-2, PyTorch {mode}: {t["tokens_per_s"]:,.0f} tokens/s ({1e3 * t["step_s"]:.1f} ms/step, '
+          f'first two steps {t["warmup_s"]:.1f} s); lm is {r[f"speedup_vs_torch_{mode}"]:.2f}x')
+
+
+def main_train(config) -> None:
+  # PyTorch first, while this process has started nothing (no XLA or data threads) to compete with it.
+  modes = {'none': [], 'torch': ['eager', 'compile'], 'torch_eager': ['eager']}[FLAGS.compare]
+  peers = compare_torch(config, modes, FLAGS.steps, FLAGS.repeats) if modes else {}
+  record = bench_train(config, pathlib.Path(FLAGS.workdir) / 'tokenizer', FLAGS.steps, FLAGS.repeats,
+                       FLAGS.data_batches, FLAGS.profile_dir)
+  for mode, result in peers.items():
+    record[f'torch_{mode}'] = result
+    if 'tokens_per_s' in result:
+      record[f'torch_{mode}_tokens_per_s'] = result['tokens_per_s']
+      record[f'speedup_vs_torch_{mode}'] = record['train_tokens_per_s'] / result['tokens_per_s']
+  if FLAGS.json:
+    print(json.dumps(record), flush=True)
+  else:
+    _print_train(record)
+
+
+def main_generate() -> None:
+  batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  for name in FLAGS.models:
+    for r in bench_generate(name, batch_sizes, FLAGS.new_tokens, FLAGS.torch, FLAGS.repeats):
+      if FLAGS.json:
+        print(json.dumps(r), flush=True)
+        continue
+      line = (f'{r["model"]} ({r["params"]:,} params) batch {r["batch_size"]}: lm {r["new_tokens_per_s"]:,.0f} '
+              f'new tokens/s (compile {r["lm_compile_seconds"]:.1f} s)')
+      if 'speedup' in r:
+        line += (f', transformers {r["torch_new_tokens_per_s"]:,.0f} new tokens/s: {r["speedup"]:.1f}x; '
+                 f'same greedy tokens: {100 * r["same_tokens"]:.0f}%')
+      print(line, flush=True)
+
+
+USAGE = ('usage: python -m lm.bench --config=experiments/bench.py [--config.a.b=v ...] [--compare=torch] [--json]\n'
+         '       python -m lm.bench compile --config=... [--depths=6,48] [--json]\n'
+         '       python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]')
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) != 2 or argv[1] != 'generate':
-    sys.exit('usage: python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]')
   logging.set_verbosity(logging.WARNING)
-  from lm.config import ConfigError  # pylint: disable=import-outside-toplevel
+  from lm.cli import CONFIG  # pylint: disable=import-outside-toplevel
+  from lm.config import ConfigError, validate  # pylint: disable=import-outside-toplevel
   try:
-    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
-    for name in FLAGS.models:
-      for r in bench_generate(name, batch_sizes, FLAGS.new_tokens, FLAGS.torch, FLAGS.repeats):
-        if FLAGS.json:
-          print(json.dumps(r), flush=True)
-          continue
-        line = (f'{r["model"]} ({r["params"]:,} params) batch {r["batch_size"]}: lm {r["new_tokens_per_s"]:,.0f} '
-                f'new tokens/s (compile {r["lm_compile_seconds"]:.1f} s)')
-        if 'speedup' in r:
-          line += (f', transformers {r["torch_new_tokens_per_s"]:,.0f} new tokens/s: {r["speedup"]:.1f}x; '
-                   f'same greedy tokens: {100 * r["same_tokens"]:.0f}%')
-        print(line, flush=True)
+    if argv[1:] == ['generate']:
+      main_generate()
+    elif argv[1:] == ['compile'] and CONFIG.value is not None:
+      for r in bench_compile(validate(CONFIG.value), [int(d) for d in FLAGS.depths]):
+        print(json.dumps(r) if FLAGS.json else
+              f'{r["num_layers"]} layers (scan_layers={r["scan_layers"]}): compiled the train step in '
+              f'{r["compile_s"]:.1f} s, {r["compile_ratio"]:.2f}x the first; program {r["program_chars"]:,} chars',
+              flush=True)
+    elif len(argv) == 3 and argv[1] == 'matmul_peak':  # A child of bench_train.
+      import jax  # pylint: disable=import-outside-toplevel
+      from lm import metrics  # pylint: disable=import-outside-toplevel
+      print(metrics.measure_matmul_flops(jax.devices()[0], argv[2]), flush=True)
+    elif len(argv) == 3 and argv[1] == 'torch_peer':  # A child of compare_torch.
+      print(json.dumps(torch_peer(json.loads(argv[2]))), flush=True)
+    elif len(argv) == 1 and CONFIG.value is not None:
+      main_train(validate(CONFIG.value))
+    else:
+      sys.exit(USAGE)
   except (ConfigError, ValueError) as e:
     sys.exit(f'error: {e}')
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  from lm.cli import parse_flags  # pylint: disable=ungrouped-imports
+  app.run(main, flags_parser=parse_flags)

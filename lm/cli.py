@@ -31,7 +31,7 @@ def parse_flags(argv: list[str]) -> list[str]:
   except Exception as e:  # pylint: disable=broad-except  (a flag, or the user's config file, is broken)
     lines = [line for line in str(e).strip().splitlines() if line.strip()]
     sys.exit(f'error: {lines[-1].strip() if lines else type(e).__name__}')
-  if not isinstance(CONFIG.value, ml_collections.ConfigDict):
+  if CONFIG.value is not None and not isinstance(CONFIG.value, ml_collections.ConfigDict):
     sys.exit(f'error: --config: get_config() must return an ml_collections.ConfigDict, '
              f'not {type(CONFIG.value).__name__}')
   return argv

@@ -92,6 +92,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.moe_capacity_factor = 1.25  # Slots per expert = factor * top_k * max_len / experts; overflow is dropped; 0 = none.
   c.model.tie_embeddings = True  # Output layer = the token embedding transposed; False: a separate matrix.
   c.model.dtype = 'float32'  # Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).
+  c.model.attention_impl = 'auto'  # 'xla', 'cudnn' (GPU, bf16: cuDNN flash attention), or 'auto': cudnn where it applies.
   c.model.remat = 'none'  # Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).
   c.model.scan_layers = False  # nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.
 
@@ -135,6 +136,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.moe_balance_loss = 0.01  # Weight of the experts' load-balancing loss (mean over MoE layers).
   c.train.peak_flops_per_device = 0.0  # For train/mfu: peak FLOP/s of one device; 0 = known TPU/GPU kinds, none on CPU.
   c.train.microbatches = 1  # Gradient accumulation: each step's batch is split into this many sequential passes.
+  c.train.logits_chunk = 0  # Positions whose logits the training loss computes at once (memory: B x this x V); 0 = all.
 
   # The device mesh and how the model's logical axes map onto it (see lm/sharding.py).
   c.mesh = ml_collections.ConfigDict()
@@ -304,6 +306,7 @@ CHECKS: dict[str, Check] = {
     'model.moe_capacity_factor': _float(0),
     'model.tie_embeddings': _bool,
     'model.dtype': _choice('float32', 'bfloat16'),
+    'model.attention_impl': _choice('auto', 'xla', 'cudnn'),
     'model.remat': _choice('none', 'full', 'dots'),
     'model.scan_layers': _bool,
     'data.name': _str(nonempty=True),
@@ -335,6 +338,7 @@ CHECKS: dict[str, Check] = {
     'train.steps': _int(1),
     'train.log_every': _int(1),
     'train.microbatches': _int(1),
+    'train.logits_chunk': _int(0),
     'train.z_loss': _float(0),
     'train.label_smoothing': _float(0, 1, hi_open=True),
     'train.moe_balance_loss': _float(0),

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm.config import ConfigError
+
 
 def _init(std: float, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
@@ -84,6 +86,9 @@ def rotary(x_BLHK: jax.Array, base: float, positions_BL: jax.Array | None = None
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
 
 
+ATTENTION_BLOCK = 128  # Queries per block of causal attention (see `attention`).
+
+
 def causal_mask(length: int, window: int = 0) -> jax.Array:
   """[L, L] bool: query i may see key j iff j <= i (and, with a window w > 0, i - w < j)."""
   mask_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
@@ -93,25 +98,64 @@ def causal_mask(length: int, window: int = 0) -> jax.Array:
 
 
 def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax.Array | None,
-              probs_dropout=lambda p: p) -> jax.Array:
+              probs_dropout=lambda p: p, causal_block: int = 0, window: int = 0) -> jax.Array:
   """softmax(Q K^T / sqrt(d_k)) V where `mask` (broadcastable to [B, L, S]) is True; scores and
   softmax in float32. Keys and values come heads-major (the KV cache's layout, so decoding reads it
-  without transposing); each of their G heads serves H / G query heads (grouped-query attention)."""
+  without transposing); each of their G heads serves H / G query heads (grouped-query attention).
+
+  causal_block > 0 promises a causal mask over keys at the queries' positions (and, with window > 0,
+  one that drops keys `window` or more positions back): queries then go in blocks of that many, each
+  scored against only the keys its mask can keep. The same result, without computing the (up to
+  half) of the scores that the mask would discard.
+  """
   batch, length, heads, head_dim = q_BLHK.shape
-  groups = k_BGSK.shape[1]
+  groups, keys = k_BGSK.shape[1], k_BGSK.shape[2]
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (batch, length, keys))
+  if causal_block and length > causal_block:
+    outs = []
+    for start in range(0, length, causal_block):
+      stop = min(start + causal_block, length)
+      first = max(0, start - window + 1) if window else 0
+      outs.append(attention(q_BLHK[:, start:stop], k_BGSK[:, :, first:stop], v_BGSK[:, :, first:stop],
+                            None if mask is None else mask[:, start:stop, first:stop], probs_dropout))
+    return jnp.concatenate(outs, axis=1)
   q_BGRLK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
   scores_BGRLS = jnp.einsum('bgrlk,bgsk->bgrls', q_BGRLK, k_BGSK).astype(jnp.float32) / math.sqrt(head_dim)
   if mask is not None:
-    mask_B11LS = jnp.broadcast_to(mask, (batch, length, k_BGSK.shape[2]))[:, None, None]
-    scores_BGRLS = jnp.where(mask_B11LS, scores_BGRLS, jnp.finfo(jnp.float32).min)
+    scores_BGRLS = jnp.where(mask[:, None, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
   probs_BGRLS = probs_dropout(jax.nn.softmax(scores_BGRLS, axis=-1)).astype(v_BGSK.dtype)
   out_BGRLK = jnp.einsum('bgrls,bgsk->bgrlk', probs_BGRLS, v_BGSK)
   return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
+def attention_implementation(config) -> str:
+  """model.attention_impl resolved: 'auto' is 'cudnn' (cuDNN's flash attention) on a GPU in bfloat16
+  without attention dropout, else 'xla' (`attention`)."""
+  gpu = jax.default_backend() == 'gpu'
+  if config.attention_impl == 'cudnn' and not gpu:
+    raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (this backend: {jax.default_backend()}); "
+                      "use 'auto' or 'xla'")
+  if config.attention_impl != 'auto':
+    return config.attention_impl
+  return 'cudnn' if gpu and config.dtype == 'bfloat16' and not config.attention_dropout else 'xla'
+
+
+def fused_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask: jax.Array | None, causal: bool,
+                    window: int = 0, implementation: str = 'cudnn') -> jax.Array:
+  """`attention` by jax.nn.dot_product_attention (keys and values sequence-major): a causal mask, with
+  its window, passed as such, so that cuDNN skips what it drops; any other mask as a boolean array."""
+  if causal:
+    return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, is_causal=True, implementation=implementation,
+                                        local_window_size=(window - 1, 0) if window else None)
+  if mask is not None:
+    mask = jnp.broadcast_to(mask, (q_BLHK.shape[0], q_BLHK.shape[1], k_BSGK.shape[1]))[:, None]
+  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, implementation=implementation)
+
+
 class Projection(nn.Module):
-  """x @ kernel + bias over named axes, e.g. 'BLD,DHK->BLHK' (einsum keeps the kernel's shape whole,
-  so its logical axes hold at init too)."""
+  """x @ kernel + bias over named axes, e.g. 'BLD,DHK->BLHK': x's trailing axes contract with the
+  kernel's leading ones. The kernel keeps its shape whole, so its logical axes hold at init too."""
 
   spec: str
   kernel_shape: tuple[int, ...]
@@ -124,12 +168,16 @@ class Projection(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', _init(self.std, self.kernel_axes), self.kernel_shape)
-    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    x_axes, kernel_axes = self.spec.split('->')[0].split(',')
+    contracted = len(set(x_axes) & set(kernel_axes))
+    # One 2-D matmul ([B * L, D] @ [D, H * K]; the reshapes are free): XLA's CPU backend runs the
+    # einsum's batched form with extra transposes, 8% slower in the bench's train step.
+    size = math.prod(self.kernel_shape[:contracted])
+    y = jnp.dot(x.astype(self.dtype).reshape(-1, size), kernel.astype(self.dtype).reshape(size, -1))
+    y = y.reshape(x.shape[:-contracted] + tuple(self.kernel_shape[contracted:]))
     if not self.use_bias:
       return y
-    x_axes, out_axes = self.spec.split(',')[0], self.spec.split('->')[1]
-    out_dims = sum(a not in x_axes for a in out_axes)  # The kernel's trailing output axes.
-    bias = self.param('bias', _zeros(self.kernel_axes[-out_dims:]), self.kernel_shape[-out_dims:])
+    bias = self.param('bias', _zeros(self.kernel_axes[contracted:]), self.kernel_shape[contracted:])
     if self.frozen_bias:
       bias = jax.lax.stop_gradient(bias)
     return y + bias.astype(self.dtype)
@@ -141,6 +189,7 @@ class Attention(nn.Module):
   config: ml_collections.FrozenConfigDict
   train: bool = False
   decode: bool = False  # Self-attention over a KV cache (see `cached_keys`).
+  causal: bool = False  # Self-attention under the causal mask (see `attention`'s causal_block).
 
   def cached_keys(self, k_BGLK: jax.Array, v_BGLK: jax.Array, positions_BL: jax.Array, valid_BL: jax.Array):
     """Writes this call's keys and values into the 'cache' collection after those of earlier calls;
@@ -196,15 +245,28 @@ class Attention(nn.Module):
       k_BSGK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='key_norm')(k_BSGK)
     if c.positions == 'rope' and context_BSD is None:  # Cross-attention compares no positions.
       q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base, positions_BL), rotary(k_BSGK, c.rope_base, positions_BL)
+    dropout_on = self.train and c.attention_dropout
+    if attention_implementation(c) == 'cudnn' and not self.decode and not dropout_on:
+      out_BLHK = fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, self.causal, c.sliding_window, 'cudnn')
+    else:
+      out_BLHK = self._attend(q_BLHK, k_BSGK, v_BSGK, mask, positions_BL, valid_BL)
+    out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
+    return Projection('BLHK,HKD->BLD', (c.num_heads, head_dim, c.d_model), ('heads', 'kv', 'embed'),
+                      residual_out_std(c), dtype_of(c), use_bias=c.use_bias, name='out')(out_BLHK)
+
+  def _attend(self, q_BLHK, k_BSGK, v_BSGK, mask, positions_BL, valid_BL) -> jax.Array:
+    """`attention`, over the KV cache when decoding."""
+    c = self.config
     k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
     if self.decode:
       if positions_BL is None or valid_BL is None:
         raise ValueError('decoding with a KV cache needs positions_BL and valid_BL')
       k_BGSK, v_BGSK, mask = self.cached_keys(k_BGSK, v_BGSK, positions_BL, valid_BL)
-    out_BLHK = attention(q_BLHK, k_BGSK, v_BGSK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train))
-    out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
-    return Projection('BLHK,HKD->BLD', (c.num_heads, head_dim, c.d_model), ('heads', 'kv', 'embed'),
-                      residual_out_std(c), dtype_of(c), use_bias=c.use_bias, name='out')(out_BLHK)
+    # Causal self-attention skips the scores its mask drops; not with attention dropout, whose masks
+    # are drawn at the shape of all the scores.
+    blocked = self.causal and not self.decode and not (self.train and c.attention_dropout)
+    return attention(q_BLHK, k_BGSK, v_BGSK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train),
+                     causal_block=ATTENTION_BLOCK if blocked else 0, window=c.sliding_window)
 
 
 def _activation(config):
@@ -331,7 +393,7 @@ class Block(nn.Module):
   def __call__(self, x_BLD: jax.Array, context_BSD: jax.Array | None = None, self_mask=None, context_mask=None,
                positions_BL=None, valid_BL=None):
     c = self.config
-    sublayers = [('attention', lambda x: Attention(c, self.train, self.decode, name='attention')(
+    sublayers = [('attention', lambda x: Attention(c, self.train, self.decode, self.causal, name='attention')(
         x, self_mask, None, positions_BL, valid_BL))]
     if self.cross:
       sublayers.append(('cross_attention', lambda x: Attention(c, self.train, name='cross_attention')(

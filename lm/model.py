@@ -98,7 +98,9 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, train: bool = False, decode: bool = False,
-               positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None) -> jax.Array:
+               positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None,
+               hidden: bool = False) -> jax.Array:
+    """hidden=True returns the final hidden states [B, L, D] instead: see `vocab_logits`."""
     c = self.config
     embedding = _token_embedding(c)
     x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train, positions_BL)
@@ -107,6 +109,8 @@ class GPT(nn.Module):
                    decode=decode, positions_BL=positions_BL, valid_BL=valid_BL)
     if c.norm_position == 'pre':  # Post-norm blocks already end normalised.
       x_BLD = norm_layer('ln_final', c)(x_BLD)
+    if hidden:
+      return x_BLD
     return _logits(embedding.attend(x_BLD) if c.tie_embeddings else _output_layer(c)(x_BLD))
 
 
@@ -144,18 +148,22 @@ class EncoderDecoder(nn.Module):
     if not c.tie_embeddings:
       self.output = _output_layer(c)
 
-  def __call__(self, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False) -> jax.Array:
-    return self.decode(self.encode(inputs_BS, train), inputs_BS, tokens_BL, train)
+  def __call__(self, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False, hidden: bool = False) -> jax.Array:
+    """hidden=True returns the decoder's final hidden states [B, L, D] instead: see `vocab_logits`."""
+    return self.decode(self.encode(inputs_BS, train), inputs_BS, tokens_BL, train, hidden)
 
   def encode(self, inputs_BS: jax.Array, train: bool = False) -> jax.Array:
     x_BSD = _embed(self, self.token_embedding, inputs_BS, self.encoder_position_embedding, train)
     return self.encoder(x_BSD, train, self_mask=(inputs_BS != self.pad_id)[:, None, :])
 
-  def decode(self, encoded_BSD: jax.Array, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False):
+  def decode(self, encoded_BSD: jax.Array, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False,
+             hidden: bool = False):
     c = self.config
     x_BLD = _embed(self, self.token_embedding, tokens_BL, self.position_embedding, train)
     x_BLD = self.decoder(x_BLD, train, encoded_BSD, causal_mask(tokens_BL.shape[1], c.sliding_window),
                          (inputs_BS != self.pad_id)[:, None, :])
+    if hidden:
+      return x_BLD
     return _logits(self.token_embedding.attend(x_BLD) if c.tie_embeddings else self.output(x_BLD))
 
 
@@ -168,10 +176,23 @@ def make_model(config: ml_collections.ConfigDict) -> nn.Module:
 
 
 def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train: bool = False,
-                rngs: dict | None = None, mutable=False):
-  """Logits predicting batch['tokens'][:, 1:] from the tokens before (and batch['inputs'], if any)."""
+                rngs: dict | None = None, mutable=False, hidden: bool = False):
+  """Logits predicting batch['tokens'][:, 1:] from the tokens before (and batch['inputs'], if any);
+  with hidden=True the final hidden states they come from (see `vocab_logits`)."""
   args = (batch['inputs'],) if 'inputs' in batch else ()
-  return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable)
+  return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable,
+                     hidden=hidden)
+
+
+def vocab_logits(config, params, x_BLD: jax.Array) -> jax.Array:
+  """The model's output layer on its final hidden states: float32 logits [B, L, V], as the model
+  computes them (the tied embedding transposed, or the separate output matrix, in model.dtype)."""
+  dtype = dtype_of(config)
+  if config.tie_embeddings:
+    logits_BLV = jnp.einsum('BLD,VD->BLV', x_BLD.astype(dtype), params['token_embedding']['embedding'].astype(dtype))
+  else:
+    logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD.astype(dtype), params['output']['kernel'].astype(dtype))
+  return _logits(logits_BLV)
 
 
 # Each cache variable's slot axis (counted from the end; the scanned layout adds a leading layer axis).

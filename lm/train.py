@@ -21,7 +21,7 @@ from lm import checkpoint, decode, metrics, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.config import target_len
-from lm.model import apply_model, count_embedding_params, count_params, make_model
+from lm.model import apply_model, count_embedding_params, count_params, make_model, vocab_logits
 from lm.optim import learning_rate_schedule, make_optimizer
 
 
@@ -95,29 +95,59 @@ def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimi
     return jax.jit(init, out_shardings=shardings)()
 
 
+def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, *, z_loss: float = 0.0,
+                 label_smoothing: float = 0.0) -> jax.Array:
+  """Per-target loss in nats: the cross-entropy, with label smoothing and z-loss (see loss_sums)."""
+  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  losses_BL = log_z_BL - jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  if label_smoothing:
+    losses_BL = (1 - label_smoothing) * losses_BL + label_smoothing * (log_z_BL - jnp.mean(logits_BLV, axis=-1))
+  if z_loss:
+    losses_BL = losses_BL + z_loss * jnp.square(log_z_BL)
+  return losses_BL
+
+
+def chunked_loss_sum(config, params, x_BLD: jax.Array, targets_BL: jax.Array, mask_BL: jax.Array, chunk: int,
+                     **loss_options) -> jax.Array:
+  """sum(token_losses * mask) over the logits of hidden states x_BLD, computed `chunk` positions at a
+  time, forward and (recomputed) backward: the [B, L, V] logits never exist at once, only [B, chunk, V]."""
+  batch, length = targets_BL.shape
+  pad = -length % chunk  # Masked-out positions that fill the last chunk.
+  def split(a):  # [B, L, ...] -> [L / chunk, B, chunk, ...]
+    a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+    return jnp.moveaxis(a.reshape(batch, -1, chunk, *a.shape[2:]), 1, 0)
+
+  @jax.checkpoint
+  def chunk_sum(total, xs):
+    x_BCD, targets_BC, mask_BC = xs
+    losses_BC = token_losses(vocab_logits(config, params, x_BCD), targets_BC, **loss_options)
+    return total + jnp.sum(losses_BC * mask_BC), None
+
+  total, _ = jax.lax.scan(chunk_sum, jnp.float32(0), (split(x_BLD), split(targets_BL), split(mask_BL)))
+  return total
+
+
 def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: float = 0.0,
               label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
-              dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              dropout_rng: jax.Array | None = None, logits_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(summed loss in nats over unmasked targets, count of those targets, mean MoE balance loss).
 
   With the defaults the loss is the cross-entropy; training may add label smoothing (a share of
   the target spread over the vocabulary), z-loss (z_loss * logsumexp(logits)^2), and the experts'
   load-balancing loss (moe_balance_loss * its mean over MoE layers, per target). A dropout_rng turns
-  dropout on.
+  dropout on. logits_chunk > 0 computes the logits that many positions at a time (chunked_loss_sum).
   """
   train = dropout_rng is not None
-  logits_BLV, aux = apply_model(model, params, batch, train=train, rngs={'dropout': dropout_rng} if train else None,
-                                mutable=['aux_loss'])
-  tokens_BL1 = batch['tokens']
-  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
-  target_BL = jnp.take_along_axis(logits_BLV, tokens_BL1[:, 1:, None], axis=-1)[..., 0]
-  losses_BL = log_z_BL - target_BL
-  if label_smoothing:
-    losses_BL = (1 - label_smoothing) * losses_BL + label_smoothing * (log_z_BL - jnp.mean(logits_BLV, axis=-1))
-  if z_loss:
-    losses_BL = losses_BL + z_loss * jnp.square(log_z_BL)
-  mask_BL = batch['loss_mask'].astype(jnp.float32)
-  total, count = jnp.sum(losses_BL * mask_BL), jnp.sum(mask_BL)
+  targets_BL, mask_BL = batch['tokens'][:, 1:], batch['loss_mask'].astype(jnp.float32)
+  chunked = 0 < logits_chunk < targets_BL.shape[1]
+  out, aux = apply_model(model, params, batch, train=train, rngs={'dropout': dropout_rng} if train else None,
+                         mutable=['aux_loss'], hidden=chunked)
+  options = {'z_loss': z_loss, 'label_smoothing': label_smoothing}
+  if chunked:
+    total = chunked_loss_sum(model.config, params, out, targets_BL, mask_BL, logits_chunk, **options)
+  else:
+    total = jnp.sum(token_losses(out, targets_BL, **options) * mask_BL)
+  count = jnp.sum(mask_BL)
   balance_layers = jax.tree.leaves(aux.get('aux_loss', {}))
   balance = jnp.mean(jnp.concatenate([jnp.ravel(x) for x in balance_layers])) if balance_layers else jnp.float32(0)
   return total + moe_balance_loss * balance * count, count, balance
@@ -125,8 +155,8 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1,
-               z_loss: float = 0.0, label_smoothing: float = 0.0,
-               moe_balance_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               z_loss: float = 0.0, label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
+               logits_chunk: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean loss over the batch's targets (see loss_sums).
 
   With microbatches = k the batch is processed in k sequential passes whose summed gradients
@@ -138,7 +168,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
   def loss_fn(params, b, rng):
     total, count, balance = loss_sums(params, b, model, z_loss=z_loss, label_smoothing=label_smoothing,
-                                      moe_balance_loss=moe_balance_loss, dropout_rng=rng)
+                                      moe_balance_loss=moe_balance_loss, dropout_rng=rng, logits_chunk=logits_chunk)
     return total, (count, balance * count)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -174,7 +204,8 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimize
   return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, schedule=learning_rate_schedule(config),
                                    microbatches=config.train.microbatches, z_loss=config.train.z_loss,
                                    label_smoothing=config.train.label_smoothing,
-                                   moe_balance_loss=config.train.moe_balance_loss),
+                                   moe_balance_loss=config.train.moe_balance_loss,
+                                   logits_chunk=config.train.logits_chunk),
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
 
 
@@ -249,7 +280,10 @@ class Trainer:
     sharding.check_batch('data.batch_size', config.data.batch_size, self.mesh, self.rules, config.train.microbatches)
     sharding.check_batch('eval.batch_size', config.eval.batch_size, self.mesh, self.rules)
     self.model = make_model(config)
-    self._peak_flops = metrics.peak_flops_per_device(config, self.mesh.devices.flat[0])
+    device = self.mesh.devices.flat[0]
+    # The denominator of train/mfu: the device's peak from the table, else (CPU) its measured matmul rate.
+    self._peak_flops = (metrics.peak_flops_per_device(config, device)
+                        or metrics.measure_matmul_flops(device, config.model.dtype, sizes=(1024,)))
     optimizer = make_optimizer(config)
     shardings = state_shardings(config, self.model, optimizer, self.mesh, self.rules)
     self._config_changes = checkpoint.check_workdir(self.workdir, config)
@@ -352,24 +386,34 @@ class Trainer:
     compile_s = time.perf_counter() - start
     writer.write(step, {'train/compile_seconds': compile_s, 'model/params': count_params(self.state.params),
                         'model/embedding_params': count_embedding_params(self.state.params),
-                        'model/flops_per_token': metrics.flops_per_token(c)})
+                        'model/flops_per_token': metrics.flops_per_token(c),
+                        'train/peak_flops_per_device': self._peak_flops})
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
     bar = tqdm.tqdm(total=c.train.steps, initial=step, desc='train', unit='step', dynamic_ncols=True,
                     disable=jax.process_index() != 0, mininterval=1.0)
     mark = (time.perf_counter(), step)  # When the device had finished which step.
+    pending = None  # The last log step's metrics, on their way to the host.
     try:
       while step < end:
         if step > self.start_step:
           batch = self.next_batch()
         self.state, step_metrics = compiled(self.state, batch)
         step += 1
+        if pending:  # Fetched one step late, when the device has long finished them: no stall.
+          mark, pending = self._log(*pending, mark, writer, bar), None
         if step % c.train.log_every == 0 or step == end:
-          mark = self._log(step, step_metrics, mark, writer, bar)
-        if step % c.checkpoint.every == 0 or step == end:
+          for value in jax.tree.leaves(step_metrics):
+            value.copy_to_host_async()
+          pending = (step, step_metrics)
+        save = step % c.checkpoint.every == 0 or step == end
+        evaluate = step % c.eval.every == 0 or step == c.train.steps
+        if pending and (save or evaluate):  # Those wait for the step anyway: log it first, timed right.
+          mark, pending = self._log(*pending, mark, writer, bar), None
+        if save:
           self.checkpointer.save(step, self.state, self.train_iter)  # Waits for the step, then writes async.
-        if step % c.eval.every == 0 or step == c.train.steps:
+        if evaluate:
           result = self._eval_and_sample(step, writer, final=step == c.train.steps)
-        if step % c.eval.every == 0 or step % c.checkpoint.every == 0:
+        if save or evaluate:
           mark = (time.perf_counter(), step)  # Keep eval and saving out of step times.
     finally:
       bar.close()
@@ -379,19 +423,19 @@ class Trainer:
 
   def _log(self, step: int, step_metrics: dict[str, jax.Array], mark: tuple[float, int],
            writer: metrics.MetricWriter, bar: tqdm.tqdm) -> tuple[float, int]:
-    """Records a step's metrics, timed from the last mark to when the device finished the step.
+    """Records a log step's metrics, timed from the last mark to when they reached the host.
 
-    Between log steps the host only queues work; waiting here, once per log_every steps, costs
-    the device the time to fetch one batch and makes step times exact.
+    The host fetches them after queuing the next step, so the device never waits for the host; as
+    the host runs ahead of the device, their arrival marks when the device finished the step.
     """
     values = {k: float(v) for k, v in sharding.to_host(step_metrics).items()}
     now = time.perf_counter()
     values['step_seconds'] = (now - mark[0]) / (step - mark[1])
     values['tokens_per_second'] = self.config.data.batch_size * metrics.tokens_per_example(self.config) / values['step_seconds']
-    if self._peak_flops:  # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
-      values['mfu'] = metrics.flops_per_token(self.config) * values['tokens_per_second'] / (self._peak_flops * self.mesh.size)
+    # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
+    values['mfu'] = metrics.flops_per_token(self.config) * values['tokens_per_second'] / (self._peak_flops * self.mesh.size)
     writer.write(step, {f'train/{k}': v for k, v in values.items()})
     bar.update(step - bar.n)
     bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:,.0f}',
-                    step_ms=f'{1e3 * values["step_seconds"]:.0f}', refresh=False)
+                    step_ms=f'{1e3 * values["step_seconds"]:.0f}', mfu=f'{100 * values["mfu"]:.0f}%', refresh=False)
     return now, step

@@ -10,6 +10,11 @@ import sys
 import jax
 import pytest
 
+# Tests compile many small programs and run each for a few steps: with XLA's cheapest CPU code
+# generation they compile about a third faster. Set before JAX starts; lm.main subprocesses inherit it.
+FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
+os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE_FLAGS}'.strip()
+
 # Eight simulated CPU devices for every in-process test, set before any JAX op. Tests that want one
 # device build their mesh over jax.devices()[:1]; subprocesses (lm.main) see a single device.
 jax.config.update('jax_num_cpu_devices', 8)

@@ -16,8 +16,8 @@ _DECODERS = {}
 
 def _decoder(**knobs):
   """A small decoder and its parameters, made once per set of knobs (shared by the tests asking for the
-  same). Initialised op by op: its ops compile once per shape, most of them shared by all the variants,
-  where a jitted init would compile whole (as long as the forward pass) for each."""
+  same). Initialised op by op: each op compiles once per shape, most of them shared by all the variants,
+  where a jitted init would compile whole for each (for longer than the forward pass takes to compile)."""
   key = tuple(sorted(knobs.items()))
   if key not in _DECODERS:
     config = config_lib.base_config()

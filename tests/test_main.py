@@ -43,11 +43,15 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['model.d_model'] == 96
 
 
+# With dropout, whose masks must resume exactly too.
+DROPOUT = {'model.residual_dropout': 0.1, 'model.attention_dropout': 0.1}
+
+
 @pytest.fixture(scope='module')
 def straight_and_resumed(tfds_dir, play_files, tmp_path_factory, compile_cache):
   root = tmp_path_factory.mktemp('resume')
-  overrides = tiny_overrides(tfds_dir, play_files, **{'model.residual_dropout': 0.1, 'model.attention_dropout': 0.1})
-  # With dropout, whose masks must resume exactly too. The three processes run the same compiled steps.
+  overrides = tiny_overrides(tfds_dir, play_files, **DROPOUT)
+  # The three processes run the same compiled steps (compiled by the first, see run_main).
   run_main(root / 'straight', overrides, compile_cache=compile_cache)
   # Stopped mid shuffle window, off the log steps.
   first = run_main(root / 'resumed', overrides, '--stop_after=5', compile_cache=compile_cache)
@@ -144,7 +148,7 @@ def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path, compile_cache):
   text = (shakespeare_plays_dir() / 'tragedies' / 'macbeth.md').read_text(encoding='utf-8')
   (corpus / 'a.txt').write_text(text[:20_000])
   (corpus / 'b.txt').write_text(text[20_000:30_000])
-  overrides = tiny_overrides(tfds_dir, str(corpus / '*.txt'))
+  overrides = tiny_overrides(tfds_dir, str(corpus / '*.txt'), **DROPOUT)  # The resume runs' model: their compiles.
   run_main(tmp_path / 'run', overrides, '--stop_after=2', compile_cache=compile_cache)
   with open(corpus / 'a.txt', 'a') as f:
     f.write('One more line.\n')

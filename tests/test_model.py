@@ -224,3 +224,31 @@ def test_key_bias_learns_only_where_softmax_does_not_ignore_it(knobs, learns):
   key_bias_grad = np.abs(grads['block_0']['attention']['key']['bias']).max()
   assert (key_bias_grad > 1e-6) == learns, key_bias_grad
   assert np.abs(grads['block_0']['attention']['query']['bias']).max() > 1e-6
+
+
+@pytest.mark.parametrize('window, kv_heads', [(0, 4), (3, 4), (0, 2), (6, 1)])
+def test_blocked_causal_attention_equals_the_full_square(window, kv_heads):
+  """Blocks of 4 queries (the last one short) against only the keys their mask keeps: the same outputs
+  and gradients as all 10 x 10 scores under the mask."""
+  q = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 4, 8))
+  k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, kv_heads, 10, 8)) for i in (1, 2))
+  mask = causal_mask(10, window)
+  full = jax.jit(lambda q, k, v: attention(q, k, v, mask))  # Jitted: one compile, not one per op.
+  blocked = jax.jit(lambda q, k, v: attention(q, k, v, mask, causal_block=4, window=window))
+  np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-6, atol=1e-6)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
+           for f in (full, blocked)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('causal, window, kv_heads', [(True, 0, 4), (True, 3, 2), (False, 0, 1)])
+def test_fused_attention_passes_the_mask_as_attention_reads_it(causal, window, kv_heads):
+  """jax.nn.dot_product_attention as model.attention_impl='cudnn' calls it (here with its XLA kernel,
+  the only one a CPU has): a causal mask and its window as flags, a padding mask as an array."""
+  from lm.layers import fused_attention  # pylint: disable=import-outside-toplevel
+  q = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 4, 8))
+  k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 10, kv_heads, 8)) for i in (1, 2))
+  mask = causal_mask(10, window) if causal else (jnp.arange(10) < jnp.array([[7], [10]]))[:, None, :]
+  expected = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+  np.testing.assert_allclose(fused_attention(q, k, v, mask, causal, window, 'xla'), expected, rtol=1e-6, atol=1e-6)

@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 
 # One block: what several processes change (the rows each reads, where arrays live, the checkpoint)
-# does not depend on depth, and each compile of the model, in both processes and here, takes about half as long.
+# does not depend on depth, and each compile of the model, in both processes and here, is shorter.
 RUN = SHARDABLE | {'train.steps': 4, 'eval.every': 4, 'model.num_layers': 1}
 
 
@@ -37,7 +37,8 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
   workdir = tmp_path / 'run'
   overrides = tiny_overrides(tfds_dir, play_files, **RUN)
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  env = dict(os.environ, PYTHONPATH=str(ROOT),
+             XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}',
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']

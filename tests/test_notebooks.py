@@ -53,9 +53,8 @@ def run_smoke(name: str, tfds_dir: str, compile_cache: str, tmp_path: pathlib.Pa
   notebook.cells.insert(at + 1, nbformat.v4.new_code_cell(
       f'SMOKE = True\nWORKDIR = {str(workdir)!r}\nOVERRIDES = {overrides!r}'))
   monkeypatch.setenv('PYTHONPATH', str(ROOT))
-  # Smoke runs are mostly compiling: skip LLVM's slower optimisations in the notebook's kernel, and
-  # reuse what other notebooks compiled (the baseline recurs; learning rates share init and eval).
-  monkeypatch.setenv('XLA_FLAGS', '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true')
+  # Smoke runs are mostly compiling: the kernel inherits conftest's XLA_FLAGS, and reuses what other
+  # notebooks compiled (the baseline recurs; learning rates share init and eval).
   monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', compile_cache)
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
   monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')

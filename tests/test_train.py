@@ -73,8 +73,7 @@ def test_eval_counts_every_target_and_every_byte(setup, initial_state):
      'model.embed_dropout': 0.1, 'model.attention_dropout': 0.1, 'model.residual_dropout': 0.1},
     {'model.positions': 'none', 'model.mlp': 'relu', 'model.norm_position': 'post', 'model.qk_norm': True},
     {'model.sliding_window': 8, 'model.embed_multiplier': 5.657, 'model.init': 'normal', 'train.z_loss': 1e-3,
-     'train.label_smoothing': 0.1},
-    {'model.moe_experts': 4, 'model.moe_top_k': 2},
+     'train.label_smoothing': 0.1, 'model.moe_experts': 4, 'model.moe_top_k': 2},
 ], ids=lambda knobs: '-'.join(f'{k.split(".")[1]}={v}' for k, v in knobs.items()))
 def test_every_architecture_variant_trains(setup, tfds_dir, play_files, knobs):
   _, corpus, _, _ = setup
@@ -98,6 +97,21 @@ def test_z_loss_and_label_smoothing_follow_their_formulas(setup, initial_state):
     expected = (1 - a) * ce + a * smooth + z * (np.square(log_z) * mask).sum()
     np.testing.assert_allclose(float(total), expected, rtol=1e-5)
     assert float(count) == mask.sum()
+
+
+@pytest.mark.parametrize('chunk', [5, 16])  # 5 leaves a short last chunk, padded and masked.
+def test_chunked_loss_equals_the_plain_one(setup, initial_state, chunk):
+  config, corpus, model, _ = setup
+  params = initial_state.params
+  batch = next(iter(pipeline.train_dataset(config, corpus)))
+  batch['loss_mask'][0, 20:] = False  # Masked targets, inside chunks.
+  options = {'z_loss': 1e-2, 'label_smoothing': 0.1}
+  value_and_grad = lambda chunk: jax.jit(jax.value_and_grad(
+      lambda p: train.loss_sums(p, batch, model, logits_chunk=chunk, **options)[0]))(params)
+  (plain, plain_grads), (chunked, chunked_grads) = value_and_grad(0), value_and_grad(chunk)
+  np.testing.assert_allclose(float(chunked), float(plain), rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(chunked_grads)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(a))))
 
 
 def test_dropout_masks_are_seeded_by_the_step(setup, initial_state, tfds_dir, play_files):

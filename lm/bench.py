@@ -111,19 +111,21 @@ def _median(values: list[float]) -> float:
   return sorted(values)[len(values) // 2]
 
 
-def _default_flags_matmul_flops(dtype: str) -> float:
+def _default_flags_matmul_flops(dtype: str, sizes: tuple[int, ...] | None) -> float:
   """measure_matmul_flops in a child process without lm's CPU XLA flag (see lm/__init__.py)."""
   import os  # pylint: disable=import-outside-toplevel
   import subprocess  # pylint: disable=import-outside-toplevel
   from lm import CPU_XLA_FLAGS  # pylint: disable=import-outside-toplevel
   env = dict(os.environ, LM_DEFAULT_XLA_FLAGS='0', XLA_FLAGS=os.environ.get('XLA_FLAGS', '').replace(CPU_XLA_FLAGS, ''))
-  done = subprocess.run([sys.executable, '-m', 'lm.bench', 'matmul_peak', dtype], capture_output=True, text=True,
+  args = [sys.executable, '-m', 'lm.bench', 'matmul_peak', dtype] + ([','.join(map(str, sizes))] if sizes else [])
+  done = subprocess.run(args, capture_output=True, text=True,
                         env=env, check=True, cwd=pathlib.Path(__file__).resolve().parents[1])
   return float(done.stdout.strip().splitlines()[-1])
 
 
 def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repeats: int = 3,
-                data_batches: int = 50, profile_dir: str | None = None) -> dict:
+                data_batches: int = 50, profile_dir: str | None = None,
+                matmul_sizes: tuple[int, ...] | None = None) -> dict:
   """Compile and train-step figures of config's experiment on all devices (see the module docstring).
 
   Step time is the median over `repeats` windows of `steps` steps each (after two warm-up steps),
@@ -137,9 +139,9 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
 
   device = jax.devices()[0]
-  matmul_rates = {'lm_xla_flags': metrics.measure_matmul_flops(device, config.model.dtype)}
+  matmul_rates = {'lm_xla_flags': metrics.measure_matmul_flops(device, config.model.dtype, matmul_sizes)}
   if device.platform == 'cpu':  # XLA's own CPU default (YNNPACK matmuls) too: the peak is the faster one.
-    matmul_rates['xla_default_flags'] = _default_flags_matmul_flops(config.model.dtype)
+    matmul_rates['xla_default_flags'] = _default_flags_matmul_flops(config.model.dtype, matmul_sizes)
   measured_peak = max(matmul_rates.values())
   mesh = sharding.make_mesh(config)
   rules = sharding.logical_axis_rules(config)
@@ -334,6 +336,8 @@ def _define_flags() -> None:
                     'train: also train transformers\' GPT-2 in PyTorch (torch: eager and torch.compile).')
   flags.DEFINE_string('workdir', 'runs/bench', 'train: where the tokenizer is kept between runs.')
   flags.DEFINE_string('profile_dir', None, 'train: write a jax.profiler trace of the last timed window here.')
+  flags.DEFINE_list('matmul_sizes', [], 'train: square matmul sizes for the measured peak; default 1024,2048,4096 '
+                    'on CPU, 8192 on accelerators.')
   flags.DEFINE_list('depths', ['6', '48'], 'compile: model.num_layers values to compile the train step at.')
   # both
   flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (generate: the fastest counts; train: the median).')
@@ -371,7 +375,7 @@ def main_train(config) -> None:
   modes = {'none': [], 'torch': ['eager', 'compile'], 'torch_eager': ['eager']}[FLAGS.compare]
   peers = compare_torch(config, modes, FLAGS.steps, FLAGS.repeats) if modes else {}
   record = bench_train(config, pathlib.Path(FLAGS.workdir) / 'tokenizer', FLAGS.steps, FLAGS.repeats,
-                       FLAGS.data_batches, FLAGS.profile_dir)
+                       FLAGS.data_batches, FLAGS.profile_dir, tuple(int(n) for n in FLAGS.matmul_sizes) or None)
   for mode, result in peers.items():
     record[f'torch_{mode}'] = result
     if 'tokens_per_s' in result:
@@ -416,10 +420,11 @@ def main(argv: list[str]) -> None:
               f'{r["num_layers"]} layers (scan_layers={r["scan_layers"]}): compiled the train step in '
               f'{r["compile_s"]:.1f} s, {r["compile_ratio"]:.2f}x the first; program {r["program_chars"]:,} chars',
               flush=True)
-    elif len(argv) == 3 and argv[1] == 'matmul_peak':  # A child of bench_train.
+    elif len(argv) in (3, 4) and argv[1] == 'matmul_peak':  # A child of bench_train.
       import jax  # pylint: disable=import-outside-toplevel
       from lm import metrics  # pylint: disable=import-outside-toplevel
-      print(metrics.measure_matmul_flops(jax.devices()[0], argv[2]), flush=True)
+      sizes = tuple(int(n) for n in argv[3].split(',')) if len(argv) == 4 else None
+      print(metrics.measure_matmul_flops(jax.devices()[0], argv[2], sizes), flush=True)
     elif len(argv) == 3 and argv[1] == 'torch_peer':  # A child of compare_torch.
       print(json.dumps(torch_peer(json.loads(argv[2]))), flush=True)
     elif len(argv) == 1 and CONFIG.value is not None:

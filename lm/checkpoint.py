@@ -19,7 +19,7 @@ from lm.config import ConfigError, flatten
 _RESUME_KEY_PREFIXES = ('seed', 'model.', 'data.')
 _RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes', 'model.dtype', 'model.remat',
                      'model.embed_dropout', 'model.attention_dropout', 'model.residual_dropout',
-                     'model.moe_capacity_factor')
+                     'model.moe_capacity_factor', 'model.attention_impl')
 
 
 def _must_match(key: str) -> bool:

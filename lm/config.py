@@ -155,6 +155,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 200  # Steps between checkpoints; training always ends with one.
+  c.checkpoint.every_minutes = 0.0  # Also checkpoint when this many minutes passed since the last one; 0 = off.
   c.checkpoint.max_to_keep = 3
   c.checkpoint.async_save = True  # Write checkpoints in the background while training continues.
   c.checkpoint.init_from = ''  # A workdir whose latest parameters (and tokenizer) start a fresh run: fine-tuning.
@@ -354,6 +355,7 @@ CHECKS: dict[str, Check] = {
     'eval.num_samples': _int(0),
     'eval.sample_temperature': _float(0, lo_open=True),
     'checkpoint.every': _int(1),
+    'checkpoint.every_minutes': _float(0),
     'checkpoint.max_to_keep': _int(1),
     'checkpoint.async_save': _bool,
     'checkpoint.init_from': _str(),

@@ -71,7 +71,7 @@ def main(argv: list[str]) -> None:
     result = trainer.run(stop_after=_STOP_AFTER.value)
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  if result:
+  if result and not trainer.stopped_by:
     metrics.say(f'done: validation loss {result["loss"]:.4f}, perplexity {result["perplexity"]:.2f}, '
                 f'bits per byte {result["bits_per_byte"]:.4f}; outputs in {_WORKDIR.value}/')
 

@@ -275,10 +275,13 @@ def final_metrics(run_dir: pathlib.Path) -> dict[str, float]:
 def _run_inline(run: Run) -> int:
   from lm import train  # pylint: disable=import-outside-toplevel  (jax: only when training here)
   try:
-    train.Trainer(run.config, run.workdir).run()
+    trainer = train.Trainer(run.config, run.workdir)
+    trainer.run()
   except (ConfigError, OSError) as e:
     print(f'error: {e}', flush=True)
     return 1
+  if trainer.stopped_by:  # Ctrl-C (or SIGTERM) stops the sweep too, this point checkpointed.
+    raise KeyboardInterrupt(trainer.stopped_by)
   return 0
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -262,6 +264,32 @@ def _until(ids: np.ndarray, end_id: int) -> np.ndarray:
   return ids[:ends[0]] if len(ends) else ids
 
 
+class StopSignals:
+  """Within `with`: SIGTERM and SIGINT are recorded instead of killing the process, so the training
+  loop can finish its step, checkpoint and return (a second SIGINT interrupts at once). Outside the
+  main thread, where Python cannot handle signals, it records nothing."""
+
+  def __init__(self):
+    self.received: str | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.received == 'SIGINT':
+      signal.signal(signal.SIGINT, signal.default_int_handler)
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+    metrics.say(f'{self.received}: stopping after this step, with a checkpoint')
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 class Trainer:
   """One experiment in one workdir: built once, `run()` trains to train.steps (or stop_after).
 
@@ -393,33 +421,57 @@ class Trainer:
                     disable=jax.process_index() != 0, mininterval=1.0)
     mark = (time.perf_counter(), step)  # When the device had finished which step.
     pending = None  # The last log step's metrics, on their way to the host.
+    last_save = time.monotonic()
+    self.stopped_by = None
     try:
-      while step < end:
-        if step > self.start_step:
-          batch = self.next_batch()
-        self.state, step_metrics = compiled(self.state, batch)
-        step += 1
-        if pending:  # Fetched one step late, when the device has long finished them: no stall.
-          mark, pending = self._log(*pending, mark, writer, bar), None
-        if step % c.train.log_every == 0 or step == end:
-          for value in jax.tree.leaves(step_metrics):
-            value.copy_to_host_async()
-          pending = (step, step_metrics)
-        save = step % c.checkpoint.every == 0 or step == end
-        evaluate = step % c.eval.every == 0 or step == c.train.steps
-        if pending and (save or evaluate):  # Those wait for the step anyway: log it first, timed right.
-          mark, pending = self._log(*pending, mark, writer, bar), None
-        if save:
-          self.checkpointer.save(step, self.state, self.train_iter)  # Waits for the step, then writes async.
-        if evaluate:
-          result = self._eval_and_sample(step, writer, final=step == c.train.steps)
-        if save or evaluate:
-          mark = (time.perf_counter(), step)  # Keep eval and saving out of step times.
+      with StopSignals() as signals:
+        while step < end:
+          if step > self.start_step:
+            batch = self.next_batch()
+          self.state, step_metrics = compiled(self.state, batch)
+          step += 1
+          if pending:  # Fetched one step late, when the device has long finished them: no stall.
+            mark, pending = self._log(*pending, mark, writer, bar), None
+          if step % c.train.log_every == 0 or step == end:
+            for value in jax.tree.leaves(step_metrics):
+              value.copy_to_host_async()
+            pending = (step, step_metrics)
+          minutes = c.checkpoint.every_minutes
+          overdue = bool(minutes) and time.monotonic() - last_save >= 60 * minutes
+          stop, overdue = self._agree(step, signals.received, overdue)
+          save = step % c.checkpoint.every == 0 or step == end or stop or overdue
+          # A stop skips the periodic eval (to exit soon), not the final one.
+          evaluate = step == c.train.steps or (step % c.eval.every == 0 and not stop)
+          if pending and (save or evaluate):  # Those wait for the step anyway: log it first, timed right.
+            mark, pending = self._log(*pending, mark, writer, bar), None
+          if save:
+            self.checkpointer.save(step, self.state, self.train_iter)  # Waits for the step, then writes async.
+            last_save = time.monotonic()
+          if evaluate:
+            result = self._eval_and_sample(step, writer, final=step == c.train.steps)
+          if save or evaluate:
+            mark = (time.perf_counter(), step)  # Keep eval and saving out of step times.
+          if stop:
+            self.stopped_by = stop
+            metrics.say(f'{stop}: stopped at step {step} with a checkpoint; the same command resumes from it')
+            break
     finally:
       bar.close()
       self.checkpointer.close()
       writer.close()
     return result
+
+  def _agree(self, step: int, signal_name: str | None, checkpoint_due: bool) -> tuple[str | None, bool]:
+    """(the stop signal, checkpoint due by time) as all processes see them: any process's signal or
+    process 0's clock. A single process decides every step; several compare notes at log steps only."""
+    if jax.process_count() == 1:
+      return signal_name, checkpoint_due
+    if step % self.config.train.log_every:
+      return None, False
+    names = ('', 'SIGTERM', 'SIGINT')
+    local = np.array([names.index(signal_name or ''), checkpoint_due], np.int32)
+    seen = np.asarray(multihost_utils.process_allgather(local))
+    return names[int(seen[:, 0].max())] or None, bool(seen[0, 1])
 
   def _log(self, step: int, step_metrics: dict[str, jax.Array], mark: tuple[float, int],
            writer: metrics.MetricWriter, bar: tqdm.tqdm) -> tuple[float, int]:

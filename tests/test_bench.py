@@ -14,7 +14,7 @@ from lm import bench, metrics
 def test_train_bench_reports_consistent_figures_and_the_torch_ratio(tfds_dir, play_files, tmp_path):
   overrides = tiny_overrides(tfds_dir, play_files, **{'data.shuffle_window': 8})
   args = [sys.executable, '-m', 'lm.bench', f'--config={QUICKSTART}', f'--workdir={tmp_path}', '--json',
-          '--steps=2', '--repeats=2', '--data_batches=3', '--compare=torch_eager']
+          '--steps=2', '--repeats=2', '--data_batches=3', '--compare=torch_eager', '--matmul_sizes=512']
   done = subprocess.run(args + [f'--config.{k}={v}' for k, v in overrides.items()], capture_output=True, text=True,
                         env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]

@@ -2,15 +2,20 @@
 
 import json
 import math
+import os
 import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import QUICKSTART, run_main, tiny_overrides
+from conftest import QUICKSTART, ROOT, run_main, tiny_overrides
 from lm import config as config_lib
 from lm.metrics import flops_per_token, read_metrics
 
@@ -170,3 +175,39 @@ def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir
   changes = [json.loads(l) for l in (straight / 'config_changes.jsonl').read_text().splitlines()]
   assert changes[-1]['step'] == 8 and changes[-1]['changes']['train.steps'] == [8, 10]
   assert read_metrics(straight)[-1]['step'] == 10
+
+
+def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes_exactly(tfds_dir, play_files, tmp_path, compile_cache):
+  """A preempted job: SIGTERM mid-run finishes the step, checkpoints it and exits 0; resuming from
+  there gives the run that was never stopped, bit for bit."""
+  overrides = tiny_overrides(tfds_dir, play_files, **{'train.steps': 100_000, 'train.log_every': 1,
+                                                      'checkpoint.every': 100_000, 'eval.every': 100_000})
+  workdir = tmp_path / 'preempted'
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+  proc = subprocess.Popen([sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}']
+                          + [f'--config.{k}={v}' for k, v in overrides.items()],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+  deadline = time.monotonic() + 300
+  while not ((workdir / 'metrics.jsonl').exists() and
+             any(r.get('train/loss') and r['step'] >= 3 for r in read_metrics(workdir))):
+    assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() is not None else ''
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, output[-3000:]
+  stopped = int(output.split('SIGTERM: stopped at step ')[1].split()[0])
+  assert [p.name for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()] == [str(stopped)]
+  resumed = run_main(workdir, overrides, f'--stop_after={stopped + 2}', compile_cache=compile_cache)
+  assert f'resumed from step {stopped}' in resumed.stdout + resumed.stderr
+  run_main(tmp_path / 'straight', overrides, f'--stop_after={stopped + 2}', compile_cache=compile_cache)
+  a, b = _restore(workdir, stopped + 2), _restore(tmp_path / 'straight', stopped + 2)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoints_also_follow_the_clock(tfds_dir, play_files, tmp_path, compile_cache):
+  overrides = tiny_overrides(tfds_dir, play_files, **{'checkpoint.every': 100, 'checkpoint.every_minutes': 1e-5})
+  run_main(tmp_path / 'run', overrides, compile_cache=compile_cache)
+  # Due after every step (0.6 ms), where checkpoint.every alone would keep only the final step's.
+  assert sorted(int(p.name) for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()) == [6, 7, 8]

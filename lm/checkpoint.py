@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import shutil
 import time
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+import numpy as np
 
 from lm.config import ConfigError, flatten
 
@@ -105,12 +109,19 @@ def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, change
   """Writes config.json and dataset.json; a resume that changed keys is recorded in config_changes.jsonl."""
   if jax.process_index() != 0:
     return
-  (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
-  (workdir / 'dataset.json').write_text(json.dumps({'dataset': dataset, 'data_shards': data_shards}))
+  _write_atomically(workdir / 'config.json', json.dumps(flatten(config), indent=1, sort_keys=True))
+  _write_atomically(workdir / 'dataset.json', json.dumps({'dataset': dataset, 'data_shards': data_shards}))
   if changed:
     record = {'step': step, 'time': time.time(), 'changes': {k: list(v) for k, v in changed.items()}}
     with open(workdir / 'config_changes.jsonl', 'a', encoding='utf-8') as f:
       f.write(json.dumps(record) + '\n')
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """A process killed while writing leaves the old file, never half of the new one."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text, encoding='utf-8')
+  os.replace(tmp, path)
 
 
 def _abstract(like: Any) -> Any:
@@ -122,9 +133,11 @@ class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of {state, data iterator} under `directory`."""
 
   def __init__(self, directory: pathlib.Path, config: ml_collections.ConfigDict):
+    # A save that a killed process left unfinished stays a temporary folder, never a step: remove those.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=config.checkpoint.max_to_keep,
-        enable_async_checkpointing=config.checkpoint.async_save, create=True)
+        enable_async_checkpointing=config.checkpoint.async_save, create=True, cleanup_tmp_directories=True)
+    self.directory = directory
     self._manager = ocp.CheckpointManager(directory.absolute(), options=options,
                                           item_names=('state', 'data'))
 
@@ -146,6 +159,45 @@ class Checkpointer:
         state=ocp.args.StandardRestore(_abstract(like)),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
     return restored.state
+
+  def restore_latest(self, like: Any, data_iterator: grain.DatasetIterator,
+                     is_good: Callable[[Any], bool] = lambda state: True) -> tuple[int, Any, list[str]]:
+    """(step, state, warnings) of the newest checkpoint that restores and passes is_good.
+
+    A newer one that fails (truncated or missing files, broken metadata, NaNs) is moved out of the
+    way to <workdir>/corrupt_checkpoints/ (nothing is deleted) and named in a warning; raises
+    ConfigError when none is left. All processes agree on each step's verdict.
+    """
+    warnings = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, like, data_iterator)
+        problem = None if is_good(state) else 'it holds NaN or Inf values'
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore, JSON, OS errors: any unreadable part)
+        lines = str(e).strip().splitlines()
+        problem = f'{type(e).__name__}: {lines[0][:300] if lines else ""}'
+      if jax.process_count() > 1:
+        problem = problem if np.asarray(multihost_utils.process_allgather(np.int32(problem is None))).all() else (
+            problem or 'unreadable on another process')
+      if problem is None:
+        return step, state, warnings
+      aside = self._move_aside(step)
+      warnings.append(f'checkpoint {step} is unreadable ({problem}); moved to {aside}')
+    raise ConfigError(f'no readable checkpoint is left in {str(self.directory)!r}'
+                      + (f' ({"; ".join(warnings)})' if warnings else '')
+                      + '; use a new --workdir, or move a checkpoint back to retry it')
+
+  def _move_aside(self, step: int) -> pathlib.Path:
+    target = self.directory.parent / 'corrupt_checkpoints' / str(step)
+    if target.exists():
+      target = target.with_name(f'{step}-{time.time_ns()}')
+    if jax.process_index() == 0:
+      target.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(self.directory / str(step)), str(target))
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'lm: checkpoint {step} moved aside')
+    self._manager.reload()
+    return target
 
   def restore_state(self, step: int, like: Any) -> Any:
     """Only the train state at `step` (e.g. to evaluate it, or in a process that reads no data)."""

@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.peak_flops_per_device = 0.0  # For train/mfu: peak FLOP/s of one device; 0 = known TPU/GPU kinds, none on CPU.
   c.train.microbatches = 1  # Gradient accumulation: each step's batch is split into this many sequential passes.
   c.train.logits_chunk = 0  # Positions whose logits the training loss computes at once (memory: B x this x V); 0 = all.
+  # A step whose loss or gradient norm is not finite (NaN/Inf) is skipped: no update,
+  # counted in train/skipped_steps. More than this many in a row stop the run with an error and no new
+  # checkpoint (the last good one stays). 0 = stop at the first.
+  c.train.max_nonfinite_steps = 10
 
   # The device mesh and how the model's logical axes map onto it (see lm/sharding.py).
   c.mesh = ml_collections.ConfigDict()
@@ -340,6 +344,7 @@ CHECKS: dict[str, Check] = {
     'train.log_every': _int(1),
     'train.microbatches': _int(1),
     'train.logits_chunk': _int(0),
+    'train.max_nonfinite_steps': _int(0),
     'train.z_loss': _float(0),
     'train.label_smoothing': _float(0, 1, hi_open=True),
     'train.moe_balance_loss': _float(0),

@@ -69,7 +69,7 @@ def main(argv: list[str]) -> None:
     sys.exit(f'error: {e}')
   try:
     result = trainer.run(stop_after=_STOP_AFTER.value)
-  except ConfigError as e:
+  except (ConfigError, OSError, train.NonFiniteError) as e:  # OSError: e.g. a full disk while saving.
     sys.exit(f'error: {e}')
   if result and not trainer.stopped_by:
     metrics.say(f'done: validation loss {result["loss"]:.4f}, perplexity {result["perplexity"]:.2f}, '

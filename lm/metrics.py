@@ -153,5 +153,12 @@ class MetricWriter:
 
 
 def read_metrics(workdir: pathlib.Path | str) -> list[dict[str, float]]:
-  path = pathlib.Path(workdir) / 'metrics.jsonl'
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  """The records of a workdir's metrics.jsonl, less a last line cut short by a killed process."""
+  text = (pathlib.Path(workdir) / 'metrics.jsonl').read_text()
+  lines = text.splitlines()
+  if lines and not text.endswith('\n'):
+    try:
+      json.loads(lines[-1])
+    except json.JSONDecodeError:
+      lines.pop()
+  return [json.loads(line) for line in lines if line.strip()]

@@ -55,15 +55,11 @@ def report(config, devices) -> dict[str, float]:
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from lm import metrics, sharding, train  # pylint: disable=import-outside-toplevel
-  from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
-  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  from lm.model import count_params  # pylint: disable=import-outside-toplevel
 
-  mesh = sharding.make_mesh(config, devices)
-  rules = sharding.logical_axis_rules(config)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
-  model, optimizer = make_model(config), make_optimizer(config)
-  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
+  layout = train.make_layout(config, devices)
+  mesh, rules, batch_sharding, model, optimizer, shardings = (
+      layout.mesh, layout.rules, layout.batch_sharding, layout.model, layout.optimizer, layout.shardings)
   state = train.abstract_train_state(config, model, optimizer, shardings)
   b = config.data.batch_size
   batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)

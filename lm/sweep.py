@@ -266,8 +266,8 @@ def slurm_script(runs: list[Run], workdir: pathlib.Path, parallel: int | None = 
 
 def final_metrics(run_dir: pathlib.Path) -> dict[str, float]:
   """The last eval record of a run's metrics.jsonl ({} if none)."""
-  path = run_dir / 'metrics.jsonl'
-  records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+  from lm.metrics import read_metrics  # pylint: disable=import-outside-toplevel  (imports jax)
+  records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
   evals = [r for r in records if 'eval/loss' in r]
   return evals[-1] if evals else {}
 
@@ -277,7 +277,7 @@ def _run_inline(run: Run) -> int:
   try:
     trainer = train.Trainer(run.config, run.workdir)
     trainer.run()
-  except (ConfigError, OSError) as e:
+  except (ConfigError, OSError, train.NonFiniteError) as e:
     print(f'error: {e}', flush=True)
     return 1
   if trainer.stopped_by:  # Ctrl-C (or SIGTERM) stops the sweep too, this point checkpointed.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import signal
@@ -23,6 +24,7 @@ from lm import checkpoint, decode, metrics, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.config import target_len
+from lm.layers import attention_implementation
 from lm.model import apply_model, count_embedding_params, count_params, make_model, vocab_logits
 from lm.optim import learning_rate_schedule, make_optimizer
 
@@ -33,6 +35,12 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # Root key of in-training randomness (samples at step s use fold_in(rng, s)).
+  skipped_steps: jax.Array  # int32: steps whose update was skipped for a non-finite loss, gradient or parameter.
+  nonfinite_streak: jax.Array  # int32: consecutive such steps up to now (see train_step).
+
+
+class NonFiniteError(RuntimeError):
+  """Training diverged: more than train.max_nonfinite_steps consecutive non-finite steps."""
 
 
 def _unbox(tree: Any) -> Any:
@@ -58,7 +66,8 @@ def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, optimizer: opt
 
   def init():
     params = _unbox(init_params())
-    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=state_rng)
+    return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=state_rng,
+                      skipped_steps=jnp.int32(0), nonfinite_streak=jnp.int32(0))
 
   return init_params, init
 
@@ -75,7 +84,33 @@ def state_shardings(config: ml_collections.ConfigDict, model: nn.Module, optimiz
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_state = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, _unbox(boxed)), params,
                                     transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated)
+  return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, skipped_steps=replicated,
+                    nonfinite_streak=replicated)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """What a config on a set of devices trains with: nothing compiled yet, every fit checked."""
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  batch_sharding: jax.sharding.NamedSharding
+  model: nn.Module
+  optimizer: optax.GradientTransformation
+  shardings: TrainState
+
+
+def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Layout:
+  """The mesh over `devices` (default: all), the model, optimizer and train-state shardings, after
+  checking config against them: mesh size, batch and parameter divisibility, the attention kernel.
+  Each misfit is a ConfigError naming the key."""
+  mesh = sharding.make_mesh(config, devices)
+  rules = sharding.logical_axis_rules(config)
+  sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
+  sharding.check_batch('eval.batch_size', config.eval.batch_size, mesh, rules)
+  attention_implementation(config.model)
+  model, optimizer = make_model(config), make_optimizer(config)
+  shardings = state_shardings(config, model, optimizer, mesh, rules)
+  return Layout(mesh, rules, sharding.batch_sharding(mesh, rules), model, optimizer, shardings)
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
@@ -158,8 +193,13 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1,
                z_loss: float = 0.0, label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
-               logits_chunk: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               logits_chunk: int = 0, max_nonfinite_steps: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean loss over the batch's targets (see loss_sums).
+
+  A step whose loss or gradient norm is not finite changes neither the parameters nor the optimizer
+  state (the batch is spent, the step counted in skipped_steps). After more than max_nonfinite_steps
+  such steps in a row the state freezes (every later step is skipped too) until the host, seeing
+  nonfinite_streak, stops the run.
 
   With microbatches = k the batch is processed in k sequential passes whose summed gradients
   equal the whole batch's (microbatch j takes rows j, j + k, ..., so each stays spread over
@@ -191,12 +231,33 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
         accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
   scale = 1.0 / jnp.maximum(count, 1.0)
   loss, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics_ = {'loss': loss, 'grad_norm': optax.tree.norm(grads), 'learning_rate': schedule(state.step)}
+  # Known before the update, so the choice below fuses into it. Finite gradients cannot make the
+  # parameters overflow (Adam's steps are about the learning rate); Trainer checks before each save.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  tripped = state.nonfinite_streak > max_nonfinite_steps
+  streak = jnp.where(tripped, state.nonfinite_streak + 1, jnp.where(finite, 0, state.nonfinite_streak + 1))
+  keep_update = streak == 0
+  params, opt_state = jax.tree.map(lambda new, old: jnp.where(keep_update, new, old),
+                                   (params, opt_state), (state.params, state.opt_state))
+  skipped = state.skipped_steps + (~keep_update).astype(jnp.int32)
+  metrics_ = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'skipped_steps': skipped,
+              'nonfinite_streak': streak}
   if model.config.moe_experts:
     metrics_['moe_balance_loss'] = balance_sum * scale
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics_
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped,
+                       nonfinite_streak=streak), metrics_
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True (a bool scalar) when every element of every floating-point array in tree is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+_all_finite_jit = jax.jit(lambda *trees: all_finite(trees))
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
@@ -207,7 +268,8 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimize
                                    microbatches=config.train.microbatches, z_loss=config.train.z_loss,
                                    label_smoothing=config.train.label_smoothing,
                                    moe_balance_loss=config.train.moe_balance_loss,
-                                   logits_chunk=config.train.logits_chunk),
+                                   logits_chunk=config.train.logits_chunk,
+                                   max_nonfinite_steps=config.train.max_nonfinite_steps),
                  in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
 
 
@@ -302,18 +364,13 @@ class Trainer:
     self.config = config
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.mesh = sharding.make_mesh(config, devices)
-    self.rules = sharding.logical_axis_rules(config)
-    self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
-    sharding.check_batch('data.batch_size', config.data.batch_size, self.mesh, self.rules, config.train.microbatches)
-    sharding.check_batch('eval.batch_size', config.eval.batch_size, self.mesh, self.rules)
-    self.model = make_model(config)
+    layout = make_layout(config, devices)
+    self.mesh, self.rules, self.batch_sharding, self.model = layout.mesh, layout.rules, layout.batch_sharding, layout.model
+    optimizer, shardings = layout.optimizer, layout.shardings
     device = self.mesh.devices.flat[0]
     # The denominator of train/mfu: the device's peak from the table, else (CPU) its measured matmul rate.
     self._peak_flops = (metrics.peak_flops_per_device(config, device)
                         or metrics.measure_matmul_flops(device, config.model.dtype, sizes=(1024,)))
-    optimizer = make_optimizer(config)
-    shardings = state_shardings(config, self.model, optimizer, self.mesh, self.rules)
     self._config_changes = checkpoint.check_workdir(self.workdir, config)
     init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from else None
     init_step = checkpoint.check_init_from(init_from, config) if init_from else None
@@ -326,8 +383,7 @@ class Trainer:
     self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
     self.train_iter = iter(pipeline.train_dataset(config, self.corpus, *self.data_shard))
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config)
-    latest = self.checkpointer.latest_step()
-    if latest is None:
+    if self.checkpointer.latest_step() is None:
       self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
       if init_from:  # Fine-tuning: that run's parameters, a fresh optimizer and step 0.
         source = checkpoint.Checkpointer(init_from / 'checkpoints', config)
@@ -336,7 +392,10 @@ class Trainer:
         metrics.say(f'parameters from step {init_step} of {init_from}')
     else:  # Straight into the shards of this mesh, whatever mesh wrote it.
       abstract = abstract_train_state(config, self.model, optimizer, shardings)
-      self.state = self.checkpointer.restore(latest, abstract, self.train_iter)
+      latest, self.state, problems = self.checkpointer.restore_latest(
+          abstract, self.train_iter, lambda s: bool(sharding.to_host(_all_finite_jit(s.params, s.opt_state))))
+      for problem in problems:
+        metrics.say(f'warning: {problem}')
       metrics.say(f'resumed from step {latest} in {self.workdir}')
     self.start_step = int(sharding.to_host(self.state.step))
     checkpoint.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset,
@@ -445,7 +504,8 @@ class Trainer:
           if pending and (save or evaluate):  # Those wait for the step anyway: log it first, timed right.
             mark, pending = self._log(*pending, mark, writer, bar), None
           if save:
-            self.checkpointer.save(step, self.state, self.train_iter)  # Waits for the step, then writes async.
+            self._check_finite(step)  # Waits for the step.
+            self.checkpointer.save(step, self.state, self.train_iter)  # Writes in the background.
             last_save = time.monotonic()
           if evaluate:
             result = self._eval_and_sample(step, writer, final=step == c.train.steps)
@@ -460,6 +520,23 @@ class Trainer:
       self.checkpointer.close()
       writer.close()
     return result
+
+  def _check_streak(self, step: int, streak: int) -> None:
+    limit = self.config.train.max_nonfinite_steps
+    if streak > limit:
+      last = self.checkpointer.latest_step()
+      kept = f'the last checkpoint (step {last}) is kept' if last is not None else 'no checkpoint was written'
+      raise NonFiniteError(
+          f'training diverged: the loss, gradients or parameters were not finite at every step since step '
+          f'{step - streak + 1} (more than train.max_nonfinite_steps={limit} in a row); stopped at step {step} '
+          f'without saving; {kept}. Lower optimizer.learning_rate, lengthen optimizer.warmup_steps or set '
+          'train.z_loss, then rerun to resume from that checkpoint')
+
+  def _check_finite(self, step: int) -> None:
+    """Stops the run rather than checkpoint a diverged or non-finite state."""
+    self._check_streak(step, int(sharding.to_host(self.state.nonfinite_streak)))
+    if not bool(sharding.to_host(_all_finite_jit(self.state.params, self.state.opt_state))):
+      raise NonFiniteError(f'the train state at step {step} holds NaN or Inf values: not checkpointed')
 
   def _agree(self, step: int, signal_name: str | None, checkpoint_due: bool) -> tuple[str | None, bool]:
     """(the stop signal, checkpoint due by time) as all processes see them: any process's signal or
@@ -481,12 +558,14 @@ class Trainer:
     the host runs ahead of the device, their arrival marks when the device finished the step.
     """
     values = {k: float(v) for k, v in sharding.to_host(step_metrics).items()}
+    streak = int(values.pop('nonfinite_streak'))
     now = time.perf_counter()
     values['step_seconds'] = (now - mark[0]) / (step - mark[1])
     values['tokens_per_second'] = self.config.data.batch_size * metrics.tokens_per_example(self.config) / values['step_seconds']
     # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
     values['mfu'] = metrics.flops_per_token(self.config) * values['tokens_per_second'] / (self._peak_flops * self.mesh.size)
     writer.write(step, {f'train/{k}': v for k, v in values.items()})
+    self._check_streak(step, streak)  # After the record: the run's last one shows the divergence.
     bar.update(step - bar.n)
     bar.set_postfix(loss=f'{values["loss"]:.3f}', tok_s=f'{values["tokens_per_second"]:,.0f}',
                     step_ms=f'{1e3 * values["step_seconds"]:.0f}', mfu=f'{100 * values["mfu"]:.0f}%', refresh=False)

@@ -1,7 +1,9 @@
+import jax
 import pytest
 
 from conftest import QUICKSTART
 from lm import config as config_lib
+from lm import train
 from lm.config import ConfigError
 
 
@@ -39,10 +41,46 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'eval.sample_temperature': 0.0}, 'eval.sample_temperature=0.0: must be > 0'),
     ({'checkpoint.max_to_keep': 0}, 'checkpoint.max_to_keep=0: must be >= 1'),
     ({'seed': -1}, 'seed=-1: must be >= 0'),
+    # Wrong types.
+    ({'train.steps': '100'}, "train.steps='100': must be an integer"),
+    ({'model.use_bias': 1}, 'model.use_bias=1: must be True or False'),
+    ({'optimizer.learning_rate': '3e-4'}, "optimizer.learning_rate='3e-4': must be a finite number"),
+    ({'mesh.shape': (8, 1)}, "mesh.shape=(8, 1): must be 3 integers, devices along ('data', 'fsdp', 'tensor')"),
+    ({'data.paths': 7}, 'data.paths=7: must be a string'),
+    # Unknown keys.
+    ({'model.dmodel': 64}, "unknown config key 'model.dmodel'; nearest valid keys: model.d_model"),
+    ({'trainer.steps': 10}, "unknown config key 'trainer.steps'; nearest valid keys: train.steps"),
+    # Out of range.
+    ({'model.attention_dropout': 1.0}, 'model.attention_dropout=1.0: must be < 1'),
+    ({'train.label_smoothing': 1.0}, 'train.label_smoothing=1.0: must be < 1'),
+    ({'checkpoint.every_minutes': -1.0}, 'checkpoint.every_minutes=-1.0: must be >= 0'),
+    ({'train.max_nonfinite_steps': -1}, 'train.max_nonfinite_steps=-1: must be >= 0'),
+    ({'model.dtype': 'float16'}, "model.dtype='float16': must be one of 'float32', 'bfloat16'"),
+    ({'mesh.shape': (-1, -1, 1)}, 'mesh.shape=(-1, -1, 1): entries must be >= 1, with at most one -1'),
+    # Keys that contradict each other, across model, data, optimizer and training.
+    ({'model.kind': 'encoder_decoder'}, "model.kind='encoder_decoder' needs data.objective='span_corruption' or "
+                                        "'seq2seq' (data.objective='lm')"),
+    ({'data.objective': 'seq2seq'}, "data.objective='seq2seq' needs model.kind='encoder_decoder'"),
+    ({'model.moe_experts': 2, 'model.moe_top_k': 3}, 'model.moe_top_k=3 must be <= model.moe_experts=2'),
+    ({'model.moe_experts': 4, 'model.moe_every': 2, 'model.scan_layers': True},
+     'model.moe_every=2 mixes MLP and expert blocks, which model.scan_layers=True cannot scan'),
+    ({'train.microbatches': 3}, 'data.batch_size=8 must be divisible by train.microbatches=3'),
+    ({'data.name': 'text_pairs', 'data.paths': 'pairs.tsv'}, "data.name='text_pairs' holds (input, target) pairs: "
+                                                             "needs data.objective='seq2seq'"),
+    ({'model.num_encoder_layers': 2}, "model.num_encoder_layers=2 needs model.kind='encoder_decoder'"),
+    # ... and against the devices (eight here), checked before anything compiles.
+    ({'mesh.shape': (3, 1, 1)}, 'mesh.shape=(3, 1, 1) uses 3 devices but there are 8'),
+    ({'data.batch_size': 12}, 'data.batch_size=12 must be divisible by the 8 batch shards'),
+    ({'eval.batch_size': 4}, 'eval.batch_size=4 must be divisible by the 8 batch shards'),
+    ({'mesh.shape': (1, 1, 8), 'data.batch_size': 1, 'eval.batch_size': 1},
+     "model.num_heads=2 does not split over mesh tensor=8 (mesh.logical_axis_rules shard 'kv_heads' there"),
+    ({'mesh.shape': (1, 8, 1), 'model.d_model': 100},
+     "model.d_model=100 does not split over mesh fsdp=8 (mesh.logical_axis_rules shard 'embed' there"),
+    ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs a GPU (this backend: cpu)"),
 ])
 def test_bad_values_are_refused_naming_the_key(values, message):
-  with pytest.raises(ConfigError) as error:
-    config_lib.validate(_quickstart(**values))
+  with pytest.raises(ConfigError) as error:  # Checked as lm.main does, in this order, before any compile.
+    train.make_layout(config_lib.validate(_quickstart(**values)), jax.devices())
   assert str(error.value) == message or str(error.value).startswith(message), str(error.value)
   assert '\n' not in str(error.value)
 

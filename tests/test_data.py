@@ -149,6 +149,26 @@ def test_same_seed_same_batches_other_seed_other_batches(tiny):
   assert a[0]['tokens'].shape == (config.data.batch_size, config.data.seq_len + 1)
 
 
+def test_each_data_shard_reads_its_own_documents_in_a_fixed_order(tiny):
+  config, corpus = tiny
+  shard = lambda k: [b['tokens'] for b in itertools.islice(iter(pipeline.train_dataset(config, corpus, k, 2)), 4)]
+  first, again, second = shard(0), shard(0), shard(1)
+  assert first[0].shape == (config.data.batch_size // 2, config.data.seq_len + 1)
+  for a, b in zip(first, again):  # A pure function of (seed, step, process) ...
+    np.testing.assert_array_equal(a, b)
+  rows = lambda batches: {row.tobytes() for b in batches for row in b}
+  assert not rows(first) & rows(second)  # ... and the processes' rows never coincide.
+
+
+def test_a_corpus_shorter_than_one_sequence_is_refused(tfds_dir, tmp_path):
+  for name in ('a.txt', 'b.txt'):
+    (tmp_path / name).write_text('To be.\n')
+  config = tiny_config(tfds_dir, str(tmp_path / '*.txt'), **{'data.tokenizer': 'byte'})
+  with pytest.raises(ConfigError, match=r"^data.train_split='train' holds 8 tokens, fewer than one training sequence "
+                                        r'\(33 tokens for data.seq_len=32\): add text or lower data.seq_len$'):
+    pipeline.load_corpus(config, tmp_path / 'tok')
+
+
 def test_checkpointed_iterator_continues_without_repeating(tiny, tmp_path):
   config, corpus = tiny
   straight = [b['tokens'] for b in _batches(config, corpus, 30)]

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import pathlib
+import random
 import shutil
 import signal
 import subprocess
@@ -91,6 +92,98 @@ def test_resumed_run_sees_the_same_data_and_records(straight_and_resumed):
   for step in (4, 8):  # Samples at a periodic and at the final eval, drawn from the same keys.
     name = f'samples/step_{step:07d}.txt'
     assert (straight / name).read_text() == (resumed / name).read_text() != ''
+
+
+# What a run measures of the machine rather than computes: the rest of its records is deterministic.
+TIMINGS = ('train/step_seconds', 'train/tokens_per_second', 'train/mfu', 'train/compile_seconds',
+           'train/peak_flops_per_device', 'eval/seconds')
+
+
+def test_the_same_config_twice_gives_bitwise_identical_metrics(straight_and_resumed, tfds_dir, play_files, tmp_path,
+                                                               compile_cache):
+  straight = straight_and_resumed[0]
+  again = tmp_path / 'again'
+  run_main(again, tiny_overrides(tfds_dir, play_files, **DROPOUT), compile_cache=compile_cache)
+  computed = lambda w: [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(w)]
+  assert computed(again) == computed(straight)
+  assert sum('train/loss' in r for r in computed(again)) == 4 and sum('eval/loss' in r for r in computed(again)) == 2
+  for x, y in zip(jax.tree.leaves(_restore(straight, 8)), jax.tree.leaves(_restore(again, 8))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert (straight / 'samples' / 'step_0000008.txt').read_text() == (again / 'samples' / 'step_0000008.txt').read_text()
+
+
+def _steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) if (
+      workdir / 'checkpoints').is_dir() else []
+
+
+def _logged_step(workdir: pathlib.Path) -> int:
+  records = read_metrics(workdir) if (workdir / 'metrics.jsonl').exists() else []
+  return max([int(r['step']) for r in records if 'train/loss' in r], default=0)
+
+
+def test_sigkill_at_random_points_loses_nothing(straight_and_resumed, tfds_dir, play_files, tmp_path, compile_cache):
+  """SIGKILL during start-up, in the middle of an asynchronous checkpoint save, and at random steps of
+  training; restarted each time on the same workdir, the run ends bitwise where one never killed does."""
+  straight = straight_and_resumed[0]
+  # The straight run's computation, logged and checkpointed more often.
+  overrides = tiny_overrides(tfds_dir, play_files, **DROPOUT, **{'train.log_every': 1, 'checkpoint.every': 2})
+  workdir, log = tmp_path / 'killed', tmp_path / 'killed.log'
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=compile_cache,
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1',
+             LM_TEST_COMMIT_DELAY_S='2')
+  flags = [f'--config={QUICKSTART}', f'--workdir={workdir}'] + [f'--config.{k}={v}' for k, v in overrides.items()]
+  rng = random.Random(8)
+  kills, misses = [], []
+
+  def start(entry: list[str]) -> subprocess.Popen:
+    with open(log, 'a', encoding='utf-8') as f:
+      f.write(f'\n===== {" ".join(entry)}\n')
+    return subprocess.Popen([sys.executable, *entry] + flags, stdout=open(log, 'a', encoding='utf-8'),
+                            stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+  def kill_when(proc: subprocess.Popen, ready, what: str, pause: float) -> None:
+    deadline = time.monotonic() + 300
+    while not ready():
+      assert time.monotonic() < deadline, f'timed out waiting for {what}'
+      if proc.poll() is not None:
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        misses.append(what)  # The run finished first.
+        return
+      time.sleep(0.02)
+    time.sleep(pause)
+    if proc.poll() is not None:
+      assert proc.returncode == 0, log.read_text()[-3000:]
+      misses.append(what)
+      return
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kills.append(f'{what} (checkpoints then: {_steps(workdir)})')
+
+  began, delay = time.monotonic(), rng.uniform(0.5, 4.0)
+  kill_when(start(['-m', 'lm.main']), lambda: time.monotonic() - began > delay, f'{delay:.1f} s after launch', 0)
+  saving = lambda: (workdir / 'checkpoints').is_dir() and any(
+      p.name.endswith('.orbax-checkpoint-tmp') for p in (workdir / 'checkpoints').iterdir())
+  kill_when(start([str(ROOT / 'tests' / 'save_slowly.py')]), saving, 'mid-save', rng.uniform(0, 0.3))
+  assert kills[-1].startswith('mid-save') and saving(), 'the save had committed before the kill'
+  for _ in range(2):
+    proc, resumed_at = start(['-m', 'lm.main']), max(_steps(workdir), default=0)
+    target = rng.randint(min(resumed_at + 2, 6), 6)
+    # This run's own records (the metrics file is trimmed to the resumed step before it compiles),
+    # and progress it has checkpointed.
+    compiled = lambda: 'compiled the train step' in log.read_text().rsplit('=====', 1)[-1]
+    ready = lambda: compiled() and _logged_step(workdir) >= target and max(_steps(workdir), default=0) > resumed_at
+    kill_when(proc, ready, f'after step {target}', rng.uniform(0, 0.05))
+  assert len(kills) >= 3, (kills, misses)
+  final = run_main(workdir, overrides, compile_cache=compile_cache)
+  assert 'resumed from step' in log.read_text() + final.stdout + final.stderr, kills
+  assert _steps(workdir)[-1] == 8 and not (workdir / 'corrupt_checkpoints').exists(), kills
+  a, b = _restore(workdir, 8), _restore(straight, 8)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  evals = [[r['eval/loss'] for r in read_metrics(w) if 'eval/loss' in r][-1] for w in (workdir, straight)]
+  assert evals[0] == evals[1]
+  print('kills:', '; '.join(kills), '| missed:', misses)
 
 
 def _refusal(result) -> str:

@@ -83,7 +83,23 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
     sentinels = f' less {reserved_ids(config)} span-corruption sentinels' if reserved_ids(config) else ''
     raise ConfigError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}'
                       f'{sentinels} leaves room for {room}')
-  return Corpus(train, evaluation, tokenizer, text_keys, dataset)
+  corpus = Corpus(train, evaluation, tokenizer, text_keys, dataset)
+  if d.objective != 'seq2seq':
+    _check_fills_a_sequence(config, corpus)
+  return corpus
+
+
+def _check_fills_a_sequence(config: ml_collections.ConfigDict, corpus: Corpus) -> None:
+  """Refuses a train split with fewer tokens than one packed training sequence (read until it has them)."""
+  d = config.data
+  need = d.seq_len + 1 if d.objective == 'lm' else _span_corruption(config, corpus).raw_len
+  tokenize, total = _Tokenize(corpus.tokenizer, corpus.text_keys), 0
+  for i in range(len(corpus.train_source)):
+    total += len(tokenize.map(corpus.train_source[i]))
+    if total >= need:
+      return
+  raise ConfigError(f'data.train_split={d.train_split!r} holds {total} tokens, fewer than one training sequence '
+                    f'({need} tokens for data.seq_len={d.seq_len}): add text or lower data.seq_len')
 
 
 class _Tokenize(grain.transforms.Map):

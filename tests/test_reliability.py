@@ -1,0 +1,185 @@
+"""Losing nothing: non-finite steps, corrupt checkpoints, records cut short (kills: test_main.py)."""
+
+import functools
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import one_device_mesh, tiny_config
+from lm import train
+from lm.config import ConfigError
+from lm.data import pipeline
+from lm.metrics import MetricWriter, read_metrics
+from lm.model import make_model
+from lm.optim import learning_rate_schedule, make_optimizer
+
+
+def _steps(workdir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+
+
+def _assert_same_state(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert jax.tree.structure(a) == jax.tree.structure(b) and len(leaves_a) > 20
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _restore(workdir: pathlib.Path, step: int):
+  return ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / str(step) / 'state').absolute())
+
+
+def test_nonfinite_steps_are_skipped_counted_and_then_freeze(tfds_dir, play_files, tmp_path):
+  config = tiny_config(tfds_dir, play_files)
+  corpus = pipeline.load_corpus(config, tmp_path / 'tok')
+  model, optimizer = make_model(config), make_optimizer(config)
+  step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(config), max_nonfinite_steps=2))
+  batch = next(iter(pipeline.train_dataset(config, corpus)))
+  mask = batch['loss_mask'].astype(np.float32)
+  good = dict(batch, loss_mask=mask)
+  bad = dict(batch, loss_mask=np.where(np.arange(mask.shape[1]) == 5, np.nan, mask))  # A NaN in the batch.
+  state = train.init_train_state(config, model, optimizer, one_device_mesh(config))
+  state, _ = step(state, good)
+  before = jax.device_get(state)
+  state, metrics = step(state, bad)
+  assert np.isnan(metrics['loss']) and int(metrics['skipped_steps']) == 1 and int(metrics['nonfinite_streak']) == 1
+  _assert_same_state((before.params, before.opt_state), (state.params, state.opt_state))  # No update ...
+  assert int(state.step) == 2  # ... but the batch is spent.
+  state, metrics = step(state, good)  # A finite step updates again and ends the streak.
+  assert int(metrics['skipped_steps']) == 1 and int(metrics['nonfinite_streak']) == 0
+  assert not np.array_equal(state.params['token_embedding']['embedding'], before.params['token_embedding']['embedding'])
+  streaks = []
+  for b in (bad, bad, bad, good, good):  # A third bad step in a row is past the limit: the state freezes.
+    frozen = jax.device_get(state)
+    state, metrics = step(state, b)
+    streaks.append(int(metrics['nonfinite_streak']))
+  assert streaks == [1, 2, 3, 4, 5] and int(state.skipped_steps) == 6
+  _assert_same_state((frozen.params, frozen.opt_state), (state.params, state.opt_state))
+  assert bool(train.all_finite((state.params, state.opt_state)))
+
+
+def _poison(trainer: train.Trainer) -> None:
+  """A NaN in one parameter: every later loss and gradient is NaN."""
+  leaves, tree = jax.tree.flatten(trainer.state.params)
+  leaves[0] = leaves[0] * jnp.nan
+  trainer.state = trainer.state.replace(params=jax.tree.unflatten(tree, leaves))
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tfds_dir, play_files, tmp_path, capsys):
+  devices = jax.devices()[:1]
+  overrides = {'train.log_every': 1, 'checkpoint.every': 2, 'train.max_nonfinite_steps': 2}
+  train.Trainer(tiny_config(tfds_dir, play_files, **overrides), tmp_path, devices).run(stop_after=2)
+  # No checkpoint falls in the streak: the limit stops the run.
+  trainer = train.Trainer(tiny_config(tfds_dir, play_files, **overrides | {'checkpoint.every': 100}), tmp_path, devices)
+  _poison(trainer)
+  with pytest.raises(train.NonFiniteError) as error:
+    trainer.run()
+  assert str(error.value).startswith('training diverged: the loss, gradients or parameters were not finite at '
+                                     'every step since step 3 (more than train.max_nonfinite_steps=2 in a row); '
+                                     'stopped at step 5 without saving; the last checkpoint (step 2) is kept.')
+  assert _steps(tmp_path) == [2]
+  records = [r for r in read_metrics(tmp_path) if 'train/loss' in r]
+  assert [(r['step'], r['train/skipped_steps']) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
+  assert 'train/nonfinite_streak' not in records[-1] and np.isnan(records[-1]['train/loss'])
+  # A checkpoint due inside the streak is refused too: a non-finite state is never written.
+  trainer = train.Trainer(tiny_config(tfds_dir, play_files, **overrides | {'train.max_nonfinite_steps': 10}),
+                          tmp_path, devices)
+  _poison(trainer)
+  with pytest.raises(train.NonFiniteError, match='the train state at step 4 holds NaN or Inf values: not checkpointed'):
+    trainer.run()
+  assert _steps(tmp_path) == [2]
+  assert 'resumed from step 2' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrupt checkpoints.
+
+def _largest_file(folder: pathlib.Path) -> pathlib.Path:
+  return max((p for p in folder.rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  big = _largest_file(step_dir / 'state')
+  big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
+
+
+CORRUPTIONS = {
+    'truncated array file': _truncate,
+    'missing array file': lambda step_dir: _largest_file(step_dir / 'state').unlink(),
+    'garbled metadata': lambda step_dir: (step_dir / 'state' / '_METADATA').write_text('{"tree_metadata": '),
+    'empty manifest': lambda step_dir: (step_dir / 'state' / 'manifest.ocdbt').write_bytes(b''),
+    'missing data iterator state': lambda step_dir: shutil.rmtree(step_dir / 'data'),
+}
+
+
+@pytest.fixture(scope='module')
+def checkpointed(tfds_dir, play_files, tmp_path_factory):
+  """A workdir with checkpoints at steps 2 and 4 of 8 (the run stopped at 4), and the config."""
+  config = tiny_config(tfds_dir, play_files, **{'checkpoint.every': 2})
+  workdir = tmp_path_factory.mktemp('checkpointed')
+  train.Trainer(config, workdir, jax.devices()[:1]).run(stop_after=4)
+  assert _steps(workdir) == [2, 4]
+  return workdir, config
+
+
+@pytest.mark.parametrize('corruption', list(CORRUPTIONS))
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(checkpointed, tmp_path, capsys, corruption):
+  pristine, config = checkpointed
+  workdir = tmp_path / 'run'
+  shutil.copytree(pristine, workdir)
+  CORRUPTIONS[corruption](workdir / 'checkpoints' / '4')
+  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  assert trainer.start_step == 2
+  out = capsys.readouterr().out
+  warning = [line for line in out.splitlines() if line.startswith('warning: checkpoint 4 is unreadable (')]
+  assert len(warning) == 1 and warning[0].endswith(f'; moved to {workdir / "corrupt_checkpoints" / "4"}'), out
+  assert (workdir / 'corrupt_checkpoints' / '4').is_dir() and _steps(workdir) == [2]
+  _assert_same_state(jax.device_get(trainer.state.params), _restore(pristine, 2)['params'])
+  trainer.checkpointer.close()
+
+
+def test_after_a_fallback_the_run_ends_as_if_nothing_happened(checkpointed, tmp_path):
+  pristine, config = checkpointed
+  broken, straight = tmp_path / 'broken', tmp_path / 'straight'
+  shutil.copytree(pristine, broken)
+  shutil.copytree(pristine, straight)
+  _truncate(broken / 'checkpoints' / '4')
+  for workdir in (broken, straight):
+    train.Trainer(config, workdir, jax.devices()[:1]).run()
+  assert _steps(broken) == _steps(straight) == [4, 6, 8]  # Step 4 saved again, where the corrupt one was.
+  _assert_same_state(_restore(broken, 8), _restore(straight, 8))
+
+
+def test_nan_checkpoint_and_all_corrupt_checkpoints(checkpointed, tmp_path, capsys):
+  pristine, config = checkpointed
+  workdir = tmp_path / 'run'
+  shutil.copytree(pristine, workdir)
+  trainer = train.Trainer(config, workdir, jax.devices()[:1])  # At step 4.
+  _poison(trainer)
+  trainer.checkpointer.save(6, trainer.state, trainer.train_iter)  # As a bug or a bit flip might leave it.
+  trainer.checkpointer.close()
+  capsys.readouterr()
+  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  assert trainer.start_step == 4
+  assert 'warning: checkpoint 6 is unreadable (it holds NaN or Inf values); moved to' in capsys.readouterr().out
+  trainer.checkpointer.close()
+  for step in (2, 4):
+    _truncate(workdir / 'checkpoints' / str(step))
+  with pytest.raises(ConfigError, match=r"^no readable checkpoint is left in .*checkpoint 4 is unreadable .*"
+                                        r"checkpoint 2 is unreadable .*; use a new --workdir, or move a checkpoint "
+                                        r'back to retry it$'):
+    train.Trainer(config, workdir, jax.devices()[:1])
+  assert sorted(p.name for p in (workdir / 'corrupt_checkpoints').iterdir()) == ['2', '4', '6']  # Nothing deleted.
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path):
+  (tmp_path / 'metrics.jsonl').write_text('{"step": 1, "train/loss": 5.5}\n{"step": 2, "train/lo')
+  assert read_metrics(tmp_path) == [{'step': 1, 'train/loss': 5.5}]
+  MetricWriter(tmp_path, 1).close()  # What the resumed run does first.
+  assert (tmp_path / 'metrics.jsonl').read_text() == '{"step": 1, "train/loss": 5.5}\n'

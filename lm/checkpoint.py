@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import os
 import pathlib
@@ -11,6 +13,7 @@ from typing import Any, Callable
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -154,11 +157,30 @@ class Checkpointer:
 
   def restore(self, step: int, like: Any, data_iterator: grain.DatasetIterator) -> Any:
     """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where
-    it was when that step was saved."""
+    it was when that step was saved. Fields of a dataclass `like` that the checkpoint predates
+    (counters added to the train state since) restore as zeros."""
+    abstract, missing = _abstract(like), self._fields_missing(step, like)
+    if missing:
+      abstract = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(like) if f.name not in missing}
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract(like)),
+        state=ocp.args.StandardRestore(abstract),
         data=grain.checkpoint.CheckpointRestore(data_iterator)))
-    return restored.state
+    if not missing:
+      return restored.state
+    zeros = {name: jnp.zeros(getattr(like, name).shape, getattr(like, name).dtype,
+                             device=getattr(like, name).sharding) for name in missing}
+    return dataclasses.replace(like, **restored.state, **zeros)
+
+  def _fields_missing(self, step: int, like: Any) -> list[str]:
+    """The fields of dataclass `like` that the checkpoint at `step` has no arrays for."""
+    if not dataclasses.is_dataclass(like):
+      return []
+    try:
+      tree = json.loads((self.directory / str(step) / 'state' / '_METADATA').read_text())['tree_metadata']
+      saved = {ast.literal_eval(key)[0] for key in tree}
+    except (OSError, ValueError, KeyError, SyntaxError, IndexError, TypeError):
+      return []  # Unreadable metadata: the restore itself will say what is wrong.
+    return [f.name for f in dataclasses.fields(like) if f.name not in saved]
 
   def restore_latest(self, like: Any, data_iterator: grain.DatasetIterator,
                      is_good: Callable[[Any], bool] = lambda state: True) -> tuple[int, Any, list[str]]:

@@ -156,6 +156,23 @@ def test_after_a_fallback_the_run_ends_as_if_nothing_happened(checkpointed, tmp_
   _assert_same_state(_restore(broken, 8), _restore(straight, 8))
 
 
+def test_a_checkpoint_from_before_the_nonfinite_counters_resumes(checkpointed, tmp_path, capsys):
+  pristine, config = checkpointed
+  workdir = tmp_path / 'run'
+  shutil.copytree(pristine, workdir)
+  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  older = {k: getattr(trainer.state, k) for k in ('params', 'opt_state', 'rng')}  # The state as it was.
+  older['step'] = trainer.state.step + 2
+  trainer.checkpointer.save(6, older, trainer.train_iter)
+  trainer.checkpointer.close()
+  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  assert trainer.start_step == 6 and 'warning' not in capsys.readouterr().out
+  assert not (workdir / 'corrupt_checkpoints').exists()
+  assert int(trainer.state.skipped_steps) == 0 and int(trainer.state.nonfinite_streak) == 0
+  _assert_same_state(jax.device_get(trainer.state.params), _restore(pristine, 4)['params'])
+  trainer.checkpointer.close()
+
+
 def test_nan_checkpoint_and_all_corrupt_checkpoints(checkpointed, tmp_path, capsys):
   pristine, config = checkpointed
   workdir = tmp_path / 'run'

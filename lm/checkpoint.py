@@ -159,17 +159,19 @@ class Checkpointer:
     """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where
     it was when that step was saved. Fields of a dataclass `like` that the checkpoint predates
     (counters added to the train state since) restore as zeros."""
+    return self._restore(step, like, data=grain.checkpoint.CheckpointRestore(data_iterator))
+
+  def _restore(self, step: int, like: Any, **other_items) -> Any:
     abstract, missing = _abstract(like), self._fields_missing(step, like)
     if missing:
       abstract = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(like) if f.name not in missing}
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract),
-        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state=ocp.args.StandardRestore(abstract), **other_items)).state
     if not missing:
-      return restored.state
+      return restored
     zeros = {name: jnp.zeros(getattr(like, name).shape, getattr(like, name).dtype,
                              device=getattr(like, name).sharding) for name in missing}
-    return dataclasses.replace(like, **restored.state, **zeros)
+    return dataclasses.replace(like, **restored, **zeros)
 
   def _fields_missing(self, step: int, like: Any) -> list[str]:
     """The fields of dataclass `like` that the checkpoint at `step` has no arrays for."""
@@ -223,7 +225,7 @@ class Checkpointer:
 
   def restore_state(self, step: int, like: Any) -> Any:
     """Only the train state at `step` (e.g. to evaluate it, or in a process that reads no data)."""
-    return self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(like)))).state
+    return self._restore(step, like)
 
   def restore_params(self, step: int, like_params: Any) -> Any:
     """Only the parameters at `step`, placed like `like_params`."""

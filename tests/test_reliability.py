@@ -170,6 +170,8 @@ def test_a_checkpoint_from_before_the_nonfinite_counters_resumes(checkpointed, t
   assert not (workdir / 'corrupt_checkpoints').exists()
   assert int(trainer.state.skipped_steps) == 0 and int(trainer.state.nonfinite_streak) == 0
   _assert_same_state(jax.device_get(trainer.state.params), _restore(pristine, 4)['params'])
+  evaluated = trainer.checkpointer.restore_state(6, trainer.state)  # As lm.evaluate reads it.
+  assert int(evaluated.step) == 6 and int(evaluated.skipped_steps) == 0
   trainer.checkpointer.close()
 
 

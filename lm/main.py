@@ -61,15 +61,15 @@ def main(argv: list[str]) -> None:
     config = validate(_CONFIG.value)
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  from lm import metrics, train  # pylint: disable=import-outside-toplevel  (jax etc.: only once flags are good)
+  from lm import loop, metrics  # pylint: disable=import-outside-toplevel  (jax etc.: only once flags are good)
   initialize_distributed()
   try:
-    trainer = train.Trainer(config, _WORKDIR.value)
+    trainer = loop.Trainer(config, _WORKDIR.value)
   except (ConfigError, OSError) as e:  # OSError: an unusable workdir or data directory.
     sys.exit(f'error: {e}')
   try:
     result = trainer.run(stop_after=_STOP_AFTER.value)
-  except (ConfigError, OSError, train.NonFiniteError) as e:  # OSError: e.g. a full disk while saving.
+  except (ConfigError, OSError, loop.NonFiniteError) as e:  # OSError: e.g. a full disk while saving.
     sys.exit(f'error: {e}')
   if result and not trainer.stopped_by:
     metrics.say(f'done: validation loss {result["loss"]:.4f}, perplexity {result["perplexity"]:.2f}, '

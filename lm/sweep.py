@@ -273,11 +273,11 @@ def final_metrics(run_dir: pathlib.Path) -> dict[str, float]:
 
 
 def _run_inline(run: Run) -> int:
-  from lm import train  # pylint: disable=import-outside-toplevel  (jax: only when training here)
+  from lm import loop  # pylint: disable=import-outside-toplevel  (jax: only when training here)
   try:
-    trainer = train.Trainer(run.config, run.workdir)
+    trainer = loop.Trainer(run.config, run.workdir)
     trainer.run()
-  except (ConfigError, OSError, train.NonFiniteError) as e:
+  except (ConfigError, OSError, loop.NonFiniteError) as e:
     print(f'error: {e}', flush=True)
     return 1
   if trainer.stopped_by:  # Ctrl-C (or SIGTERM) stops the sweep too, this point checkpointed.

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_config
 from lm import config as config_lib
-from lm import sharding, train
+from lm import loop, sharding, train
 from lm.data import pipeline, spans
 from lm.model import make_model
 from lm.optim import make_optimizer
@@ -180,14 +180,14 @@ def test_span_corruption_pretraining_then_seq2seq_fine_tuning(tfds_dir, play_fil
       'data.objective': 'span_corruption', 'data.name': 'text_files', 'data.paths': play_files,
       'train.steps': 4, 'eval.num_samples': 0})
   devices = jax.devices()[:1]
-  trainer = train.Trainer(pretrain, tmp_path / 'pretrain', devices)
+  trainer = loop.Trainer(pretrain, tmp_path / 'pretrain', devices)
   trainer.run()
   pretrained = jax.device_get(trainer.state.params)
   finetune = _seq2seq_config(tfds_dir, play_files, pairs_file, **one_block, **{
       'train.steps': 100, 'optimizer.learning_rate': 5e-3, 'eval.every': 100,
       'checkpoint.every': 100,
       'checkpoint.init_from': str(tmp_path / 'pretrain'), 'eval.num_samples': 1, 'eval.sample_temperature': 0.01})
-  tuner = train.Trainer(finetune, tmp_path / 'finetune', devices)
+  tuner = loop.Trainer(finetune, tmp_path / 'finetune', devices)
   assert int(tuner.state.step) == 0
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(tuner.state.params), pretrained)
   result = tuner.run()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from lm import checkpoint, decode, saved, train
+from lm import checkpoint, decode, loop, saved
 from lm.config import ConfigError, flatten, override
 from lm.model import stack_layers
 from lm.evaluate import evaluate
@@ -93,7 +93,7 @@ def workdir(tfds_dir, play_files, tmp_path_factory):
   path = tmp_path_factory.mktemp('gen') / 'run'
   config = tiny_config(tfds_dir, play_files, **{'train.steps': 12, 'eval.every': 12, 'checkpoint.every': 12,
                                                 'eval.num_samples': 0})  # The tests below do the sampling.
-  trainer = train.Trainer(config, path, devices=jax.devices()[:1])
+  trainer = loop.Trainer(config, path, devices=jax.devices()[:1])
   final = trainer.run()
   return path, final
 

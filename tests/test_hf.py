@@ -11,7 +11,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conftest import tiny_overrides
-from lm import hf, saved, train
+from lm import hf, loop, saved
 from lm.config import ConfigError, override, validate
 from lm.evaluate import evaluate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
@@ -111,9 +111,9 @@ def test_imported_gpt2_fine_tunes_from_its_weights(hf_gpt2, tmp_path, tfds_dir, 
       'checkpoint.init_from': str(tmp_path / 'imported'), 'data.tokenizer': 'huggingface', 'model.max_len': 64,
       'model.vocab_size': imported.config.model.vocab_size, 'model.mlp_dim': 0, 'model.num_heads': 4,
       'optimizer.learning_rate': 3e-3, 'eval.num_samples': 0, 'train.steps': 8})))
-  trainer = train.Trainer(config, tmp_path / 'finetune', devices=jax.devices()[:1])
+  trainer = loop.Trainer(config, tmp_path / 'finetune', devices=jax.devices()[:1])
   jax.tree.map(np.testing.assert_array_equal, trainer.state.params, imported.params)  # Starts from GPT-2's weights.
   after = trainer.run()
   assert after['tokens'] == before['tokens'] and after['loss'] < before['loss'] - 0.1
   with pytest.raises(ConfigError, match='holds imported parameters, not a training run'):
-    train.Trainer(config, tmp_path / 'imported', devices=jax.devices()[:1])
+    loop.Trainer(config, tmp_path / 'imported', devices=jax.devices()[:1])

@@ -11,7 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import one_device_mesh, tiny_config
-from lm import train
+from lm import loop, train
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.metrics import MetricWriter, read_metrics
@@ -64,7 +64,7 @@ def test_nonfinite_steps_are_skipped_counted_and_then_freeze(tfds_dir, play_file
   assert bool(train.all_finite((state.params, state.opt_state)))
 
 
-def _poison(trainer: train.Trainer) -> None:
+def _poison(trainer: loop.Trainer) -> None:
   """A NaN in one parameter: every later loss and gradient is NaN."""
   leaves, tree = jax.tree.flatten(trainer.state.params)
   leaves[0] = leaves[0] * jnp.nan
@@ -74,11 +74,11 @@ def _poison(trainer: train.Trainer) -> None:
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tfds_dir, play_files, tmp_path, capsys):
   devices = jax.devices()[:1]
   overrides = {'train.log_every': 1, 'checkpoint.every': 2, 'train.max_nonfinite_steps': 2}
-  train.Trainer(tiny_config(tfds_dir, play_files, **overrides), tmp_path, devices).run(stop_after=2)
+  loop.Trainer(tiny_config(tfds_dir, play_files, **overrides), tmp_path, devices).run(stop_after=2)
   # No checkpoint falls in the streak: the limit stops the run.
-  trainer = train.Trainer(tiny_config(tfds_dir, play_files, **overrides | {'checkpoint.every': 100}), tmp_path, devices)
+  trainer = loop.Trainer(tiny_config(tfds_dir, play_files, **overrides | {'checkpoint.every': 100}), tmp_path, devices)
   _poison(trainer)
-  with pytest.raises(train.NonFiniteError) as error:
+  with pytest.raises(loop.NonFiniteError) as error:
     trainer.run()
   assert str(error.value).startswith('training diverged: the loss, gradients or parameters were not finite at '
                                      'every step since step 3 (more than train.max_nonfinite_steps=2 in a row); '
@@ -88,10 +88,10 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tfds_dir, p
   assert [(r['step'], r['train/skipped_steps']) for r in records] == [(1, 0), (2, 0), (3, 1), (4, 2), (5, 3)]
   assert 'train/nonfinite_streak' not in records[-1] and np.isnan(records[-1]['train/loss'])
   # A checkpoint due inside the streak is refused too: a non-finite state is never written.
-  trainer = train.Trainer(tiny_config(tfds_dir, play_files, **overrides | {'train.max_nonfinite_steps': 10}),
+  trainer = loop.Trainer(tiny_config(tfds_dir, play_files, **overrides | {'train.max_nonfinite_steps': 10}),
                           tmp_path, devices)
   _poison(trainer)
-  with pytest.raises(train.NonFiniteError, match='the train state at step 4 holds NaN or Inf values: not checkpointed'):
+  with pytest.raises(loop.NonFiniteError, match='the train state at step 4 holds NaN or Inf values: not checkpointed'):
     trainer.run()
   assert _steps(tmp_path) == [2]
   assert 'resumed from step 2' in capsys.readouterr().out
@@ -123,7 +123,7 @@ def checkpointed(tfds_dir, play_files, tmp_path_factory):
   """A workdir with checkpoints at steps 2 and 4 of 8 (the run stopped at 4), and the config."""
   config = tiny_config(tfds_dir, play_files, **{'checkpoint.every': 2})
   workdir = tmp_path_factory.mktemp('checkpointed')
-  train.Trainer(config, workdir, jax.devices()[:1]).run(stop_after=4)
+  loop.Trainer(config, workdir, jax.devices()[:1]).run(stop_after=4)
   assert _steps(workdir) == [2, 4]
   return workdir, config
 
@@ -134,7 +134,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(checkpointed, tmp_
   workdir = tmp_path / 'run'
   shutil.copytree(pristine, workdir)
   CORRUPTIONS[corruption](workdir / 'checkpoints' / '4')
-  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  trainer = loop.Trainer(config, workdir, jax.devices()[:1])
   assert trainer.start_step == 2
   out = capsys.readouterr().out
   warning = [line for line in out.splitlines() if line.startswith('warning: checkpoint 4 is unreadable (')]
@@ -151,7 +151,7 @@ def test_after_a_fallback_the_run_ends_as_if_nothing_happened(checkpointed, tmp_
   shutil.copytree(pristine, straight)
   _truncate(broken / 'checkpoints' / '4')
   for workdir in (broken, straight):
-    train.Trainer(config, workdir, jax.devices()[:1]).run()
+    loop.Trainer(config, workdir, jax.devices()[:1]).run()
   assert _steps(broken) == _steps(straight) == [4, 6, 8]  # Step 4 saved again, where the corrupt one was.
   _assert_same_state(_restore(broken, 8), _restore(straight, 8))
 
@@ -160,12 +160,12 @@ def test_a_checkpoint_from_before_the_nonfinite_counters_resumes(checkpointed, t
   pristine, config = checkpointed
   workdir = tmp_path / 'run'
   shutil.copytree(pristine, workdir)
-  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  trainer = loop.Trainer(config, workdir, jax.devices()[:1])
   older = {k: getattr(trainer.state, k) for k in ('params', 'opt_state', 'rng')}  # The state as it was.
   older['step'] = trainer.state.step + 2
   trainer.checkpointer.save(6, older, trainer.train_iter)
   trainer.checkpointer.close()
-  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  trainer = loop.Trainer(config, workdir, jax.devices()[:1])
   assert trainer.start_step == 6 and 'warning' not in capsys.readouterr().out
   assert not (workdir / 'corrupt_checkpoints').exists()
   assert int(trainer.state.skipped_steps) == 0 and int(trainer.state.nonfinite_streak) == 0
@@ -179,12 +179,12 @@ def test_nan_checkpoint_and_all_corrupt_checkpoints(checkpointed, tmp_path, caps
   pristine, config = checkpointed
   workdir = tmp_path / 'run'
   shutil.copytree(pristine, workdir)
-  trainer = train.Trainer(config, workdir, jax.devices()[:1])  # At step 4.
+  trainer = loop.Trainer(config, workdir, jax.devices()[:1])  # At step 4.
   _poison(trainer)
   trainer.checkpointer.save(6, trainer.state, trainer.train_iter)  # As a bug or a bit flip might leave it.
   trainer.checkpointer.close()
   capsys.readouterr()
-  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  trainer = loop.Trainer(config, workdir, jax.devices()[:1])
   assert trainer.start_step == 4
   assert 'warning: checkpoint 6 is unreadable (it holds NaN or Inf values); moved to' in capsys.readouterr().out
   trainer.checkpointer.close()
@@ -193,7 +193,7 @@ def test_nan_checkpoint_and_all_corrupt_checkpoints(checkpointed, tmp_path, caps
   with pytest.raises(ConfigError, match=r"^no readable checkpoint is left in .*checkpoint 4 is unreadable .*"
                                         r"checkpoint 2 is unreadable .*; use a new --workdir, or move a checkpoint "
                                         r'back to retry it$'):
-    train.Trainer(config, workdir, jax.devices()[:1])
+    loop.Trainer(config, workdir, jax.devices()[:1])
   assert sorted(p.name for p in (workdir / 'corrupt_checkpoints').iterdir()) == ['2', '4', '6']  # Nothing deleted.
 
 

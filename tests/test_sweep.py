@@ -221,7 +221,7 @@ def test_cli_dry_run_and_one_line_errors(tmp_path):
 
 
 def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, play_files, tmp_path):
-  from lm import train
+  from lm import loop
   spec = str(ABLATIONS / 'mlp.py')
   workdir = tmp_path / 'mlp'
   overrides = tiny_overrides(tfds_dir, play_files, **{'data.tokenizer': 'byte', 'model.mlp_dim': 0,
@@ -229,7 +229,7 @@ def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, 
   gelu, swiglu = sweep.expand(spec, workdir, overrides)
   # A sweep killed half way through its first point: the manifest written, the point checkpointed at step 4 of 8.
   sweep.write_manifest(workdir, sweep.manifest(spec, overrides, [gelu, swiglu]))
-  train.Trainer(gelu.config, gelu.workdir, devices=jax.devices()[:1]).run(stop_after=4)
+  loop.Trainer(gelu.config, gelu.workdir, devices=jax.devices()[:1]).run(stop_after=4)
   assert sweep.status(gelu) == 'partial' and sweep.status(swiglu) == 'new'
 
   env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -29,7 +29,7 @@ class TrainState:
   params: Any
   opt_state: Any
   rng: jax.Array  # Root key of in-training randomness (samples at step s use fold_in(rng, s)).
-  skipped_steps: jax.Array  # int32: steps whose update was skipped for a non-finite loss, gradient or parameter.
+  skipped_steps: jax.Array  # int32: steps whose update was skipped for a non-finite loss or gradient norm.
   nonfinite_streak: jax.Array  # int32: consecutive such steps up to now (see train_step).
 
 
@@ -224,7 +224,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  # Known before the update, so the choice below fuses into it. Finite gradients cannot make the
+  # Known before the update, so XLA can fuse the choice below into it. Finite gradients cannot make the
   # parameters overflow (Adam's steps are about the learning rate); Trainer checks before each save.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   tripped = state.nonfinite_streak > max_nonfinite_steps

@@ -7,10 +7,12 @@
 Training (the default): for the config's model, batch and mesh, the train step's compile time, its
 time per step as the training loop runs it (a fresh batch from the data pipeline each step), tokens
 per second, model FLOPs utilisation against (a) the device's peak from lm.metrics.PEAK_FLOPS and (b)
-the dense matmul rate measured on this device in the same run, the peak memory, and the data
-pipeline's own tokens per second. --compare=torch also trains the same-shaped GPT-2 of
+the dense matmul rate measured on this device in the same run, the peak memory, the data
+pipeline's own tokens per second, and (on one device) the matmul floor: the step's own matrix
+products (lm.matmuls), each timed alone, summed. --compare=torch also trains the same-shaped GPT-2 of
 `transformers` in PyTorch, eager and under torch.compile (torch_eager: eager only), in a child
-process each, on the same shapes, batch and optimizer, and prints the ratios. Needs the `hf` extra.
+process each, on the same shapes, batch and optimizer, times lm's matmuls there with torch.einsum,
+and prints the ratios. Needs the `hf` extra.
 
 compile: the train step's compile time at several depths, and its ratio to the first.
 
@@ -125,20 +127,22 @@ def _default_flags_matmul_flops(dtype: str, sizes: tuple[int, ...] | None) -> fl
 
 def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repeats: int = 3,
                 data_batches: int = 50, profile_dir: str | None = None,
-                matmul_sizes: tuple[int, ...] | None = None) -> dict:
+                matmul_sizes: tuple[int, ...] | None = None, products=None) -> dict:
   """Compile and train-step figures of config's experiment on all devices (see the module docstring).
 
   Step time is the median over `repeats` windows of `steps` steps each (after two warm-up steps),
   each step on a fresh batch from the data pipeline, the host queuing steps as the training loop
-  does; a window ends when the device has finished its last step.
+  does; a window ends when the device has finished its last step. `products` (train_step_matmuls,
+  traced here if None) are the step's matmuls; on one device, their floor is timed last.
   """
   import jax  # pylint: disable=import-outside-toplevel
-  from lm import metrics, sharding, train  # pylint: disable=import-outside-toplevel
+  from lm import matmuls, metrics, sharding, train  # pylint: disable=import-outside-toplevel
   from lm.data import pipeline  # pylint: disable=import-outside-toplevel
   from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
   from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
 
   device = jax.devices()[0]
+  products = train_step_matmuls(config) if products is None else products
   matmul_rates = {'lm_xla_flags': metrics.measure_matmul_flops(device, config.model.dtype, matmul_sizes)}
   if device.platform == 'cpu':  # XLA's own CPU default (YNNPACK matmuls) too: the peak is the faster one.
     matmul_rates['xla_default_flags'] = _default_flags_matmul_flops(config.model.dtype, matmul_sizes)
@@ -185,6 +189,8 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
     if trace:
       jax.profiler.stop_trace()
   step_s = _median(windows)
+  # Per-device shapes are the global ones only on one device; a sharded step's are XLA's to choose.
+  floor_s = matmuls.floor_seconds(products, device) if mesh.size == 1 else None
 
   tokens_per_s = config.data.batch_size * tokens_per_row / step_s
   flops_per_token = metrics.flops_per_token(config)
@@ -207,37 +213,57 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
       'mfu_hardware_peak': achieved / hardware_peak if hardware_peak else None,
       'peak_memory_bytes': int(peak_memory), 'memory_source': memory_source,
       'data_tokens_per_s': data_tokens_per_s, 'data_to_train_ratio': data_tokens_per_s / tokens_per_s,
-      'final_loss': float(step_metrics['loss']),
+      'final_loss': float(step_metrics['loss']), 'matmul_count': sum(products.values()),
+      'matmul_flops_per_step': matmuls.flops(products), 'matmul_floor_s': floor_s,
+      'matmul_floor_share': floor_s / step_s if floor_s else None,
   }
+
+
+def _abstract_train_step(c):
+  """The jitted train step of config c, shape-only arguments for it (no data, no parameters), and its mesh
+  and rules: trace it inside sharding.activate(mesh, rules)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from lm import sharding, train  # pylint: disable=import-outside-toplevel
+  from lm.config import target_len  # pylint: disable=import-outside-toplevel
+  from lm.model import make_model  # pylint: disable=import-outside-toplevel
+  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+
+  mesh, rules = sharding.make_mesh(c), sharding.logical_axis_rules(c)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  sharding.check_batch('data.batch_size', c.data.batch_size, mesh, rules, c.train.microbatches)
+  model, optimizer = make_model(c), make_optimizer(c)
+  shardings = train.state_shardings(c, model, optimizer, mesh, rules)
+  state = train.abstract_train_state(c, model, optimizer, shardings)
+  targets = target_len(c) if c.model.kind == 'encoder_decoder' else c.data.seq_len
+  shapes = jax.eval_shape(lambda: train.example_batch(c, c.data.batch_size)
+                          | {'loss_mask': jnp.zeros((c.data.batch_size, targets), bool)})
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), shapes)
+  return train.jit_train_step(c, model, optimizer, shardings, batch_sharding), (state, batch), mesh, rules
+
+
+def train_step_matmuls(config):
+  """lm.matmuls.count of config's train step, traced from shapes alone (global shapes)."""
+  from lm import matmuls, sharding  # pylint: disable=import-outside-toplevel
+  jitted, args, mesh, rules = _abstract_train_step(config)
+  with sharding.activate(mesh, rules):
+    return matmuls.count(jitted.trace(*args).jaxpr)
 
 
 def bench_compile(config, depths: list[int]) -> list[dict]:
   """Compile time of the train step at each depth (model.num_layers) of config, from shapes alone (no
   data, no parameters), with the size of the program XLA compiles. With model.scan_layers the
   blocks are one scanned body, so neither should grow with depth."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from lm import sharding, train  # pylint: disable=import-outside-toplevel
-  from lm.config import override, target_len, validate  # pylint: disable=import-outside-toplevel
-  from lm.model import make_model  # pylint: disable=import-outside-toplevel
-  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
+  from lm import sharding  # pylint: disable=import-outside-toplevel
+  from lm.config import override, validate  # pylint: disable=import-outside-toplevel
 
   records = []
   for depth in depths:
     c = validate(override(config, {'model.num_layers': depth}))
-    mesh, rules = sharding.make_mesh(c), sharding.logical_axis_rules(c)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    sharding.check_batch('data.batch_size', c.data.batch_size, mesh, rules, c.train.microbatches)
-    model, optimizer = make_model(c), make_optimizer(c)
-    shardings = train.state_shardings(c, model, optimizer, mesh, rules)
-    state = train.abstract_train_state(c, model, optimizer, shardings)
-    targets = target_len(c) if c.model.kind == 'encoder_decoder' else c.data.seq_len
-    shapes = jax.eval_shape(lambda: train.example_batch(c, c.data.batch_size)
-                            | {'loss_mask': jnp.zeros((c.data.batch_size, targets), bool)})
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), shapes)
+    jitted, args, mesh, rules = _abstract_train_step(c)
     with sharding.activate(mesh, rules):
       start = time.perf_counter()
-      lowered = train.jit_train_step(c, model, optimizer, shardings, batch_sharding).lower(state, batch)
+      lowered = jitted.lower(*args)
       lowered.compile()
       seconds = time.perf_counter() - start
     records.append({'bench': 'compile', 'num_layers': depth, 'scan_layers': c.model.scan_layers,
@@ -286,24 +312,33 @@ def torch_peer(spec: dict) -> dict:
       loss = step(forward)
     windows.append((time.perf_counter() - start) / spec['steps'])
   step_s = _median(windows)
+  floor_s = 0.0  # lm's train step's matmuls (lm.matmuls), each timed alone, as bench_train times them for lm.
+  with torch.no_grad():
+    for lhs_shape, rhs_shape, spec_, times in spec['matmuls']:
+      lhs, rhs = torch.randn(lhs_shape), torch.randn(rhs_shape)
+      torch.einsum(spec_, lhs, rhs)
+      floor_s += times * _best_of(5, lambda: torch.einsum(spec_, lhs, rhs))[0]  # pylint: disable=cell-var-from-loop
   size = 2048  # PyTorch's own dense matmul rate on this machine, for reference.
   a = torch.randn(size, size)
   best = _best_of(3, lambda: a @ a)[0]
   return {'mode': 'compile' if spec['compile'] else 'eager', 'step_s': step_s, 'step_s_windows': windows,
           'tokens_per_s': batch * length / step_s, 'warmup_s': warmup_s, 'threads': torch.get_num_threads(),
           'torch_version': torch.__version__, 'params': sum(p.numel() for p in model.parameters()),
-          'matmul_flops': 2 * size**3 / best, 'final_loss': loss}
+          'matmul_flops': 2 * size**3 / best, 'final_loss': loss, 'matmul_floor_s': floor_s,
+          'matmul_floor_share': floor_s / step_s}
 
 
-def compare_torch(config, modes: list[str], steps: int, repeats: int, timeout_s: float = 1800) -> dict:
-  """torch_peer in a child process per mode ('eager', 'compile'); a mode that fails reports its error."""
+def compare_torch(config, modes: list[str], steps: int, repeats: int, products, timeout_s: float = 1800) -> dict:
+  """torch_peer in a child process per mode ('eager', 'compile'), which also times `products` (lm's
+  train_step_matmuls); a mode that fails reports its error."""
   import subprocess  # pylint: disable=import-outside-toplevel
   from lm import hf  # pylint: disable=import-outside-toplevel
   hf.check_gpt2_shaped(config)
   if config.model.dtype != 'float32':
     raise ValueError(f'--compare=torch trains in float32: set --config.model.dtype=float32 (not {config.model.dtype})')
   spec = {'hf_config': hf.hf_config(config, None), 'optimizer': dict(config.optimizer), 'batch_size': config.data.batch_size,
-          'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats}
+          'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats,
+          'matmuls': [[m.lhs_shape, m.rhs_shape, m.einsum(), n] for m, n in products.items()]}
   results = {}
   for mode in modes:
     args = [sys.executable, '-m', 'lm.bench', 'torch_peer', json.dumps(spec | {'compile': mode == 'compile'})]
@@ -357,6 +392,10 @@ def _print_train(r: dict) -> None:
   print(f'MFU: {100 * r["mfu_measured_peak"]:.1f}% of the {r["measured_peak_flops"] / 1e9:,.1f} GFLOP/s matmul rate '
         f'measured here ({rates}; {r["achieved_flops_per_device"] / 1e9:,.1f} GFLOP/s of model FLOPs per device); '
         f'{hardware}')
+  if r['matmul_floor_s']:
+    print(f'matmuls alone: {1e3 * r["matmul_floor_s"]:.1f} ms, {100 * r["matmul_floor_share"]:.0f}% of the step (its '
+          f'{r["matmul_count"]} products, {r["matmul_flops_per_step"] / 1e9:,.1f} GFLOP, each timed by itself; the '
+          f'rest of the step is everything else)')
   print(f'peak memory: {gib:.2f} GiB ({"device statistics" if r["memory_source"] == "device" else "XLA memory plan"})')
   print(f'data pipeline: {r["data_tokens_per_s"]:,.0f} tokens/s, {r["data_to_train_ratio"]:.0f}x what training consumes')
   for mode in ('eager', 'compile'):
@@ -367,15 +406,18 @@ def _print_train(r: dict) -> None:
       print(f'transformers GPT-2, PyTorch {mode}: failed ({t["error"]})')
       continue
     print(f'transformers GPT-2, PyTorch {mode}: {t["tokens_per_s"]:,.0f} tokens/s ({1e3 * t["step_s"]:.1f} ms/step, '
-          f'first two steps {t["warmup_s"]:.1f} s); lm is {r[f"speedup_vs_torch_{mode}"]:.2f}x')
+          f'first two steps {t["warmup_s"]:.1f} s); lm is {r[f"speedup_vs_torch_{mode}"]:.2f}x; PyTorch runs lm\'s '
+          f'matmuls in {1e3 * t["matmul_floor_s"]:.1f} ms, {100 * t["matmul_floor_share"]:.0f}% of its step')
 
 
 def main_train(config) -> None:
   # PyTorch first, while this process has started nothing (no XLA or data threads) to compete with it.
   modes = {'none': [], 'torch': ['eager', 'compile'], 'torch_eager': ['eager']}[FLAGS.compare]
-  peers = compare_torch(config, modes, FLAGS.steps, FLAGS.repeats) if modes else {}
+  products = train_step_matmuls(config)  # Traced from shapes: no XLA computation runs yet.
+  peers = compare_torch(config, modes, FLAGS.steps, FLAGS.repeats, products) if modes else {}
   record = bench_train(config, pathlib.Path(FLAGS.workdir) / 'tokenizer', FLAGS.steps, FLAGS.repeats,
-                       FLAGS.data_batches, FLAGS.profile_dir, tuple(int(n) for n in FLAGS.matmul_sizes) or None)
+                       FLAGS.data_batches, FLAGS.profile_dir, tuple(int(n) for n in FLAGS.matmul_sizes) or None,
+                       products)
   for mode, result in peers.items():
     record[f'torch_{mode}'] = result
     if 'tokens_per_s' in result:

@@ -7,8 +7,12 @@ import sys
 
 import pytest
 
+import jax
+import numpy as np
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
-from lm import bench, metrics
+from lm import bench, matmuls, metrics
+from lm.config import load_experiment
+from lm.layers import ATTENTION_BLOCK
 
 
 def test_train_bench_reports_consistent_figures_and_the_torch_ratio(tfds_dir, play_files, tmp_path):
@@ -36,6 +40,11 @@ def test_train_bench_reports_consistent_figures_and_the_torch_ratio(tfds_dir, pl
   assert torch['tokens_per_s'] == pytest.approx(tokens_per_step / torch['step_s'])
   assert r['speedup_vs_torch_eager'] == pytest.approx(r['train_tokens_per_s'] / torch['tokens_per_s'])
   assert 4 < torch['final_loss'] < 7
+  # The step's matmuls: exactly the model FLOPs of the formula (tests below), timed alone in each library.
+  assert r['matmul_flops_per_step'] == r['flops_per_token'] * tokens_per_step
+  assert r['matmul_floor_share'] == pytest.approx(r['matmul_floor_s'] / r['step_s']) and r['matmul_floor_s'] > 0
+  assert torch['matmul_floor_share'] == pytest.approx(torch['matmul_floor_s'] / torch['step_s'])
+  assert torch['matmul_floor_s'] > 0
 
 
 def test_compile_bench_program_is_flat_in_depth_only_when_scanned(tfds_dir, play_files):
@@ -43,3 +52,38 @@ def test_compile_bench_program_is_flat_in_depth_only_when_scanned(tfds_dir, play
     config = tiny_config(tfds_dir, play_files, **{'model.scan_layers': scan, 'data.batch_size': 8})  # 8 devices.
     shallow, deep = bench.bench_compile(config, [1, 4])
     assert low < deep['program_chars'] / shallow['program_chars'] < high, (scan, shallow, deep)
+
+
+def test_the_train_steps_matmuls_do_exactly_the_flops_of_the_formula(tfds_dir, play_files):
+  """lm.matmuls counts the products in a train step's jaxpr; metrics.flops_per_example, which MFU divides
+  by, must be their FLOPs exactly, wherever the step computes each product once."""
+  step_flops = lambda c: matmuls.flops(bench.train_step_matmuls(c))
+  model_flops = lambda c: metrics.flops_per_example(c) * c.data.batch_size
+  for knobs in [{}, {'model.scan_layers': True, 'model.tie_embeddings': False, 'model.mlp': 'swiglu',
+                     'model.num_kv_heads': 1}, {'train.microbatches': 2},
+                {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption'}]:
+    config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 16} | knobs)
+    assert step_flops(config) == model_flops(config), knobs
+  # Recomputation is work the model FLOPs leave out: remat re-runs the blocks, the chunked loss its logits.
+  config = tiny_config(tfds_dir, play_files, **{'model.remat': 'full', 'train.logits_chunk': 16, 'data.batch_size': 8})
+  assert step_flops(config) > 1.2 * model_flops(config)
+  # Causal attention skips the key blocks after each block of queries: at 256 positions, 1 of 4.
+  config = load_experiment(ROOT / 'experiments' / 'bench.py')
+  m = config.model
+  skipped = 12 * m.d_model * m.num_layers * ATTENTION_BLOCK**2 * config.data.batch_size
+  assert step_flops(config) == model_flops(config) - skipped
+
+
+def test_a_matmuls_einsum_is_its_dot_general():
+  rng = np.random.default_rng(0)
+  for lhs_shape, rhs_shape, contracting, batch in [
+      ((5, 3), (3, 4), ((1,), (0,)), ((), ())),
+      ((5, 3), (4, 3), ((1,), (1,)), ((), ())),
+      ((2, 5, 3), (2, 5, 4), ((0, 1), (0, 1)), ((), ())),
+      ((2, 6, 1, 5, 3), (2, 6, 4, 3), ((4,), (3,)), ((0, 1), (0, 1))),
+      ((3, 2, 5), (2, 4, 5, 3), ((2,), (2,)), ((0, 1), (3, 0)))]:
+    m = matmuls.Matmul(lhs_shape, rhs_shape, contracting, batch, 'float32', 'float32', 'float32')
+    lhs, rhs = rng.normal(size=lhs_shape).astype(np.float32), rng.normal(size=rhs_shape).astype(np.float32)
+    want = jax.lax.dot_general(lhs, rhs, (contracting, batch))
+    np.testing.assert_allclose(np.einsum(m.einsum(), lhs, rhs), want, rtol=1e-5, atol=1e-5)
+    assert m.flops == 2 * want.size * np.prod([lhs_shape[i] for i in contracting[0]])

@@ -125,6 +125,24 @@ def _default_flags_matmul_flops(dtype: str, sizes: tuple[int, ...] | None) -> fl
   return float(done.stdout.strip().splitlines()[-1])
 
 
+def matmul_floor_s(products, device, repeats: int = 5) -> float:
+  """Summed over lm.matmuls products, count x the fastest of `repeats` runs of the product alone on
+  device (jitted, on random operands, after one run that compiles it)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  total = 0.0
+  for i, (m, times) in enumerate(products.items()):
+    key = jax.random.PRNGKey(i)
+    lhs = jax.device_put(jax.random.normal(key, m.lhs_shape, m.lhs_dtype), device)
+    rhs = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), m.rhs_shape, m.rhs_dtype), device)
+    product = jax.jit(lambda a, b, m=m: jax.lax.dot_general(a, b, (m.contracting, m.batch),
+                                                            preferred_element_type=np.dtype(m.out_dtype)))
+    run = lambda: jax.block_until_ready(product(lhs, rhs))  # pylint: disable=cell-var-from-loop
+    run()
+    total += times * _best_of(repeats, run)[0]
+  return total
+
+
 def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repeats: int = 3,
                 data_batches: int = 50, profile_dir: str | None = None,
                 matmul_sizes: tuple[int, ...] | None = None, products=None) -> dict:
@@ -190,7 +208,7 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
       jax.profiler.stop_trace()
   step_s = _median(windows)
   # Per-device shapes are the global ones only on one device; a sharded step's are XLA's to choose.
-  floor_s = matmuls.floor_seconds(products, device) if mesh.size == 1 else None
+  floor_s = matmul_floor_s(products, device) if mesh.size == 1 else None
 
   tokens_per_s = config.data.batch_size * tokens_per_row / step_s
   flops_per_token = metrics.flops_per_token(config)

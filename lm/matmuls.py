@@ -1,9 +1,8 @@
-"""The matrix products a traced step performs: counted from its jaxpr, then timed one by one.
+"""The matrix products a traced step performs, counted from its jaxpr.
 
-Their summed times, each product run alone at its own shapes, are the step's matmul floor: what the
-step would take if everything else in it (norms, softmax, activations, the loss, the optimizer,
-copies) were free. `python -m lm.bench` prints it beside the step time, for lm and, through
-`einsum`, for PyTorch on the same products.
+`python -m lm.bench` times each alone at its own shapes and sums them: the step's matmul floor, what
+the step would take if everything else in it (norms, softmax, activations, the loss, the optimizer,
+copies) were free; for lm, and through `einsum` for PyTorch on the same products.
 """
 
 from __future__ import annotations
@@ -11,11 +10,7 @@ from __future__ import annotations
 import collections
 import math
 import string
-import time
 from typing import NamedTuple
-
-import jax
-import numpy as np
 
 
 class Matmul(NamedTuple):
@@ -81,27 +76,3 @@ def count(jaxpr) -> collections.Counter:
 
 def flops(counts: collections.Counter) -> int:
   return sum(m.flops * n for m, n in counts.items())
-
-
-def _best_seconds(run, repeats: int) -> float:
-  run()  # Compiles, allocates and warms the caches.
-  best = math.inf
-  for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
-def floor_seconds(counts: collections.Counter, device, repeats: int = 5) -> float:
-  """Summed over the products, count x the fastest of `repeats` runs of that product alone on device
-  (random operands; jitted; each product of a shape is timed once)."""
-  total = 0.0
-  for i, (m, n) in enumerate(counts.items()):
-    key = jax.random.PRNGKey(i)
-    lhs = jax.device_put(jax.random.normal(key, m.lhs_shape, m.lhs_dtype), device)
-    rhs = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), m.rhs_shape, m.rhs_dtype), device)
-    product = jax.jit(lambda a, b, m=m: jax.lax.dot_general(a, b, (m.contracting, m.batch),
-                                                            preferred_element_type=np.dtype(m.out_dtype)))
-    total += n * _best_seconds(lambda: jax.block_until_ready(product(lhs, rhs)), repeats)
-  return total

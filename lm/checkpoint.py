@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -19,25 +18,27 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 import numpy as np
 
-from lm.config import ConfigError, flatten
-
-# Keys that shape the parameters or the data stream: a checkpoint only resumes under the same values.
-# Everything else (train.steps, eval and checkpoint cadence, learning rate, ...) may change on resume.
-_RESUME_KEY_PREFIXES = ('seed', 'model.', 'data.')
-_RESUME_FREE_KEYS = ('data.tfds_data_dir', 'data.tokenizer_train_bytes', 'model.dtype', 'model.remat',
-                     'model.embed_dropout', 'model.attention_dropout', 'model.residual_dropout',
-                     'model.moe_capacity_factor', 'model.attention_impl')
-
-
-def _must_match(key: str) -> bool:
-  return key.startswith(_RESUME_KEY_PREFIXES) and key not in _RESUME_FREE_KEYS
-
+from lm.config import KEYS, ConfigError, flatten, must_match
 
 IMPORTED_FILE = 'imported.json'  # Marks a workdir of imported parameters (python -m lm.hf import).
 
 
+def checkpoint_steps(directory: str | pathlib.Path) -> list[int]:
+  """The steps of the checkpoints under `directory` (a workdir's checkpoints/), oldest first."""
+  return sorted(ocp.utils.checkpoint_steps(directory))
+
+
 def has_checkpoints(directory: pathlib.Path) -> bool:
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  return bool(checkpoint_steps(directory))
+
+
+def _changed_keys(saved: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{key: (saved value, value now)} for each key whose value differs; a key the saved config.json
+  predates counts as saved with its default."""
+  current = json.loads(json.dumps(flatten(config)))  # Tuples -> lists, as in the saved file.
+  defaults = json.loads(json.dumps({k: KEYS[k].default for k in current}))
+  old = {k: saved.get(k, defaults[k]) for k in current}
+  return {k: (old[k], v) for k, v in current.items() if old[k] != v}
 
 
 def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
@@ -54,10 +55,8 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   if not saved_path.exists():
     raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints but no config.json to check them '
                       'against; use a new --workdir')
-  saved = json.loads(saved_path.read_text())
-  current = json.loads(json.dumps(flatten(config)))  # Tuples -> lists, as in the saved file.
-  changed = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
-  clashes = [k for k in changed if _must_match(k)]
+  changed = _changed_keys(json.loads(saved_path.read_text()), config)
+  clashes = [k for k in changed if must_match(k)]
   if clashes:
     detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
     more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
@@ -66,25 +65,18 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   return changed
 
 
-# Model keys that leave the parameters' shapes alone: they may differ between a run and the run
-# whose parameters it starts from (checkpoint.init_from).
-_INIT_FREE_KEYS = _RESUME_FREE_KEYS + ('model.sliding_window', 'model.rope_base')
-
-
 def check_init_from(source: pathlib.Path, config: ml_collections.ConfigDict) -> int:
   """The latest step of the workdir `source`, whose parameters are to start this run; a ConfigError
   unless it has checkpoints of a model shaped like config's, with the same tokenizer kind."""
   where = f'checkpoint.init_from={str(source)!r}'
   if not has_checkpoints(source / 'checkpoints') or not (source / 'config.json').exists():
     raise ConfigError(f'{where} is not a workdir with checkpoints and a config.json')
-  saved = json.loads((source / 'config.json').read_text())
-  current = json.loads(json.dumps(flatten(config)))
-  clashes = [k for k in current if (k.startswith('model.') and k not in _INIT_FREE_KEYS or k == 'data.tokenizer')
-             and saved.get(k) != current[k]]
+  changed = _changed_keys(json.loads((source / 'config.json').read_text()), config)
+  clashes = [k for k in changed if must_match(k, init_from=True)]
   if clashes:
-    detail = ', '.join(f'{k} is {saved.get(k)!r} there, {current[k]!r} here' for k in clashes[:3])
+    detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
     raise ConfigError(f'{where} holds a differently shaped model: {detail}')
-  return max(int(p.name) for p in (source / 'checkpoints').iterdir() if p.name.isdigit())
+  return checkpoint_steps(source / 'checkpoints')[-1]
 
 
 def checkpointed_dataset(workdir: pathlib.Path) -> str | None:
@@ -178,10 +170,9 @@ class Checkpointer:
     if not dataclasses.is_dataclass(like):
       return []
     try:
-      tree = json.loads((self.directory / str(step) / 'state' / '_METADATA').read_text())['tree_metadata']
-      saved = {ast.literal_eval(key)[0] for key in tree}
-    except (OSError, ValueError, KeyError, SyntaxError, IndexError, TypeError):
-      return []  # Unreadable metadata: the restore itself will say what is wrong.
+      saved = set(self._manager.item_metadata(step)['state'].tree)
+    except Exception:  # noqa: BLE001  Unreadable metadata: the restore itself will say what is wrong.
+      return []
     return [f.name for f in dataclasses.fields(like) if f.name not in saved]
 
   def restore_latest(self, like: Any, data_iterator: grain.DatasetIterator,

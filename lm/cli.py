@@ -9,7 +9,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from lm.config import CHECKS, unknown_key_message
+from lm.config import KEYS, unknown_key_message
 
 CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file (a get_config() module); '
                                          'path:arg passes arg to get_config.')
@@ -24,7 +24,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f'error: --config: no such file {path!r}')
     elif arg.startswith('--config.'):
       key = arg[len('--config.'):].split('=', 1)[0]
-      if key not in CHECKS:
+      if key not in KEYS:
         sys.exit(f'error: --config.{key}: {unknown_key_message(key)}')
   try:
     argv = flags.FLAGS(argv)

@@ -10,11 +10,10 @@ from typing import Any
 import jax
 import ml_collections
 
-from lm import checkpoint, sharding
+from lm import checkpoint, train
 from lm.config import ConfigError, base_config, override, validate
 from lm.data import tokenizers
 from lm.model import make_model, unstack_layers
-from lm.optim import make_optimizer
 
 
 @dataclasses.dataclass
@@ -38,16 +37,16 @@ def saved_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   return validate(override(base_config(), {k: _tuples(v) for k, v in flat.items()}))
 
 
-def _mesh(config: ml_collections.ConfigDict, devices, mesh_shape) -> tuple[jax.sharding.Mesh, ml_collections.ConfigDict]:
-  """A mesh of mesh_shape, or else of the run's shape if that fits these devices, else of one device."""
+def _layout(config: ml_collections.ConfigDict, devices, mesh_shape) -> tuple[train.Layout, ml_collections.ConfigDict]:
+  """The layout on a mesh of mesh_shape, or else of the run's shape if that fits these devices, else of one device."""
   if mesh_shape is not None:
     config = override(config, {'mesh.shape': tuple(mesh_shape)})
-    return sharding.make_mesh(config, devices), config
+    return train.make_layout(config, devices, check_batches=False), config
   try:
-    return sharding.make_mesh(config, devices), config
+    return train.make_layout(config, devices, check_batches=False), config
   except ConfigError:
     config = override(config, {'mesh.shape': (1, 1, 1)})
-    return sharding.make_mesh(config, list(devices or jax.devices())[:1]), config
+    return train.make_layout(config, list(devices or jax.devices())[:1], check_batches=False), config
 
 
 def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax.Device] | None = None,
@@ -64,9 +63,8 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
   if not checkpoint.has_checkpoints(workdir / 'checkpoints') or not (workdir / 'config.json').exists():
     raise ConfigError(f'{str(workdir)!r} holds no model: expected a workdir with config.json and checkpoints/ '
                       '(made by python -m lm.main or python -m lm.hf import)')
-  from lm import train  # pylint: disable=import-outside-toplevel  (train imports this module's neighbours)
   config = saved_config(workdir)
-  steps = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
+  steps = checkpoint.checkpoint_steps(workdir / 'checkpoints')
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ConfigError(f'{str(workdir)!r} has no checkpoint of step {step}; it has {", ".join(map(str, steps))}')
@@ -74,11 +72,9 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'the tokenizer in {str(workdir / "tokenizer")!r} has {tokenizer.vocab_size} tokens but the '
                       f'model only model.vocab_size={config.model.vocab_size}: they do not belong together')
-  mesh, config = _mesh(config, devices, mesh_shape)
-  model = make_model(config)
-  optimizer = make_optimizer(config)
-  shardings = train.state_shardings(config, model, optimizer, mesh, sharding.logical_axis_rules(config))
-  like = train.abstract_train_state(config, model, optimizer, shardings).params
+  layout, config = _layout(config, devices, mesh_shape)
+  model = layout.model
+  like = train.abstract_train_state(config, model, layout.optimizer, layout.shardings).params
   checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
   try:
     params = checkpointer.restore_params(step, like)
@@ -87,4 +83,4 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
   if unroll_layers and config.model.scan_layers:
     config = override(config, {'model.scan_layers': False})
     model, params = make_model(config), unstack_layers(params, config.model.num_layers)
-  return SavedRun(config, model, params, tokenizer, step, mesh, workdir)
+  return SavedRun(config, model, params, tokenizer, step, layout.mesh, workdir)

@@ -187,10 +187,8 @@ def expand(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
 
 def finished_steps(run_dir: pathlib.Path) -> int:
   """The latest checkpointed step of a run directory (0: none)."""
-  checkpoints = run_dir / 'checkpoints'
-  if not checkpoints.is_dir():
-    return 0
-  return max((int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()), default=0)
+  steps = checkpoint.checkpoint_steps(run_dir / 'checkpoints')
+  return steps[-1] if steps else 0
 
 
 def status(run: Run) -> str:

@@ -89,14 +89,16 @@ class Layout:
   shardings: TrainState
 
 
-def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None) -> Layout:
+def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None,
+                check_batches: bool = True) -> Layout:
   """The mesh over `devices` (default: all), the model, optimizer and train-state shardings, after
-  checking config against them: mesh size, batch and parameter divisibility, the attention kernel.
-  Each misfit is a ConfigError naming the key."""
+  checking config against them: mesh size, batch (unless check_batches=False, for inference) and
+  parameter divisibility, the attention kernel. Each misfit is a ConfigError naming the key."""
   mesh = sharding.make_mesh(config, devices)
   rules = sharding.logical_axis_rules(config)
-  sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
-  sharding.check_batch('eval.batch_size', config.eval.batch_size, mesh, rules)
+  if check_batches:
+    sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
+    sharding.check_batch('eval.batch_size', config.eval.batch_size, mesh, rules)
   attention_implementation(config.model)
   model, optimizer = make_model(config), make_optimizer(config)
   shardings = state_shardings(config, model, optimizer, mesh, rules)

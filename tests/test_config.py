@@ -13,7 +13,7 @@ def _quickstart(**values):
 
 def test_quickstart_is_valid_and_every_key_has_a_check():
   config = config_lib.validate(_quickstart())
-  assert set(config_lib.flatten(config)) == set(config_lib.CHECKS)
+  assert set(config_lib.flatten(config)) == set(config_lib.KEYS)
 
 
 @pytest.mark.parametrize('values, message', [

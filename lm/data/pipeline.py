@@ -66,8 +66,8 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
   d = config.data
   builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
                                      (d.input_key, d.target_key))
-  dataset = f'{builder.info.full_name}:{d.train_split}:{d.eval_split}'
-  if expected_dataset and dataset != expected_dataset:
+  dataset = f'{builder.info.full_name}:{d.train_split}'  # What training reads; the eval split may change.
+  if expected_dataset and not tokenizers.same_train_data(expected_dataset, dataset):
     raise ConfigError(f'the data changed since this workdir\'s checkpoints were written '
                       f'({expected_dataset} then, {dataset} now; edited text files?); use a new --workdir')
   text_keys = (d.input_key, d.target_key) if d.objective == 'seq2seq' else (d.text_key,)

@@ -179,6 +179,12 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_bytes: int) -
   return SentencePieceTokenizer(model.getvalue())
 
 
+def same_train_data(saved: str, now: str) -> bool:
+  """Whether a recorded 'dataset:train_split' names the data now read (records before the eval
+  split could change on resume appended ':eval_split')."""
+  return saved == now or saved.startswith(now + ':')
+
+
 def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path, train_texts: Iterable[str],
                   max_train_bytes: int, trained_on: str = '', copy_from: pathlib.Path | None = None) -> Tokenizer:
   """The byte tokenizer, or the sentencepiece model in tokenizer_dir.
@@ -203,7 +209,8 @@ def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path, train
     wanted = dict(kind=kind, requested_vocab_size=vocab_size, trained_on=trained_on)
     info_path = tokenizer_dir / 'tokenizer.json'
     saved = json.loads(info_path.read_text()) if info_path.exists() else {}
-    if (tokenizer_dir / 'sentencepiece.model').exists() and all(saved.get(k) == v for k, v in wanted.items()):
+    if ((tokenizer_dir / 'sentencepiece.model').exists() and saved.get('kind') == kind
+        and saved.get('requested_vocab_size') == vocab_size and same_train_data(saved.get('trained_on', ''), trained_on)):
       return load(kind, tokenizer_dir)
     tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
     info = wanted | {'vocab_size': tokenizer.vocab_size}

@@ -1,0 +1,91 @@
+"""The `model.*` keys: the network's shape and its variants, and the rules tying them together."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lm.config.schema import BOOLEAN, FREE, MATCH, SHAPE, choice, integer, key, number
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  kind: str = key('decoder', choice('decoder', 'encoder_decoder'), SHAPE,
+                  "'decoder' (GPT) or 'encoder_decoder' (needs data.objective 'span_corruption' or 'seq2seq').")
+  vocab_size: int = key(4096, integer(1), SHAPE,
+                        'Rows of the embedding; the sentencepiece tokenizer is trained to this size.')
+  max_len: int = key(256, integer(1), SHAPE,
+                     'Rows of the learned position table: the longest sequence the model accepts.')
+  num_layers: int = key(4, integer(1), SHAPE, 'Blocks of the decoder.')
+  num_encoder_layers: int = key(0, integer(0), SHAPE, 'encoder_decoder only: blocks of the encoder; 0 = num_layers.')
+  num_heads: int = key(4, integer(1), SHAPE, 'Attention heads (query heads).')
+  d_model: int = key(256, integer(1), SHAPE, 'Residual stream width; must be divisible by num_heads.')
+  mlp_dim: int = key(1024, integer(0), SHAPE,
+                     'Hidden width of the MLP; 0 = 4 * d_model, or for swiglu 2/3 of that (same parameters).')
+  mlp_multiple_of: int = key(1, integer(1), SHAPE,
+                             'mlp_dim=0 with swiglu: round the width up to a multiple of this (Llama: 256).')
+  init_std: float = key(0.02, number(0, lo_open=True), SHAPE, 'Std of the normal init of every matrix and embedding.')
+  init: str = key('gpt2', choice('gpt2', 'normal'), SHAPE,
+                  "'gpt2': residual output projections get init_std / sqrt(2 * num_layers); 'normal': all init_std.")
+  use_bias: bool = key(True, BOOLEAN, SHAPE, 'Biases in the attention and MLP projections (GPT-2 has them, Llama not).')
+  num_kv_heads: int = key(0, integer(0), SHAPE,
+                          'Key/value heads: 0 = num_heads (multi-head); 1 = multi-query; else grouped-query.')
+  positions: str = key('learned', choice('learned', 'rope', 'none'), SHAPE,
+                       "'learned' (a table of max_len rows), 'rope' (rotary), or 'none'.")
+  rope_base: float = key(10000.0, number(1, lo_open=True), MATCH, "RoPE wavelength base (positions='rope').")
+  norm: str = key('layernorm', choice('layernorm', 'rmsnorm'), SHAPE, "'layernorm' or 'rmsnorm'.")
+  norm_position: str = key('pre', choice('pre', 'post'), SHAPE,
+                           "'pre': x + f(norm(x)) with a final norm; 'post': norm(x + f(x)).")
+  qk_norm: bool = key(False, BOOLEAN, SHAPE, 'RMS-normalise queries and keys per head before the dot product.')
+  sliding_window: int = key(0, integer(0), MATCH, 'Attend only to the last this-many positions (self included); 0 = all.')
+  embed_multiplier: float = key(1.0, number(0, lo_open=True), SHAPE,
+                                'Token embeddings are scaled by this on input (e.g. sqrt(d_model)).')
+  mlp: str = key('gelu', choice('gelu', 'relu', 'swiglu'), SHAPE,
+                 "'gelu', 'relu', or 'swiglu' (three matrices; see mlp_dim=0).")
+  embed_dropout: float = key(0.0, number(0, 1, hi_open=True), FREE,
+                             'Dropout rate on the embeddings (training only; masks drawn per step).')
+  attention_dropout: float = key(0.0, number(0, 1, hi_open=True), FREE, 'Dropout rate on the attention probabilities.')
+  residual_dropout: float = key(0.0, number(0, 1, hi_open=True), FREE,
+                                'Dropout rate on each attention and MLP output before its residual add.')
+  moe_experts: int = key(0, integer(0), SHAPE, 'Mixture of experts: experts per MoE layer; 0 = dense MLPs only.')
+  moe_top_k: int = key(2, integer(1), SHAPE, 'Experts each token is routed to.')
+  moe_every: int = key(1, integer(1), SHAPE,
+                       'Every this-many-th block (counting from 1) has experts instead of an MLP.')
+  moe_capacity_factor: float = key(1.25, number(0), FREE,
+                                   'Slots per expert = factor * top_k * max_len / experts; overflow is dropped; 0 = none.')
+  tie_embeddings: bool = key(True, BOOLEAN, SHAPE,
+                             'Output layer = the token embedding transposed; False: a separate matrix.')
+  dtype: str = key('float32', choice('float32', 'bfloat16'), FREE,
+                   "Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).")
+  attention_impl: str = key('auto', choice('auto', 'xla', 'cudnn'), FREE,
+                            "'xla', 'cudnn' (GPU, bf16: cuDNN flash attention), or 'auto': cudnn where it applies.")
+  remat: str = key('none', choice('none', 'full', 'dots'), FREE,
+                   "Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).")
+  scan_layers: bool = key(False, BOOLEAN, SHAPE,
+                          "nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.")
+
+
+def rules(c) -> list[str]:
+  """The model's cross-key rules: each broken one as a line naming the keys."""
+  m = c.model
+  errors = []
+  if m.d_model % m.num_heads:
+    errors.append(f'model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}')
+  if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+    errors.append(f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}')
+  if m.positions == 'rope' and m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2:
+    errors.append(f"model.positions='rope' needs an even head dimension: model.d_model={m.d_model} / "
+                  f'model.num_heads={m.num_heads} = {m.d_model // m.num_heads}')
+  return errors
+
+
+def moe_rules(c) -> list[str]:
+  m = c.model
+  errors = []
+  if m.moe_experts and m.moe_top_k > m.moe_experts:
+    errors.append(f'model.moe_top_k={m.moe_top_k} must be <= model.moe_experts={m.moe_experts}')
+  if m.moe_experts and m.moe_every > m.num_layers:
+    errors.append(f'model.moe_every={m.moe_every} leaves no block with experts: must be <= model.num_layers={m.num_layers}')
+  if m.moe_experts and m.moe_every > 1 and m.scan_layers:
+    errors.append(f'model.moe_every={m.moe_every} mixes MLP and expert blocks, which model.scan_layers=True cannot '
+                  'scan: set moe_every=1 or scan_layers=False')
+  return errors

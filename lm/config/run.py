@@ -1,0 +1,145 @@
+"""The keys of how a run trains: seed, optimizer, train, mesh, eval and checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lm.config.schema import BOOLEAN, FREE, MATCH, Check, integer, key, number, string
+
+MESH_AXES = ('data', 'fsdp', 'tensor')
+LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp', 'expert', 'layers')
+
+# Logical axis -> mesh axes, highest priority first. One rule set serves every layout: with the
+# default mesh (-1, 1, 1) it is pure data parallelism; a larger fsdp axis shards parameters and
+# optimizer state along `embed` (and the batch further); a tensor axis splits heads, MLP and vocab.
+# A mesh axis is used once per array: activations [batch, length, embed] take fsdp for the batch,
+# so their embed dimension stays whole.
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('vocab', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('expert', None),  # Expert parallelism: put ('expert', 'data') first, so experts (not the batch) take data.
+    ('embed', 'fsdp'),
+    ('kv', None),
+    ('length', None),
+    ('layers', None),
+)
+
+# Named mesh.shape layouts for presets (--config=experiments/gpt2.py:SIZE,LAYOUT); see the README.
+MESH_LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
+
+
+def preset_arg(experiment: str, arg: str, sizes) -> tuple[str, str]:
+  """(SIZE, LAYOUT) of a preset's 'SIZE[,LAYOUT]' argument (LAYOUT default 'dp'), or a one-line error."""
+  size, _, layout = arg.partition(',')
+  layout = layout or 'dp'
+  if size not in sizes or layout not in MESH_LAYOUTS:
+    raise ValueError(f'{experiment}:{arg}: expected SIZE[,LAYOUT] with SIZE one of {", ".join(sizes)} '
+                     f'and LAYOUT one of {", ".join(MESH_LAYOUTS)}')
+  return size, layout
+
+
+def _mesh_shape(v):
+  if not isinstance(v, (tuple, list)) or len(v) != len(MESH_AXES) or not all(
+      isinstance(n, int) and not isinstance(n, bool) for n in v):
+    return f'must be {len(MESH_AXES)} integers, devices along {MESH_AXES}, e.g. (-1, 1, 1)'
+  if any(n == 0 or n < -1 for n in v) or list(v).count(-1) > 1:
+    return 'entries must be >= 1, with at most one -1 (all remaining devices)'
+  return None
+
+
+def _logical_axis_rules(v):
+  if not isinstance(v, (tuple, list)):
+    return 'must be a sequence of (logical axis, mesh axes) pairs'
+  for rule in v:
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      return f'rule {rule!r} must be a (logical axis, mesh axes) pair'
+    logical, mesh_axes = rule
+    if logical not in LOGICAL_AXES:
+      return f'rule {tuple(rule)!r} names unknown logical axis {logical!r}; known: {", ".join(LOGICAL_AXES)}'
+    names = mesh_axes if isinstance(mesh_axes, (tuple, list)) else (mesh_axes,)
+    for name in names:
+      if name is not None and name not in MESH_AXES:
+        return f'rule {tuple(rule)!r} names unknown mesh axis {name!r}; mesh axes: {", ".join(MESH_AXES)}'
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Root:
+  seed: int = key(0, integer(0, 2**31 - 1), MATCH,
+                  'Root of all randomness: init, data order, sampling. Per-step keys fold in the step.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  learning_rate: float = key(1e-3, number(0, lo_open=True), FREE,
+                             'Peak, reached after warmup, then cosine decay to the end of training.')
+  warmup_steps: int = key(100, integer(0), FREE, 'Steps of linear warmup from 0 to the peak.')
+  min_lr_ratio: float = key(0.1, number(0, 1), FREE, 'Final learning rate as a fraction of the peak.')
+  b1: float = key(0.9, number(0, 1, hi_open=True), FREE, "Adam's first-moment decay.")
+  b2: float = key(0.95, number(0, 1, hi_open=True), FREE, "Adam's second-moment decay.")
+  eps: float = key(1e-8, number(0, lo_open=True), FREE, "Adam's epsilon.")
+  weight_decay: float = key(0.1, number(0), FREE, 'Decoupled (AdamW); never applied to biases, norms or embeddings.')
+  grad_clip_norm: float = key(1.0, number(0), FREE, 'Global-norm clipping threshold; 0 = off.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Train:
+  steps: int = key(1000, integer(1), FREE, 'Total optimizer steps; the learning-rate schedule ends here.')
+  log_every: int = key(10, integer(1), FREE, 'Steps between train metric records.')
+  z_loss: float = key(0.0, number(0), FREE,
+                      'Weight of the auxiliary loss z_loss * log(sum(exp(logits)))^2 (keeps logits near 0).')
+  label_smoothing: float = key(0.0, number(0, 1, hi_open=True), FREE,
+                               "Share of each target's probability spread evenly over the vocabulary.")
+  moe_balance_loss: float = key(0.01, number(0), FREE, "Weight of the experts' load-balancing loss (mean over MoE layers).")
+  peak_flops_per_device: float = key(0.0, number(0), FREE, 'For train/mfu: peak FLOP/s of one device; 0 = known '
+                                     'TPU/GPU kinds, else the matmul rate measured once per machine and cached.')
+  microbatches: int = key(1, integer(1), FREE,
+                          "Gradient accumulation: each step's batch is split into this many sequential passes.")
+  logits_chunk: int = key(0, integer(0), FREE, 'Positions whose logits the training loss computes at once '
+                          '(memory: B x this x V); 0 = all.')
+  max_nonfinite_steps: int = key(10, integer(0), FREE, 'Non-finite (NaN/Inf) steps are skipped and counted; more '
+                                 'than this many in a row stop the run without a new checkpoint. 0 = stop at the first.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+  shape: tuple = key((-1, 1, 1), Check(_mesh_shape, f'{len(MESH_AXES)} integers >= 1, at most one -1'), FREE,
+                     'Devices along (data, fsdp, tensor); one entry may be -1: all remaining devices.')
+  logical_axis_rules: tuple = key(DEFAULT_LOGICAL_AXIS_RULES, Check(_logical_axis_rules, '(logical axis, mesh axes) '
+                                  'pairs'), FREE, "How the model's logical axes map onto the mesh (lm/sharding.py).")
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+  every: int = key(200, integer(1), FREE, 'Steps between evaluations (and samples); training always ends with one.')
+  num_batches: int = key(8, integer(0), FREE, 'Batches per periodic eval; 0 = the whole split.')
+  final_num_batches: int = key(0, integer(0), FREE, 'Batches of the eval that ends training; 0 = the whole split.')
+  batch_size: int = key(32, integer(1), FREE, 'Sequences per eval batch.')
+  sample_prompt: str = key('', string(), FREE, "Text the samples continue; '' = start of a document.")
+  sample_tokens: int = key(128, integer(0), FREE,
+                           'New tokens per sample (fewer if the prompt leaves less room in max_len).')
+  num_samples: int = key(2, integer(0), FREE, 'Samples drawn at each evaluation.')
+  sample_temperature: float = key(0.8, number(0, lo_open=True), FREE, 'Temperature of those samples.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+  every: int = key(200, integer(1), FREE, 'Steps between checkpoints; training always ends with one.')
+  every_minutes: float = key(0.0, number(0), FREE,
+                             'Also checkpoint when this many minutes passed since the last one; 0 = off.')
+  max_to_keep: int = key(3, integer(1), FREE, 'Checkpoints kept; older ones are deleted.')
+  async_save: bool = key(True, BOOLEAN, FREE, 'Write checkpoints in the background while training continues.')
+  init_from: str = key('', string(), FREE,
+                       'A workdir whose latest parameters (and tokenizer) start a fresh run: fine-tuning.')
+
+
+def rules(c) -> list[str]:
+  errors = []
+  if c.optimizer.warmup_steps >= c.train.steps:
+    errors.append(f'optimizer.warmup_steps={c.optimizer.warmup_steps} must be < train.steps={c.train.steps}')
+  if c.data.batch_size % c.train.microbatches:
+    errors.append(f'data.batch_size={c.data.batch_size} must be divisible by train.microbatches={c.train.microbatches}')
+  return errors

@@ -4,7 +4,8 @@ The Llama recipe on our knobs: RMSNorm before each sublayer, SwiGLU MLPs, rotary
 grouped-query attention, no biases, an untied output layer, no dropout.
 
   SIZE    tiny  4 layers, d_model 128, 4 heads / 2 kv heads, 4,096-token sentencepiece on the
-                Shakespeare plays, 128-token sequences: trains on a laptop CPU (2.0M parameters; 0.6 s per step on 2 cores)
+                Shakespeare plays, 128-token sequences: trains on a laptop CPU (2.0M parameters; 0.6 s
+                per step on 2 cores)
           125m  12 x 768, 12 / 4 heads, 32,000 tokens (124.7M parameters)
           1b    16 x 2048, 32 / 8 heads, MLP 8192, 32,000 tokens (1.10B parameters)
           7b    Llama 2 7B's shapes: 32 x 4096, 32 heads (multi-head: Llama 2 keeps GQA for 70B),

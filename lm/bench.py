@@ -11,8 +11,8 @@ the dense matmul rate measured on this device in the same run, the peak memory, 
 pipeline's own tokens per second, and (on one device) the matmul floor: the step's own matrix
 products (lm.matmuls), each timed alone, summed. --compare=torch also trains the same-shaped GPT-2 of
 `transformers` in PyTorch, eager and under torch.compile (torch_eager: eager only), in a child
-process each, on the same shapes, batch and optimizer, times lm's matmuls there with torch.einsum,
-and prints the ratios. Needs the `hf` extra.
+process each (lm.bench_torch), on the same shapes, batch and optimizer, times lm's matmuls there
+with torch.einsum, and prints the ratios. Needs the `hf` extra.
 
 compile: the train step's compile time at several depths, and its ratio to the first.
 
@@ -25,11 +25,28 @@ needs none). Needs the `hf` extra.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import cli, decode, hf, kinds, matmuls, metrics, sharding, train
+from lm.cli import CPU_XLA_FLAGS
+from lm.config import ConfigError, load_experiment, override, validate
+from lm.data import pipeline
+from lm.kinds import make_model
+from lm.model import count_params
+from lm.optim import make_optimizer
+from lm.timing import best_of, median
+
+CONFIG = cli.config_flag()
 
 FLAGS = flags.FLAGS
 
@@ -39,48 +56,30 @@ EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 
 def _shape(name: str):
   """The experiment config of a benchmark model (GPT-2 shaped)."""
-  from lm.config import ConfigError, load_experiment  # pylint: disable=import-outside-toplevel
   files = {'quickstart': 'quickstart.py', 'gpt2_small': 'gpt2.py'}
   if name not in files:
     raise ConfigError(f'--models: unknown model {name!r}; allowed: {", ".join(files)}')
   return load_experiment(EXPERIMENTS / files[name])
 
 
-def _best_of(repeats: int, run):
-  """(the fastest of `repeats` timed calls of run, its result): this machine's timings are noisy."""
-  best = None
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = run()
-    seconds = time.perf_counter() - start
-    best = (seconds, result) if best is None or seconds < best[0] else best
-  return best
-
-
 def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torch: bool = True,
                    repeats: int = 3) -> list[dict]:
   """One record per batch size: lm's and (with_torch) transformers' new tokens per second, each the
   best of `repeats` runs after a warm-up."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm import decode, hf  # pylint: disable=import-outside-toplevel
-  from lm.config import override, validate  # pylint: disable=import-outside-toplevel
-  from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
-
   config = _shape(name)
   max_len = max(config.model.max_len, PROMPT_LEN + new_tokens)  # Learned positions for every token.
   # Layers unrolled, as lm.saved.load gives them for generation.
   config = validate(override(config, {'model.max_len': max_len, 'model.dtype': 'float32', 'model.scan_layers': False,
                                       'data.seq_len': min(config.data.seq_len, max_len)}))
-  hf.check_gpt2_shaped(config)
+  kinds.of(config).check_hf_shaped(config)
   model = make_model(config)
   params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params']))()
   torch_model = None
   if with_torch:
     torch, transformers = hf.require('torch'), hf.require('transformers')
-    torch_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**hf.hf_config(config, None))).eval()
-    state = {k: torch.tensor(v) for k, v in hf.params_to_hf(jax.device_get(params), config).items()}
+    hf_config = transformers.GPT2Config(**kinds.of(config).hf_config(config, None))
+    torch_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    state = {k: torch.tensor(v) for k, v in kinds.of(config).params_to_hf(jax.device_get(params), config).items()}
     torch_model.load_state_dict(state, strict=False)  # lm_head is tied to wte.
     torch_model.tie_weights()
   records = []
@@ -92,7 +91,7 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
     start = time.perf_counter()
     run()  # Compiles the prefill and the decoding chunk for this batch size.
     compile_s = time.perf_counter() - start
-    lm_s, ours = _best_of(repeats, lambda: np.stack(run()))
+    lm_s, ours = best_of(repeats, lambda: np.stack(run()))
     record = {'bench': 'generate', 'model': name, 'params': count_params(params), 'batch_size': batch,
               'prompt_tokens': PROMPT_LEN, 'new_tokens': new_tokens, 'new_tokens_per_s': batch * new_tokens / lm_s,
               'lm_seconds': lm_s, 'lm_compile_seconds': compile_s}
@@ -102,22 +101,15 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
         kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                       eos_token_id=None)
         torch_model.generate(inputs, **(kwargs | {'max_new_tokens': 4, 'min_new_tokens': 4}))  # Warm-up.
-        torch_s, theirs = _best_of(repeats, lambda: torch_model.generate(inputs, **kwargs)[:, PROMPT_LEN:].numpy())
+        torch_s, theirs = best_of(repeats, lambda: torch_model.generate(inputs, **kwargs)[:, PROMPT_LEN:].numpy())
       record |= {'torch_new_tokens_per_s': batch * new_tokens / torch_s, 'torch_seconds': torch_s,
                  'speedup': torch_s / lm_s, 'same_tokens': float(np.mean(theirs == ours))}
     records.append(record)
   return records
 
 
-def _median(values: list[float]) -> float:
-  return sorted(values)[len(values) // 2]
-
-
 def _default_flags_matmul_flops(dtype: str, sizes: tuple[int, ...] | None) -> float:
-  """measure_matmul_flops in a child process without lm's CPU XLA flag (see lm/__init__.py)."""
-  import os  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  from lm import CPU_XLA_FLAGS  # pylint: disable=import-outside-toplevel
+  """measure_matmul_flops in a child process without lm's CPU XLA flag (see lm.cli.set_default_xla_flags)."""
   env = dict(os.environ, LM_DEFAULT_XLA_FLAGS='0', XLA_FLAGS=os.environ.get('XLA_FLAGS', '').replace(CPU_XLA_FLAGS, ''))
   args = [sys.executable, '-m', 'lm.bench', 'matmul_peak', dtype] + ([','.join(map(str, sizes))] if sizes else [])
   done = subprocess.run(args, capture_output=True, text=True,
@@ -128,8 +120,6 @@ def _default_flags_matmul_flops(dtype: str, sizes: tuple[int, ...] | None) -> fl
 def matmul_floor_s(products, device, repeats: int = 5) -> float:
   """Summed over lm.matmuls products, count x the fastest of `repeats` runs of the product alone on
   device (jitted, on random operands, after one run that compiles it)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   total = 0.0
   for i, (m, times) in enumerate(products.items()):
     key = jax.random.PRNGKey(i)
@@ -137,9 +127,9 @@ def matmul_floor_s(products, device, repeats: int = 5) -> float:
     rhs = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), m.rhs_shape, m.rhs_dtype), device)
     product = jax.jit(lambda a, b, m=m: jax.lax.dot_general(a, b, (m.contracting, m.batch),
                                                             preferred_element_type=np.dtype(m.out_dtype)))
-    run = lambda: jax.block_until_ready(product(lhs, rhs))  # pylint: disable=cell-var-from-loop
+    run = lambda product=product, lhs=lhs, rhs=rhs: jax.block_until_ready(product(lhs, rhs))
     run()
-    total += times * _best_of(repeats, run)[0]
+    total += times * best_of(repeats, run)[0]
   return total
 
 
@@ -153,12 +143,6 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   does; a window ends when the device has finished its last step. `products` (train_step_matmuls,
   traced here if None) are the step's matmuls; on one device, their floor is timed last.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from lm import matmuls, metrics, sharding, train  # pylint: disable=import-outside-toplevel
-  from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-  from lm.model import count_params, make_model  # pylint: disable=import-outside-toplevel
-  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
-
   device = jax.devices()[0]
   products = train_step_matmuls(config) if products is None else products
   matmul_rates = {'lm_xla_flags': metrics.measure_matmul_flops(device, config.model.dtype, matmul_sizes)}
@@ -206,7 +190,7 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
     windows.append((time.perf_counter() - start) / steps)
     if trace:
       jax.profiler.stop_trace()
-  step_s = _median(windows)
+  step_s = median(windows)
   # Per-device shapes are the global ones only on one device; a sharded step's are XLA's to choose.
   floor_s = matmul_floor_s(products, device) if mesh.size == 1 else None
 
@@ -240,20 +224,13 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
 def _abstract_train_step(c):
   """The jitted train step of config c, shape-only arguments for it (no data, no parameters), and its mesh
   and rules: trace it inside sharding.activate(mesh, rules)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from lm import sharding, train  # pylint: disable=import-outside-toplevel
-  from lm.config import target_len  # pylint: disable=import-outside-toplevel
-  from lm.model import make_model  # pylint: disable=import-outside-toplevel
-  from lm.optim import make_optimizer  # pylint: disable=import-outside-toplevel
-
   mesh, rules = sharding.make_mesh(c), sharding.logical_axis_rules(c)
   batch_sharding = sharding.batch_sharding(mesh, rules)
   sharding.check_batch('data.batch_size', c.data.batch_size, mesh, rules, c.train.microbatches)
   model, optimizer = make_model(c), make_optimizer(c)
   shardings = train.state_shardings(c, model, optimizer, mesh, rules)
   state = train.abstract_train_state(c, model, optimizer, shardings)
-  targets = target_len(c) if c.model.kind == 'encoder_decoder' else c.data.seq_len
+  targets = kinds.of(c).target_positions(c)
   shapes = jax.eval_shape(lambda: train.example_batch(c, c.data.batch_size)
                           | {'loss_mask': jnp.zeros((c.data.batch_size, targets), bool)})
   batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), shapes)
@@ -262,7 +239,6 @@ def _abstract_train_step(c):
 
 def train_step_matmuls(config):
   """lm.matmuls.count of config's train step, traced from shapes alone (global shapes)."""
-  from lm import matmuls, sharding  # pylint: disable=import-outside-toplevel
   jitted, args, mesh, rules = _abstract_train_step(config)
   with sharding.activate(mesh, rules):
     return matmuls.count(jitted.trace(*args).jaxpr)
@@ -272,9 +248,6 @@ def bench_compile(config, depths: list[int]) -> list[dict]:
   """Compile time of the train step at each depth (model.num_layers) of config, from shapes alone (no
   data, no parameters), with the size of the program XLA compiles. With model.scan_layers the
   blocks are one scanned body, so neither should grow with depth."""
-  from lm import sharding  # pylint: disable=import-outside-toplevel
-  from lm.config import override, validate  # pylint: disable=import-outside-toplevel
-
   records = []
   for depth in depths:
     c = validate(override(config, {'model.num_layers': depth}))
@@ -290,76 +263,18 @@ def bench_compile(config, depths: list[int]) -> list[dict]:
   return records
 
 
-def torch_peer(spec: dict) -> dict:
-  """Trains transformers' GPT-2 of spec's shape in PyTorch on random tokens: the same batch, AdamW with
-  the same settings and gradient clipping, float32; eager, or with spec['compile'] under torch.compile.
-  Timed like bench_train (median of windows after warm-up); the first steps' time is the compile time."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm import hf  # pylint: disable=import-outside-toplevel
-  torch, transformers = hf.require('torch'), hf.require('transformers')
-  torch.manual_seed(0)
-  model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**spec['hf_config'])).train()
-  opt = spec['optimizer']
-  optimizer = torch.optim.AdamW(model.parameters(), lr=opt['learning_rate'], betas=(opt['b1'], opt['b2']),
-                                eps=opt['eps'], weight_decay=opt['weight_decay'])
-  vocab, batch, length = spec['hf_config']['vocab_size'], spec['batch_size'], spec['seq_len']
-  rng = np.random.default_rng(0)
-
-  def step(forward):
-    tokens = torch.from_numpy(rng.integers(0, vocab, (batch, length + 1)))
-    logits = forward(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if opt['grad_clip_norm']:
-      torch.nn.utils.clip_grad_norm_(model.parameters(), opt['grad_clip_norm'])
-    optimizer.step()
-    return float(loss)
-
-  forward = lambda x: model(input_ids=x).logits
-  if spec['compile']:
-    forward = torch.compile(forward)
-  start = time.perf_counter()
-  for _ in range(2):
-    step(forward)
-  warmup_s = time.perf_counter() - start
-  windows = []
-  for _ in range(spec['repeats']):
-    start = time.perf_counter()
-    for _ in range(spec['steps']):
-      loss = step(forward)
-    windows.append((time.perf_counter() - start) / spec['steps'])
-  step_s = _median(windows)
-  floor_s = 0.0  # lm's train step's matmuls (lm.matmuls), each timed alone, as bench_train times them for lm.
-  with torch.no_grad():
-    for lhs_shape, rhs_shape, spec_, times in spec['matmuls']:
-      lhs, rhs = torch.randn(lhs_shape), torch.randn(rhs_shape)
-      torch.einsum(spec_, lhs, rhs)
-      floor_s += times * _best_of(5, lambda: torch.einsum(spec_, lhs, rhs))[0]  # pylint: disable=cell-var-from-loop
-  size = 2048  # PyTorch's own dense matmul rate on this machine, for reference.
-  a = torch.randn(size, size)
-  best = _best_of(3, lambda: a @ a)[0]
-  return {'mode': 'compile' if spec['compile'] else 'eager', 'step_s': step_s, 'step_s_windows': windows,
-          'tokens_per_s': batch * length / step_s, 'warmup_s': warmup_s, 'threads': torch.get_num_threads(),
-          'torch_version': torch.__version__, 'params': sum(p.numel() for p in model.parameters()),
-          'matmul_flops': 2 * size**3 / best, 'final_loss': loss, 'matmul_floor_s': floor_s,
-          'matmul_floor_share': floor_s / step_s}
-
-
 def compare_torch(config, modes: list[str], steps: int, repeats: int, products, timeout_s: float = 1800) -> dict:
-  """torch_peer in a child process per mode ('eager', 'compile'), which also times `products` (lm's
-  train_step_matmuls); a mode that fails reports its error."""
-  import subprocess  # pylint: disable=import-outside-toplevel
-  from lm import hf  # pylint: disable=import-outside-toplevel
-  hf.check_gpt2_shaped(config)
+  """lm.bench_torch.torch_peer in a child process per mode ('eager', 'compile'), which also times
+  `products` (lm's train_step_matmuls); a mode that fails reports its error."""
+  kinds.of(config).check_hf_shaped(config)
   if config.model.dtype != 'float32':
     raise ValueError(f'--compare=torch trains in float32: set --config.model.dtype=float32 (not {config.model.dtype})')
-  spec = {'hf_config': hf.hf_config(config, None), 'optimizer': dict(config.optimizer), 'batch_size': config.data.batch_size,
-          'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats,
+  spec = {'hf_config': kinds.of(config).hf_config(config, None), 'optimizer': dict(config.optimizer),
+          'batch_size': config.data.batch_size, 'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats,
           'matmuls': [[m.lhs_shape, m.rhs_shape, m.einsum(), n] for m, n in products.items()]}
   results = {}
   for mode in modes:
-    args = [sys.executable, '-m', 'lm.bench', 'torch_peer', json.dumps(spec | {'compile': mode == 'compile'})]
+    args = [sys.executable, '-m', 'lm.bench_torch', json.dumps(spec | {'compile': mode == 'compile'})]
     try:
       done = subprocess.run(args, capture_output=True, text=True, timeout=timeout_s,
                             cwd=pathlib.Path(__file__).resolve().parents[1])
@@ -384,7 +299,8 @@ def _define_flags() -> None:
   flags.DEFINE_bool('torch', True, 'generate: measure transformers\' generate alongside.')
   # train
   flags.DEFINE_integer('steps', 5, 'train: steps per timed window.')
-  flags.DEFINE_integer('data_batches', 50, 'train: batches the data pipeline is timed on, after those that fill its shuffle window.')
+  flags.DEFINE_integer('data_batches', 50, 'train: batches the data pipeline is timed on, after those that fill '
+                       'its shuffle window.')
   flags.DEFINE_enum('compare', 'none', ['none', 'torch', 'torch_eager'],
                     'train: also train transformers\' GPT-2 in PyTorch (torch: eager and torch.compile).')
   flags.DEFINE_string('workdir', 'runs/bench', 'train: where the tokenizer is kept between runs.')
@@ -415,7 +331,8 @@ def _print_train(r: dict) -> None:
           f'{r["matmul_count"]} products, {r["matmul_flops_per_step"] / 1e9:,.1f} GFLOP, each timed by itself; the '
           f'rest of the step is everything else)')
   print(f'peak memory: {gib:.2f} GiB ({"device statistics" if r["memory_source"] == "device" else "XLA memory plan"})')
-  print(f'data pipeline: {r["data_tokens_per_s"]:,.0f} tokens/s, {r["data_to_train_ratio"]:.0f}x what training consumes')
+  print(f'data pipeline: {r["data_tokens_per_s"]:,.0f} tokens/s, {r["data_to_train_ratio"]:.0f}x what training '
+        'consumes')
   for mode in ('eager', 'compile'):
     if f'torch_{mode}' not in r:
       continue
@@ -469,8 +386,6 @@ USAGE = ('usage: python -m lm.bench --config=experiments/bench.py [--config.a.b=
 
 def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
-  from lm.cli import CONFIG  # pylint: disable=import-outside-toplevel
-  from lm.config import ConfigError, validate  # pylint: disable=import-outside-toplevel
   try:
     if argv[1:] == ['generate']:
       main_generate()
@@ -481,12 +396,8 @@ def main(argv: list[str]) -> None:
               f'{r["compile_s"]:.1f} s, {r["compile_ratio"]:.2f}x the first; program {r["program_chars"]:,} chars',
               flush=True)
     elif len(argv) in (3, 4) and argv[1] == 'matmul_peak':  # A child of bench_train.
-      import jax  # pylint: disable=import-outside-toplevel
-      from lm import metrics  # pylint: disable=import-outside-toplevel
       sizes = tuple(int(n) for n in argv[3].split(',')) if len(argv) == 4 else None
       print(metrics.measure_matmul_flops(jax.devices()[0], argv[2], sizes), flush=True)
-    elif len(argv) == 3 and argv[1] == 'torch_peer':  # A child of compare_torch.
-      print(json.dumps(torch_peer(json.loads(argv[2]))), flush=True)
     elif len(argv) == 1 and CONFIG.value is not None:
       main_train(validate(CONFIG.value))
     else:
@@ -497,5 +408,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  from lm.cli import parse_flags  # pylint: disable=ungrouped-imports
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

@@ -1,7 +1,8 @@
-"""Token generation: a decoder reads its (left-padded) prompts once into a KV cache, then draws one
-token per step, in jitted chunks that take the cache donated; an encoder-decoder reruns its full
-forward pass per token. Draws are greedy or sampled with temperature, top-k, top-p (nucleus) and a
-repetition penalty, all traced values: changing them never recompiles.
+"""Token generation: a model reads its (left-padded) prompts once into a KV cache, then draws one
+token per step, in jitted chunks that take the cache donated. An encoder-decoder encodes its input
+once; its decoder then reads its own tokens through the cache (lm.kinds: each kind's decode_step).
+Draws are greedy or sampled with temperature, top-k, top-p (nucleus) and a repetition penalty, all
+traced values: changing them never recompiles.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import sharding
+from lm import kinds, sharding
 from lm.config import ConfigError
-from lm.model import init_cache, resize_cache
+from lm.model import resize_cache
 
 CHUNK = 32  # Tokens per jitted decoding call: stop strings are checked between calls.
 
@@ -85,6 +86,7 @@ def next_token(logits_NV: jax.Array, seen_NV: jax.Array, rng: jax.Array, s: Samp
 
 class DecodeState(NamedTuple):
   cache: Any  # The model's 'cache' collection.
+  context: Any  # What every step reads besides (an encoder-decoder: the encoder output and inputs).
   logits_NV: jax.Array  # Predicting the next token of each row.
   position_N: jax.Array  # Where that token sits in its sequence.
   seen_NV: jax.Array  # Tokens in each row's prompt or output so far (for the repetition penalty).
@@ -98,14 +100,17 @@ def _seen(tokens_NL: jax.Array, valid_NL: jax.Array, vocab: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'cache_len'))
-def prefill(params, prompt_NP: jax.Array, valid_NP: jax.Array, *, model: nn.Module, cache_len: int) -> DecodeState:
-  """Reads left-padded prompts (valid_NP False on the padding) into a fresh cache of cache_len slots."""
+def prefill(params, prompt_NP: jax.Array, valid_NP: jax.Array, inputs_NS: jax.Array | None = None, *,
+            model: nn.Module, cache_len: int) -> DecodeState:
+  """Reads left-padded prompts (valid_NP False on the padding) into a fresh cache of cache_len slots;
+  an encoder-decoder first encodes inputs_NS."""
+  kind = kinds.of_model(model)
   positions_NP = jnp.maximum(jnp.cumsum(valid_NP, axis=1) - 1, 0)
-  cache = init_cache(model, prompt_NP.shape[0], cache_len)
-  logits_NPV, variables = model.apply({'params': params, 'cache': cache}, prompt_NP,
-                                      False, True, positions_NP, valid_NP, mutable=['cache'])
+  context = kind.decoding_context(model, params, inputs_NS)
+  cache = kind.init_cache(model, prompt_NP.shape[0], cache_len)
+  logits_NPV, cache = kind.decode_step(model, params, cache, prompt_NP, positions_NP, valid_NP, context)
   vocab = logits_NPV.shape[-1]
-  return DecodeState(variables['cache'], logits_NPV[:, -1], positions_NP[:, -1] + 1, _seen(prompt_NP, valid_NP, vocab),
+  return DecodeState(cache, context, logits_NPV[:, -1], positions_NP[:, -1] + 1, _seen(prompt_NP, valid_NP, vocab),
                      jnp.zeros(prompt_NP.shape[0], bool), jnp.int32(0))
 
 
@@ -120,11 +125,11 @@ def decode_chunk(params, state: DecodeState, rng: jax.Array, sampling: Sampling,
     token_N = next_token(state.logits_NV, state.seen_NV, jax.random.fold_in(rng, state.step), sampling)
     token_N = jnp.where(state.done_N, jnp.maximum(end_id, 0), token_N)
     out_NC = out_NC.at[:, i].set(jnp.where(state.done_N, -1, token_N))
-    logits_N1V, variables = model.apply({'params': params, 'cache': state.cache}, token_N[:, None], False, True,
-                                        state.position_N[:, None], jnp.ones_like(token_N, bool)[:, None],
-                                        mutable=['cache'])
+    logits_N1V, cache = kinds.of_model(model).decode_step(
+        model, params, state.cache, token_N[:, None], state.position_N[:, None], jnp.ones_like(token_N, bool)[:, None],
+        state.context)
     rows_N = jnp.arange(token_N.shape[0])
-    state = DecodeState(variables['cache'], logits_N1V[:, 0], state.position_N + 1,
+    state = DecodeState(cache, state.context, logits_N1V[:, 0], state.position_N + 1,
                         state.seen_NV.at[rows_N, token_N].set(True), state.done_N | (token_N == end_id), state.step + 1)
     return i + 1, state, out_NC
 
@@ -164,8 +169,9 @@ def _replicated(mesh: jax.sharding.Mesh | None, tree):
 def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), rng: jax.Array, end_id: int = -1,
                  finished: Callable[[list[np.ndarray]], np.ndarray] | None = None,
-                 mesh: jax.sharding.Mesh | None = None) -> list[np.ndarray]:
-  """New token ids continuing each prompt (a decoder's), without the end token.
+                 mesh: jax.sharding.Mesh | None = None, inputs_NS: np.ndarray | None = None) -> list[np.ndarray]:
+  """New token ids continuing each prompt, without the end token (an encoder-decoder's decoder
+  prompts, one per row of its inputs_NS, padding included).
 
   Prompts may differ in length (they are left-padded). Generation stops at max_new_tokens (cut to
   the room left in model.max_len), once every row has drawn end_id, or once `finished` (given the
@@ -183,7 +189,7 @@ def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max
   for row, prompt in enumerate(prompts):
     prompt_NP[row, width - len(prompt):], valid_NP[row, width - len(prompt):] = prompt, True
   cache_len = cache_bucket(width + min(CHUNK, num_new), max_len)
-  state = prefill(params, *_replicated(mesh, (prompt_NP, valid_NP)), model=model, cache_len=cache_len)
+  state = prefill(params, *_replicated(mesh, (prompt_NP, valid_NP, inputs_NS)), model=model, cache_len=cache_len)
   rng, sampling, end = _replicated(mesh, (rng, _as_arrays(sampling), np.int32(end_id)))
   chunks, drawn, ids = [], 0, [np.zeros(0, np.int32)] * len(prompts)
   while drawn < num_new:
@@ -215,21 +221,6 @@ def _trim(out_NT: np.ndarray, end_id: int) -> list[np.ndarray]:
   return rows
 
 
-@functools.partial(jax.jit, static_argnames=('model',))
-def _sample_full(params, tokens_NL: jax.Array, start: jax.Array, rng: jax.Array, sampling: Sampling,
-                 inputs_NS: jax.Array, *, model: nn.Module) -> jax.Array:
-  """Fills tokens_NL[:, start:] one position at a time, each from a full forward pass of an
-  encoder-decoder over the inputs and the tokens so far."""
-  vocab = model.config.vocab_size
-
-  def body(pos, tokens_NL):
-    logits_NV = model.apply({'params': params}, inputs_NS, tokens_NL)[:, pos - 1]
-    seen_NV = _seen(tokens_NL, jnp.arange(tokens_NL.shape[1]) < pos, vocab)
-    return tokens_NL.at[:, pos].set(next_token(logits_NV, seen_NV, jax.random.fold_in(rng, pos), sampling))
-
-  return jax.lax.fori_loop(start, tokens_NL.shape[1], body, tokens_NL)
-
-
 def sample(model: nn.Module, params, prompt_ids: np.ndarray, *, num_samples: int, num_tokens: int,
            temperature: float, rng: jax.Array, mesh: jax.sharding.Mesh | None = None,
            input_ids: np.ndarray | None = None, sampling: Sampling | None = None) -> np.ndarray:
@@ -242,14 +233,6 @@ def sample(model: nn.Module, params, prompt_ids: np.ndarray, *, num_samples: int
   max_len = model.config.max_len
   prompt_ids = np.asarray(prompt_ids, np.int32)[-(max_len - 1):]
   num_new = min(num_tokens, max_len - len(prompt_ids))
-  if input_ids is None:
-    return np.stack(generate_ids(model, params, [prompt_ids] * num_samples, max_new_tokens=num_new, sampling=sampling,
-                                 rng=rng, mesh=mesh))
-  check_sampling(sampling)
-  tokens_NL = np.zeros((num_samples, len(prompt_ids) + num_new), np.int32)
-  tokens_NL[:, :len(prompt_ids)] = prompt_ids
-  inputs_NS = np.tile(np.asarray(input_ids, np.int32), (num_samples, 1))
-  out_NL = _sample_full(params, *_replicated(mesh, (tokens_NL, np.int32(len(prompt_ids)), rng, _as_arrays(sampling),
-                                                   inputs_NS)),
-                        model=model)
-  return sharding.to_host(out_NL)[:, len(prompt_ids):]
+  inputs_NS = None if input_ids is None else np.tile(np.asarray(input_ids, np.int32), (num_samples, 1))
+  return np.stack(generate_ids(model, params, [prompt_ids] * num_samples, max_new_tokens=num_new, sampling=sampling,
+                               rng=rng, mesh=mesh, inputs_NS=inputs_NS))

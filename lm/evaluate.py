@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
+import jax
+
+from lm import cli, kinds, saved, sharding, train
+from lm.config import ConfigError, override
+from lm.data import pipeline
 
 FLAGS = flags.FLAGS
-
-from lm.config import ConfigError
 
 
 def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split: str | None = None,
@@ -25,15 +28,11 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
   """{'loss', 'perplexity', 'bits_per_byte', 'tokens'} of run (a workdir or an lm.saved.SavedRun)
   on `split` (default: the run's eval split) of `dataset` (default: the run's), num_batches of
   batch_size sequences of seq_len tokens (defaults: all of the split, the run's eval sizes)."""
-  from lm import saved, sharding, train  # pylint: disable=import-outside-toplevel
-  from lm.config import override  # pylint: disable=import-outside-toplevel
-  from lm.data import pipeline  # pylint: disable=import-outside-toplevel
-
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
-  if run.config.model.kind != 'decoder':
+  if kinds.of(run.config).prompt_is_input:
     raise ConfigError('lm.evaluate scores decoders; an encoder-decoder\'s eval runs with its training')
-  changes = {'data.name': dataset, 'data.paths': paths, 'data.eval_split': split, 'data.tfds_data_dir': tfds_data_dir,
-             'eval.batch_size': batch_size, 'data.seq_len': seq_len}
+  changes = {'data.name': dataset, 'data.paths': paths, 'data.eval_split': split,
+             'data.tfds_data_dir': tfds_data_dir, 'eval.batch_size': batch_size, 'data.seq_len': seq_len}
   config = override(run.config, {k: v for k, v in changes.items() if v is not None})
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f'seq_len={config.data.seq_len} is longer than the model\'s context, '
@@ -49,7 +48,6 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
 
 
 def _shardings(tree):
-  import jax  # pylint: disable=import-outside-toplevel
   return jax.tree.map(lambda x: x.sharding, tree)
 
 
@@ -72,7 +70,6 @@ def main(argv: list[str]) -> None:
   if FLAGS.workdir is None:
     sys.exit('error: --workdir is required, e.g. python -m lm.evaluate --workdir=runs/qs')
   logging.set_verbosity(logging.WARNING)
-  from lm import saved  # pylint: disable=import-outside-toplevel
   try:
     run = saved.load(FLAGS.workdir, FLAGS.step)
     result = evaluate(run, dataset=FLAGS.dataset, paths=FLAGS.paths, split=FLAGS.split,
@@ -85,4 +82,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

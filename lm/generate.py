@@ -15,11 +15,14 @@ import pathlib
 import sys
 from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
+import jax
+import numpy as np
+
+from lm import cli, decode, kinds, saved, sharding
+from lm.config import ConfigError
 
 FLAGS = flags.FLAGS
-
-from lm.config import ConfigError
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
@@ -43,10 +46,6 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   stop: strings that end a continuation (cut before them); stop_at_end: so does the end-of-text
   (document-start) token. seed: the same seed, prompts and settings give the same text.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm import decode, saved, sharding  # pylint: disable=import-outside-toplevel
-
   if isinstance(prompts, str):
     prompts = [prompts]
   if not prompts:
@@ -54,7 +53,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   if num_return_sequences < 1:
     raise ConfigError(f'num_return_sequences={num_return_sequences}: must be >= 1')
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
-  if run.config.model.kind != 'decoder':
+  if kinds.of(run.config).prompt_is_input:
     raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: generation here is for decoders '
                       '(its samples come with training, see samples/)')
   tokenizer = run.tokenizer
@@ -76,8 +75,6 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
                               finished=finished, mesh=run.mesh)
   texts = [_cut_at_stop(tokenizer.decode(r), stop)[0] for r in out]
   return [texts[i:i + num_return_sequences] for i in range(0, len(texts), num_return_sequences)]
-
-
 
 
 def _unescape(text: str) -> str:
@@ -117,12 +114,12 @@ def main(argv: list[str]) -> None:
     prompts += [_unescape(line) for line in path.read_text(encoding='utf-8').splitlines() if line.strip()]
   if not prompts:
     sys.exit('error: give --prompt or --prompts_file')
-  from lm import saved  # pylint: disable=import-outside-toplevel
   try:
     run = saved.load(FLAGS.workdir, FLAGS.step)
     outputs = generate(run, prompts, max_new_tokens=FLAGS.max_new_tokens, max_length=FLAGS.max_length,
-                       num_return_sequences=FLAGS.num_return_sequences, greedy=FLAGS.greedy, temperature=FLAGS.temperature,
-                       top_k=FLAGS.top_k, top_p=FLAGS.top_p, repetition_penalty=FLAGS.repetition_penalty,
+                       num_return_sequences=FLAGS.num_return_sequences, greedy=FLAGS.greedy,
+                       temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
+                       repetition_penalty=FLAGS.repetition_penalty,
                        stop=[_unescape(s) for s in FLAGS.stop], seed=FLAGS.seed)
   except ConfigError as e:
     sys.exit(f'error: {e}')
@@ -136,4 +133,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  cli.run(main)

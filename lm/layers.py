@@ -195,7 +195,7 @@ class Attention(nn.Module):
     """Writes this call's keys and values into the 'cache' collection after those of earlier calls;
     returns all cached keys and values [B, G, S, K] and the mask [B, L, S] of the slots each new
     query may see: written, valid (not padding), not after it, and within the window. S is the
-    cache's length: max_len as created here, or shorter (lm.model.init_cache), so that decoding
+    cache's length: max_len as created here, or shorter (lm.kinds.init_cache), so that decoding
     attends over the slots in use, not all max_len."""
     c = self.config
     batch, length = k_BGLK.shape[0], k_BGLK.shape[2]
@@ -210,7 +210,8 @@ class Attention(nn.Module):
       start = index.value
       key.value = jax.lax.dynamic_update_slice(key.value, k_BGLK, (0, 0, start, 0))
       value.value = jax.lax.dynamic_update_slice(value.value, v_BGLK, (0, 0, start, 0))
-      slot_positions.value = jax.lax.dynamic_update_slice(slot_positions.value, positions_BL.astype(jnp.int32), (0, start))
+      slot_positions.value = jax.lax.dynamic_update_slice(slot_positions.value, positions_BL.astype(jnp.int32),
+                                                          (0, start))
       slot_valid.value = jax.lax.dynamic_update_slice(slot_valid.value, valid_BL, (0, start))
       index.value = start + length
     slots_L = index.value - length + jnp.arange(length)
@@ -239,7 +240,8 @@ class Attention(nn.Module):
                         dtype_of(c), use_bias=c.use_bias, frozen_bias=name == 'key' and frozen_key_bias, name=name)(x)
 
     q_BLHK = project('query', x_BLD, c.num_heads, 'heads')
-    k_BSGK, v_BSGK = project('key', source_BSD, kv_heads, 'kv_heads'), project('value', source_BSD, kv_heads, 'kv_heads')
+    k_BSGK = project('key', source_BSD, kv_heads, 'kv_heads')
+    v_BSGK = project('value', source_BSD, kv_heads, 'kv_heads')
     if c.qk_norm:  # RMS-normalise each head's query and key (bounds the attention logits).
       q_BLHK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='query_norm')(q_BLHK)
       k_BSGK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='key_norm')(k_BSGK)
@@ -359,10 +361,12 @@ class MoeMlp(nn.Module):
     x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
 
     def expert_in(name):
-      kernel = self.param(f'{name}_kernel', _init(c.init_std, ('expert', 'embed', 'mlp')), (num_experts, c.d_model, width))
+      kernel = self.param(f'{name}_kernel', _init(c.init_std, ('expert', 'embed', 'mlp')),
+                          (num_experts, c.d_model, width))
       h_EBCF = jnp.einsum('EBCD,EDF->EBCF', x_EBCD, kernel.astype(dtype))
       if c.use_bias:
-        h_EBCF += self.param(f'{name}_bias', _zeros(('expert', 'mlp')), (num_experts, width)).astype(dtype)[:, None, None]
+        bias = self.param(f'{name}_bias', _zeros(('expert', 'mlp')), (num_experts, width))
+        h_EBCF += bias.astype(dtype)[:, None, None]
       return h_EBCF
 
     h_EBCF = _activation(c)(expert_in('gate' if c.mlp == 'swiglu' else 'up'))
@@ -373,7 +377,8 @@ class MoeMlp(nn.Module):
                           (num_experts, width, c.d_model))
     y_EBCD = jnp.einsum('EBCF,EFD->EBCD', h_EBCF, down_EFD.astype(dtype))
     if c.use_bias:
-      y_EBCD += self.param('down_bias', _zeros(('expert', 'embed')), (num_experts, c.d_model)).astype(dtype)[:, None, None]
+      down_bias = self.param('down_bias', _zeros(('expert', 'embed')), (num_experts, c.d_model))
+      y_EBCD += down_bias.astype(dtype)[:, None, None]
     return jnp.einsum('BLEC,EBCD->BLD', combine_BLEC.astype(dtype), y_EBCD)
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from lm.cli import CONFIG as _CONFIG, parse_flags
+from lm import cli
 from lm.config import ConfigError, validate
+
+_CONFIG = cli.config_flag()
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics, tokenizer and samples.')
 _COORDINATOR = flags.DEFINE_string(
@@ -35,19 +37,15 @@ def _cluster_detected() -> bool:
   return slurm or tpu_hosts
 
 
-def initialize_distributed() -> None:
-  """jax.distributed.initialize from the flags, or auto-detected; before any other JAX call."""
+def distributed_args() -> tuple | None:
+  """The arguments of jax.distributed.initialize from the flags, or None when this is one process."""
   explicit = [_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value]
   if _DISTRIBUTED.value == 'off' or (_DISTRIBUTED.value == 'auto' and not any(v is not None for v in explicit)
                                      and not _cluster_detected()):
-    return
+    return None
   if any(v is not None for v in explicit) and not all(v is not None for v in explicit):
     sys.exit('error: --coordinator_address, --num_processes and --process_id go together')
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  except Exception as e:  # pylint: disable=broad-except  (no cluster found, coordinator unreachable, ...)
-    sys.exit(f'error: jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}')
+  return tuple(explicit)
 
 
 def main(argv: list[str]) -> None:
@@ -61,20 +59,10 @@ def main(argv: list[str]) -> None:
     config = validate(_CONFIG.value)
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  from lm import loop, metrics  # pylint: disable=import-outside-toplevel  (jax etc.: only once flags are good)
-  initialize_distributed()
-  try:
-    trainer = loop.Trainer(config, _WORKDIR.value)
-  except (ConfigError, OSError) as e:  # OSError: an unusable workdir or data directory.
-    sys.exit(f'error: {e}')
-  try:
-    result = trainer.run(stop_after=_STOP_AFTER.value)
-  except (ConfigError, OSError, loop.NonFiniteError) as e:  # OSError: e.g. a full disk while saving.
-    sys.exit(f'error: {e}')
-  if result and not trainer.stopped_by:
-    metrics.say(f'done: validation loss {result["loss"]:.4f}, perplexity {result["perplexity"]:.2f}, '
-                f'bits per byte {result["bits_per_byte"]:.4f}; outputs in {_WORKDIR.value}/')
+  distributed = distributed_args()
+  # JAX, Flax and orbax are imported only now, so the mistakes above are reported at once.
+  cli.call('lm.loop:train_command', config, _WORKDIR.value, _STOP_AFTER.value, distributed)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

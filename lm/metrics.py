@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from tensorboardX import SummaryWriter  # Imports no TensorFlow.
 import tqdm
 
-from lm.config import target_len
-from lm.layers import mlp_width
-from lm.model import is_moe_layer
+from lm import kinds
+from lm.workdirs import read_metrics
 
 
 def say(message: str) -> None:
@@ -24,13 +27,11 @@ def say(message: str) -> None:
 
 def tokens_per_example(config) -> int:
   """Tokens one row of a training batch holds: seq_len, plus the decoder's for an encoder-decoder."""
-  if config.model.kind == 'encoder_decoder':
-    return config.data.seq_len + target_len(config)
-  return config.data.seq_len
+  return kinds.of(config).tokens_per_example(config)
 
 
 def flops_per_example(config) -> float:
-  """Training FLOPs (forward + backward, matmuls only) for one row of a batch.
+  """Training FLOPs (forward + backward, matmuls only) for one row of a batch, as its kind counts them.
 
   Every weight matrix costs 6 FLOPs per token passing through it (2 forward, 4 backward): all but
   the position table and the input embedding, whose lookup is free; the output layer counts, tied
@@ -39,27 +40,7 @@ def flops_per_example(config) -> float:
   weighted sum of V, forward and backward), counting every pair of the L x L square: the causal
   mask and a sliding window are not subtracted, because the dense kernel computes them too.
   """
-  m = config.model
-  head = m.d_model // m.num_heads
-  q_out = 2 * m.d_model * head * m.num_heads
-  kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
-  dense = (3 if m.mlp == 'swiglu' else 2) * m.d_model * mlp_width(m)
-  moe = m.moe_top_k * dense + m.d_model * m.moe_experts
-
-  def mlps(layers):  # Summed MLP weights a token passes through in `layers` blocks.
-    moe_layers = sum(is_moe_layer(m, i) for i in range(layers))
-    return moe_layers * moe + (layers - moe_layers) * dense
-
-  def self_attending(layers, length):
-    return 6 * length * (layers * (q_out + kv) + mlps(layers)) + 12 * layers * m.d_model * length**2
-
-  if m.kind == 'decoder':
-    length = config.data.seq_len
-    return self_attending(m.num_layers, length) + 6 * length * m.vocab_size * m.d_model
-  source, target = config.data.seq_len, target_len(config)
-  cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.d_model * target * source)
-  return (self_attending(m.num_encoder_layers or m.num_layers, source) + self_attending(m.num_layers, target)
-          + cross + 6 * target * m.vocab_size * m.d_model)
+  return kinds.of(config).flops_per_example(config)
 
 
 def flops_per_token(config) -> float:
@@ -90,8 +71,6 @@ def measure_matmul_flops(device, dtype: str = 'float32', sizes: tuple[int, ...] 
   """The dense matmul rate of one device in FLOP/s: the fastest of `repeats` timed chains of [n, n] @ [n, n]
   products in `dtype`, over the sizes n (default 1024, 2048 and 4096 on CPU, 8192 on accelerators),
   each compiled and run once first."""
-  import time  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   cpu = device.platform == 'cpu'
   chain = 1 if cpu else 16  # Enough work per call to hide the dispatch.
   best = 0.0
@@ -105,6 +84,39 @@ def measure_matmul_flops(device, dtype: str = 'float32', sizes: tuple[int, ...] 
       jax.block_until_ready(products(x, w))
       best = max(best, chain * 2 * n**3 / (time.perf_counter() - start))
   return best
+
+
+def cache_dir() -> pathlib.Path:
+  """Where lm keeps what it measures once per machine: $LM_CACHE_DIR, else ~/.cache/lm."""
+  return pathlib.Path(os.environ.get('LM_CACHE_DIR') or pathlib.Path.home() / '.cache' / 'lm')
+
+
+def cached_matmul_flops(device, dtype: str = 'float32') -> float:
+  """measure_matmul_flops at n = 1024, measured once per machine (device kind, cores, dtype, jaxlib and
+  XLA_FLAGS) and kept in cache_dir()/matmul_flops.json: the MFU denominator of CPU runs."""
+  key = (f'{device.platform}:{device.device_kind}:{os.cpu_count()} cores:{dtype}:jaxlib {jax.lib.__version__}:'
+         f'{os.environ.get("XLA_FLAGS", "")}')
+  path = cache_dir() / 'matmul_flops.json'
+  try:
+    cached = json.loads(path.read_text())
+  except (OSError, ValueError):
+    cached = {}
+  if not isinstance(cached, dict) or not isinstance(cached.get(key), float):
+    cached = cached if isinstance(cached, dict) else {}
+    cached[key] = measure_matmul_flops(device, dtype, sizes=(1024,))
+    try:  # Atomically, as several processes may measure at once; a read-only home just measures every run.
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_name(f'{path.name}.{os.getpid()}.tmp')
+      tmp.write_text(json.dumps(cached, indent=1))
+      os.replace(tmp, path)
+    except OSError:
+      pass
+  return cached[key]
+
+
+def peak_flops(config, device) -> float:
+  """The MFU denominator: peak_flops_per_device, else (CPUs) the cached measured matmul rate."""
+  return peak_flops_per_device(config, device) or cached_matmul_flops(device, config.model.dtype)
 
 
 def eval_summary(loss_sum: float, token_count: float, byte_count: float) -> dict[str, float]:
@@ -123,7 +135,6 @@ class MetricWriter:
     self._enabled = jax.process_index() == 0
     if not self._enabled:
       return
-    from tensorboardX import SummaryWriter  # Imports no TensorFlow.
     path = workdir / 'metrics.jsonl'
     if path.exists():
       kept = [r for r in read_metrics(workdir) if r['step'] <= start_step]
@@ -150,15 +161,3 @@ class MetricWriter:
     if self._enabled:
       self._jsonl.close()
       self._tensorboard.close()
-
-
-def read_metrics(workdir: pathlib.Path | str) -> list[dict[str, float]]:
-  """The records of a workdir's metrics.jsonl, less a last line cut short by a killed process."""
-  text = (pathlib.Path(workdir) / 'metrics.jsonl').read_text()
-  lines = text.splitlines()
-  if lines and not text.endswith('\n'):
-    try:
-      json.loads(lines[-1])
-    except json.JSONDecodeError:
-      lines.pop()
-  return [json.loads(line) for line in lines if line.strip()]

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm.config import PAD_IDS
 from lm.layers import Block, _init, causal_mask, dropout, dtype_of, norm_layer
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
@@ -90,7 +89,7 @@ class GPT(nn.Module):
   randomness comes from the 'dropout' rng).
 
   With decode=True the tokens continue those of earlier calls through a KV cache (the mutable
-  'cache' collection, made by `init_cache`): positions_BL says where each token sits in its
+  'cache' collection, made by `lm.kinds.init_cache`): positions_BL says where each token sits in its
   sequence and valid_BL which tokens are real (False: left padding, never attended to).
   """
 
@@ -123,9 +122,11 @@ class Stack(nn.Module):
   cross: bool
 
   @nn.compact
-  def __call__(self, x_BLD: jax.Array, train: bool, context_BSD=None, self_mask=None, context_mask=None):
+  def __call__(self, x_BLD: jax.Array, train: bool, context_BSD=None, self_mask=None, context_mask=None,
+               decode: bool = False, positions_BL=None, valid_BL=None):
     x_BLD = _stack(self.config, x_BLD, num_layers=self.num_layers, train=train, causal=self.causal,
-                   cross=self.cross, context_BSD=context_BSD, self_mask=self_mask, context_mask=context_mask)
+                   cross=self.cross, context_BSD=context_BSD, self_mask=self_mask, context_mask=context_mask,
+                   decode=decode, positions_BL=positions_BL, valid_BL=valid_BL)
     return norm_layer('ln_final', self.config)(x_BLD) if self.config.norm_position == 'pre' else x_BLD
 
 
@@ -148,7 +149,8 @@ class EncoderDecoder(nn.Module):
     if not c.tie_embeddings:
       self.output = _output_layer(c)
 
-  def __call__(self, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False, hidden: bool = False) -> jax.Array:
+  def __call__(self, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False,
+               hidden: bool = False) -> jax.Array:
     """hidden=True returns the decoder's final hidden states [B, L, D] instead: see `vocab_logits`."""
     return self.decode(self.encode(inputs_BS, train), inputs_BS, tokens_BL, train, hidden)
 
@@ -157,22 +159,18 @@ class EncoderDecoder(nn.Module):
     return self.encoder(x_BSD, train, self_mask=(inputs_BS != self.pad_id)[:, None, :])
 
   def decode(self, encoded_BSD: jax.Array, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False,
-             hidden: bool = False):
+             hidden: bool = False, decode: bool = False, positions_BL: jax.Array | None = None,
+             valid_BL: jax.Array | None = None):
+    """The decoder over tokens_BL given the encoder output. With decode=True the tokens continue
+    earlier calls' through the decoder's self-attention KV cache, as in GPT (positions_BL, valid_BL)."""
     c = self.config
-    x_BLD = _embed(self, self.token_embedding, tokens_BL, self.position_embedding, train)
-    x_BLD = self.decoder(x_BLD, train, encoded_BSD, causal_mask(tokens_BL.shape[1], c.sliding_window),
-                         (inputs_BS != self.pad_id)[:, None, :])
+    x_BLD = _embed(self, self.token_embedding, tokens_BL, self.position_embedding, train, positions_BL)
+    self_mask = None if decode else causal_mask(tokens_BL.shape[1], c.sliding_window)
+    x_BLD = self.decoder(x_BLD, train, encoded_BSD, self_mask, (inputs_BS != self.pad_id)[:, None, :],
+                         decode, positions_BL, valid_BL)
     if hidden:
       return x_BLD
     return _logits(self.token_embedding.attend(x_BLD) if c.tie_embeddings else self.output(x_BLD))
-
-
-def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The model config.model.kind names (the encoder-decoder learns the tokenizer's padding id)."""
-  model_config = ml_collections.FrozenConfigDict(config.model)
-  if model_config.kind == 'encoder_decoder':
-    return EncoderDecoder(model_config, PAD_IDS[config.data.tokenizer])
-  return GPT(model_config)
 
 
 def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train: bool = False,
@@ -199,11 +197,10 @@ def vocab_logits(config, params, x_BLD: jax.Array) -> jax.Array:
 _CACHE_SLOT_AXIS = {'cached_key': -2, 'cached_value': -2, 'cached_positions': -1, 'cached_valid': -1}
 
 
-def init_cache(model: GPT, batch_size: int, length: int | None = None) -> dict:
-  """An empty KV cache for batch_size sequences of up to `length` tokens (default: max_len)."""
-  tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, False, True, tokens, tokens > 0))
-  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(shapes['cache']))
+def empty_cache(init_shapes: dict, length: int | None = None) -> dict:
+  """Zeros shaped like the 'cache' collection of `init_shapes` (jax.eval_shape of a model.init that
+  decodes), with room for `length` tokens (default: max_len)."""
+  cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), nn.meta.unbox(init_shapes['cache']))
   return cache if length is None else resize_cache(cache, length)
 
 

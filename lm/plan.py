@@ -14,10 +14,17 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+import jax
+from jax.experimental import topologies
+import numpy as np
 
-from lm.cli import CONFIG, parse_flags
+from lm import cli, metrics, sharding, train
 from lm.config import ConfigError, validate
+from lm.layers import mlp_width
+from lm.model import count_params
+
+CONFIG = cli.config_flag()
 
 _DEVICES = flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices instead of using the '
                                 'devices present.')
@@ -28,14 +35,12 @@ GIB = 2**30
 
 
 def _devices(config):
-  import jax  # pylint: disable=import-outside-toplevel
   if _TOPOLOGY.value:
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # No slice to ask: this host alone.
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
     try:
       return list(topologies.get_topology_desc(_TOPOLOGY.value, 'tpu').devices)
-    except Exception as e:  # pylint: disable=broad-except  (no libtpu, or an unknown topology name)
+    except Exception as e:  # No libtpu, or an unknown topology name.
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ConfigError(f'--topology={_TOPOLOGY.value}: {first} (is libtpu installed? pip install \'lm[tpu]\')')
   return jax.devices()
@@ -43,7 +48,6 @@ def _devices(config):
 
 def _shard_bytes(tree) -> int:
   """Bytes of the shards of `tree` (abstract arrays with shardings) on its most loaded device."""
-  import jax  # pylint: disable=import-outside-toplevel
   total = 0
   for x in jax.tree.leaves(tree):
     total += math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -52,11 +56,6 @@ def _shard_bytes(tree) -> int:
 
 def report(config, devices) -> dict[str, float]:
   """Lowers and compiles train_step for config on a mesh over devices; returns the figures."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm import metrics, sharding, train  # pylint: disable=import-outside-toplevel
-  from lm.model import count_params  # pylint: disable=import-outside-toplevel
-
   layout = train.make_layout(config, devices)
   mesh, rules, batch_sharding, model, optimizer, shardings = (
       layout.mesh, layout.rules, layout.batch_sharding, layout.model, layout.optimizer, layout.shardings)
@@ -73,7 +72,8 @@ def report(config, devices) -> dict[str, float]:
   memory = compiled.memory_analysis()
   per_token = metrics.flops_per_token(config)
   figures = {
-      'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'parameters': count_params(state.params), 'flops_per_token': per_token,
+      'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'parameters': count_params(state.params),
+      'flops_per_token': per_token,
       'flops_per_step_per_device': metrics.flops_per_example(config) * b / mesh.size, 'compile_seconds': compile_s,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
       'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
@@ -91,7 +91,6 @@ def report(config, devices) -> dict[str, float]:
 
 
 def _print(config, devices, f: dict[str, float]) -> None:
-  from lm.layers import mlp_width  # pylint: disable=import-outside-toplevel
   where = _TOPOLOGY.value or f'{len(devices)} {devices[0].platform} devices'
   mesh = ' x '.join(f'{k}={v}' for k, v in zip(('data', 'fsdp', 'tensor'), f['mesh_shape']))
   m = config.model
@@ -125,7 +124,6 @@ def main(argv: list[str]) -> None:
   except ConfigError as e:
     sys.exit(f'error: {e}')
   if _DEVICES.value and not _TOPOLOGY.value:
-    import jax  # pylint: disable=import-outside-toplevel
     jax.config.update('jax_platforms', 'cpu')  # Before any JAX op: simulated devices.
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   try:
@@ -138,4 +136,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

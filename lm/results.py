@@ -4,6 +4,7 @@ scaling-law fit.
   runs = results.load_runs('runs/ablations/positions')      # one row per run: config + final metrics
   curves = results.load_curves('runs/ablations/positions')  # one row per (run, step) record
   results.plot_curves(curves, 'eval/loss'); results.table(runs)
+  results.report('runs/ablations/positions')  # the table, the loss curves and the ranking at once
 
 A workdir is a run (it holds config.json) or a folder of runs, such as a sweep's (lm/sweep.py).
 """
@@ -16,13 +17,17 @@ import math
 import pathlib
 from typing import Sequence
 
+from IPython import display
+import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 import pandas as pd
 import scipy.optimize
 
 from lm import sweep
-from lm.metrics import read_metrics, tokens_per_example
+from lm.config import load_module
+from lm.metrics import tokens_per_example
+from lm.workdirs import read_metrics
 
 FINAL_METRICS = ('eval/loss', 'eval/bits_per_byte', 'eval/perplexity')
 
@@ -66,9 +71,9 @@ def _tokens_per_step(config: dict) -> int:
 def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:
   """One row per run: 'run' (its folder name), 'status', every config key ('model.d_model', ...),
   'step' reached, 'tokens' trained on, 'model/params' (and 'model/embedding_params' among them),
-  'model/flops_per_token', the last eval's
-  metrics ('eval/loss', 'eval/bits_per_byte', ...), the last 'train/loss', the median
-  'train/tokens_per_second' and 'seconds' spent compiling, training and evaluating. `.attrs['swept']` lists the keys the sweep varied."""
+  'model/flops_per_token', the last eval's metrics ('eval/loss', 'eval/bits_per_byte', ...), the
+  last 'train/loss', the median 'train/tokens_per_second' and 'seconds' spent compiling, training
+  and evaluating. `.attrs['swept']` lists the keys the sweep varied."""
   rows = []
   for run_dir in run_dirs(workdir):
     config = json.loads((run_dir / 'config.json').read_text())
@@ -144,7 +149,6 @@ def plot_curves(curves: pd.DataFrame, metric: str = 'eval/loss', x: str = 'step'
                 logx: bool = False, logy: bool = False, label: str | None = None):
   """One line per run of metric against x ('step' or 'tokens'), labelled by its run name (or by
   the column `label`); returns the matplotlib Axes."""
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 4))
   for name, run in curves.dropna(subset=[metric]).groupby('run', sort=False):
@@ -158,7 +162,6 @@ def plot_curves(curves: pd.DataFrame, metric: str = 'eval/loss', x: str = 'step'
 
 def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', ax=None, logx: bool = False):
   """metric of each run's last eval against the config key or column x; returns the Axes."""
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 4))
   ordered = runs.sort_values(x)
@@ -166,6 +169,52 @@ def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', a
   ax.set(xlabel=x, ylabel=metric, xscale='log' if logx else 'linear')
   ax.grid(alpha=0.3)
   return ax
+
+
+# ---------------------------------------------------------------------------------------------
+# An ablation notebook: its sweep launched, and what it shows of the results.
+
+def launch_ablation(experiment: str | pathlib.Path, workdir: str | pathlib.Path, overrides: dict | None = None,
+                    smoke: bool = False) -> list[dict]:
+  """Trains every point of the sweep in experiment that is not done yet into workdir, one after
+  another in this process (lm.sweep.launch, launcher='inline'), each with overrides; returns
+  launch's records. smoke=True adds the smoke setting of the baseline beside experiment
+  (smoke_overrides() of the base.py in its folder, as in experiments/ablations/): a few steps of a
+  tiny model, to prove that a notebook runs, not the science."""
+  overrides = dict(overrides or {})
+  if smoke:
+    overrides |= load_module(pathlib.Path(experiment).with_name('base.py')).smoke_overrides(experiment)
+  return sweep.launch(str(experiment), workdir, overrides, launcher='inline')
+
+
+def plot_losses(curves: pd.DataFrame):
+  """Side by side, each run's validation bits per byte and training loss against step; returns the Figure."""
+  fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+  plot_curves(curves, 'eval/bits_per_byte', ax=left)
+  plot_curves(curves, 'train/loss', ax=right)
+  left.set_title('validation bits per byte')
+  right.set_title('training loss (nats per byte)')
+  return fig
+
+
+def ranking(runs: pd.DataFrame) -> str:
+  """Two lines: the run with the best final validation bits per byte and each other run's gap to it,
+  best first; and the runs' total time."""
+  ranked = runs.sort_values('eval/bits_per_byte')
+  best = ranked.iloc[0]['eval/bits_per_byte']
+  others = ', '.join(f'{r["run"]} +{r["eval/bits_per_byte"] - best:.4f}' for _, r in ranked.iloc[1:].iterrows())
+  return (f'best: {ranked.iloc[0]["run"]} at {best:.4f} bits/byte; the others: {others}\n'
+          f'{len(runs)} runs, {runs["seconds"].sum() / 60:.1f} minutes of compiling, training and evaluating')
+
+
+def report(workdir: str | pathlib.Path) -> None:
+  """What an ablation notebook shows of the runs in workdir, in order: the table of their final
+  metrics (rounded to 4 decimals), their loss curves (plot_losses) and their ranking."""
+  runs = load_runs(workdir)
+  display.display(table(runs).round(4))
+  plot_losses(load_curves(workdir))
+  plt.show()
+  print(ranking(runs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +278,8 @@ def fit_scaling_law(params: Sequence[float], tokens: Sequence[float], loss: Sequ
   model sizes are skipped: they cannot pin alpha."""
   n, d, loss = (np.asarray(v, float) for v in (params, tokens, loss))
   groups = np.asarray(groups if groups is not None else np.arange(len(n)))
-  grid = [np.array([np.log(0.5 * loss.min()), np.log(loss.max() * n.min() ** a), a, np.log(loss.max() * d.min() ** b), b])
+  grid = [np.array([np.log(0.5 * loss.min()), np.log(loss.max() * n.min() ** a), a,
+                    np.log(loss.max() * d.min() ** b), b])
           for a in (0.2, 0.5, 1.0) for b in (0.2, 0.5, 1.0)]
   z, rms = _fit_once(n, d, loss, grid)
   rng = np.random.default_rng(seed)

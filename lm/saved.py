@@ -10,10 +10,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from lm import checkpoint, train
+from lm import checkpoint, train, workdirs
 from lm.config import ConfigError, base_config, override, validate
 from lm.data import tokenizers
-from lm.model import make_model, unstack_layers
+from lm.kinds import make_model
+from lm.model import unstack_layers
 
 
 @dataclasses.dataclass
@@ -60,11 +61,11 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
   out of the stack every step (2.3x the tokens per second of GPT-2 small at batch 8 on a CPU).
   """
   workdir = pathlib.Path(workdir)
-  if not checkpoint.has_checkpoints(workdir / 'checkpoints') or not (workdir / 'config.json').exists():
+  if not workdirs.has_checkpoints(workdir / 'checkpoints') or not (workdir / 'config.json').exists():
     raise ConfigError(f'{str(workdir)!r} holds no model: expected a workdir with config.json and checkpoints/ '
                       '(made by python -m lm.main or python -m lm.hf import)')
   config = saved_config(workdir)
-  steps = checkpoint.checkpoint_steps(workdir / 'checkpoints')
+  steps = workdirs.checkpoint_steps(workdir / 'checkpoints')
   step = steps[-1] if step is None else step
   if step not in steps:
     raise ConfigError(f'{str(workdir)!r} has no checkpoint of step {step}; it has {", ".join(map(str, steps))}')

@@ -13,10 +13,10 @@ from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
-import ml_collections
-import numpy as np
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
+import numpy as np
 
 from lm.config import MESH_AXES, ConfigError
 

@@ -27,9 +27,14 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
 import ml_collections
 
+from lm import cli, workdirs
 from lm.config import ConfigError, flatten, load_module, override, split_spec, validate
+from lm.workdirs import read_metrics
+
+CONFIG = cli.config_flag()
 
 Point = dict[str, Any]
 MANIFEST = 'sweep.json'
@@ -61,7 +66,8 @@ def product(*sweeps: list[Point]) -> list[Point]:
   return [_merge(combo, 'product') for combo in itertools.product(*sweeps)]
 
 
-def zip(*sweeps: list[Point]) -> list[Point]:  # pylint: disable=redefined-builtin
+# sweep.zip on purpose (the name experiments call it by): this module calls the builtin as builtins.zip.
+def zip(*sweeps: list[Point]) -> list[Point]:
   """Points taken side by side: zip(axis('a', [1, 2]), axis('b', [3, 4])) is {a:1, b:3}, {a:2, b:4}."""
   lengths = {len(s) for s in sweeps}
   if len(lengths) > 1:
@@ -187,7 +193,7 @@ def expand(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
 
 def finished_steps(run_dir: pathlib.Path) -> int:
   """The latest checkpointed step of a run directory (0: none)."""
-  steps = checkpoint.checkpoint_steps(run_dir / 'checkpoints')
+  steps = workdirs.checkpoint_steps(run_dir / 'checkpoints')
   return steps[-1] if steps else 0
 
 
@@ -224,10 +230,9 @@ def check_workdir(workdir: pathlib.Path, record: dict[str, Any], runs: list[Run]
                       f'not {described(record["overrides"])}; use another --workdir or the same overrides')
   started = [r for r in runs if finished_steps(r.workdir)]
   if started:  # Edited experiment files must not resume checkpoints of another model.
-    from lm import checkpoint  # pylint: disable=import-outside-toplevel  (jax: only when there is something to check)
     for run in started:
       try:
-        checkpoint.check_workdir(run.workdir, run.config)
+        workdirs.check_workdir(run.workdir, run.config)
       except ConfigError as e:
         raise ConfigError(f'sweep point {run.name!r}: {e}') from e
 
@@ -264,22 +269,19 @@ def slurm_script(runs: list[Run], workdir: pathlib.Path, parallel: int | None = 
 
 def final_metrics(run_dir: pathlib.Path) -> dict[str, float]:
   """The last eval record of a run's metrics.jsonl ({} if none)."""
-  from lm.metrics import read_metrics  # pylint: disable=import-outside-toplevel  (imports jax)
   records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
   evals = [r for r in records if 'eval/loss' in r]
   return evals[-1] if evals else {}
 
 
 def _run_inline(run: Run) -> int:
-  from lm import loop  # pylint: disable=import-outside-toplevel  (jax: only when training here)
-  try:
-    trainer = loop.Trainer(run.config, run.workdir)
-    trainer.run()
-  except (ConfigError, OSError, loop.NonFiniteError) as e:
-    print(f'error: {e}', flush=True)
+  try:  # Through cli.call: a sweep that only plans or launches processes never imports JAX.
+    stopped_by = cli.call('lm.loop:train_command', run.config, run.workdir)
+  except SystemExit as e:  # A one-line refusal.
+    print(e, flush=True)
     return 1
-  if trainer.stopped_by:  # Ctrl-C (or SIGTERM) stops the sweep too, this point checkpointed.
-    raise KeyboardInterrupt(trainer.stopped_by)
+  if stopped_by:  # Ctrl-C (or SIGTERM) stops the sweep too, this point checkpointed.
+    raise KeyboardInterrupt(stopped_by)
   return 0
 
 
@@ -342,7 +344,8 @@ def launch(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
       say(f'FAILED {run.name} (exit {returncode}) after {seconds:.0f} s{why}')
 
   parallel = parallel or 1
-  say(f'{len(todo)} of {len(runs)} points to run, {launcher}' + (f', {parallel} at a time' if launcher == 'local' else ''))
+  at_once = f', {parallel} at a time' if launcher == 'local' else ''
+  say(f'{len(todo)} of {len(runs)} points to run, {launcher}{at_once}')
   if launcher == 'inline':
     for run in todo:
       start = time.perf_counter()
@@ -369,7 +372,6 @@ def launch(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
 
 
 def _define_flags():
-  from absl import flags  # pylint: disable=import-outside-toplevel
   flags.DEFINE_string('workdir', None, 'Directory of the sweep: one sub-workdir per point, and sweep.json.')
   flags.DEFINE_integer('parallel', None, 'Points training at once (default 1; slurm: array tasks at once, '
                        'default no limit).')
@@ -381,8 +383,6 @@ def _define_flags():
 
 
 def main(argv: list[str]) -> None:
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  from lm.cli import CONFIG  # pylint: disable=import-outside-toplevel
   del argv
   # A killed launcher (SIGTERM: scancel, a job's time limit) stops its points too, which keep their checkpoints.
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -404,7 +404,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=ungrouped-imports
-  from lm.cli import parse_flags
   _define_flags()
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main)

@@ -6,20 +6,20 @@ import dataclasses
 import functools
 from typing import Any
 
+from flax import struct
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax import struct
 
-from lm import metrics, sharding
+from lm import kinds, metrics, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.config import target_len
+from lm.kinds import make_model
 from lm.layers import attention_implementation
-from lm.model import apply_model, make_model, vocab_logits
+from lm.model import apply_model, vocab_logits
 from lm.optim import learning_rate_schedule, make_optimizer
 
 
@@ -39,11 +39,8 @@ def _unbox(tree: Any) -> Any:
 
 
 def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-  """Zeros shaped like a batch of config's data (see lm/data/pipeline.py)."""
-  if config.model.kind == 'encoder_decoder':
-    return {'inputs': jnp.zeros((batch_size, config.data.seq_len), jnp.int32),
-            'tokens': jnp.zeros((batch_size, target_len(config) + 1), jnp.int32)}
-  return {'tokens': jnp.zeros((batch_size, config.data.seq_len + 1), jnp.int32)}
+  """Zeros shaped like a batch of config's data (see lm/data/pipeline.py), as its kind says."""
+  return kinds.of(config).example_batch(config, batch_size)
 
 
 def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation):
@@ -253,7 +250,8 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimize
                    shardings: TrainState, batch_sharding: jax.sharding.NamedSharding):
   """train_step under jit with explicit shardings, the state donated. Trace it inside sharding.activate."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer, schedule=learning_rate_schedule(config),
+  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
+                                   schedule=learning_rate_schedule(config),
                                    microbatches=config.train.microbatches, z_loss=config.train.z_loss,
                                    label_smoothing=config.train.label_smoothing,
                                    moe_balance_loss=config.train.moe_balance_loss,

@@ -25,7 +25,8 @@
 # `experiments/ablations/learning_rate.py`. The same sweep from a shell, or on a cluster:
 #
 # ```
-# python -m lm.sweep --config=experiments/ablations/learning_rate.py --workdir=runs/ablations/learning_rate [--launcher=slurm]
+# python -m lm.sweep --config=experiments/ablations/learning_rate.py --workdir=runs/ablations/learning_rate \
+#     [--launcher=slurm]
 # ```
 #
 # Runs that are already finished in `WORKDIR` are read, not run again; unfinished ones resume.
@@ -38,12 +39,9 @@ OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': 
 # %%
 import matplotlib.pyplot as plt
 
-from lm import results, sweep
-from lm.config import load_module
+from lm import results
 
-EXPERIMENT = '../experiments/ablations/learning_rate.py'
-overrides = OVERRIDES | (load_module('../experiments/ablations/base.py').smoke_overrides(EXPERIMENT) if SMOKE else {})
-launched = sweep.launch(EXPERIMENT, WORKDIR, overrides, launcher='inline')
+launched = results.launch_ablation('../experiments/ablations/learning_rate.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 
 # %% [markdown]
 # ## Final validation loss
@@ -53,16 +51,10 @@ launched = sweep.launch(EXPERIMENT, WORKDIR, overrides, launcher='inline')
 
 # %%
 runs = results.load_runs(WORKDIR)
-curves = results.load_curves(WORKDIR)
-summary = results.table(runs)
-summary.round(4)
+results.table(runs).round(4)
 
 # %%
-fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-results.plot_curves(curves, 'eval/bits_per_byte', ax=left)
-results.plot_curves(curves, 'train/loss', ax=right)
-left.set_title('validation bits per byte')
-right.set_title('training loss (nats per byte)')
+results.plot_losses(results.load_curves(WORKDIR))
 plt.show()
 
 # %% [markdown]
@@ -73,11 +65,7 @@ results.plot_final(runs, 'optimizer.learning_rate', logx=True)
 plt.show()
 
 # %%
-ranked = runs.sort_values('eval/bits_per_byte')
-best = ranked.iloc[0]
-print(f'best: {best["run"]} at {best["eval/bits_per_byte"]:.4f} bits/byte; the others: ' + ', '.join(
-    f'{r["run"]} +{r["eval/bits_per_byte"] - best["eval/bits_per_byte"]:.4f}' for _, r in ranked.iloc[1:].iterrows()))
-print(f'{len(runs)} runs, {runs["seconds"].sum() / 60:.1f} minutes of compiling, training and evaluating')
+print(results.ranking(runs))
 
 # %% [markdown]
 # ## What this run found

@@ -36,14 +36,9 @@ WORKDIR = '../runs/ablations/norm'
 OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': '/data/tfds'}.
 
 # %%
-import matplotlib.pyplot as plt
+from lm import results
 
-from lm import results, sweep
-from lm.config import load_module
-
-EXPERIMENT = '../experiments/ablations/norm.py'
-overrides = OVERRIDES | (load_module('../experiments/ablations/base.py').smoke_overrides(EXPERIMENT) if SMOKE else {})
-launched = sweep.launch(EXPERIMENT, WORKDIR, overrides, launcher='inline')
+launched = results.launch_ablation('../experiments/ablations/norm.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 
 # %% [markdown]
 # ## Final validation loss
@@ -52,24 +47,7 @@ launched = sweep.launch(EXPERIMENT, WORKDIR, overrides, launcher='inline')
 # bytes), in bits per byte; `- best` is each run's gap to the best one.
 
 # %%
-runs = results.load_runs(WORKDIR)
-curves = results.load_curves(WORKDIR)
-summary = results.table(runs)
-summary.round(4)
-
-# %%
-fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-results.plot_curves(curves, 'eval/bits_per_byte', ax=left)
-results.plot_curves(curves, 'train/loss', ax=right)
-left.set_title('validation bits per byte')
-right.set_title('training loss (nats per byte)')
-plt.show()
-# %%
-ranked = runs.sort_values('eval/bits_per_byte')
-best = ranked.iloc[0]
-print(f'best: {best["run"]} at {best["eval/bits_per_byte"]:.4f} bits/byte; the others: ' + ', '.join(
-    f'{r["run"]} +{r["eval/bits_per_byte"] - best["eval/bits_per_byte"]:.4f}' for _, r in ranked.iloc[1:].iterrows()))
-print(f'{len(runs)} runs, {runs["seconds"].sum() / 60:.1f} minutes of compiling, training and evaluating')
+results.report(WORKDIR)
 
 # %% [markdown]
 # ## What this run found

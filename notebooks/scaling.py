@@ -42,12 +42,9 @@ OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lm import results, sweep
-from lm.config import load_module
+from lm import results
 
-EXPERIMENT = '../experiments/ablations/scaling.py'
-overrides = OVERRIDES | (load_module('../experiments/ablations/base.py').smoke_overrides(EXPERIMENT) if SMOKE else {})
-launched = sweep.launch(EXPERIMENT, WORKDIR, overrides, launcher='inline')
+launched = results.launch_ablation('../experiments/ablations/scaling.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 
 # %%
 runs = results.load_runs(WORKDIR)
@@ -70,29 +67,33 @@ fit = results.fit_scaling_law(fit_points['N'], fit_points['tokens'], fit_points[
 for name in results.LAW_PARAMS:
   low, high = fit.interval[name]
   print(f'{name:>5} = {getattr(fit, name):10.4g}   68% of bootstrap refits in [{low:.4g}, {high:.4g}]')
-print(f'{len(fit_points)} points from {fit_points["run"].nunique()} runs, residual RMS of log-loss {fit.residual_rms:.4f}, '
-      f'{len(fit.samples)} bootstrap refits')
+print(f'{len(fit_points)} points from {fit_points["run"].nunique()} runs, residual RMS of log-loss '
+      f'{fit.residual_rms:.4f}, {len(fit.samples)} bootstrap refits')
 exponent = np.percentile(fit.samples[:, 4] / (fit.samples[:, 2] + fit.samples[:, 4]), [16, 84])
 print(f'compute-optimal growth: N_opt ~ C^{fit.params_exponent:.3f} (68% of refits in [{exponent[0]:.3f}, '
       f'{exponent[1]:.3f}]), D_opt ~ C^{1 - fit.params_exponent:.3f}; Chinchilla found about 0.5 and 0.5')
 for budget in (1e11, 1e12):
   n_best = fit.optimal_params(budget)
-  print(f'at C = {budget:.0e}: the fit would train N = {n_best:,.0f} parameters on D = {budget / (6 * n_best):,.0f} tokens')
+  print(f'at C = {budget:.0e}: the fit would train N = {n_best:,.0f} parameters on '
+        f'D = {budget / (6 * n_best):,.0f} tokens')
 
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
-for (run, points), color in zip(evals.groupby('run', sort=False), plt.cm.viridis(np.linspace(0, 0.9, len(runs)))):
+colors = plt.cm.viridis(np.linspace(0, 0.9, len(runs)))
+for (run, points), color in zip(evals.groupby('run', sort=False), colors):
   left.plot(points['tokens'], points['eval/loss'], 'o', color=color, label=f'{run} (N={points["N"].iloc[0]:,})')
   d = np.geomspace(points['tokens'].min(), points['tokens'].max(), 50)
   left.plot(d, fit.predict(points['N'].iloc[0], d), '--', color=color)
-left.set(xscale='log', xlabel='tokens D', ylabel='validation loss (nats per byte)', title='loss curves and the fitted L(N, D)')
+left.set(xscale='log', xlabel='tokens D', ylabel='validation loss (nats per byte)',
+         title='loss curves and the fitted L(N, D)')
 left.legend(fontsize='x-small')
 left.grid(alpha=0.3)
 right.scatter(evals['compute'], evals['eval/loss'], c=np.log(evals['N']), cmap='viridis', s=14)
 c = np.geomspace(evals['compute'].min(), evals['compute'].max(), 50)
 n_opt = fit.optimal_params(c)
 right.plot(c, fit.predict(n_opt, c / (6 * n_opt)), 'k--', label='fitted compute-optimal frontier (C = 6ND)')
-right.set(xscale='log', xlabel='compute C = 6ND', ylabel='validation loss', title='loss against compute (colour: log N)')
+right.set(xscale='log', xlabel='compute C = 6ND', ylabel='validation loss',
+          title='loss against compute (colour: log N)')
 right.legend(fontsize='small')
 right.grid(alpha=0.3)
 plt.show()

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import pytest
@@ -14,12 +15,20 @@ import pytest
 # generation they compile about a third faster. Set before JAX starts; lm.main subprocesses inherit it.
 FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true'
 os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE_FLAGS}'.strip()
+from lm.cli import set_default_xla_flags  # As every lm command does where its process starts.
+
+set_default_xla_flags()
+# What lm measures once per machine (the CPU matmul rate behind train/mfu) is measured once per test
+# session, here, shared by the lm.main subprocesses.
+os.environ.setdefault('LM_CACHE_DIR', tempfile.mkdtemp(prefix='lm-cache-'))
 
 # Eight simulated CPU devices for every in-process test, set before any JAX op. Tests that want one
 # device build their mesh over jax.devices()[:1]; subprocesses (lm.main) see a single device.
 jax.config.update('jax_num_cpu_devices', 8)
 
-from lm import config as config_lib  # pylint: disable=wrong-import-position
+from lm import config as config_lib
+from lm import sharding
+from lm.data.builders import normalize_text, shakespeare_plays_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / 'experiments' / 'quickstart.py'
@@ -43,7 +52,6 @@ def tfds_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope='session')
 def play_files(tmp_path_factory) -> str:
   """Four short text files cut from the plays: a small text_files corpus (~40 KB)."""
-  from lm.data.builders import normalize_text, shakespeare_plays_dir
   folder = tmp_path_factory.mktemp('plays')
   for play in sorted(shakespeare_plays_dir().glob('*/*.md'))[:4]:
     text = normalize_text(play.read_text(encoding='utf-8'))
@@ -87,5 +95,4 @@ def run_main(workdir, overrides: dict, *extra_args: str, check: bool = True,
 
 
 def one_device_mesh(config):
-  from lm import sharding
   return sharding.make_mesh(config, jax.devices()[:1])

@@ -12,11 +12,9 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app  # pylint: disable=wrong-import-position
-from orbax.checkpoint._src.path import atomicity  # pylint: disable=wrong-import-position
+from orbax.checkpoint._src.path import atomicity
 
-from lm import main  # pylint: disable=wrong-import-position
-from lm.cli import parse_flags  # pylint: disable=wrong-import-position
+from lm import cli, main
 
 _commit = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -29,4 +27,4 @@ async def _commit_slowly(self):
 atomicity.AtomicRenameTemporaryPath.finalize = _commit_slowly
 
 if __name__ == '__main__':
-  app.run(main.main, flags_parser=parse_flags)
+  cli.run(main.main)

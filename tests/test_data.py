@@ -197,7 +197,8 @@ def test_eval_batches_cover_the_split_once(tiny):
   config, corpus = tiny
   batches = list(pipeline.eval_batches(config, corpus))
   assert all(b['tokens'].shape == (config.eval.batch_size, config.data.seq_len + 1) for b in batches)
-  stream = np.concatenate([np.concatenate([[corpus.tokenizer.bos_id], corpus.tokenizer.encode(corpus.eval_source[i]['text'].decode())])
+  encode = lambda i: corpus.tokenizer.encode(corpus.eval_source[i]['text'].decode())
+  stream = np.concatenate([np.concatenate([[corpus.tokenizer.bos_id], encode(i)])
                            for i in range(len(corpus.eval_source))])
   targets = np.concatenate([b['tokens'][:, 1:][b['loss_mask']] for b in batches])
   np.testing.assert_array_equal(targets, stream[1:])

@@ -8,8 +8,7 @@ import pytest
 
 from lm import config as config_lib
 from lm import decode
-from lm.model import init_cache, make_model
-
+from lm.kinds import init_cache, make_model
 
 _DECODERS = {}
 

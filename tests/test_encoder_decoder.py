@@ -12,9 +12,10 @@ import pytest
 
 from conftest import tiny_config
 from lm import config as config_lib
-from lm import loop, sharding, train
+from lm import decode, kinds, loop, sharding, train
+from lm.config import DEFAULT_LOGICAL_AXIS_RULES
 from lm.data import pipeline, spans
-from lm.model import make_model
+from lm.kinds import make_model
 from lm.optim import make_optimizer
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 from test_train import overfit
@@ -174,6 +175,7 @@ def test_seq2seq_examples_hold_the_pairs(tfds_dir, play_files, pairs_file, tmp_p
   assert t.decode(batch['tokens'][0, 1:length]) == first['target'] and batch['tokens'][0, length] == t.bos_id
 
 
+@pytest.mark.slow
 def test_span_corruption_pretraining_then_seq2seq_fine_tuning(tfds_dir, play_files, pairs_file, tmp_path):
   one_block = {'model.num_layers': 1, 'model.vocab_size': 272}  # One encoder and one decoder block learn the task.
   pretrain = _seq2seq_config(tfds_dir, play_files, pairs_file, **one_block, **{
@@ -215,10 +217,10 @@ def test_bad_encoder_decoder_configs_name_both_keys(tfds_dir, play_files):
       tiny_config(tfds_dir, play_files, **overrides)
 
 
+@pytest.mark.slow
 def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, play_files, tmp_path):
   """The encoder-decoder and the mixture of experts under the same sharding: experts split over
   `data` (expert parallelism), the rest as the default rules say."""
-  from lm.config import DEFAULT_LOGICAL_AXIS_RULES  # pylint: disable=import-outside-toplevel
   # First, so that in the dispatched activations [expert, batch, slot, embed] the experts take `data`.
   rules = (('expert', 'data'),) + tuple(rule for rule in DEFAULT_LOGICAL_AXIS_RULES if rule[0] != 'expert')
   # One block each in the encoder and the decoder: experts in both, and shorter compiles than with two.
@@ -240,3 +242,35 @@ def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, p
   assert up.sharding.spec[0] == 'data' and up.addressable_shards[0].data.shape[0] == 2  # Two experts per shard.
   # The dispatched tokens [expert, batch, slot, embed]: split by expert over `data` (all-to-all, not all-gather).
   assert nn.logical_to_mesh_axes(('expert', 'batch', None, 'embed'), rules)[0] == 'data'
+
+
+@pytest.mark.parametrize('knobs', [{}, {'positions': 'rope', 'num_kv_heads': 1, 'sliding_window': 3,
+                                        'scan_layers': True}], ids=['learned', 'rope_mqa_window_scan'])
+def test_cached_decoding_gives_the_full_forward_logits(knobs):
+  """The decoder reads its tokens through the KV cache, the input encoded once (lm.kinds), and gets
+  the logits of the full forward pass over inputs and tokens."""
+  model, params = _model(**knobs)
+  kind = kinds.of_model(model)
+  inputs = _tokens(3, (2, 12)).at[1, 9:].set(256)  # Row 1 ends in padding.
+  tokens = _tokens(4, (2, 10))
+  full = _forward(model)(params, inputs, tokens)
+  context = jax.jit(lambda p, i: kind.decoding_context(model, p, i))(params, inputs)
+  step = jax.jit(lambda p, cache, t, pos, ctx: kind.decode_step(model, p, cache, t, pos, jnp.ones_like(t, bool), ctx))
+  positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+  logits, cache = step(params, kind.init_cache(model, 2), tokens[:, :4], positions[:, :4], context)  # Prefill four.
+  np.testing.assert_allclose(logits, full[:, :4], rtol=1e-5, atol=1e-5)
+  for t in range(4, 10):  # Then one at a time.
+    logits, cache = step(params, cache, tokens[:, t:t + 1], positions[:, t:t + 1], context)
+    np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_sampling_through_the_cache_equals_repeated_argmax(model_and_params):
+  model, params = model_and_params
+  inputs = _tokens(5, (12,))
+  new = decode.sample(model, params, np.array([2]), num_samples=2, num_tokens=6, temperature=1.0,
+                      rng=jax.random.PRNGKey(0), input_ids=inputs, sampling=decode.Sampling(temperature=0.0))
+  tokens = jnp.array([[2]])
+  for _ in range(6):  # Each the argmax of a full forward pass over the tokens so far.
+    logits = _forward(model)(params, inputs[None], tokens)
+    tokens = jnp.concatenate([tokens, jnp.argmax(logits[:, -1:], axis=-1).astype(jnp.int32)], axis=1)
+  np.testing.assert_array_equal(new, np.repeat(np.asarray(tokens[:, 1:]), 2, axis=0))

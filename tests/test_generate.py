@@ -14,9 +14,9 @@ import pytest
 from conftest import ROOT, tiny_config
 from lm import checkpoint, decode, loop, saved
 from lm.config import ConfigError, flatten, override
-from lm.model import stack_layers
 from lm.evaluate import evaluate
 from lm.generate import generate
+from lm.model import stack_layers
 from test_decode import _decoder, greedy_full
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
@@ -129,7 +129,8 @@ def test_scanned_runs_generate_unrolled_and_the_same(workdir, tmp_path):
   path, _ = workdir
   run = saved.load(path, devices=jax.devices()[:1])
   scanned = tmp_path / 'scanned'  # The same weights, saved as a scanned model would save them.
-  os.symlink(path / 'tokenizer', scanned / 'tokenizer' if scanned.exists() else (scanned.mkdir(), scanned / 'tokenizer')[1])
+  os.symlink(path / 'tokenizer',
+             scanned / 'tokenizer' if scanned.exists() else (scanned.mkdir(), scanned / 'tokenizer')[1])
   config = override(run.config, {'model.scan_layers': True})
   (scanned / 'config.json').write_text(json.dumps(flatten(config)))
   checkpointer = checkpoint.Checkpointer(scanned / 'checkpoints', config)
@@ -150,6 +151,7 @@ def test_evaluate_reproduces_the_final_eval(workdir):
     assert result[key] == pytest.approx(final[key], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_clis_and_their_refusals(workdir, tmp_path):
   path, final = workdir
   env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -158,7 +160,8 @@ def test_clis_and_their_refusals(workdir, tmp_path):
   out = cli('lm.generate', f'--workdir={path}', '--prompt=Ham', '--prompt=To be', '--num_return_sequences=2',
             '--max_new_tokens=8', '--json')
   lines = [json.loads(line) for line in out.stdout.splitlines()]
-  assert out.returncode == 0 and [l['prompt'] for l in lines] == ['Ham', 'To be'] and len(lines[0]['continuations']) == 2
+  assert out.returncode == 0 and [l['prompt'] for l in lines] == ['Ham', 'To be']
+  assert len(lines[0]['continuations']) == 2
   out = cli('lm.evaluate', f'--workdir={path}', '--num_batches=1')
   assert out.returncode == 0 and json.loads(out.stdout)['tokens'] < final['tokens']
   config = json.loads((path / 'config.json').read_text())

@@ -6,15 +6,15 @@ import json
 import jax
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 import torch
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from conftest import tiny_overrides
 from lm import hf, loop, saved
 from lm.config import ConfigError, override, validate
-from lm.evaluate import evaluate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
+from lm.evaluate import evaluate
 from lm.generate import generate
 
 TEXT = 'To be, or not to be, that is the question:\nWhether \'tis nobler in the mind to suffer'
@@ -46,7 +46,8 @@ def hf_gpt2(tmp_path_factory):
   model = transformers.GPT2LMHeadModel(config).eval()
   with torch.no_grad():
     for name, p in model.named_parameters():  # Norms and biases too, so each is checked.
-      p.copy_(torch.randn_like(p) * (0.1 if 'ln' not in name else 0.2) + (1.0 if 'ln' in name and 'weight' in name else 0))
+      scale, shift = (0.1, 0) if 'ln' not in name else (0.2, 1.0 if 'weight' in name else 0)
+      p.copy_(torch.randn_like(p) * scale + shift)
   model.save_pretrained(folder)
   return folder, model, tokenizer
 
@@ -58,14 +59,14 @@ def _torch_logits(model, ids) -> np.ndarray:
 
 def test_import_then_export_keeps_the_logits(hf_gpt2, tmp_path):
   folder, torch_model, tokenizer = hf_gpt2
-  hf.import_gpt2(folder, tmp_path / 'imported')
+  hf.import_hf(folder, tmp_path / 'imported')
   run = saved.load(tmp_path / 'imported', devices=jax.devices()[:1])
   ids = run.tokenizer.encode(TEXT)
   assert list(ids) == tokenizer.encode(TEXT).ids and run.tokenizer.decode(ids) == TEXT
   ours = np.asarray(run.model.apply({'params': run.params}, ids[None]))[0]
   np.testing.assert_allclose(ours, _torch_logits(torch_model, ids), atol=1e-4, rtol=1e-4)
 
-  hf.export_gpt2(tmp_path / 'imported', tmp_path / 'exported')
+  hf.export_hf(tmp_path / 'imported', tmp_path / 'exported')
   reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / 'exported').eval()
   np.testing.assert_allclose(_torch_logits(reloaded, ids), ours, atol=1e-4, rtol=1e-4)
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / 'exported')
@@ -74,7 +75,7 @@ def test_import_then_export_keeps_the_logits(hf_gpt2, tmp_path):
 
 def test_greedy_generation_matches_transformers(hf_gpt2, tmp_path):
   folder, torch_model, tokenizer = hf_gpt2
-  hf.import_gpt2(folder, tmp_path / 'imported')
+  hf.import_hf(folder, tmp_path / 'imported')
   end = tokenizer.token_to_id('<|endoftext|>')
   prompt = [end] + tokenizer.encode('To be').ids  # lm starts each prompt as a document.
   with torch.no_grad():
@@ -87,7 +88,7 @@ def test_greedy_generation_matches_transformers(hf_gpt2, tmp_path):
 def test_bad_checkpoints_are_refused(hf_gpt2, tmp_path):
   folder, _, _ = hf_gpt2
   with pytest.raises(ConfigError, match='no config.json in'):
-    hf.import_gpt2(tmp_path, tmp_path / 'w')
+    hf.import_hf(tmp_path, tmp_path / 'w')
   config = json.loads((folder / 'config.json').read_text())
   broken = tmp_path / 'broken'
   broken.mkdir()
@@ -95,15 +96,15 @@ def test_bad_checkpoints_are_refused(hf_gpt2, tmp_path):
     (broken / name).write_bytes((folder / name).read_bytes())
   (broken / 'config.json').write_text(json.dumps(config | {'vocab_size': 100}))
   with pytest.raises(ConfigError, match='tokenizer.json has 321 tokens but config.json vocab_size=100'):
-    hf.import_gpt2(broken, tmp_path / 'w2')
+    hf.import_hf(broken, tmp_path / 'w2')
   (broken / 'config.json').write_text(json.dumps(config | {'activation_function': 'relu'}))
   with pytest.raises(ConfigError, match="activation_function='relu'"):
-    hf.import_gpt2(broken, tmp_path / 'w3')
+    hf.import_hf(broken, tmp_path / 'w3')
 
 
 def test_imported_gpt2_fine_tunes_from_its_weights(hf_gpt2, tmp_path, tfds_dir, play_files):
   folder, _, _ = hf_gpt2
-  hf.import_gpt2(folder, tmp_path / 'imported')
+  hf.import_hf(folder, tmp_path / 'imported')
   imported = saved.load(tmp_path / 'imported', devices=jax.devices()[:1])
   data = dict(dataset='text_files', paths=play_files, tfds_data_dir=tfds_dir, seq_len=32, batch_size=16)
   before = evaluate(imported, **data)

@@ -18,13 +18,16 @@ import pytest
 
 from conftest import QUICKSTART, ROOT, run_main, tiny_overrides
 from lm import config as config_lib
-from lm.metrics import flops_per_token, read_metrics
+from lm.data.builders import shakespeare_plays_dir
+from lm.metrics import flops_per_token
+from lm.workdirs import read_metrics
 
 
 def _restore(workdir: pathlib.Path, step: int):
   return ocp.StandardCheckpointer().restore((workdir / 'checkpoints' / str(step) / 'state').absolute())
 
 
+@pytest.mark.slow
 def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   workdir = tmp_path / 'qs'
   result = run_main(workdir, {'data.tfds_data_dir': tfds_dir, 'train.steps': 3, 'train.log_every': 1,
@@ -65,6 +68,7 @@ def straight_and_resumed(tfds_dir, play_files, tmp_path_factory, compile_cache):
   return root / 'straight', root / 'resumed', first, second
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_identical(straight_and_resumed):
   straight, resumed, first, second = straight_and_resumed
   assert 'resumed from step 5' in second.stdout + second.stderr
@@ -79,6 +83,7 @@ def test_resume_is_bitwise_identical(straight_and_resumed):
                             b['params']['block_0']['mlp']['up']['kernel'])  # Steps 6-8 did train.
 
 
+@pytest.mark.slow
 def test_resumed_run_sees_the_same_data_and_records(straight_and_resumed):
   straight, resumed, _, _ = straight_and_resumed
   a, b = read_metrics(straight), read_metrics(resumed)
@@ -99,6 +104,7 @@ TIMINGS = ('train/step_seconds', 'train/tokens_per_second', 'train/mfu', 'train/
            'train/peak_flops_per_device', 'eval/seconds')
 
 
+@pytest.mark.slow
 def test_the_same_config_twice_gives_bitwise_identical_metrics(straight_and_resumed, tfds_dir, play_files, tmp_path,
                                                                compile_cache):
   straight = straight_and_resumed[0]
@@ -122,6 +128,7 @@ def _logged_step(workdir: pathlib.Path) -> int:
   return max([int(r['step']) for r in records if 'train/loss' in r], default=0)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_loses_nothing(straight_and_resumed, tfds_dir, play_files, tmp_path, compile_cache):
   """SIGKILL during start-up, in the middle of an asynchronous checkpoint save, and at random steps of
   training; restarted each time on the same workdir, the run ends bitwise where one never killed does."""
@@ -239,10 +246,10 @@ def test_missing_tfds_dataset_says_how_to_prepare(tfds_dir, tmp_path):
   assert 'tfds build lm1b --file_format=array_record' in _refusal(result)
 
 
+@pytest.mark.slow
 def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path, compile_cache):
   corpus = tmp_path / 'corpus'
   corpus.mkdir()
-  from lm.data.builders import shakespeare_plays_dir
   text = (shakespeare_plays_dir() / 'tragedies' / 'macbeth.md').read_text(encoding='utf-8')
   (corpus / 'a.txt').write_text(text[:20_000])
   (corpus / 'b.txt').write_text(text[20_000:30_000])
@@ -254,6 +261,7 @@ def test_edited_corpus_is_refused_on_resume(tfds_dir, tmp_path, compile_cache):
   assert "the data changed since this workdir's checkpoints were written" in message
 
 
+@pytest.mark.slow
 def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir, play_files, tmp_path, compile_cache):
   straight = tmp_path / 'copy'
   shutil.copytree(straight_and_resumed[0], straight)
@@ -270,6 +278,7 @@ def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir
   assert read_metrics(straight)[-1]['step'] == 10
 
 
+@pytest.mark.slow
 def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes_exactly(tfds_dir, play_files, tmp_path, compile_cache):
   """A preempted job: SIGTERM mid-run finishes the step, checkpoints it and exits 0; resuming from
   there gives the run that was never stopped, bit for bit."""
@@ -299,6 +308,7 @@ def test_sigterm_stops_with_a_checkpoint_and_the_run_resumes_exactly(tfds_dir, p
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_checkpoints_also_follow_the_clock(tfds_dir, play_files, tmp_path, compile_cache):
   overrides = tiny_overrides(tfds_dir, play_files, **{'checkpoint.every': 100, 'checkpoint.every_minutes': 1e-5})
   run_main(tmp_path / 'run', overrides, compile_cache=compile_cache)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm.layers import attention, causal_mask, norm_layer, rotary
-from lm.model import count_params, make_model
+from lm.kinds import make_model
+from lm.layers import attention, causal_mask, dropout, fused_attention, norm_layer, rotary
+from lm.model import count_params
 
 
 @pytest.fixture(scope='module')
@@ -63,7 +64,8 @@ def test_parameter_count_and_logical_axes(model_and_params):
   expected = m.vocab_size * m.d_model + m.max_len * m.d_model + m.num_layers * per_block + 2 * m.d_model
   assert count_params(nn.meta.unbox(boxed)) == expected
   specs = nn.get_partition_spec(boxed)
-  for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]:
+  is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
+  for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
     assert isinstance(spec, jax.sharding.PartitionSpec), path
     assert any(name in ('embed', 'vocab', 'mlp', 'heads', 'kv') for name in spec), path
   assert specs['token_embedding']['embedding'] == jax.sharding.PartitionSpec('vocab', 'embed')
@@ -185,7 +187,6 @@ def test_rmsnorm_matches_its_formula():
 
 
 def test_dropout_zeroes_the_given_share_and_rescales_the_rest():
-  from lm.layers import dropout  # pylint: disable=import-outside-toplevel
 
   class Drop(nn.Module):
     @nn.compact
@@ -246,7 +247,6 @@ def test_blocked_causal_attention_equals_the_full_square(window, kv_heads):
 def test_fused_attention_passes_the_mask_as_attention_reads_it(causal, window, kv_heads):
   """jax.nn.dot_product_attention as model.attention_impl='cudnn' calls it (here with its XLA kernel,
   the only one a CPU has): a causal mask and its window as flags, a padding mask as an array."""
-  from lm.layers import fused_attention  # pylint: disable=import-outside-toplevel
   q = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 4, 8))
   k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 10, kv_heads, 8)) for i in (1, 2))
   mask = causal_mask(10, window) if causal else (jnp.arange(10) < jnp.array([[7], [10]]))[:, None, :]

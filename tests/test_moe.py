@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
+from lm import train
+from lm.kinds import make_model
 from lm.layers import MoeMlp, balance_loss, route
-from lm.model import make_model
 from lm.optim import weight_decay_mask
 
 
@@ -85,11 +86,12 @@ def test_moe_every_places_experts_on_every_nth_block_with_their_own_logical_axis
   assert specs['down_kernel'] == jax.sharding.PartitionSpec('expert', 'mlp', 'embed')
   assert nn.meta.unbox(boxed)['block_1']['moe']['up_kernel'].shape == (4, 16, 32)
   decayed = weight_decay_mask(nn.meta.unbox(boxed))['block_1']['moe']
-  assert decayed == {'router_kernel': True, 'up_kernel': True, 'up_bias': False, 'down_kernel': True, 'down_bias': False}
+  assert decayed == {'router_kernel': True, 'up_kernel': True, 'up_bias': False, 'down_kernel': True,
+                     'down_bias': False}
 
 
+@pytest.mark.slow
 def test_moe_balance_loss_reaches_the_training_loss():
-  from lm import train  # pylint: disable=import-outside-toplevel
   config = _moe_config(moe_capacity_factor=1.0)
   model = make_model(config)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params'])

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
-from lm import checkpoint, sharding, train
+from lm import checkpoint, sharding, train, workdirs
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.metrics import read_metrics
-from lm.model import make_model
+from lm.kinds import make_model
 from lm.optim import make_optimizer
+from lm.workdirs import read_metrics
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 
 
@@ -32,6 +32,7 @@ def _free_port() -> int:
 RUN = SHARDABLE | {'train.steps': 4, 'eval.every': 4, 'model.num_layers': 1}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
   """2 processes x 4 devices through jax.distributed equal 1 process x 8 devices."""
   workdir = tmp_path / 'run'
@@ -73,6 +74,6 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
 def test_resuming_with_another_number_of_data_shards_is_refused(tmp_path):
   (tmp_path / 'checkpoints' / '4').mkdir(parents=True)
   (tmp_path / 'dataset.json').write_text('{"dataset": "shakespeare", "data_shards": 2}')
-  checkpoint.check_data_shards(tmp_path, 2)
+  workdirs.check_data_shards(tmp_path, 2)
   with pytest.raises(ConfigError, match=r'trained reading 2 data shard\(s\).*this run reads 1'):
-    checkpoint.check_data_shards(tmp_path, 1)
+    workdirs.check_data_shards(tmp_path, 1)

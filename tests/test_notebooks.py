@@ -12,10 +12,9 @@ import nbclient
 import nbformat
 import pytest
 
+from conftest import ROOT
 from lm import results, sweep
 from lm.config import load_module
-
-from conftest import ROOT
 
 NOTEBOOKS = ROOT / 'notebooks'
 NAMES = sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb'))
@@ -32,12 +31,14 @@ def test_every_ablation_has_a_notebook_and_every_notebook_its_pair():
         f'notebooks/{name}.ipynb and .py differ: run jupytext --sync notebooks/{name}.ipynb'
     assert committed.metadata['jupytext']['formats'] == 'ipynb,py:percent'
     code = [c for c in committed.cells if c.cell_type == 'code']
-    assert all(c.get('outputs') is not None and c.execution_count for c in code), f'{name}.ipynb is committed unexecuted'
+    assert all(c.get('outputs') is not None and c.execution_count for c in code), \
+        f'{name}.ipynb is committed unexecuted'
     errors = [o for c in code for o in c.outputs if o.output_type == 'error']
     assert not errors, f'{name}.ipynb is committed with an error output'
 
 
 @pytest.mark.parametrize('name', [n for n in NAMES if n not in ELSEWHERE])
+@pytest.mark.slow
 def test_notebook_runs_on_its_smoke_setting(name, tfds_dir, compile_cache, tmp_path, monkeypatch):
   run_smoke(name, tfds_dir, compile_cache, tmp_path, monkeypatch)
 

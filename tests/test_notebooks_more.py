@@ -8,5 +8,6 @@ from test_notebooks import ELSEWHERE, run_smoke
 
 
 @pytest.mark.parametrize('name', ELSEWHERE)
+@pytest.mark.slow
 def test_notebook_runs_on_its_smoke_setting(name, tfds_dir, compile_cache, tmp_path, monkeypatch):
   run_smoke(name, tfds_dir, compile_cache, tmp_path, monkeypatch)

@@ -35,6 +35,7 @@ def test_encoder_decoder_flops_agree_with_xla():
   assert 1.0 <= ratio < 1.1, ratio
 
 
+@pytest.mark.slow
 def test_fsdp_splits_parameters_and_optimizer_state():
   dp = plan.report(_config(**{'mesh.shape': (8, 1, 1)}), jax.devices())
   fsdp = plan.report(_config(**{'mesh.shape': (1, 8, 1)}), jax.devices())
@@ -51,6 +52,7 @@ def _plan(*args: str) -> subprocess.CompletedProcess:
                         text=True, env=env, cwd=ROOT, timeout=600)
 
 
+@pytest.mark.slow
 def test_plan_command_reports_a_simulated_mesh():
   result = _plan('--devices=8', '--config.mesh.shape=(2,4,1)')
   assert result.returncode == 0, result.stderr[-3000:]

@@ -8,8 +8,9 @@ import pytest
 from conftest import ROOT
 from lm import config as config_lib
 from lm import train
+from lm.kinds import make_model
 from lm.layers import mlp_width
-from lm.model import count_params, make_model
+from lm.model import count_params
 
 
 def _preset(name: str, arg: str, **overrides):
@@ -23,7 +24,8 @@ def _count(config) -> int:
   model = make_model(config)
   batch = train.example_batch(config)
   args = (batch['inputs'],) if 'inputs' in batch else ()
-  return count_params(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, batch['tokens'][:, :-1]))['params'])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, batch['tokens'][:, :-1]))
+  return count_params(shapes['params'])
 
 
 @pytest.mark.parametrize('size', ['small', 'medium', 'large', 'xl'])

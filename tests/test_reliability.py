@@ -14,9 +14,10 @@ from conftest import one_device_mesh, tiny_config
 from lm import loop, train
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.metrics import MetricWriter, read_metrics
-from lm.model import make_model
+from lm.kinds import make_model
+from lm.metrics import MetricWriter
 from lm.optim import learning_rate_schedule, make_optimizer
+from lm.workdirs import read_metrics
 
 
 def _steps(workdir: pathlib.Path) -> list[int]:
@@ -71,6 +72,7 @@ def _poison(trainer: loop.Trainer) -> None:
   trainer.state = trainer.state.replace(params=jax.tree.unflatten(tree, leaves))
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tfds_dir, play_files, tmp_path, capsys):
   devices = jax.devices()[:1]
   overrides = {'train.log_every': 1, 'checkpoint.every': 2, 'train.max_nonfinite_steps': 2}
@@ -144,6 +146,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(checkpointed, tmp_
   trainer.checkpointer.close()
 
 
+@pytest.mark.slow
 def test_after_a_fallback_the_run_ends_as_if_nothing_happened(checkpointed, tmp_path):
   pristine, config = checkpointed
   broken, straight = tmp_path / 'broken', tmp_path / 'straight'

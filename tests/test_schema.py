@@ -11,8 +11,8 @@ import ml_collections
 import pytest
 
 from conftest import QUICKSTART, ROOT
-from lm import checkpoint
 from lm import config as config_lib
+from lm import kinds, workdirs
 from lm.config import ConfigError, schema
 
 
@@ -88,12 +88,12 @@ def _flat_json(config: ml_collections.ConfigDict) -> dict:
 def test_resume_rule_comes_from_each_keys_declaration(tmp_path):
   config = config_lib.validate(config_lib.load_experiment(QUICKSTART))
   saved = _flat_json(config) | {'data.eval_split': 'test', 'optimizer.learning_rate': 0.5, 'model.dtype': 'bfloat16'}
-  changed = checkpoint.check_workdir(_workdir(tmp_path / 'a', saved), config)
+  changed = workdirs.check_workdir(_workdir(tmp_path / 'a', saved), config)
   assert set(changed) == {'data.eval_split', 'optimizer.learning_rate', 'model.dtype'}
   for name, value in [('data.seq_len', 64), ('seed', 3), ('model.sliding_window', 8)]:
     assert config_lib.must_match(name)
     with pytest.raises(ConfigError, match=f'{re.escape(name)} is {value!r} there'):
-      checkpoint.check_workdir(_workdir(tmp_path / name, _flat_json(config) | {name: value}), config)
+      workdirs.check_workdir(_workdir(tmp_path / name, _flat_json(config) | {name: value}), config)
   # For init_from, only what shapes the parameters (and the tokenizer) must match.
   assert config_lib.must_match('model.d_model', init_from=True) and config_lib.must_match('data.tokenizer', True)
   assert not config_lib.must_match('model.sliding_window', True) and not config_lib.must_match('data.seq_len', True)
@@ -103,7 +103,17 @@ def test_a_key_the_saved_config_predates_counts_as_its_default(tmp_path):
   config = config_lib.validate(config_lib.load_experiment(QUICKSTART))
   saved = _flat_json(config)
   del saved['model.qk_norm'], saved['train.max_nonfinite_steps']  # As if both were added after the run.
-  assert checkpoint.check_workdir(_workdir(tmp_path / 'old', saved), config) == {}
+  assert workdirs.check_workdir(_workdir(tmp_path / 'old', saved), config) == {}
   config = config_lib.override(config, {'model.qk_norm': True})
   with pytest.raises(ConfigError, match="model.qk_norm is False there, True here"):
-    checkpoint.check_workdir(_workdir(tmp_path / 'old2', saved), config)
+    workdirs.check_workdir(_workdir(tmp_path / 'old2', saved), config)
+
+
+def test_every_model_kind_the_config_allows_has_a_seam():
+  allowed = {c.strip("'") for c in config_lib.KEYS['model.kind'].check.allowed.split(', ')}
+  assert set(kinds.KINDS) == allowed
+  assert kinds.for_hf('gpt2') is kinds.KINDS['decoder']
+  with pytest.raises(ConfigError, match="model_type='t5' in config.json: only 'gpt2' checkpoints import"):
+    kinds.for_hf('t5')
+  with pytest.raises(ConfigError, match="model.kind='encoder_decoder' has no Hugging Face conversion"):
+    kinds.KINDS['encoder_decoder'].params_to_hf({}, config_lib.base_config())

@@ -7,15 +7,16 @@ import json
 
 import flax.linen as nn
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_config
 from lm import checkpoint, sharding, train
 from lm.config import ConfigError, flatten
 from lm.data import pipeline
-from lm.model import make_model, stack_layers
+from lm.kinds import make_model
+from lm.model import stack_layers
 from lm.optim import make_optimizer
 
 # Sizes that split over every mesh below: 4 heads, widths and vocab divisible by 8, 8 rows per batch.

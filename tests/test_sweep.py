@@ -11,16 +11,15 @@ import shlex
 import subprocess
 import sys
 
-import jax
-import pytest
 from absl import flags
+import jax
 from ml_collections import config_flags
-
-from lm import config as config_lib
-from lm import results, sweep
-from lm.config import ConfigError, flatten
+import pytest
 
 from conftest import ROOT, tiny_overrides
+from lm import config as config_lib
+from lm import loop, results, sweep
+from lm.config import ConfigError, flatten
 
 ABLATIONS = ROOT / 'experiments' / 'ablations'
 ABLATION_FILES = sorted(p.stem for p in ABLATIONS.glob('*.py') if p.stem != 'base')
@@ -57,8 +56,8 @@ def test_point_names():
   # Two swept keys with the same last part are named in full.
   both = ['data.batch_size', 'eval.batch_size']
   assert sweep.point_name({'data.batch_size': 8, 'eval.batch_size': 16}, both) == 'data.batch_size=8,eval.batch_size=16'
-  assert sweep.point_name({'mesh.shape': (1, 2, 4), 'eval.sample_prompt': 'To be / not'}, ['mesh.shape', 'eval.sample_prompt']) == \
-      'shape=1-2-4,sample_prompt=To-be-not'
+  point = {'mesh.shape': (1, 2, 4), 'eval.sample_prompt': 'To be / not'}
+  assert sweep.point_name(point, ['mesh.shape', 'eval.sample_prompt']) == 'shape=1-2-4,sample_prompt=To-be-not'
 
 
 def _parsed(command: list[str]):
@@ -95,7 +94,8 @@ def test_presets_name_points_and_scales():
   assert (scaling.model.d_model, scaling.model.num_heads, scaling.model.num_layers) == (96, 3, 2)
   base = config_lib.load_experiment(f'{ABLATIONS}/attention.py')
   assert base.model.num_kv_heads == 0 and base.model.num_heads == 4
-  with pytest.raises(ConfigError, match=r"preset 'alibi': expected \[POINT,\]\[SCALE\] .* one of learned \| rope \| none"):
+  with pytest.raises(ConfigError,
+                     match=r"preset 'alibi': expected \[POINT,\]\[SCALE\] .* one of learned \| rope \| none"):
     config_lib.load_experiment(f'{ABLATIONS}/positions.py:alibi')
   with pytest.raises(ConfigError, match='two scales'):
     config_lib.load_experiment(f'{ABLATIONS}/mlp.py:cpu,gpu')
@@ -118,11 +118,15 @@ def get_sweep():
 def test_bad_sweeps_are_refused_before_anything_runs(tmp_path):
   workdir = tmp_path / 'sweep'
   cases = {
-      "sweep.axis('model.widht', [1, 2])": "sweep point 'widht=1': unknown config key 'model.widht'; nearest valid keys: model.width",
+      "sweep.axis('model.widht', [1, 2])":
+          "sweep point 'widht=1': unknown config key 'model.widht'; nearest valid keys: model.width",
       "sweep.axis('model.d_model', [64, 96.5])": "sweep point 'd_model=96.5': model.d_model=96.5: must be an integer",
-      "sweep.axis('model.positions', ['rope', 'alibi'])": "sweep point 'positions=alibi': model.positions='alibi': must be one of",
-      "sweep.axis('model.num_heads', [4, 3])": "sweep point 'num_heads=3': model.d_model=256 must be divisible by model.num_heads=3",
-      "sweep.chain(sweep.axis('model.d_model', [64]), sweep.axis('model.d_model', [64]))": "point 'd_model=64' appears twice",
+      "sweep.axis('model.positions', ['rope', 'alibi'])":
+          "sweep point 'positions=alibi': model.positions='alibi': must be one of",
+      "sweep.axis('model.num_heads', [4, 3])":
+          "sweep point 'num_heads=3': model.d_model=256 must be divisible by model.num_heads=3",
+      "sweep.chain(sweep.axis('model.d_model', [64]), sweep.axis('model.d_model', [64]))":
+          "point 'd_model=64' appears twice",
       "sweep.chain(sweep.axis('model.d_model', [256]), [{}])": "points 'd_model=256' and 'base' give the same config",
       "sweep.product(sweep.axis('seed', [1]), sweep.axis('seed', [2]))": "key 'seed' is swept twice",
       "[]": 'get_sweep() must return a non-empty list',
@@ -151,7 +155,8 @@ def test_workdirs_of_other_experiments_are_refused_and_kept(tmp_path):
   script = (workdir / 'sweep.sbatch').read_text()
   with pytest.raises(ConfigError, match=r"holds a sweep of another experiment \('.*a.py', not '.*b.py'\)"):
     sweep.launch(other, workdir)
-  with pytest.raises(ConfigError, match=r'holds a sweep run with --config.train.steps=200, not --config.train.steps=300'):
+  with pytest.raises(ConfigError,
+                     match=r'holds a sweep run with --config.train.steps=200, not --config.train.steps=300'):
     sweep.launch(spec, workdir, {'train.steps': 300})
   assert (workdir / 'sweep.json').read_text() == manifest and (workdir / 'sweep.sbatch').read_text() == script
   run = tmp_path / 'run'
@@ -191,6 +196,7 @@ def test_slurm_script_runs_each_points_command_line(tmp_path):
   assert [p['command'] for p in manifest['points']] == expected
 
 
+@pytest.mark.slow
 def test_cli_dry_run_and_one_line_errors(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   run = lambda *args: subprocess.run([sys.executable, '-m', 'lm.sweep', *args], capture_output=True, text=True,
@@ -220,8 +226,8 @@ def test_cli_dry_run_and_one_line_errors(tmp_path):
   assert not (tmp_path / 'x').exists()
 
 
+@pytest.mark.slow
 def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, play_files, tmp_path):
-  from lm import loop
   spec = str(ABLATIONS / 'mlp.py')
   workdir = tmp_path / 'mlp'
   overrides = tiny_overrides(tfds_dir, play_files, **{'data.tokenizer': 'byte', 'model.mlp_dim': 0,

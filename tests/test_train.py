@@ -7,7 +7,7 @@ import pytest
 from conftest import one_device_mesh, tiny_config
 from lm import sharding, train
 from lm.data import pipeline
-from lm.model import make_model
+from lm.kinds import make_model
 from lm.optim import learning_rate_schedule, make_optimizer
 
 

@@ -12,10 +12,9 @@ import pathlib
 import ml_collections
 
 from lm import sweep
-from lm.config import load_experiment, override
+from lm.config import load_module
 
-BASE = pathlib.Path(__file__).with_name('base.py')
-SCALES = ('cpu', 'gpu')
+base = load_module(pathlib.Path(__file__).with_name('base.py'))
 
 
 def points(scale: str) -> list[dict]:
@@ -26,9 +25,8 @@ def points(scale: str) -> list[dict]:
 
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   """The baseline at a scale ('cpu' or 'gpu'), or one point of the sweep: 'num_kv_heads=1', 'num_kv_heads=1,gpu'."""
-  scale, point = sweep.preset(arg, points('gpu' if 'gpu' in arg.split(',') else 'cpu'), SCALES)
-  return override(load_experiment(f'{BASE}:{scale}'), point)
+  return base.ablation_config(arg, points)
 
 
 def get_sweep(arg: str = 'cpu') -> list[dict]:
-  return points(sweep.preset(arg, [], SCALES)[0])
+  return base.ablation_sweep(arg, points)

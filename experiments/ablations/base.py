@@ -9,14 +9,40 @@
 
 Bytes, not a trained tokenizer, so that every ablation is scored in bits per byte of the same text
 and no point spends time training sentencepiece. The ablation files next to this one load it and
-each sweep one knob (see lm/sweep.py).
+each sweep one knob (see lm/sweep.py), their get_config and get_sweep built by ablation_config and
+ablation_sweep below.
 """
 
 import ml_collections
 
-from lm.config import base_config, load_module
+from lm import sweep
+from lm.config import base_config, load_module, override
 
 SCALES = ('cpu', 'gpu')
+
+# What differs between the scales, key: (cpu, gpu).
+BY_SCALE = {
+    'model.num_layers': (4, 12),
+    'model.d_model': (64, 768),
+    'model.num_heads': (4, 12),
+    'model.max_len': (128, 1024),
+    'model.dtype': ('float32', 'bfloat16'),
+    'data.name': ('shakespeare', 'lm1b'),
+    'data.eval_split': ('validation', 'test'),
+    'data.seq_len': (128, 1024),
+    'data.batch_size': (16, 64),
+    'optimizer.learning_rate': (3e-3, 6e-4),
+    'optimizer.warmup_steps': (50, 1000),
+    'train.steps': (500, 20_000),
+    'train.log_every': (50, 100),
+    'eval.every': (100, 2000),  # On cpu, five points on each loss curve (the scaling notebook fits them).
+    'eval.num_batches': (8, 16),
+    'eval.batch_size': (32, 64),
+    # The eval that ends training: the whole validation split on cpu; lm1b's test split is 30M bytes,
+    # so on gpu the same 200 batches.
+    'eval.final_num_batches': (0, 200),
+    'checkpoint.every': (250, 2000),
+}
 
 
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
@@ -27,45 +53,23 @@ def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   config.model.vocab_size = 258
   config.model.mlp_dim = 0  # 4 x d_model for GELU; SwiGLU gets 2/3 of that, for the same parameters.
   config.optimizer.weight_decay = 0.1
-  if arg == 'cpu':
-    config.model.num_layers = 4
-    config.model.d_model = 64
-    config.model.num_heads = 4
-    config.model.max_len = 128
-    config.data.name = 'shakespeare'
-    config.data.seq_len = 128
-    config.data.batch_size = 16
-    config.optimizer.learning_rate = 3e-3
-    config.optimizer.warmup_steps = 50
-    config.train.steps = 500
-    config.train.log_every = 50
-    config.eval.every = 100  # Five points on each loss curve (the scaling notebook fits them).
-    config.eval.num_batches = 8
-    config.eval.batch_size = 32
-    config.checkpoint.every = 250
-  else:
-    config.model.num_layers = 12
-    config.model.d_model = 768
-    config.model.num_heads = 12
-    config.model.max_len = 1024
-    config.model.dtype = 'bfloat16'
-    config.data.name = 'lm1b'
-    config.data.eval_split = 'test'
-    config.data.seq_len = 1024
-    config.data.batch_size = 64
-    config.optimizer.learning_rate = 6e-4
-    config.optimizer.warmup_steps = 1000
-    config.train.steps = 20_000
-    config.train.log_every = 100
-    config.eval.every = 2000
-    config.eval.num_batches = 16
-    config.eval.batch_size = 64
-    config.eval.final_num_batches = 200  # lm1b's test split is 30M bytes: score the same 200 batches.
-    config.checkpoint.every = 2000
   config.eval.sample_prompt = '**HAMLET**\n'
   config.eval.num_samples = 1
-  return config
+  return override(config, {key: values[SCALES.index(arg)] for key, values in BY_SCALE.items()})
 
+
+def ablation_config(arg: str, points) -> ml_collections.ConfigDict:
+  """An ablation's get_config(arg): this baseline at the scale arg names (default cpu), with the one
+  point of the sweep arg names, if any ('rope', 'rope,gpu': see lm.sweep.preset). points: the
+  sweep's points, or a function giving them at a scale (where they differ by scale)."""
+  scale = next((token for token in arg.split(',') if token in SCALES), SCALES[0])
+  scale, point = sweep.preset(arg, points(scale) if callable(points) else points, SCALES)
+  return override(get_config(scale), point)
+
+
+def ablation_sweep(arg: str, points) -> list[dict]:
+  """An ablation's get_sweep(arg): its points, at the scale arg names where they differ by scale."""
+  return points(sweep.preset(arg, [], SCALES)[0]) if callable(points) else points
 
 
 # What the notebooks' SMOKE setting adds to every point, less the keys the sweep varies: 4 steps of a

@@ -11,18 +11,16 @@ import pathlib
 import ml_collections
 
 from lm import sweep
-from lm.config import load_experiment, override
+from lm.config import load_module
 
-BASE = pathlib.Path(__file__).with_name('base.py')
+base = load_module(pathlib.Path(__file__).with_name('base.py'))
 POINTS = sweep.axis('optimizer.learning_rate', [7.5e-4, 1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2])
 
 
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   """The baseline at a scale ('cpu' or 'gpu'), or one point of the sweep: '0.006', '0.006,gpu'."""
-  scale, point = sweep.preset(arg, POINTS, scales=('cpu', 'gpu'))
-  return override(load_experiment(f'{BASE}:{scale}'), point)
+  return base.ablation_config(arg, POINTS)
 
 
 def get_sweep(arg: str = 'cpu') -> list[dict]:
-  del arg  # The same points at either scale.
-  return POINTS
+  return base.ablation_sweep(arg, POINTS)  # The same points at either scale.

@@ -11,18 +11,16 @@ import pathlib
 import ml_collections
 
 from lm import sweep
-from lm.config import load_experiment, override
+from lm.config import load_module
 
-BASE = pathlib.Path(__file__).with_name('base.py')
+base = load_module(pathlib.Path(__file__).with_name('base.py'))
 POINTS = sweep.axis('model.mlp', ['gelu', 'swiglu'])
 
 
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   """The baseline at a scale ('cpu' or 'gpu'), or one point of the sweep: 'swiglu', 'swiglu,gpu'."""
-  scale, point = sweep.preset(arg, POINTS, scales=('cpu', 'gpu'))
-  return override(load_experiment(f'{BASE}:{scale}'), point)
+  return base.ablation_config(arg, POINTS)
 
 
 def get_sweep(arg: str = 'cpu') -> list[dict]:
-  del arg  # The same points at either scale.
-  return POINTS
+  return base.ablation_sweep(arg, POINTS)  # The same points at either scale.

@@ -11,10 +11,9 @@ import pathlib
 import ml_collections
 
 from lm import sweep
-from lm.config import load_experiment, override
+from lm.config import load_module
 
-BASE = pathlib.Path(__file__).with_name('base.py')
-SCALES = ('cpu', 'gpu')
+base = load_module(pathlib.Path(__file__).with_name('base.py'))
 
 
 def points(scale: str) -> list[dict]:
@@ -27,9 +26,8 @@ def points(scale: str) -> list[dict]:
 
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   """The baseline at a scale ('cpu' or 'gpu'), or one point of the sweep: '64,2,4', '64,2,4,gpu'."""
-  scale, point = sweep.preset(arg, points('gpu' if 'gpu' in arg.split(',') else 'cpu'), SCALES)
-  return override(load_experiment(f'{BASE}:{scale}'), point)
+  return base.ablation_config(arg, points)
 
 
 def get_sweep(arg: str = 'cpu') -> list[dict]:
-  return points(sweep.preset(arg, [], SCALES)[0])
+  return base.ablation_sweep(arg, points)

@@ -18,11 +18,29 @@ from typing import Any
 import ml_collections
 
 from lm.config import data, model, run
-from lm.config.data import (BYTE_VOCAB_SIZE, FILE_SOURCES, MIN_SENTENCEPIECE_VOCAB, PAD_IDS, Data, reserved_ids,
-                            span_lengths, target_len)
+from lm.config.data import (
+  BYTE_VOCAB_SIZE,
+  FILE_SOURCES,
+  MIN_SENTENCEPIECE_VOCAB,
+  PAD_IDS,
+  Data,
+  reserved_ids,
+  span_lengths,
+  target_len,
+)
 from lm.config.model import Model
-from lm.config.run import (DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXES, MESH_AXES, MESH_LAYOUTS, Checkpoint, Eval, Mesh,
-                           Optimizer, Train, preset_arg)
+from lm.config.run import (
+  DEFAULT_LOGICAL_AXIS_RULES,
+  LOGICAL_AXES,
+  MESH_AXES,
+  MESH_LAYOUTS,
+  Checkpoint,
+  Eval,
+  Mesh,
+  Optimizer,
+  Train,
+  preset_arg,
+)
 from lm.config.schema import MATCH, RESUME_RULES, SHAPE, ConfigError, Key, keys_of
 
 __all__ = [  # What other modules import from here (besides the section modules).

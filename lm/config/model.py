@@ -36,7 +36,8 @@ class Model:
   norm_position: str = key('pre', choice('pre', 'post'), SHAPE,
                            "'pre': x + f(norm(x)) with a final norm; 'post': norm(x + f(x)).")
   qk_norm: bool = key(False, BOOLEAN, SHAPE, 'RMS-normalise queries and keys per head before the dot product.')
-  sliding_window: int = key(0, integer(0), MATCH, 'Attend only to the last this-many positions (self included); 0 = all.')
+  sliding_window: int = key(0, integer(0), MATCH,
+                            'Attend only to the last this-many positions (self included); 0 = all.')
   embed_multiplier: float = key(1.0, number(0, lo_open=True), SHAPE,
                                 'Token embeddings are scaled by this on input (e.g. sqrt(d_model)).')
   mlp: str = key('gelu', choice('gelu', 'relu', 'swiglu'), SHAPE,
@@ -51,7 +52,8 @@ class Model:
   moe_every: int = key(1, integer(1), SHAPE,
                        'Every this-many-th block (counting from 1) has experts instead of an MLP.')
   moe_capacity_factor: float = key(1.25, number(0), FREE,
-                                   'Slots per expert = factor * top_k * max_len / experts; overflow is dropped; 0 = none.')
+                                   'Slots per expert = factor * top_k * max_len / experts; overflow is dropped; '
+                                   '0 = none.')
   tie_embeddings: bool = key(True, BOOLEAN, SHAPE,
                              'Output layer = the token embedding transposed; False: a separate matrix.')
   dtype: str = key('float32', choice('float32', 'bfloat16'), FREE,
@@ -84,7 +86,8 @@ def moe_rules(c) -> list[str]:
   if m.moe_experts and m.moe_top_k > m.moe_experts:
     errors.append(f'model.moe_top_k={m.moe_top_k} must be <= model.moe_experts={m.moe_experts}')
   if m.moe_experts and m.moe_every > m.num_layers:
-    errors.append(f'model.moe_every={m.moe_every} leaves no block with experts: must be <= model.num_layers={m.num_layers}')
+    errors.append(f'model.moe_every={m.moe_every} leaves no block with experts: '
+                  f'must be <= model.num_layers={m.num_layers}')
   if m.moe_experts and m.moe_every > 1 and m.scan_layers:
     errors.append(f'model.moe_every={m.moe_every} mixes MLP and expert blocks, which model.scan_layers=True cannot '
                   'scan: set moe_every=1 or scan_layers=False')

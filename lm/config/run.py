@@ -93,7 +93,8 @@ class Train:
                       'Weight of the auxiliary loss z_loss * log(sum(exp(logits)))^2 (keeps logits near 0).')
   label_smoothing: float = key(0.0, number(0, 1, hi_open=True), FREE,
                                "Share of each target's probability spread evenly over the vocabulary.")
-  moe_balance_loss: float = key(0.01, number(0), FREE, "Weight of the experts' load-balancing loss (mean over MoE layers).")
+  moe_balance_loss: float = key(0.01, number(0), FREE,
+                                "Weight of the experts' load-balancing loss (mean over MoE layers).")
   peak_flops_per_device: float = key(0.0, number(0), FREE, 'For train/mfu: peak FLOP/s of one device; 0 = known '
                                      'TPU/GPU kinds, else the matmul rate measured once per machine and cached.')
   microbatches: int = key(1, integer(1), FREE,
@@ -101,7 +102,8 @@ class Train:
   logits_chunk: int = key(0, integer(0), FREE, 'Positions whose logits the training loss computes at once '
                           '(memory: B x this x V); 0 = all.')
   max_nonfinite_steps: int = key(10, integer(0), FREE, 'Non-finite (NaN/Inf) steps are skipped and counted; more '
-                                 'than this many in a row stop the run without a new checkpoint. 0 = stop at the first.')
+                                 'than this many in a row stop the run without a new checkpoint. '
+                                 '0 = stop at the first.')
 
 
 @dataclasses.dataclass(frozen=True)

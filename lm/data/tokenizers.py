@@ -17,6 +17,11 @@ import sentencepiece as spm
 
 from lm.config import PAD_IDS, ConfigError
 
+try:  # Optional: the `hf` extra, needed only for HuggingFaceTokenizer.
+  import tokenizers as hf_tokenizers
+except ImportError:
+  hf_tokenizers = None
+
 
 class Tokenizer(Protocol):
   vocab_size: int
@@ -90,12 +95,10 @@ class HuggingFaceTokenizer:
   HF_FILE = 'hf_tokenizer.json'  # Its name in a workdir's tokenizer folder.
 
   def __init__(self, json_text: str):
-    try:
-      import tokenizers  # pylint: disable=import-outside-toplevel
-    except ImportError:
-      raise ConfigError("a Hugging Face tokenizer needs the 'tokenizers' package: pip install -e '.[hf]'") from None
+    if hf_tokenizers is None:
+      raise ConfigError("a Hugging Face tokenizer needs the 'tokenizers' package: pip install -e '.[hf]'")
     self.json_text = json_text
-    self._tok = tokenizers.Tokenizer.from_str(json_text)
+    self._tok = hf_tokenizers.Tokenizer.from_str(json_text)
     self.vocab_size = self._tok.get_vocab_size()
     ends = [t for t in END_TOKENS if self._tok.token_to_id(t) is not None]
     if not ends:
@@ -210,7 +213,8 @@ def load_or_train(kind: str, vocab_size: int, tokenizer_dir: pathlib.Path, train
     info_path = tokenizer_dir / 'tokenizer.json'
     saved = json.loads(info_path.read_text()) if info_path.exists() else {}
     if ((tokenizer_dir / 'sentencepiece.model').exists() and saved.get('kind') == kind
-        and saved.get('requested_vocab_size') == vocab_size and same_train_data(saved.get('trained_on', ''), trained_on)):
+        and saved.get('requested_vocab_size') == vocab_size
+        and same_train_data(saved.get('trained_on', ''), trained_on)):
       return load(kind, tokenizer_dir)
     tokenizer = train_sentencepiece(train_texts, vocab_size, max_train_bytes)
     info = wanted | {'vocab_size': tokenizer.vocab_size}

@@ -1,0 +1,90 @@
+"""What a model kind provides: the one object each kind registers in lm.kinds (see __init__.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from lm.config import ConfigError
+from lm.layers import mlp_width
+from lm.model import is_moe_layer
+
+
+class Kind:
+  """A kind of model (model.kind): how it is built, what a batch of it holds, its FLOPs, how it
+  decodes with a KV cache, and its Hugging Face conversion (None where it has none)."""
+  name: str = ''
+  hf_model_type: str | None = None  # transformers' model_type it converts to and from.
+  # A text prompt is the encoder's input (the decoder starts afresh), not the start of the output; such
+  # kinds are not served by python -m lm.generate and lm.evaluate, which read text as one sequence.
+  prompt_is_input: bool = False
+
+  def build(self, config: ml_collections.ConfigDict) -> nn.Module:
+    raise NotImplementedError
+
+  def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
+    """Zeros shaped like a batch of config's data (see lm/data/pipeline.py)."""
+    raise NotImplementedError
+
+  def target_positions(self, config: ml_collections.ConfigDict) -> int:
+    """Positions per example whose next token the loss predicts."""
+    raise NotImplementedError
+
+  def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
+    """Tokens one row of a training batch holds (what tokens per second counts)."""
+    raise NotImplementedError
+
+  def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
+    """Training FLOPs of one row (see lm.metrics.flops_per_example)."""
+    raise NotImplementedError
+
+  def decoding_context(self, model: nn.Module, params, inputs_NS: jax.Array | None) -> Any:
+    """What every decoding step reads besides the cache: nothing for a decoder."""
+    return None
+
+  def decode_step(self, model: nn.Module, params, cache, tokens_NL: jax.Array, positions_NL: jax.Array,
+                  valid_NL: jax.Array, context) -> tuple[jax.Array, Any]:
+    """(logits [N, L, V], the updated cache) of tokens_NL continuing the cached ones."""
+    raise NotImplementedError
+
+  def init_cache(self, model: nn.Module, batch_size: int, length: int | None = None, context=None) -> dict:
+    """An empty KV cache for batch_size sequences of up to `length` tokens (default: max_len)."""
+    raise NotImplementedError
+
+  # Hugging Face conversion (python -m lm.hf): kinds that have one override all five.
+  def config_from_hf(self, hf: dict[str, Any]) -> ml_collections.ConfigDict:
+    """An lm config whose model is the one a transformers config.json describes."""
+    raise self._no_hf()
+
+  def check_hf_shaped(self, config: ml_collections.ConfigDict) -> None:
+    """A ConfigError naming the first model key the Hugging Face architecture cannot express."""
+    raise self._no_hf()
+
+  def params_from_hf(self, tensors: dict[str, Any], config: ml_collections.ConfigDict) -> dict:
+    raise self._no_hf()
+
+  def params_to_hf(self, params: dict, config: ml_collections.ConfigDict) -> dict[str, Any]:
+    raise self._no_hf()
+
+  def hf_config(self, config: ml_collections.ConfigDict, end_id: int | None) -> dict[str, Any]:
+    raise self._no_hf()
+
+  def _no_hf(self) -> ConfigError:
+    return ConfigError(f'model.kind={self.name!r} has no Hugging Face conversion')
+
+
+def self_attention_stack_flops(m, layers: int, length: int) -> float:
+  """Training FLOPs of `layers` self-attending blocks over `length` tokens: 6 per weight a token passes
+  through (attention projections, MLP or the top_k experts and the router), plus 12 * d_model per
+  (query, key) pair of the whole L x L square."""
+  head = m.d_model // m.num_heads
+  q_out = 2 * m.d_model * head * m.num_heads
+  kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
+  dense = (3 if m.mlp == 'swiglu' else 2) * m.d_model * mlp_width(m)
+  moe = m.moe_top_k * dense + m.d_model * m.moe_experts
+  moe_layers = sum(is_moe_layer(m, i) for i in range(layers))
+  mlps = moe_layers * moe + (layers - moe_layers) * dense
+  return 6 * length * (layers * (q_out + kv) + mlps) + 12 * layers * m.d_model * length**2

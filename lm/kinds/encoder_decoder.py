@@ -1,0 +1,68 @@
+"""model.kind='encoder_decoder': the original Transformer layout (lm.model.EncoderDecoder)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from lm.config import PAD_IDS, target_len
+from lm.kinds.base import Kind, self_attention_stack_flops
+from lm.model import EncoderDecoder, empty_cache
+
+
+class EncoderDecoderKind(Kind):
+  """(input ids, target ids) -> next-target logits. Decoding encodes the input once; the decoder then
+  reads its own tokens through its self-attention KV cache and cross-attends to the encoder output."""
+  name = 'encoder_decoder'
+  prompt_is_input = True
+
+  def build(self, config: ml_collections.ConfigDict) -> nn.Module:
+    # The encoder learns to ignore the tokenizer's padding id.
+    return EncoderDecoder(ml_collections.FrozenConfigDict(config.model), PAD_IDS[config.data.tokenizer])
+
+  def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
+    return {'inputs': jnp.zeros((batch_size, config.data.seq_len), jnp.int32),
+            'tokens': jnp.zeros((batch_size, target_len(config) + 1), jnp.int32)}
+
+  def target_positions(self, config: ml_collections.ConfigDict) -> int:
+    return target_len(config)
+
+  def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
+    return config.data.seq_len + target_len(config)
+
+  def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
+    """The encoder and decoder stacks, plus cross-attention: 6 per weight (queries and outputs per
+    target, keys and values per source token) and 12 * d_model per (target, source) pair."""
+    m = config.model
+    source, target = config.data.seq_len, target_len(config)
+    head = m.d_model // m.num_heads
+    q_out = 2 * m.d_model * head * m.num_heads
+    kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
+    cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.d_model * target * source)
+    return (self_attention_stack_flops(m, m.num_encoder_layers or m.num_layers, source)
+            + self_attention_stack_flops(m, m.num_layers, target) + cross + 6 * target * m.vocab_size * m.d_model)
+
+  def decoding_context(self, model, params, inputs_NS):
+    """The encoder output and the inputs (whose padding cross-attention masks), computed once."""
+    return model.apply({'params': params}, inputs_NS, method=EncoderDecoder.encode), inputs_NS
+
+  def decode_step(self, model, params, cache, tokens_NL, positions_NL, valid_NL, context):
+    encoded_NSD, inputs_NS = context
+    logits_NLV, variables = model.apply({'params': params, 'cache': cache}, encoded_NSD, inputs_NS, tokens_NL,
+                                        False, False, True, positions_NL, valid_NL, method=EncoderDecoder.decode,
+                                        mutable=['cache'])
+    return logits_NLV, variables['cache']
+
+  def init_cache(self, model, batch_size, length=None, context=None):
+    c = model.config
+    tokens = jnp.zeros((batch_size, 1), jnp.int32)
+    inputs = jnp.ones((batch_size, 1), jnp.int32)
+    encoded = jnp.zeros((batch_size, 1, c.d_model), jnp.dtype(c.dtype))
+
+    def init():
+      return model.init(jax.random.PRNGKey(0), encoded, inputs, tokens, False, False, True, tokens, tokens >= 0,
+                        method=EncoderDecoder.decode)
+
+    return empty_cache(jax.eval_shape(init), length)

@@ -1,0 +1,125 @@
+"""What a workdir holds, read and checked without JAX: its checkpoint steps, the config and data its
+checkpoints were trained with (and whether this config may resume them), and metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import ml_collections
+
+from lm.config import KEYS, ConfigError, flatten, must_match
+
+IMPORTED_FILE = 'imported.json'  # Marks a workdir of imported parameters (python -m lm.hf import).
+
+
+def checkpoint_steps(directory: str | pathlib.Path) -> list[int]:
+  """The steps of the checkpoints under `directory` (a workdir's checkpoints/), oldest first: the
+  folders orbax names by step (its unfinished saves carry a suffix, so they are not counted)."""
+  directory = pathlib.Path(directory)
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.is_dir() else []
+
+
+def has_checkpoints(directory: pathlib.Path) -> bool:
+  return bool(checkpoint_steps(directory))
+
+
+def _changed_keys(saved: dict[str, Any], config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """{key: (saved value, value now)} for each key whose value differs; a key the saved config.json
+  predates counts as saved with its default."""
+  current = json.loads(json.dumps(flatten(config)))  # Tuples -> lists, as in the saved file.
+  defaults = json.loads(json.dumps({k: KEYS[k].default for k in current}))
+  old = {k: saved.get(k, defaults[k]) for k in current}
+  return {k: (old[k], v) for k, v in current.items() if old[k] != v}
+
+
+def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
+  """Refuses to resume a workdir whose checkpoints come from another model or data config.
+
+  Returns the keys that changed and are safe to change, as {key: (old, new)}.
+  """
+  saved_path = workdir / 'config.json'
+  if not has_checkpoints(workdir / 'checkpoints'):
+    return {}
+  if (workdir / IMPORTED_FILE).exists():
+    raise ConfigError(f'workdir {str(workdir)!r} holds imported parameters, not a training run; train from them '
+                      f'with --config.checkpoint.init_from={workdir} and a new --workdir')
+  if not saved_path.exists():
+    raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints but no config.json to check them '
+                      'against; use a new --workdir')
+  changed = _changed_keys(json.loads(saved_path.read_text()), config)
+  clashes = [k for k in changed if must_match(k)]
+  if clashes:
+    detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
+    more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
+    raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints of a different model or data config: '
+                      f'{detail}{more}; use a new --workdir or the same config')
+  return changed
+
+
+def check_init_from(source: pathlib.Path, config: ml_collections.ConfigDict) -> int:
+  """The latest step of the workdir `source`, whose parameters are to start this run; a ConfigError
+  unless it has checkpoints of a model shaped like config's, with the same tokenizer kind."""
+  where = f'checkpoint.init_from={str(source)!r}'
+  if not has_checkpoints(source / 'checkpoints') or not (source / 'config.json').exists():
+    raise ConfigError(f'{where} is not a workdir with checkpoints and a config.json')
+  changed = _changed_keys(json.loads((source / 'config.json').read_text()), config)
+  clashes = [k for k in changed if must_match(k, init_from=True)]
+  if clashes:
+    detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
+    raise ConfigError(f'{where} holds a differently shaped model: {detail}')
+  return checkpoint_steps(source / 'checkpoints')[-1]
+
+
+def checkpointed_dataset(workdir: pathlib.Path) -> str | None:
+  """The dataset the workdir's checkpoints were trained on, if it has any."""
+  path = workdir / 'dataset.json'
+  if not has_checkpoints(workdir / 'checkpoints') or not path.exists():
+    return None
+  return json.loads(path.read_text())['dataset']
+
+
+def check_data_shards(workdir: pathlib.Path, data_shards: int) -> None:
+  """The data iterators in a checkpoint resume only with as many data shards (process groups)."""
+  path = workdir / 'dataset.json'
+  if not has_checkpoints(workdir / 'checkpoints') or not path.exists():
+    return
+  saved = json.loads(path.read_text()).get('data_shards', 1)
+  if saved != data_shards:
+    raise ConfigError(f'workdir {str(workdir)!r} was trained reading {saved} data shard(s) (one per process '
+                      f'group); this run reads {data_shards}: resume with the same number of processes '
+                      'per data-parallel group, or use a new --workdir')
+
+
+def save_config(workdir: pathlib.Path, config: ml_collections.ConfigDict, changed: dict[str, tuple],
+                step: int, dataset: str, data_shards: int = 1) -> None:
+  """Writes config.json and dataset.json; a resume that changed keys is recorded in config_changes.jsonl.
+  Process 0's job in a multi-host run."""
+  write_atomically(workdir / 'config.json', json.dumps(flatten(config), indent=1, sort_keys=True))
+  write_atomically(workdir / 'dataset.json', json.dumps({'dataset': dataset, 'data_shards': data_shards}))
+  if changed:
+    record = {'step': step, 'time': time.time(), 'changes': {k: list(v) for k, v in changed.items()}}
+    with open(workdir / 'config_changes.jsonl', 'a', encoding='utf-8') as f:
+      f.write(json.dumps(record) + '\n')
+
+
+def write_atomically(path: pathlib.Path, text: str) -> None:
+  """A process killed while writing leaves the old file, never half of the new one."""
+  tmp = path.with_name(path.name + '.tmp')
+  tmp.write_text(text, encoding='utf-8')
+  os.replace(tmp, path)
+
+
+def read_metrics(workdir: pathlib.Path | str) -> list[dict[str, float]]:
+  """The records of a workdir's metrics.jsonl, less a last line cut short by a killed process."""
+  text = (pathlib.Path(workdir) / 'metrics.jsonl').read_text()
+  lines = text.splitlines()
+  if lines and not text.endswith('\n'):
+    try:
+      json.loads(lines[-1])
+    except json.JSONDecodeError:
+      lines.pop()
+  return [json.loads(line) for line in lines if line.strip()]

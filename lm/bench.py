@@ -43,7 +43,6 @@ from lm.config import ConfigError, load_experiment, override, validate
 from lm.data import pipeline
 from lm.kinds import make_model
 from lm.model import count_params
-from lm.optim import make_optimizer
 from lm.timing import best_of, median
 
 CONFIG = cli.config_flag()
@@ -149,13 +148,10 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   if device.platform == 'cpu':  # XLA's own CPU default (YNNPACK matmuls) too: the peak is the faster one.
     matmul_rates['xla_default_flags'] = _default_flags_matmul_flops(config.model.dtype, matmul_sizes)
   measured_peak = max(matmul_rates.values())
-  mesh = sharding.make_mesh(config)
-  rules = sharding.logical_axis_rules(config)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
-  model, optimizer = make_model(config), make_optimizer(config)
-  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
-  corpus = pipeline.load_corpus(config, pathlib.Path(tokenizer_dir))
+  layout = train.make_layout(config)
+  mesh, rules, batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
+  model, optimizer, shardings = layout.model, layout.optimizer, layout.shardings
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, pathlib.Path(tokenizer_dir))
   shard = sharding.data_shard(batch_sharding, config.data.batch_size)
   tokens_per_row = metrics.tokens_per_example(config)
 
@@ -163,7 +159,7 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   rows = config.data.batch_size // shard[1]
   batches = -(-config.data.shuffle_window // rows) + data_batches
   start = time.perf_counter()
-  data = iter(pipeline.train_dataset(config, corpus, *shard))
+  data = iter(pipeline.train_dataset(config.data, corpus, config.seed, *shard))
   for _ in range(batches):
     next(data)
   data_tokens_per_s = batches * rows * tokens_per_row / (time.perf_counter() - start)
@@ -224,11 +220,9 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
 def _abstract_train_step(c):
   """The jitted train step of config c, shape-only arguments for it (no data, no parameters), and its mesh
   and rules: trace it inside sharding.activate(mesh, rules)."""
-  mesh, rules = sharding.make_mesh(c), sharding.logical_axis_rules(c)
-  batch_sharding = sharding.batch_sharding(mesh, rules)
-  sharding.check_batch('data.batch_size', c.data.batch_size, mesh, rules, c.train.microbatches)
-  model, optimizer = make_model(c), make_optimizer(c)
-  shardings = train.state_shardings(c, model, optimizer, mesh, rules)
+  layout = train.make_layout(c)
+  mesh, rules, batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
+  model, optimizer, shardings = layout.model, layout.optimizer, layout.shardings
   state = train.abstract_train_state(c, model, optimizer, shardings)
   targets = kinds.of(c).target_positions(c)
   shapes = jax.eval_shape(lambda: train.example_batch(c, c.data.batch_size)

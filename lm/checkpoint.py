@@ -12,11 +12,10 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm.config import ConfigError
+from lm.config import Checkpoint, ConfigError
 
 
 def _abstract(like: Any) -> Any:
@@ -27,11 +26,11 @@ def _abstract(like: Any) -> Any:
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of {state, data iterator} under `directory`."""
 
-  def __init__(self, directory: pathlib.Path, config: ml_collections.ConfigDict):
+  def __init__(self, directory: pathlib.Path, c: Checkpoint):
+    """`c`: the checkpoint section (lm.config.section(config, 'checkpoint'), or config.checkpoint)."""
     # A save that a killed process left unfinished stays a temporary folder, never a step: remove those.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.max_to_keep,
-        enable_async_checkpointing=config.checkpoint.async_save, create=True, cleanup_tmp_directories=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=c.max_to_keep, enable_async_checkpointing=c.async_save,
+                                           create=True, cleanup_tmp_directories=True)
     self.directory = directory
     self._manager = ocp.CheckpointManager(directory.absolute(), options=options,
                                           item_names=('state', 'data'))

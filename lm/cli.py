@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any, Callable
 
-from absl import app, flags
+from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
@@ -68,6 +68,17 @@ def set_default_xla_flags(environ: dict | None = None) -> None:
     return
   if jaxlib.startswith('0.10.'):
     environ['XLA_FLAGS'] = f'{current} {CPU_XLA_FLAGS}'.strip()
+
+
+def start(argv: list[str], required: tuple[str, ...], example: str) -> None:
+  """What a command checks first: no stray arguments, and the flags in `required` given (else one line
+  with an example command line); then absl's logging is kept to warnings."""
+  if len(argv) > 1:
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
+  if any(flags.FLAGS[name].value is None for name in required):
+    names = ' and '.join(f'--{name}' for name in required)
+    sys.exit(f'error: {names} {"is" if len(required) == 1 else "are"} required, e.g. {example}')
+  logging.set_verbosity(logging.WARNING)
 
 
 def call(target: str, *args, **kwargs) -> Any:

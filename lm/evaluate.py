@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from absl import flags, logging
+from absl import flags
 import jax
 
 from lm import cli, kinds, saved, sharding, train
@@ -37,10 +37,11 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f'seq_len={config.data.seq_len} is longer than the model\'s context, '
                       f'model.max_len={config.model.max_len}')
-  rules = sharding.logical_axis_rules(config)
+  rules = sharding.logical_axis_rules(config.mesh)
   batch_sharding = sharding.batch_sharding(run.mesh, rules)
   sharding.check_batch('eval.batch_size', config.eval.batch_size, run.mesh, rules)
-  corpus = pipeline.load_corpus(config, run.workdir / 'tokenizer', tokenizer=run.tokenizer)
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, run.workdir / 'tokenizer',
+                                tokenizer=run.tokenizer)
   step = train.jit_eval_step(run.model, _shardings(run.params), batch_sharding)
   with sharding.activate(run.mesh, rules):
     return train.evaluate_params(config, corpus, run.params, step, batch_sharding,
@@ -65,11 +66,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
-  if FLAGS.workdir is None:
-    sys.exit('error: --workdir is required, e.g. python -m lm.evaluate --workdir=runs/qs')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, ('workdir',), 'python -m lm.evaluate --workdir=runs/qs')
   try:
     run = saved.load(FLAGS.workdir, FLAGS.step)
     result = evaluate(run, dataset=FLAGS.dataset, paths=FLAGS.paths, split=FLAGS.split,

@@ -15,7 +15,7 @@ import pathlib
 import sys
 from typing import Sequence
 
-from absl import flags, logging
+from absl import flags
 import jax
 import numpy as np
 
@@ -69,7 +69,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   finished = None
   if stop:
     finished = lambda out: np.array([_cut_at_stop(tokenizer.decode(r), stop)[1] for r in out])
-  with sharding.activate(run.mesh, sharding.logical_axis_rules(run.config)):
+  with sharding.activate(run.mesh, sharding.logical_axis_rules(run.config.mesh)):
     out = decode.generate_ids(run.model, run.params, rows, max_new_tokens=max_new_tokens, sampling=sampling,
                               rng=jax.random.PRNGKey(seed), end_id=tokenizer.bos_id if stop_at_end else -1,
                               finished=finished, mesh=run.mesh)
@@ -101,11 +101,7 @@ def _define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
-  if FLAGS.workdir is None:
-    sys.exit('error: --workdir is required, e.g. python -m lm.generate --workdir=runs/qs --prompt="**HAMLET**"')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, ('workdir',), 'python -m lm.generate --workdir=runs/qs --prompt="**HAMLET**"')
   prompts = [_unescape(p) for p in FLAGS.prompt]
   if FLAGS.prompts_file:
     path = pathlib.Path(FLAGS.prompts_file)

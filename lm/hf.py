@@ -58,7 +58,7 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_col
                                                      'imported_from': str(hf_dir.absolute())})
   (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
   (workdir / workdirs.IMPORTED_FILE).write_text(json.dumps({'imported_from': str(hf_dir.absolute())}))
-  checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
+  checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
   checkpointer.save_params(0, jax.tree.map(np.asarray, params))
   checkpointer.close()
   return config

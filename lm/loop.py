@@ -102,16 +102,17 @@ class Trainer:
     self.data_shard = sharding.data_shard(self.batch_sharding, config.data.batch_size)
     workdirs.check_data_shards(self.workdir, self.data_shard[1])
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
-        config, self.workdir / 'tokenizer', workdirs.checkpointed_dataset(self.workdir)))
+        config.data, config.model.vocab_size, self.workdir / 'tokenizer', workdirs.checkpointed_dataset(self.workdir),
+        init_from=config.checkpoint.init_from))
     self._train_step = jit_train_step(config, self.model, optimizer, shardings, self.batch_sharding)
     self._eval_step = jit_eval_step(self.model, shardings.params, self.batch_sharding)
     self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
-    self.train_iter = iter(pipeline.train_dataset(config, self.corpus, *self.data_shard))
-    self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config)
+    self.train_iter = iter(pipeline.train_dataset(config.data, self.corpus, config.seed, *self.data_shard))
+    self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config.checkpoint)
     if self.checkpointer.latest_step() is None:
       self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
       if init_from:  # Fine-tuning: that run's parameters, a fresh optimizer and step 0.
-        source = checkpoint.Checkpointer(init_from / 'checkpoints', config)
+        source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)
         self.state = self.state.replace(params=source.restore_params(init_step, self.state.params))
         source.close()
         metrics.say(f'parameters from step {init_step} of {init_from}')

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from lm import cli
 from lm.config import ConfigError, validate
@@ -49,12 +49,7 @@ def distributed_args() -> tuple | None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
-  if _CONFIG.value is None or _WORKDIR.value is None:
-    sys.exit('error: --config and --workdir are required, e.g. '
-             'python -m lm.main --config=experiments/quickstart.py --workdir=runs/qs')
-  logging.set_verbosity(logging.WARNING)
+  cli.start(argv, ('config', 'workdir'), 'python -m lm.main --config=experiments/quickstart.py --workdir=runs/qs')
   try:
     config = validate(_CONFIG.value)
   except ConfigError as e:

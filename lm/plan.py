@@ -115,10 +115,7 @@ def _print(config, devices, f: dict[str, float]) -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(f'error: unexpected arguments {argv[1:]}')
-  if CONFIG.value is None:
-    sys.exit('error: --config is required, e.g. python -m lm.plan --config=experiments/gpt2.py:small')
+  cli.start(argv, ('config',), 'python -m lm.plan --config=experiments/gpt2.py:small')
   try:
     config = validate(CONFIG.value)
   except ConfigError as e:

@@ -76,7 +76,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
   layout, config = _layout(config, devices, mesh_shape)
   model = layout.model
   like = train.abstract_train_state(config, model, layout.optimizer, layout.shardings).params
-  checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
+  checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
   try:
     params = checkpointer.restore_params(step, like)
   finally:

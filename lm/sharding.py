@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-import ml_collections
 import numpy as np
 
 from lm.config import MESH_AXES, ConfigError
+from lm.config import Mesh as MeshSection
 
 # Config keys whose values size each logical axis: named in divisibility errors.
 _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads': 'model.num_heads',
@@ -41,17 +41,18 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
   return tuple(shape)
 
 
-def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh over `devices` (default: every device of every process)."""
+def make_mesh(mesh: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh of mesh.shape (the mesh section) over `devices` (default: every
+  device of every process)."""
   devices = list(jax.devices() if devices is None else devices)
-  shape = resolve_mesh_shape(config.mesh.shape, len(devices))
+  shape = resolve_mesh_shape(mesh.shape, len(devices))
   grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)  # Topology-aware on TPU.
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_axis_rules(config: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.mesh.logical_axis_rules)
+def logical_axis_rules(mesh: MeshSection) -> tuple[tuple[str, Any], ...]:
+  """The mesh section's logical axis rules, as flax takes them (tuples, whatever JSON made of them)."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh.logical_axis_rules)
 
 
 @contextlib.contextmanager

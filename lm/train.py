@@ -91,13 +91,13 @@ def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | N
   """The mesh over `devices` (default: all), the model, optimizer and train-state shardings, after
   checking config against them: mesh size, batch (unless check_batches=False, for inference) and
   parameter divisibility, the attention kernel. Each misfit is a ConfigError naming the key."""
-  mesh = sharding.make_mesh(config, devices)
-  rules = sharding.logical_axis_rules(config)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_axis_rules(config.mesh)
   if check_batches:
     sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
     sharding.check_batch('eval.batch_size', config.eval.batch_size, mesh, rules)
   attention_implementation(config.model)
-  model, optimizer = make_model(config), make_optimizer(config)
+  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
   shardings = state_shardings(config, model, optimizer, mesh, rules)
   return Layout(mesh, rules, sharding.batch_sharding(mesh, rules), model, optimizer, shardings)
 
@@ -114,7 +114,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, op
 def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
                      mesh: jax.sharding.Mesh, rules=None) -> TrainState:
   """A fresh train state, each array created directly in its shards (never whole on one device)."""
-  rules = sharding.logical_axis_rules(config) if rules is None else rules
+  rules = sharding.logical_axis_rules(config.mesh) if rules is None else rules
   shardings = state_shardings(config, model, optimizer, mesh, rules)
   _, init = _init_fn(config, model, optimizer)
   with jax.set_mesh(None):  # As in state_shardings.
@@ -251,7 +251,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimize
   """train_step under jit with explicit shardings, the state donated. Trace it inside sharding.activate."""
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
   return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(config),
+                                   schedule=learning_rate_schedule(config.optimizer, config.train.steps),
                                    microbatches=config.train.microbatches, z_loss=config.train.z_loss,
                                    label_smoothing=config.train.label_smoothing,
                                    moe_balance_loss=config.train.moe_balance_loss,
@@ -284,7 +284,7 @@ def evaluate_params(config: ml_collections.ConfigDict, corpus: pipeline.Corpus, 
   outs = [jitted_eval_step(params,  # Fetched once, at the end.
                            sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding, size),
                            token_bytes_V)
-          for batch in pipeline.eval_batches(config, corpus, num_batches)]
+          for batch in pipeline.eval_batches(config.data, corpus, config.seed, size, num_batches)]
   if not outs:
     raise ConfigError(f'data.eval_split={config.data.eval_split!r} holds no text to evaluate on')
   sums = {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}

@@ -95,4 +95,4 @@ def run_main(workdir, overrides: dict, *extra_args: str, check: bool = True,
 
 
 def one_device_mesh(config):
-  return sharding.make_mesh(config, jax.devices()[:1])
+  return sharding.make_mesh(config.mesh, jax.devices()[:1])

@@ -5,14 +5,18 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
 from lm import bench, matmuls, metrics
 from lm.config import load_experiment
+from lm.kinds import make_model
 from lm.layers import ATTENTION_BLOCK
+from lm.model import count_params
 
 
 @pytest.mark.slow
@@ -90,3 +94,18 @@ def test_a_matmuls_einsum_is_its_dot_general():
     want = jax.lax.dot_general(lhs, rhs, (contracting, batch))
     np.testing.assert_allclose(np.einsum(m.einsum(), lhs, rhs), want, rtol=1e-5, atol=1e-5)
     assert m.flops == 2 * want.size * np.prod([lhs_shape[i] for i in contracting[0]])
+
+
+def test_the_torch_child_trains_the_same_gpt2(tfds_dir, play_files):
+  """lm.bench_torch, in its own process as --compare=torch runs it: transformers' GPT-2 of the config's
+  shape has lm's parameter count, starts at the loss of a uniform guess, and times what it reports."""
+  config = tiny_config(tfds_dir, play_files)
+  product = matmuls.Matmul((4, 8), (8, 16), ((1,), (0,)), ((), ()), 'float32', 'float32', 'float32')
+  r = bench.compare_torch(config, ['eager'], steps=2, repeats=3, products={product: 3}, timeout_s=300)['eager']
+  assert 'error' not in r, r
+  shapes = jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  assert r['params'] == count_params(nn.meta.unbox(shapes))
+  assert r['final_loss'] == pytest.approx(np.log(config.model.vocab_size), rel=0.05)  # Random tokens, 4 steps in.
+  assert r['step_s'] == sorted(r['step_s_windows'])[1] and len(r['step_s_windows']) == 3
+  assert r['tokens_per_s'] == pytest.approx(config.data.batch_size * config.data.seq_len / r['step_s'])
+  assert 0 < r['matmul_floor_s'] and r['matmul_floor_share'] == pytest.approx(r['matmul_floor_s'] / r['step_s'])

@@ -128,7 +128,7 @@ def test_packing_resumes_from_any_position():
 @pytest.fixture(scope='module')
 def tiny(tfds_dir, play_files, tmp_path_factory):
   config = tiny_config(tfds_dir, play_files)
-  return config, pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
+  return config, pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
 
 
 def _batches(config, corpus, n, seed=None):
@@ -136,7 +136,7 @@ def _batches(config, corpus, n, seed=None):
     config = config.copy_and_resolve_references()
     config.unlock()
     config.seed = seed
-  return list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), n))
+  return list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), n))
 
 
 def test_same_seed_same_batches_other_seed_other_batches(tiny):
@@ -151,7 +151,8 @@ def test_same_seed_same_batches_other_seed_other_batches(tiny):
 
 def test_each_data_shard_reads_its_own_documents_in_a_fixed_order(tiny):
   config, corpus = tiny
-  shard = lambda k: [b['tokens'] for b in itertools.islice(iter(pipeline.train_dataset(config, corpus, k, 2)), 4)]
+  batches = lambda k: iter(pipeline.train_dataset(config.data, corpus, config.seed, k, 2))
+  shard = lambda k: [b['tokens'] for b in itertools.islice(batches(k), 4)]
   first, again, second = shard(0), shard(0), shard(1)
   assert first[0].shape == (config.data.batch_size // 2, config.data.seq_len + 1)
   for a, b in zip(first, again):  # A pure function of (seed, step, process) ...
@@ -166,21 +167,21 @@ def test_a_corpus_shorter_than_one_sequence_is_refused(tfds_dir, tmp_path):
   config = tiny_config(tfds_dir, str(tmp_path / '*.txt'), **{'data.tokenizer': 'byte'})
   with pytest.raises(ConfigError, match=r"^data.train_split='train' holds 8 tokens, fewer than one training sequence "
                                         r'\(33 tokens for data.seq_len=32\): add text or lower data.seq_len$'):
-    pipeline.load_corpus(config, tmp_path / 'tok')
+    pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'tok')
 
 
 def test_checkpointed_iterator_continues_without_repeating(tiny, tmp_path):
   config, corpus = tiny
   straight = [b['tokens'] for b in _batches(config, corpus, 30)]
-  it = iter(pipeline.train_dataset(config, corpus))
+  it = iter(pipeline.train_dataset(config.data, corpus, config.seed))
   for _ in range(11):
     next(it)
-  saver = checkpoint.Checkpointer(tmp_path / 'ckpt', config)
+  saver = checkpoint.Checkpointer(tmp_path / 'ckpt', config.checkpoint)
   state = {'x': np.zeros(2, np.float32)}
   saver.save(11, state, it)
   saver.close()
-  restored_it = iter(pipeline.train_dataset(config, corpus))
-  loader = checkpoint.Checkpointer(tmp_path / 'ckpt', config)
+  restored_it = iter(pipeline.train_dataset(config.data, corpus, config.seed))
+  loader = checkpoint.Checkpointer(tmp_path / 'ckpt', config.checkpoint)
   loader.restore(11, {'x': np.zeros(2, np.float32)}, restored_it)
   loader.close()
   rest = [next(restored_it)['tokens'] for _ in range(19)]
@@ -195,11 +196,11 @@ def test_checkpointed_iterator_continues_without_repeating(tiny, tmp_path):
 
 def test_eval_batches_cover_the_split_once(tiny):
   config, corpus = tiny
-  batches = list(pipeline.eval_batches(config, corpus))
+  batches = list(pipeline.eval_batches(config.data, corpus, config.seed, config.eval.batch_size))
   assert all(b['tokens'].shape == (config.eval.batch_size, config.data.seq_len + 1) for b in batches)
   encode = lambda i: corpus.tokenizer.encode(corpus.eval_source[i]['text'].decode())
   stream = np.concatenate([np.concatenate([[corpus.tokenizer.bos_id], encode(i)])
                            for i in range(len(corpus.eval_source))])
   targets = np.concatenate([b['tokens'][:, 1:][b['loss_mask']] for b in batches])
   np.testing.assert_array_equal(targets, stream[1:])
-  assert len(list(pipeline.eval_batches(config, corpus, num_batches=1))) == 1
+  assert len(list(pipeline.eval_batches(config.data, corpus, config.seed, config.eval.batch_size, num_batches=1))) == 1

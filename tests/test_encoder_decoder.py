@@ -117,15 +117,15 @@ def span_setup(tfds_dir, play_files, tmp_path_factory):
   # One encoder and one decoder block: what span corruption trains does not depend on depth.
   config = tiny_config(tfds_dir, play_files, **SPAN, **{'train.steps': 40, 'optimizer.learning_rate': 1e-2,
                                                         'model.num_layers': 1})
-  return config, pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
+  return config, pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
 
 
 def test_span_corruption_batches(span_setup):
   config, corpus = span_setup
   _, _, num_spans, target_len = config_lib.span_lengths(32, 0.15, 3.0)
   assert corpus.tokenizer.vocab_size <= config.model.vocab_size - num_spans  # Sentinels stay free.
-  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
-  again = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), 3))
+  again = list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), 3))
   for batch, same in zip(batches, again):
     assert batch['inputs'].shape == (4, 32) and batch['tokens'].shape == (4, target_len + 1)
     assert batch['loss_mask'].all()
@@ -165,8 +165,8 @@ def _seq2seq_config(tfds_dir, play_files, pairs_file, **extra):
 
 def test_seq2seq_examples_hold_the_pairs(tfds_dir, play_files, pairs_file, tmp_path):
   config = _seq2seq_config(tfds_dir, play_files, pairs_file)
-  corpus = pipeline.load_corpus(config, tmp_path)
-  batch = next(iter(pipeline.eval_batches(config, corpus)))
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path)
+  batch = next(iter(pipeline.eval_batches(config.data, corpus, config.seed, config.eval.batch_size)))
   first = {k: corpus.eval_source[0][k].decode() for k in ('input', 'target')}
   t = corpus.tokenizer
   assert t.decode(batch['inputs'][0]) == first['input']
@@ -227,12 +227,13 @@ def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, p
   knobs = SHARDABLE | {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption', 'model.moe_experts': 4,
                        'model.moe_top_k': 2, 'mesh.logical_axis_rules': rules, 'model.num_layers': 1}
   config = tiny_config(tfds_dir, play_files, **knobs)
-  corpus = pipeline.load_corpus(config, tmp_path)
-  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), 3))
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path)
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), 3))
   # Both runs start from the same state (how init shards is test_sharding's; each jitted init costs a compile).
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
-    initial = jax.device_get(train.init_train_state(config, make_model(config), make_optimizer(config), mesh))
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_axis_rules(config.mesh)):
+    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    initial = jax.device_get(train.init_train_state(config, make_model(config), optimizer, mesh))
   ref_losses, ref_state = train_on(config, jax.devices()[:1], batches, initial)
   config = tiny_config(tfds_dir, play_files, **knobs, **{'mesh.shape': (2, 2, 2)})
   losses, state = train_on(config, jax.devices(), batches, initial)

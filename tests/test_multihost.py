@@ -52,19 +52,19 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
 
   # The reference: one process, 8 devices, the same global batches (data shard 0 rows, then shard 1).
   config = tiny_config(tfds_dir, play_files, **RUN)
-  corpus = pipeline.load_corpus(config, workdir / 'tokenizer')
-  shards = [iter(pipeline.train_dataset(config, corpus, i, 2)) for i in range(2)]
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, workdir / 'tokenizer')
+  shards = [iter(pipeline.train_dataset(config.data, corpus, config.seed, i, 2)) for i in range(2)]
   batches = [{k: np.concatenate([a[k], b[k]]) for k in a} for a, b in
              (tuple(next(s) for s in shards) for _ in range(4))]
   losses, state = train_on(config, jax.devices(), batches)
   logged = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
   np.testing.assert_allclose(logged, losses[1::2], rtol=1e-5)
 
-  mesh = sharding.make_mesh(config)
-  model, optimizer = make_model(config), make_optimizer(config)
-  shardings = train.state_shardings(config, model, optimizer, mesh, sharding.logical_axis_rules(config))
+  mesh = sharding.make_mesh(config.mesh)
+  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
+  shardings = train.state_shardings(config, model, optimizer, mesh, sharding.logical_axis_rules(config.mesh))
   like = train.abstract_train_state(config, model, optimizer, shardings)  # Shapes and shardings, nothing computed.
-  restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config)
+  restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
   restored = restorer.restore_state(4, like)
   restorer.close()
   assert int(restored.step) == 4

@@ -14,8 +14,14 @@ def _config(**optimizer):
   return config
 
 
+def _section(**optimizer):
+  """The optimizer section and train.steps, as lm.optim takes them."""
+  config = _config(**optimizer)
+  return config_lib.section(config, 'optimizer'), config.train.steps
+
+
 def test_schedule_warms_up_linearly_then_decays_by_cosine():
-  schedule = learning_rate_schedule(_config())
+  schedule = learning_rate_schedule(*_section())
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(float(schedule(5)), 5e-4, rtol=1e-6)
   np.testing.assert_allclose(float(schedule(10)), 1e-3, rtol=1e-6)
@@ -31,7 +37,7 @@ def test_weight_decay_applies_to_kernels_only():
   assert not mask['block']['ln']['scale'] and not mask['token_embedding']['embedding']
   assert not mask['position_embedding']
   # With zero gradients only decay moves a parameter, and only the kernel moves.
-  optimizer = make_optimizer(_config(weight_decay=0.5))
+  optimizer = make_optimizer(*_section(weight_decay=0.5))
   state = optimizer.init(params)
   for _ in range(12):
     updates, state = optimizer.update(jax.tree.map(jnp.zeros_like, params), state, params)
@@ -44,8 +50,8 @@ def test_weight_decay_applies_to_kernels_only():
 def test_gradients_are_clipped_by_global_norm():
   params = {'w': {'kernel': jnp.zeros(4)}}
   grads = {'w': {'kernel': jnp.full(4, 100.0)}}
-  clipped = make_optimizer(_config(grad_clip_norm=1.0, weight_decay=0.0))
-  plain = make_optimizer(_config(grad_clip_norm=0.0, weight_decay=0.0))
+  clipped = make_optimizer(*_section(grad_clip_norm=1.0, weight_decay=0.0))
+  plain = make_optimizer(*_section(grad_clip_norm=0.0, weight_decay=0.0))
   # Adam normalises scale away on step one; compare the second moment the clipped gradient leaves.
   state = clipped.init(params)
   _, state = clipped.update(grads, state, params)
@@ -61,5 +67,5 @@ def test_gradients_are_clipped_by_global_norm():
 
 def test_optimizer_state_keeps_its_structure_when_clipping_is_toggled():
   params = {'w': {'kernel': jnp.zeros((2, 2)), 'bias': jnp.zeros(2)}}
-  structures = {jax.tree.structure(make_optimizer(_config(grad_clip_norm=c)).init(params)) for c in (0.0, 1.0)}
+  structures = {jax.tree.structure(make_optimizer(*_section(grad_clip_norm=c)).init(params)) for c in (0.0, 1.0)}
   assert len(structures) == 1  # So a run may resume with clipping switched on or off.

@@ -37,11 +37,12 @@ def _restore(workdir: pathlib.Path, step: int):
 
 def test_nonfinite_steps_are_skipped_counted_and_then_freeze(tfds_dir, play_files, tmp_path):
   config = tiny_config(tfds_dir, play_files)
-  corpus = pipeline.load_corpus(config, tmp_path / 'tok')
-  model, optimizer = make_model(config), make_optimizer(config)
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'tok')
+  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
   step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(config), max_nonfinite_steps=2))
-  batch = next(iter(pipeline.train_dataset(config, corpus)))
+                                   schedule=learning_rate_schedule(config.optimizer, config.train.steps),
+                                   max_nonfinite_steps=2))
+  batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
   mask = batch['loss_mask'].astype(np.float32)
   good = dict(batch, loss_mask=mask)
   bad = dict(batch, loss_mask=np.where(np.arange(mask.shape[1]) == 5, np.nan, mask))  # A NaN in the batch.

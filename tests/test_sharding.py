@@ -27,8 +27,8 @@ STEPS = 5
 @pytest.fixture(scope='module')
 def corpus_and_batches(tfds_dir, play_files, tmp_path_factory):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE)
-  corpus = pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
-  batches = list(itertools.islice(iter(pipeline.train_dataset(config, corpus)), STEPS))
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), STEPS))
   return corpus, batches
 
 
@@ -39,13 +39,13 @@ def _jitted_step(config, devices):
   """(mesh, rules, model, optimizer, state shardings, batch sharding, jitted train step) for config on a
   mesh over devices: one per config and mesh (the mesh.shape key aside, which the mesh itself says), so
   that tests training the same model on the same mesh share one compile."""
-  mesh = sharding.make_mesh(config, devices)
+  mesh = sharding.make_mesh(config.mesh, devices)
   flat = {k: v for k, v in flatten(config).items() if k != 'mesh.shape'}
   key = (json.dumps(flat, sort_keys=True, default=str), tuple(d.id for d in mesh.devices.flat),
          tuple(mesh.shape.items()))
   if key not in _STEPS:
-    rules = sharding.logical_axis_rules(config)
-    model, optimizer = make_model(config), make_optimizer(config)
+    rules = sharding.logical_axis_rules(config.mesh)
+    model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
     shardings = train.state_shardings(config, model, optimizer, mesh, rules)
     batch_sharding = sharding.batch_sharding(mesh, rules)
     step = train.jit_train_step(config, model, optimizer, shardings, batch_sharding)
@@ -74,9 +74,10 @@ def initial_state(tfds_dir, play_files):
   """The SHARDABLE model's fresh train state, on the host: where tests start that are not about
   initialisation (each jitted init costs a compile as long as a train step's)."""
   config = tiny_config(tfds_dir, play_files, **SHARDABLE)
-  mesh = sharding.make_mesh(config, jax.devices()[:1])
-  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
-    return jax.device_get(train.init_train_state(config, make_model(config), make_optimizer(config), mesh))
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  with sharding.activate(mesh, sharding.logical_axis_rules(config.mesh)):
+    optimizer = make_optimizer(config.optimizer, config.train.steps)
+    return jax.device_get(train.init_train_state(config, make_model(config), optimizer, mesh))
 
 
 @pytest.fixture(scope='module')
@@ -111,9 +112,9 @@ def test_every_mesh_matches_one_device(tfds_dir, play_files, corpus_and_batches,
 
 def test_parameter_shardings_follow_the_rules(tfds_dir, play_files):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (1, 2, 4)})
-  mesh = sharding.make_mesh(config)
-  model, optimizer = make_model(config), make_optimizer(config)
-  with sharding.activate(mesh, sharding.logical_axis_rules(config)):
+  mesh = sharding.make_mesh(config.mesh)
+  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
+  with sharding.activate(mesh, sharding.logical_axis_rules(config.mesh)):
     state = train.init_train_state(config, model, optimizer, mesh)
   # What the default rules say, written out by hand: fsdp splits `embed`, tensor splits heads/mlp/vocab.
   expected = {
@@ -138,7 +139,7 @@ def test_parameter_shardings_follow_the_rules(tfds_dir, play_files):
   logical = nn.get_partition_spec(boxed)
   for (path, leaf), names in zip(jax.tree_util.tree_leaves_with_path(state.params), jax.tree.leaves(
       logical, is_leaf=lambda x: isinstance(x, P))):
-    axes = nn.logical_to_mesh_axes(tuple(names), sharding.logical_axis_rules(config))
+    axes = nn.logical_to_mesh_axes(tuple(names), sharding.logical_axis_rules(config.mesh))
     assert leaf.sharding.spec == axes, jax.tree_util.keystr(path)
     shard = leaf.addressable_shards[0].data.shape
     for size, piece, a in zip(leaf.shape, shard, axes):
@@ -167,7 +168,8 @@ def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, co
                        **{'mesh.shape': (2, 2, 2), 'model.remat': remat, 'model.scan_layers': scan})
   params = initial_state.params
   params = stack_layers(params, config.model.num_layers) if scan else params  # Same values, layers stacked.
-  state = initial_state.replace(params=params, opt_state=make_optimizer(config).init(params))
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  state = initial_state.replace(params=params, opt_state=optimizer.init(params))
   losses, _ = train_on(config, jax.devices(), corpus_and_batches[1][:3], jax.device_get(state))
   np.testing.assert_allclose(losses, single_device[0][:3], rtol=1e-5, err_msg=f'remat={remat} scan={scan}')
 
@@ -193,8 +195,8 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
   corpus, batches = corpus_and_batches
   config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (8, 1, 1)})
   _, state = train_on(config, jax.devices(), batches[:3], initial_state)
-  checkpointer = checkpoint.Checkpointer(tmp_path, config)
-  data = iter(pipeline.train_dataset(config, corpus))
+  checkpointer = checkpoint.Checkpointer(tmp_path, config.checkpoint)
+  data = iter(pipeline.train_dataset(config.data, corpus, config.seed))
   checkpointer.save(3, state, data)
   checkpointer.close()
   expected, _ = train_on(config, jax.devices(), batches[3:], state)
@@ -202,8 +204,8 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
     other = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': shape})
     mesh, _, model, optimizer, shardings, _, _ = _jitted_step(other, devices)
     like = train.abstract_train_state(other, model, optimizer, shardings)  # Shapes and shardings on that mesh.
-    restorer = checkpoint.Checkpointer(tmp_path, other)
-    restored = restorer.restore(3, like, iter(pipeline.train_dataset(other, corpus)))
+    restorer = checkpoint.Checkpointer(tmp_path, other.checkpoint)
+    restored = restorer.restore(3, like, iter(pipeline.train_dataset(other.data, corpus, other.seed)))
     restorer.close()
     assert jax.tree.leaves(restored.params)[0].sharding.mesh.shape == mesh.shape
     assert int(restored.step) == 3
@@ -221,10 +223,10 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
 def test_bad_meshes_are_refused_before_compiling(tfds_dir, play_files, overrides, message):
   config = tiny_config(tfds_dir, play_files, **(SHARDABLE | overrides))
   with pytest.raises(ConfigError) as error:
-    mesh = sharding.make_mesh(config)
-    rules = sharding.logical_axis_rules(config)
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.logical_axis_rules(config.mesh)
     sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules)
-    train.state_shardings(config, make_model(config), make_optimizer(config), mesh, rules)
+    train.state_shardings(config, make_model(config), make_optimizer(config.optimizer, config.train.steps), mesh, rules)
   assert str(error.value).startswith(message), str(error.value)
   assert '\n' not in str(error.value)
 

@@ -14,9 +14,9 @@ from lm.optim import learning_rate_schedule, make_optimizer
 @pytest.fixture(scope='module')
 def setup(tfds_dir, play_files, tmp_path_factory):
   config = tiny_config(tfds_dir, play_files, **{'train.steps': 60, 'optimizer.learning_rate': 1e-2})
-  corpus = pipeline.load_corpus(config, tmp_path_factory.mktemp('tok'))
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
   model = make_model(config)
-  optimizer = make_optimizer(config)
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
   return config, corpus, model, optimizer
 
 
@@ -30,9 +30,10 @@ def initial_state(setup):
 
 def overfit(config, corpus, steps: int, state=None):
   """Losses and final state of `steps` train steps on one fixed batch, from a fresh state or `state`."""
-  model, optimizer, mesh = make_model(config), make_optimizer(config), one_device_mesh(config)
-  batch = next(iter(pipeline.train_dataset(config, corpus)))
-  rules = sharding.logical_axis_rules(config)
+  model, mesh = make_model(config), one_device_mesh(config)
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
+  rules = sharding.logical_axis_rules(config.mesh)
   shardings = train.state_shardings(config, model, optimizer, mesh, rules)
   step = train.jit_train_step(config, model, optimizer, shardings, sharding.batch_sharding(mesh, rules))
   state = train.init_train_state(config, model, optimizer, mesh) if state is None else jax.device_put(state, shardings)
@@ -56,7 +57,7 @@ def test_eval_counts_every_target_and_every_byte(setup, initial_state):
   token_bytes = np.pad(corpus.tokenizer.token_bytes, (0, config.model.vocab_size - corpus.tokenizer.vocab_size))
   sums = {'loss_sum': 0.0, 'tokens': 0.0, 'bytes': 0.0}
   eval_step = jax.jit(functools.partial(train.eval_step, model=model))
-  for batch in pipeline.eval_batches(config, corpus):
+  for batch in pipeline.eval_batches(config.data, corpus, config.seed, config.eval.batch_size):
     out = eval_step(initial_state.params, batch, token_bytes)
     sums = {k: sums[k] + float(v) for k, v in out.items()}
   texts = [corpus.eval_source[i]['text'].decode() for i in range(len(corpus.eval_source))]
@@ -85,7 +86,7 @@ def test_every_architecture_variant_trains(setup, tfds_dir, play_files, knobs):
 def test_z_loss_and_label_smoothing_follow_their_formulas(setup, initial_state):
   config, corpus, model, _ = setup
   params = initial_state.params
-  batch = next(iter(pipeline.train_dataset(config, corpus)))
+  batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
   logits = np.asarray(model.apply({'params': params}, batch['tokens'][:, :-1]), np.float64)
   log_z = np.log(np.exp(logits).sum(-1))
   target = np.take_along_axis(logits, batch['tokens'][:, 1:, None], -1)[..., 0]
@@ -103,7 +104,7 @@ def test_z_loss_and_label_smoothing_follow_their_formulas(setup, initial_state):
 def test_chunked_loss_equals_the_plain_one(setup, initial_state, chunk):
   config, corpus, model, _ = setup
   params = initial_state.params
-  batch = next(iter(pipeline.train_dataset(config, corpus)))
+  batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
   batch['loss_mask'][0, 20:] = False  # Masked targets, inside chunks.
   options = {'z_loss': 1e-2, 'label_smoothing': 0.1}
   value_and_grad = lambda chunk: jax.jit(jax.value_and_grad(
@@ -117,10 +118,10 @@ def test_chunked_loss_equals_the_plain_one(setup, initial_state, chunk):
 def test_dropout_masks_are_seeded_by_the_step(setup, initial_state, tfds_dir, play_files):
   _, corpus, _, _ = setup
   config = tiny_config(tfds_dir, play_files, **{'model.residual_dropout': 0.3, 'model.attention_dropout': 0.3})
-  model, optimizer = make_model(config), make_optimizer(config)
+  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
   step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(config)))
-  batch = next(iter(pipeline.train_dataset(config, corpus)))
+                                   schedule=learning_rate_schedule(config.optimizer, config.train.steps)))
+  batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
   state = jax.device_put(initial_state, jax.devices()[0])  # Dropout adds no parameters: the same state fits.
   loss = lambda s: float(step(s, batch)[1]['loss'])
   assert loss(state) == loss(state)  # The same step draws the same masks ...

@@ -48,6 +48,8 @@ __all__ = [  # What other modules import from here (besides the section modules)
     'MESH_LAYOUTS', 'MIN_SENTENCEPIECE_VOCAB', 'PAD_IDS', 'SECTIONS', 'ConfigError', 'Key', 'base_config',
     'flatten', 'load_experiment', 'load_module', 'must_match', 'override', 'preset_arg', 'reserved_ids',
     'section', 'span_lengths', 'split_spec', 'target_len', 'unknown_key_message', 'validate',
+    # The sections' typed dataclasses.
+    'Checkpoint', 'Data', 'Eval', 'Mesh', 'Model', 'Optimizer', 'Train',
 ]
 
 # Section name -> its dataclass; '' holds the top-level keys (seed).

@@ -63,15 +63,14 @@ def span_lengths(seq_len: int, noise_density: float, mean_span_length: float) ->
   return raw_len, num_noise, num_spans, num_noise + num_spans
 
 
-def reserved_ids(config) -> int:
-  """Ids at the top of the vocabulary the tokenizer leaves free: span corruption's sentinels."""
-  d = config.data
+def reserved_ids(d: Data) -> int:
+  """Ids at the top of the vocabulary the tokenizer leaves free: span corruption's sentinels (d: the
+  data section)."""
   return span_lengths(d.seq_len, d.noise_density, d.mean_span_length)[2] if d.objective == 'span_corruption' else 0
 
 
-def target_len(config) -> int:
-  """Decoder positions of an encoder-decoder example (seq2seq: data.target_len)."""
-  d = config.data
+def target_len(d: Data) -> int:
+  """Decoder positions of an encoder-decoder example (seq2seq: data.target_len; d: the data section)."""
   if d.objective == 'span_corruption':
     return span_lengths(d.seq_len, d.noise_density, d.mean_span_length)[3]
   return d.target_len
@@ -96,10 +95,10 @@ def objective_rules(c) -> list[str]:
                   "(data.objective='lm')")
   if m.kind == 'decoder' and m.num_encoder_layers:
     errors.append(f"model.num_encoder_layers={m.num_encoder_layers} needs model.kind='encoder_decoder'")
-  if m.kind == 'encoder_decoder' and target_len(c) > m.max_len:
+  if m.kind == 'encoder_decoder' and target_len(d) > m.max_len:
     what = ('the span-corruption targets of data.seq_len' if d.objective == 'span_corruption'
             else f'data.target_len={d.target_len}')
-    errors.append(f'{what} need {target_len(c)} decoder positions: must be <= model.max_len={m.max_len}')
+    errors.append(f'{what} need {target_len(d)} decoder positions: must be <= model.max_len={m.max_len}')
   return errors
 
 
@@ -114,7 +113,7 @@ def source_rules(c) -> list[str]:
   if d.name == 'text_pairs' and d.objective != 'seq2seq':
     errors.append(f"data.name='text_pairs' holds (input, target) pairs: needs data.objective='seq2seq' "
                   f'(data.objective={d.objective!r})')
-  reserved = reserved_ids(c)
+  reserved = reserved_ids(d)
   sentinels = f' + {reserved} span-corruption sentinels' if reserved else ''
   if d.tokenizer == 'byte' and m.vocab_size < BYTE_VOCAB_SIZE + reserved:
     errors.append(f"model.vocab_size={m.vocab_size} must be >= {BYTE_VOCAB_SIZE}{sentinels} with data.tokenizer='byte'")

@@ -19,10 +19,9 @@ import pathlib
 from typing import Any, Iterator
 
 import grain
-import ml_collections
 import numpy as np
 
-from lm.config import ConfigError, reserved_ids, target_len
+from lm.config import ConfigError, Data, reserved_ids, target_len
 from lm.data import builders, spans, tokenizers
 from lm.data.packing import PackIterDataset
 
@@ -34,6 +33,7 @@ class Corpus:
   tokenizer: tokenizers.Tokenizer
   text_keys: tuple[str, ...]  # The text feature, or (seq2seq) the input and target features.
   dataset: str  # Names the prepared data exactly (for text_files: which files, sizes, mtimes).
+  vocab_size: int  # The model's (model.vocab_size): span corruption's sentinels take its top ids.
 
 
 def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
@@ -56,14 +56,14 @@ def _text(example: dict, text_key: str) -> str:
   return text.decode('utf-8') if isinstance(text, bytes) else str(text)
 
 
-def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
-                expected_dataset: str | None = None, tokenizer: tokenizers.Tokenizer | None = None) -> Corpus:
-  """Prepares the dataset if it is ours, opens both splits, loads or trains the tokenizer (or, with
-  checkpoint.init_from, takes that run's; or uses the one given).
+def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None = None,
+                tokenizer: tokenizers.Tokenizer | None = None, init_from: str = '') -> Corpus:
+  """Prepares the dataset of the data section `d` if it is ours, opens both splits, loads or trains
+  the tokenizer for a model of vocab_size ids (or takes that of the run in init_from, as
+  checkpoint.init_from does; or uses the one given).
 
   With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
   """
-  d = config.data
   builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
                                      (d.input_key, d.target_key))
   dataset = f'{builder.info.full_name}:{d.train_split}'  # What training reads; the eval split may change.
@@ -74,25 +74,23 @@ def load_corpus(config: ml_collections.ConfigDict, tokenizer_dir: pathlib.Path,
   train = _split_source(builder, d.train_split, 'data.train_split', text_keys)
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
   texts = (_text(train[i], key) for i in range(len(train)) for key in text_keys)
-  init_from = config.checkpoint.init_from
+  room = vocab_size - reserved_ids(d)
   tokenizer = tokenizer or tokenizers.load_or_train(
-      d.tokenizer, config.model.vocab_size - reserved_ids(config), tokenizer_dir, texts, d.tokenizer_train_bytes,
+      d.tokenizer, room, tokenizer_dir, texts, d.tokenizer_train_bytes,
       trained_on=dataset, copy_from=pathlib.Path(init_from) / 'tokenizer' if init_from else None)
-  room = config.model.vocab_size - reserved_ids(config)
   if tokenizer.vocab_size > room:  # A tokenizer taken over by checkpoint.init_from may not fit.
-    sentinels = f' less {reserved_ids(config)} span-corruption sentinels' if reserved_ids(config) else ''
-    raise ConfigError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={config.model.vocab_size}'
+    sentinels = f' less {reserved_ids(d)} span-corruption sentinels' if reserved_ids(d) else ''
+    raise ConfigError(f'the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size={vocab_size}'
                       f'{sentinels} leaves room for {room}')
-  corpus = Corpus(train, evaluation, tokenizer, text_keys, dataset)
+  corpus = Corpus(train, evaluation, tokenizer, text_keys, dataset, vocab_size)
   if d.objective != 'seq2seq':
-    _check_fills_a_sequence(config, corpus)
+    _check_fills_a_sequence(d, corpus)
   return corpus
 
 
-def _check_fills_a_sequence(config: ml_collections.ConfigDict, corpus: Corpus) -> None:
+def _check_fills_a_sequence(d: Data, corpus: Corpus) -> None:
   """Refuses a train split with fewer tokens than one packed training sequence (read until it has them)."""
-  d = config.data
-  need = d.seq_len + 1 if d.objective == 'lm' else _span_corruption(config, corpus).raw_len
+  need = d.seq_len + 1 if d.objective == 'lm' else _span_corruption(d, corpus).raw_len
   tokenize, total = _Tokenize(corpus.tokenizer, corpus.text_keys), 0
   for i in range(len(corpus.train_source)):
     total += len(tokenize.map(corpus.train_source[i]))
@@ -134,61 +132,58 @@ class _TokenizePair(grain.transforms.Map):
             'loss_mask': loss_mask}
 
 
-def _span_corruption(config: ml_collections.ConfigDict, corpus: Corpus) -> spans.SpanCorruption:
-  d, t = config.data, corpus.tokenizer
-  return spans.SpanCorruption(d.seq_len, d.noise_density, d.mean_span_length, config.model.vocab_size,
+def _span_corruption(d: Data, corpus: Corpus) -> spans.SpanCorruption:
+  t = corpus.tokenizer
+  return spans.SpanCorruption(d.seq_len, d.noise_density, d.mean_span_length, corpus.vocab_size,
                               start_id=t.bos_id, pad_id=t.pad_id)
 
 
-def _examples(config: ml_collections.ConfigDict, corpus: Corpus, docs: grain.MapDataset,
-              read: grain.ReadOptions, training: bool, shard_index: int = 0) -> grain.IterDataset:
+def _examples(d: Data, corpus: Corpus, seed: int, docs: grain.MapDataset, read: grain.ReadOptions, training: bool,
+              shard_index: int = 0) -> grain.IterDataset:
   """Documents -> examples of data.objective (a finite eval stream keeps its padded tail for lm)."""
-  d, t = config.data, corpus.tokenizer
+  t = corpus.tokenizer
   if d.objective == 'seq2seq':
-    pair = _TokenizePair(t, corpus.text_keys, d.seq_len, target_len(config))
+    pair = _TokenizePair(t, corpus.text_keys, d.seq_len, target_len(d))
     return docs.map(pair).to_iter_dataset(read)
   docs = docs.map(_Tokenize(t, corpus.text_keys)).to_iter_dataset(read)
   if d.objective == 'lm':
     return PackIterDataset(docs, seq_len=d.seq_len, pad_id=t.pad_id, pad_final=not training)
-  corruption = _span_corruption(config, corpus)
+  corruption = _span_corruption(d, corpus)
   # Windows of raw_len tokens (each starting on the last token of the one before).
   windows = PackIterDataset(docs, seq_len=corruption.raw_len - 1, pad_id=t.pad_id, pad_final=False)
   # Grain seeds each window's masks by (seed, position in this stream): the shard goes into the seed.
-  return windows.random_map(corruption, seed=(config.seed * 1_000_003 + shard_index) % 2**32)
+  return windows.random_map(corruption, seed=(seed * 1_000_003 + shard_index) % 2**32)
 
 
 _TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
 _EVAL_READ = grain.ReadOptions(num_threads=0)  # No prefetch threads to leave behind on an early stop.
 
 
-def train_dataset(config: ml_collections.ConfigDict, corpus: Corpus, shard_index: int = 0,
-                  shard_count: int = 1) -> grain.IterDataset:
-  """Endless batches of B / shard_count rows (see the module docstring for their keys).
+def train_dataset(d: Data, corpus: Corpus, seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+  """Endless batches of B / shard_count rows (see the module docstring for their keys), shuffled by
+  `seed` (the run's).
 
   With several data shards (one per group of processes holding the same rows of a batch), each
   reads its own documents; the global batch is the shards' batches stacked in shard order.
   """
-  d = config.data
   docs = grain.MapDataset.source(corpus.train_source)[shard_index::shard_count]
-  packed = _examples(config, corpus, docs.shuffle(seed=config.seed).repeat(), _TRAIN_READ, training=True,
+  packed = _examples(d, corpus, seed, docs.shuffle(seed=seed).repeat(), _TRAIN_READ, training=True,
                      shard_index=shard_index)
   if d.shuffle_window:
-    packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window,
-                                                         seed=config.seed)
+    packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window, seed=seed)
   return packed.batch(d.batch_size // shard_count, drop_remainder=True)
 
 
-def eval_dataset(config: ml_collections.ConfigDict, corpus: Corpus) -> grain.IterDataset:
+def eval_dataset(d: Data, corpus: Corpus, seed: int) -> grain.IterDataset:
   """The whole eval split in order, made into examples like training (lm: the last window padded;
   span corruption: the tail dropped, the same corruption every time)."""
-  return _examples(config, corpus, grain.MapDataset.source(corpus.eval_source), _EVAL_READ, training=False)
+  return _examples(d, corpus, seed, grain.MapDataset.source(corpus.eval_source), _EVAL_READ, training=False)
 
 
-def eval_batches(config: ml_collections.ConfigDict, corpus: Corpus,
+def eval_batches(d: Data, corpus: Corpus, seed: int, size: int,
                  num_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-  """Batches of exactly eval.batch_size (padding rows masked out); num_batches=0: the whole split."""
-  size = config.eval.batch_size
-  batches = eval_dataset(config, corpus).batch(size, drop_remainder=False)
+  """Batches of exactly `size` (eval.batch_size; padding rows masked out); num_batches=0: the whole split."""
+  batches = eval_dataset(d, corpus, seed).batch(size, drop_remainder=False)
   for i, batch in enumerate(batches):
     if num_batches and i >= num_batches:
       return

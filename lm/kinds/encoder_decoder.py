@@ -24,19 +24,19 @@ class EncoderDecoderKind(Kind):
 
   def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
     return {'inputs': jnp.zeros((batch_size, config.data.seq_len), jnp.int32),
-            'tokens': jnp.zeros((batch_size, target_len(config) + 1), jnp.int32)}
+            'tokens': jnp.zeros((batch_size, target_len(config.data) + 1), jnp.int32)}
 
   def target_positions(self, config: ml_collections.ConfigDict) -> int:
-    return target_len(config)
+    return target_len(config.data)
 
   def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
-    return config.data.seq_len + target_len(config)
+    return config.data.seq_len + target_len(config.data)
 
   def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
     """The encoder and decoder stacks, plus cross-attention: 6 per weight (queries and outputs per
     target, keys and values per source token) and 12 * d_model per (target, source) pair."""
     m = config.model
-    source, target = config.data.seq_len, target_len(config)
+    source, target = config.data.seq_len, target_len(config.data)
     head = m.d_model // m.num_heads
     q_out = 2 * m.d_model * head * m.num_heads
     kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)

@@ -34,6 +34,11 @@ NonFiniteError = hooks.NonFiniteError  # What a diverged run raises (lm.main pri
 _all_finite_jit = jax.jit(lambda *trees: all_finite(trees))
 
 
+def _is_finite(state) -> bool:
+  """No NaN or Inf in a train state's parameters and optimizer state."""
+  return bool(sharding.to_host(_all_finite_jit(state.params, state.opt_state)))
+
+
 def _one_process_first(load: Callable[[], Any]) -> Any:
   """Runs `load` on process 0, then on the others: what it prepares on disk is made once."""
   if jax.process_count() == 1:
@@ -119,7 +124,7 @@ class Trainer:
     else:  # Straight into the shards of this mesh, whatever mesh wrote it.
       abstract = abstract_train_state(config, self.model, optimizer, shardings)
       latest, self.state, problems = self.checkpointer.restore_latest(
-          abstract, self.train_iter, lambda s: bool(sharding.to_host(_all_finite_jit(s.params, s.opt_state))))
+          abstract, self.train_iter, _is_finite)
       for problem in problems:
         metrics.say(f'warning: {problem}')
       metrics.say(f'resumed from step {latest} in {self.workdir}')
@@ -171,7 +176,7 @@ class Trainer:
     return hook
 
   def state_is_finite(self) -> bool:
-    return bool(sharding.to_host(_all_finite_jit(self.state.params, self.state.opt_state)))
+    return _is_finite(self.state)
 
   def run(self, stop_after: int | None = None) -> dict[str, float]:
     """Trains from the current step; returns the last eval (the whole split if training finished)."""

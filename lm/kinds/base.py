@@ -76,13 +76,17 @@ class Kind:
     return ConfigError(f'model.kind={self.name!r} has no Hugging Face conversion')
 
 
+def attention_widths(m) -> tuple[int, int]:
+  """Weights per token of the query and output projections together, and of the key and value ones."""
+  head = m.d_model // m.num_heads
+  return 2 * m.d_model * head * m.num_heads, 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
+
+
 def self_attention_stack_flops(m, layers: int, length: int) -> float:
   """Training FLOPs of `layers` self-attending blocks over `length` tokens: 6 per weight a token passes
   through (attention projections, MLP or the top_k experts and the router), plus 12 * d_model per
   (query, key) pair of the whole L x L square."""
-  head = m.d_model // m.num_heads
-  q_out = 2 * m.d_model * head * m.num_heads
-  kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
+  q_out, kv = attention_widths(m)
   dense = (3 if m.mlp == 'swiglu' else 2) * m.d_model * mlp_width(m)
   moe = m.moe_top_k * dense + m.d_model * m.moe_experts
   moe_layers = sum(is_moe_layer(m, i) for i in range(layers))

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm.config import PAD_IDS, target_len
-from lm.kinds.base import Kind, self_attention_stack_flops
+from lm.kinds.base import Kind, attention_widths, self_attention_stack_flops
 from lm.model import EncoderDecoder, empty_cache
 
 
@@ -37,9 +37,7 @@ class EncoderDecoderKind(Kind):
     target, keys and values per source token) and 12 * d_model per (target, source) pair."""
     m = config.model
     source, target = config.data.seq_len, target_len(config.data)
-    head = m.d_model // m.num_heads
-    q_out = 2 * m.d_model * head * m.num_heads
-    kv = 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
+    q_out, kv = attention_widths(m)
     cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.d_model * target * source)
     return (self_attention_stack_flops(m, m.num_encoder_layers or m.num_layers, source)
             + self_attention_stack_flops(m, m.num_layers, target) + cross + 6 * target * m.vocab_size * m.d_model)

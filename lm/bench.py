@@ -70,15 +70,16 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
   # Layers unrolled, as lm.saved.load gives them for generation.
   config = validate(override(config, {'model.max_len': max_len, 'model.dtype': 'float32', 'model.scan_layers': False,
                                       'data.seq_len': min(config.data.seq_len, max_len)}))
-  kinds.of(config).check_hf_shaped(config)
-  model = make_model(config)
+  kind = kinds.of(config.model)
+  kind.check_hf_shaped(config.model)
+  model = make_model(config.model, config.data)
   params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params']))()
   torch_model = None
   if with_torch:
     torch, transformers = hf.require('torch'), hf.require('transformers')
-    hf_config = transformers.GPT2Config(**kinds.of(config).hf_config(config, None))
+    hf_config = transformers.GPT2Config(**kind.hf_config(config.model, None))
     torch_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    state = {k: torch.tensor(v) for k, v in kinds.of(config).params_to_hf(jax.device_get(params), config).items()}
+    state = {k: torch.tensor(v) for k, v in kind.params_to_hf(jax.device_get(params), config.model).items()}
     torch_model.load_state_dict(state, strict=False)  # lm_head is tied to wte.
     torch_model.tie_weights()
   records = []
@@ -150,10 +151,9 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   measured_peak = max(matmul_rates.values())
   layout = train.make_layout(config)
   mesh, rules, batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
-  model, optimizer, shardings = layout.model, layout.optimizer, layout.shardings
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, pathlib.Path(tokenizer_dir))
   shard = sharding.data_shard(batch_sharding, config.data.batch_size)
-  tokens_per_row = metrics.tokens_per_example(config)
+  tokens_per_row = metrics.tokens_per_example(config.model, config.data)
 
   # The data pipeline alone, from a fresh iterator: filling the shuffle window, then data_batches more.
   rows = config.data.batch_size // shard[1]
@@ -164,12 +164,12 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
     next(data)
   data_tokens_per_s = batches * rows * tokens_per_row / (time.perf_counter() - start)
 
-  state = train.init_train_state(config, model, optimizer, mesh, rules)
+  state = train.init_train_state(layout)
   next_batch = lambda: sharding.global_batch(next(data), batch_sharding, config.data.batch_size)
   batch = next_batch()
   with sharding.activate(mesh, rules):
     start = time.perf_counter()
-    compiled = train.jit_train_step(config, model, optimizer, shardings, batch_sharding).lower(state, batch).compile()
+    compiled = train.jit_train_step(layout, config.train).lower(state, batch).compile()
     compile_s = time.perf_counter() - start
   for _ in range(2):
     state, step_metrics = compiled(state, next_batch())
@@ -191,9 +191,9 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   floor_s = matmul_floor_s(products, device) if mesh.size == 1 else None
 
   tokens_per_s = config.data.batch_size * tokens_per_row / step_s
-  flops_per_token = metrics.flops_per_token(config)
+  flops_per_token = metrics.flops_per_token(config.model, config.data)
   achieved = flops_per_token * tokens_per_s / mesh.size  # Per device.
-  hardware_peak = metrics.peak_flops_per_device(config, device)
+  hardware_peak = metrics.peak_flops_per_device(device, config.train.peak_flops_per_device)
   memory_stats = device.memory_stats() or {}
   if 'peak_bytes_in_use' in memory_stats:
     peak_memory, memory_source = memory_stats['peak_bytes_in_use'], 'device'
@@ -221,14 +221,12 @@ def _abstract_train_step(c):
   """The jitted train step of config c, shape-only arguments for it (no data, no parameters), and its mesh
   and rules: trace it inside sharding.activate(mesh, rules)."""
   layout = train.make_layout(c)
-  mesh, rules, batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
-  model, optimizer, shardings = layout.model, layout.optimizer, layout.shardings
-  state = train.abstract_train_state(c, model, optimizer, shardings)
-  targets = kinds.of(c).target_positions(c)
-  shapes = jax.eval_shape(lambda: train.example_batch(c, c.data.batch_size)
-                          | {'loss_mask': jnp.zeros((c.data.batch_size, targets), bool)})
-  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding), shapes)
-  return train.jit_train_step(c, model, optimizer, shardings, batch_sharding), (state, batch), mesh, rules
+  state = train.abstract_train_state(layout)
+  kind = kinds.of(c.model)
+  shapes = jax.eval_shape(lambda: kind.example_batch(c.data, c.data.batch_size)
+                          | {'loss_mask': jnp.zeros((c.data.batch_size, kind.target_positions(c.data)), bool)})
+  batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=layout.batch_sharding), shapes)
+  return train.jit_train_step(layout, c.train), (state, batch), layout.mesh, layout.rules
 
 
 def train_step_matmuls(config):
@@ -260,10 +258,11 @@ def bench_compile(config, depths: list[int]) -> list[dict]:
 def compare_torch(config, modes: list[str], steps: int, repeats: int, products, timeout_s: float = 1800) -> dict:
   """lm.bench_torch.torch_peer in a child process per mode ('eager', 'compile'), which also times
   `products` (lm's train_step_matmuls); a mode that fails reports its error."""
-  kinds.of(config).check_hf_shaped(config)
+  kind = kinds.of(config.model)
+  kind.check_hf_shaped(config.model)
   if config.model.dtype != 'float32':
     raise ValueError(f'--compare=torch trains in float32: set --config.model.dtype=float32 (not {config.model.dtype})')
-  spec = {'hf_config': kinds.of(config).hf_config(config, None), 'optimizer': dict(config.optimizer),
+  spec = {'hf_config': kind.hf_config(config.model, None), 'optimizer': dict(config.optimizer),
           'batch_size': config.data.batch_size, 'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats,
           'matmuls': [[m.lhs_shape, m.rhs_shape, m.einsum(), n] for m, n in products.items()]}
   results = {}

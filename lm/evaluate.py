@@ -29,7 +29,7 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
   on `split` (default: the run's eval split) of `dataset` (default: the run's), num_batches of
   batch_size sequences of seq_len tokens (defaults: all of the split, the run's eval sizes)."""
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
-  if kinds.of(run.config).prompt_is_input:
+  if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError('lm.evaluate scores decoders; an encoder-decoder\'s eval runs with its training')
   changes = {'data.name': dataset, 'data.paths': paths, 'data.eval_split': split,
              'data.tfds_data_dir': tfds_data_dir, 'eval.batch_size': batch_size, 'data.seq_len': seq_len}
@@ -44,8 +44,9 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
                                 tokenizer=run.tokenizer)
   step = train.jit_eval_step(run.model, _shardings(run.params), batch_sharding)
   with sharding.activate(run.mesh, rules):
-    return train.evaluate_params(config, corpus, run.params, step, batch_sharding,
-                                 train.padded_token_bytes(run.tokenizer, config.model.vocab_size), num_batches)
+    return train.evaluate_params(config.data, corpus, run.params, step, batch_sharding,
+                                 train.padded_token_bytes(run.tokenizer, config.model.vocab_size), seed=config.seed,
+                                 batch_size=config.eval.batch_size, num_batches=num_batches)
 
 
 def _shardings(tree):

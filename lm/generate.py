@@ -53,7 +53,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   if num_return_sequences < 1:
     raise ConfigError(f'num_return_sequences={num_return_sequences}: must be >= 1')
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
-  if kinds.of(run.config).prompt_is_input:
+  if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: generation here is for decoders '
                       '(its samples come with training, see samples/)')
   tokenizer = run.tokenizer

@@ -52,7 +52,7 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_col
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size='
                       f'{config.model.vocab_size}: they do not belong together')
-  params = kind.params_from_hf(require('safetensors.numpy').load_file(str(hf_dir / 'model.safetensors')), config)
+  params = kind.params_from_hf(require('safetensors.numpy').load_file(str(hf_dir / 'model.safetensors')), config.model)
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizers.save(tokenizer, workdir / 'tokenizer', {'kind': 'huggingface', 'vocab_size': tokenizer.vocab_size,
                                                      'imported_from': str(hf_dir.absolute())})
@@ -70,13 +70,13 @@ def export_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int
   safetensors_numpy = require('safetensors.numpy')
   workdir, hf_dir = pathlib.Path(workdir), pathlib.Path(hf_dir)
   run = saved.load(workdir, step, devices=jax.devices()[:1], mesh_shape=(1, 1, 1))
-  kind = kinds.of(run.config)
-  kind.check_hf_shaped(run.config)
+  kind = kinds.of(run.config.model)
+  kind.check_hf_shaped(run.config.model)
   hf_dir.mkdir(parents=True, exist_ok=True)
-  tensors = kind.params_to_hf(sharding.to_host(run.params), run.config)
+  tensors = kind.params_to_hf(sharding.to_host(run.params), run.config.model)
   safetensors_numpy.save_file(tensors, str(hf_dir / 'model.safetensors'), metadata={'format': 'pt'})
   end_id = run.tokenizer.bos_id
-  (hf_dir / 'config.json').write_text(json.dumps(kind.hf_config(run.config, end_id), indent=2))
+  (hf_dir / 'config.json').write_text(json.dumps(kind.hf_config(run.config.model, end_id), indent=2))
   if isinstance(run.tokenizer, tokenizers.HuggingFaceTokenizer):
     (hf_dir / 'tokenizer.json').write_text(run.tokenizer.json_text, encoding='utf-8')
     end = run.tokenizer.end_token

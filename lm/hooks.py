@@ -106,9 +106,11 @@ class Log(Hook):
     streak = values.pop('nonfinite_streak')
     now = time.perf_counter()
     values['step_seconds'] = (now - self.mark[0]) / (step - self.mark[1])
-    values['tokens_per_second'] = c.data.batch_size * metrics.tokens_per_example(c) / values['step_seconds']
+    tokens = c.data.batch_size * metrics.tokens_per_example(c.model, c.data)
+    values['tokens_per_second'] = tokens / values['step_seconds']
     # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
-    values['mfu'] = metrics.flops_per_token(c) * values['tokens_per_second'] / (trainer.peak_flops * trainer.mesh.size)
+    values['mfu'] = (metrics.flops_per_token(c.model, c.data) * values['tokens_per_second']
+                     / (trainer.peak_flops * trainer.mesh.size))
     trainer.writer.write(step, {f'train/{k}': v for k, v in values.items()})
     self.mark = (now, step)
     return step, values | {'nonfinite_streak': streak}

@@ -97,9 +97,9 @@ class Trainer:
     layout = make_layout(config, devices)
     self.mesh, self.rules, self.batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
     self.model = layout.model
-    optimizer, shardings = layout.optimizer, layout.shardings
     # The denominator of train/mfu: the device's peak from the table, else (CPU) its matmul rate, cached.
-    self.peak_flops = metrics.peak_flops(config, self.mesh.devices.flat[0])
+    self.peak_flops = metrics.peak_flops(self.mesh.devices.flat[0], config.model.dtype,
+                                         config.train.peak_flops_per_device)
     self.hooks: list[hooks.Hook] = []  # The user's; run() puts the built-in ones first.
     self._config_changes = workdirs.check_workdir(self.workdir, config)
     init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from else None
@@ -109,20 +109,20 @@ class Trainer:
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
         config.data, config.model.vocab_size, self.workdir / 'tokenizer', workdirs.checkpointed_dataset(self.workdir),
         init_from=config.checkpoint.init_from))
-    self._train_step = jit_train_step(config, self.model, optimizer, shardings, self.batch_sharding)
-    self._eval_step = jit_eval_step(self.model, shardings.params, self.batch_sharding)
+    self._train_step = jit_train_step(layout, config.train)
+    self._eval_step = jit_eval_step(self.model, layout.shardings.params, self.batch_sharding)
     self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
     self.train_iter = iter(pipeline.train_dataset(config.data, self.corpus, config.seed, *self.data_shard))
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config.checkpoint)
     if self.checkpointer.latest_step() is None:
-      self.state = init_train_state(config, self.model, optimizer, self.mesh, self.rules)
+      self.state = init_train_state(layout)
       if init_from:  # Fine-tuning: that run's parameters, a fresh optimizer and step 0.
         source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)
         self.state = self.state.replace(params=source.restore_params(init_step, self.state.params))
         source.close()
         metrics.say(f'parameters from step {init_step} of {init_from}')
     else:  # Straight into the shards of this mesh, whatever mesh wrote it.
-      abstract = abstract_train_state(config, self.model, optimizer, shardings)
+      abstract = abstract_train_state(layout)
       latest, self.state, problems = self.checkpointer.restore_latest(
           abstract, self.train_iter, _is_finite)
       for problem in problems:
@@ -143,8 +143,9 @@ class Trainer:
 
   def evaluate(self, num_batches: int = 0) -> dict[str, float]:
     with self.activate():
-      return evaluate_params(self.config, self.corpus, self.state.params, self._eval_step, self.batch_sharding,
-                             self._token_bytes, num_batches)
+      return evaluate_params(self.config.data, self.corpus, self.state.params, self._eval_step, self.batch_sharding,
+                             self._token_bytes, seed=self.config.seed, batch_size=self.config.eval.batch_size,
+                             num_batches=num_batches)
 
   def samples(self, step: int) -> list[str]:
     e, tokenizer = self.config.eval, self.corpus.tokenizer
@@ -152,14 +153,14 @@ class Trainer:
       return []
     rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, step), 1)
     prompt, input_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(e.sample_prompt)]), None
-    kind = kinds.of(self.config)
+    kind = kinds.of(self.config.model)
     if kind.prompt_is_input:  # The decoder starts afresh.
       seq_len = self.config.data.seq_len
       input_ids = np.pad(prompt[1:seq_len + 1], (0, max(0, seq_len - len(prompt) + 1)),
                          constant_values=tokenizer.pad_id)
       prompt = prompt[:1]
     new = decode.sample(self.model, self.state.params, prompt, num_samples=e.num_samples,
-                        num_tokens=min(e.sample_tokens, kind.target_positions(self.config)),
+                        num_tokens=min(e.sample_tokens, kind.target_positions(self.config.data)),
                         temperature=e.sample_temperature, rng=rng, mesh=self.mesh, input_ids=input_ids)
     if input_ids is not None:  # Shows the input, then what the decoder made of it (up to its end token).
       return [f'{e.sample_prompt}\n=>\n{tokenizer.decode(_until(row, tokenizer.bos_id))}' for row in new]
@@ -202,7 +203,7 @@ class Trainer:
     compile_s = time.perf_counter() - start
     self.writer.write(step, {'train/compile_seconds': compile_s, 'model/params': count_params(self.state.params),
                              'model/embedding_params': count_embedding_params(self.state.params),
-                             'model/flops_per_token': metrics.flops_per_token(c),
+                             'model/flops_per_token': metrics.flops_per_token(c.model, c.data),
                              'train/peak_flops_per_device': self.peak_flops})
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
     log, checkpointer = hooks.Log(self), hooks.Checkpoint()

@@ -25,12 +25,13 @@ def say(message: str) -> None:
     tqdm.tqdm.write(message)
 
 
-def tokens_per_example(config) -> int:
-  """Tokens one row of a training batch holds: seq_len, plus the decoder's for an encoder-decoder."""
-  return kinds.of(config).tokens_per_example(config)
+def tokens_per_example(m, d) -> int:
+  """Tokens one row of a training batch holds (`m`, `d`: a config's model and data sections): seq_len,
+  plus the decoder's for an encoder-decoder."""
+  return kinds.of(m).tokens_per_example(d)
 
 
-def flops_per_example(config) -> float:
+def flops_per_example(m, d) -> float:
   """Training FLOPs (forward + backward, matmuls only) for one row of a batch, as its kind counts them.
 
   Every weight matrix costs 6 FLOPs per token passing through it (2 forward, 4 backward): all but
@@ -40,12 +41,12 @@ def flops_per_example(config) -> float:
   weighted sum of V, forward and backward), counting every pair of the L x L square: the causal
   mask and a sliding window are not subtracted, because the dense kernel computes them too.
   """
-  return kinds.of(config).flops_per_example(config)
+  return kinds.of(m).flops_per_example(m, d)
 
 
-def flops_per_token(config) -> float:
+def flops_per_token(m, d) -> float:
   """flops_per_example / tokens_per_example: for a decoder 6 * weights + 12 * layers * d_model * L."""
-  return flops_per_example(config) / tokens_per_example(config)
+  return flops_per_example(m, d) / tokens_per_example(m, d)
 
 
 # Peak dense bfloat16 FLOP/s per device, by jax device_kind (longest matching prefix wins).
@@ -57,10 +58,11 @@ PEAK_FLOPS = {
 }
 
 
-def peak_flops_per_device(config, device) -> float | None:
-  """train.peak_flops_per_device, else the table's figure for the device kind; None if unknown (CPU)."""
-  if config.train.peak_flops_per_device:
-    return config.train.peak_flops_per_device
+def peak_flops_per_device(device, configured: float = 0.0) -> float | None:
+  """`configured` (train.peak_flops_per_device) if set, else the table's figure for the device kind;
+  None if unknown (CPU)."""
+  if configured:
+    return configured
   kind = getattr(device, 'device_kind', '')
   matches = [name for name in PEAK_FLOPS if kind.startswith(name)]
   return PEAK_FLOPS[max(matches, key=len)] if matches else None
@@ -114,9 +116,9 @@ def cached_matmul_flops(device, dtype: str = 'float32') -> float:
   return cached[key]
 
 
-def peak_flops(config, device) -> float:
-  """The MFU denominator: peak_flops_per_device, else (CPUs) the cached measured matmul rate."""
-  return peak_flops_per_device(config, device) or cached_matmul_flops(device, config.model.dtype)
+def peak_flops(device, dtype: str, configured: float = 0.0) -> float:
+  """The MFU denominator: peak_flops_per_device, else (CPUs) the cached measured matmul rate in dtype."""
+  return peak_flops_per_device(device, configured) or cached_matmul_flops(device, dtype)
 
 
 def eval_summary(loss_sum: float, token_count: float, byte_count: float) -> dict[str, float]:

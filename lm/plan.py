@@ -19,7 +19,7 @@ import jax
 from jax.experimental import topologies
 import numpy as np
 
-from lm import cli, metrics, sharding, train
+from lm import cli, kinds, metrics, sharding, train
 from lm.config import ConfigError, validate
 from lm.layers import mlp_width
 from lm.model import count_params
@@ -57,24 +57,23 @@ def _shard_bytes(tree) -> int:
 def report(config, devices) -> dict[str, float]:
   """Lowers and compiles train_step for config on a mesh over devices; returns the figures."""
   layout = train.make_layout(config, devices)
-  mesh, rules, batch_sharding, model, optimizer, shardings = (
-      layout.mesh, layout.rules, layout.batch_sharding, layout.model, layout.optimizer, layout.shardings)
-  state = train.abstract_train_state(config, model, optimizer, shardings)
+  mesh, rules, batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
+  state = train.abstract_train_state(layout)
   b = config.data.batch_size
   batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding)
-           for k, x in train.example_batch(config, b).items()}
+           for k, x in kinds.of(config.model).example_batch(config.data, b).items()}
   batch['loss_mask'] = jax.ShapeDtypeStruct((b, batch['tokens'].shape[1] - 1), np.bool_, sharding=batch_sharding)
   start = time.perf_counter()
   with sharding.activate(mesh, rules):
-    lowered = train.jit_train_step(config, model, optimizer, shardings, batch_sharding).lower(state, batch)
+    lowered = train.jit_train_step(layout, config.train).lower(state, batch)
   compiled = lowered.compile()
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
-  per_token = metrics.flops_per_token(config)
+  per_token = metrics.flops_per_token(config.model, config.data)
   figures = {
       'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'parameters': count_params(state.params),
-      'flops_per_token': per_token,
-      'flops_per_step_per_device': metrics.flops_per_example(config) * b / mesh.size, 'compile_seconds': compile_s,
+      'flops_per_token': per_token, 'compile_seconds': compile_s,
+      'flops_per_step_per_device': metrics.flops_per_example(config.model, config.data) * b / mesh.size,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
       'argument_bytes': memory.argument_size_in_bytes, 'output_bytes': memory.output_size_in_bytes,
       'alias_bytes': memory.alias_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,

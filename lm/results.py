@@ -65,7 +65,7 @@ def _tokens_per_step(config: dict) -> int:
     if group:
       nested[group] = nested.get(group, ml_collections.ConfigDict())
       nested[group][leaf] = value
-  return config['data.batch_size'] * tokens_per_example(nested)
+  return config['data.batch_size'] * tokens_per_example(nested.model, nested.data)
 
 
 def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:

@@ -75,7 +75,7 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
                       f'model only model.vocab_size={config.model.vocab_size}: they do not belong together')
   layout, config = _layout(config, devices, mesh_shape)
   model = layout.model
-  like = train.abstract_train_state(config, model, layout.optimizer, layout.shardings).params
+  like = train.abstract_train_state(layout).params
   checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
   try:
     params = checkpointer.restore_params(step, like)
@@ -83,5 +83,5 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
     checkpointer.close()
   if unroll_layers and config.model.scan_layers:
     config = override(config, {'model.scan_layers': False})
-    model, params = make_model(config), unstack_layers(params, config.model.num_layers)
+    model, params = make_model(config.model, config.data), unstack_layers(params, config.model.num_layers)
   return SavedRun(config, model, params, tokenizer, step, layout.mesh, workdir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 from flax import struct
 import flax.linen as nn
@@ -38,16 +38,12 @@ def _unbox(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
 
 
-def example_batch(config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-  """Zeros shaped like a batch of config's data (see lm/data/pipeline.py), as its kind says."""
-  return kinds.of(config).example_batch(config, batch_size)
-
-
-def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation):
-  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+def _init_functions(seed: int, model: nn.Module, optimizer: optax.GradientTransformation,
+                    batch: dict[str, jax.Array]) -> tuple[Callable[[], Any], Callable[[], TrainState]]:
+  """(the boxed parameters' init, the whole train state's init) from the run's seed and a batch's shapes."""
+  init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
 
   def init_params():  # Boxed: each parameter carries its logical axis names.
-    batch = example_batch(config)
     args = (batch['inputs'],) if 'inputs' in batch else ()
     return model.init(init_rng, *args, batch['tokens'][:, :-1])['params']
 
@@ -59,14 +55,13 @@ def _init_fn(config: ml_collections.ConfigDict, model: nn.Module, optimizer: opt
   return init_params, init
 
 
-def state_shardings(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
-                    mesh: jax.sharding.Mesh, rules) -> TrainState:
+def _state_shardings(init_params: Callable[[], Any], optimizer: optax.GradientTransformation,
+                     mesh: jax.sharding.Mesh, rules, m: ml_collections.ConfigDict) -> TrainState:
   """Where each part of the train state lives: parameters and their optimizer moments as the logical
   rules say, counters and keys replicated. Raises ConfigError if a sharded dimension does not split."""
-  init_params, _ = _init_fn(config, model, optimizer)
   with jax.set_mesh(None):  # Flax's DenseGeneral init would constrain its kernel before reshaping it.
     boxed = jax.eval_shape(init_params)
-  sharding.check_divisible(boxed, mesh, rules, config.model)
+  sharding.check_divisible(boxed, mesh, rules, m)
   params = sharding.shardings_of(boxed, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   opt_state = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, _unbox(boxed)), params,
@@ -83,42 +78,43 @@ class Layout:
   batch_sharding: jax.sharding.NamedSharding
   model: nn.Module
   optimizer: optax.GradientTransformation
+  schedule: optax.Schedule
   shardings: TrainState
+  init: Callable[[], TrainState]  # A fresh train state (traced: see init_train_state).
 
 
 def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | None = None,
                 check_batches: bool = True) -> Layout:
   """The mesh over `devices` (default: all), the model, optimizer and train-state shardings, after
   checking config against them: mesh size, batch (unless check_batches=False, for inference) and
-  parameter divisibility, the attention kernel. Each misfit is a ConfigError naming the key."""
+  parameter divisibility, the attention kernel. Each misfit is a ConfigError naming the key.
+
+  The one place that reads the whole config to lay out a run; what it builds takes sections."""
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_axis_rules(config.mesh)
   if check_batches:
     sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules, config.train.microbatches)
     sharding.check_batch('eval.batch_size', config.eval.batch_size, mesh, rules)
   attention_implementation(config.model)
-  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
-  shardings = state_shardings(config, model, optimizer, mesh, rules)
-  return Layout(mesh, rules, sharding.batch_sharding(mesh, rules), model, optimizer, shardings)
+  model = make_model(config.model, config.data)
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  init_params, init = _init_functions(config.seed, model, optimizer, kinds.of(config.model).example_batch(config.data))
+  shardings = _state_shardings(init_params, optimizer, mesh, rules, config.model)
+  return Layout(mesh, rules, sharding.batch_sharding(mesh, rules), model, optimizer,
+                learning_rate_schedule(config.optimizer, config.train.steps), shardings, init)
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
-                         shardings: TrainState) -> TrainState:
+def abstract_train_state(layout: Layout) -> TrainState:
   """The train state as shapes, dtypes and shardings only: what a restore or an AOT compile needs."""
-  _, init = _init_fn(config, model, optimizer)
-  with jax.set_mesh(None):  # As in state_shardings.
-    shapes = jax.eval_shape(init)
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  with jax.set_mesh(None):  # As in _state_shardings.
+    shapes = jax.eval_shape(layout.init)
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, layout.shardings)
 
 
-def init_train_state(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh, rules=None) -> TrainState:
+def init_train_state(layout: Layout) -> TrainState:
   """A fresh train state, each array created directly in its shards (never whole on one device)."""
-  rules = sharding.logical_axis_rules(config.mesh) if rules is None else rules
-  shardings = state_shardings(config, model, optimizer, mesh, rules)
-  _, init = _init_fn(config, model, optimizer)
-  with jax.set_mesh(None):  # As in state_shardings.
-    return jax.jit(init, out_shardings=shardings)()
+  with jax.set_mesh(None):  # As in _state_shardings.
+    return jax.jit(layout.init, out_shardings=layout.shardings)()
 
 
 def token_losses(logits_BLV: jax.Array, targets_BL: jax.Array, *, z_loss: float = 0.0,
@@ -246,18 +242,16 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def jit_train_step(config: ml_collections.ConfigDict, model: nn.Module, optimizer: optax.GradientTransformation,
-                   shardings: TrainState, batch_sharding: jax.sharding.NamedSharding):
-  """train_step under jit with explicit shardings, the state donated. Trace it inside sharding.activate."""
-  replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-  return jax.jit(functools.partial(train_step, model=model, optimizer=optimizer,
-                                   schedule=learning_rate_schedule(config.optimizer, config.train.steps),
-                                   microbatches=config.train.microbatches, z_loss=config.train.z_loss,
-                                   label_smoothing=config.train.label_smoothing,
-                                   moe_balance_loss=config.train.moe_balance_loss,
-                                   logits_chunk=config.train.logits_chunk,
-                                   max_nonfinite_steps=config.train.max_nonfinite_steps),
-                 in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=0)
+def jit_train_step(layout: Layout, t: ml_collections.ConfigDict):
+  """train_step of the layout's model and optimizer under jit with explicit shardings, the state
+  donated; `t` is the train section. Trace it inside sharding.activate."""
+  replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(functools.partial(train_step, model=layout.model, optimizer=layout.optimizer,
+                                   schedule=layout.schedule, microbatches=t.microbatches, z_loss=t.z_loss,
+                                   label_smoothing=t.label_smoothing, moe_balance_loss=t.moe_balance_loss,
+                                   logits_chunk=t.logits_chunk, max_nonfinite_steps=t.max_nonfinite_steps),
+                 in_shardings=(layout.shardings, layout.batch_sharding), out_shardings=(layout.shardings, replicated),
+                 donate_argnums=0)
 
 
 def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
@@ -274,19 +268,20 @@ def jit_eval_step(model: nn.Module, param_shardings, batch_sharding: jax.shardin
                  out_shardings=replicated)
 
 
-def evaluate_params(config: ml_collections.ConfigDict, corpus: pipeline.Corpus, params, jitted_eval_step,
-                    batch_sharding: jax.sharding.NamedSharding, token_bytes_V: np.ndarray,
-                    num_batches: int = 0) -> dict[str, float]:
-  """Loss, perplexity and bits per byte of params on the eval split (num_batches=0: all of it),
-  each process feeding its rows of every batch. Call inside sharding.activate."""
-  size = config.eval.batch_size
-  start, stop = sharding.process_rows(batch_sharding, size)
+def evaluate_params(d: ml_collections.ConfigDict, corpus: pipeline.Corpus, params, jitted_eval_step,
+                    batch_sharding: jax.sharding.NamedSharding, token_bytes_V: np.ndarray, *, seed: int,
+                    batch_size: int, num_batches: int = 0) -> dict[str, float]:
+  """Loss, perplexity and bits per byte of params on the eval split of data section `d` (num_batches=0:
+  all of it), in batches of batch_size, each process feeding its rows of every batch. Call inside
+  sharding.activate."""
+  start, stop = sharding.process_rows(batch_sharding, batch_size)
   outs = [jitted_eval_step(params,  # Fetched once, at the end.
-                           sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding, size),
+                           sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding,
+                                                 batch_size),
                            token_bytes_V)
-          for batch in pipeline.eval_batches(config.data, corpus, config.seed, size, num_batches)]
+          for batch in pipeline.eval_batches(d, corpus, seed, batch_size, num_batches)]
   if not outs:
-    raise ConfigError(f'data.eval_split={config.data.eval_split!r} holds no text to evaluate on')
+    raise ConfigError(f'data.eval_split={d.eval_split!r} holds no text to evaluate on')
   sums = {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}
   return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
 

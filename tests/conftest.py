@@ -27,7 +27,7 @@ os.environ.setdefault('LM_CACHE_DIR', tempfile.mkdtemp(prefix='lm-cache-'))
 jax.config.update('jax_num_cpu_devices', 8)
 
 from lm import config as config_lib
-from lm import sharding
+from lm import train
 from lm.data.builders import normalize_text, shakespeare_plays_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -94,5 +94,5 @@ def run_main(workdir, overrides: dict, *extra_args: str, check: bool = True,
   return result
 
 
-def one_device_mesh(config):
-  return sharding.make_mesh(config.mesh, jax.devices()[:1])
+def one_device_layout(config):
+  return train.make_layout(config, jax.devices()[:1])

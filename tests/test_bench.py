@@ -32,7 +32,7 @@ def test_train_bench_reports_consistent_figures_and_the_torch_ratio(tfds_dir, pl
   tokens_per_step = config.data.batch_size * config.data.seq_len
   assert r['step_s'] == sorted(r['step_s_windows'])[1] and len(r['step_s_windows']) == 2
   assert r['train_tokens_per_s'] == pytest.approx(tokens_per_step / r['step_s'])
-  assert r['flops_per_token'] == metrics.flops_per_token(config)
+  assert r['flops_per_token'] == metrics.flops_per_token(config.model, config.data)
   achieved = r['flops_per_token'] * r['train_tokens_per_s']
   assert r['mfu_measured_peak'] == pytest.approx(achieved / r['measured_peak_flops'])
   assert 1e8 < r['measured_peak_flops'] < 1e13 and 0 < r['mfu_measured_peak'] < 1.5
@@ -65,7 +65,7 @@ def test_the_train_steps_matmuls_do_exactly_the_flops_of_the_formula(tfds_dir, p
   """lm.matmuls counts the products in a train step's jaxpr; metrics.flops_per_example, which MFU divides
   by, must be their FLOPs exactly, wherever the step computes each product once."""
   step_flops = lambda c: matmuls.flops(bench.train_step_matmuls(c))
-  model_flops = lambda c: metrics.flops_per_example(c) * c.data.batch_size
+  model_flops = lambda c: metrics.flops_per_example(c.model, c.data) * c.data.batch_size
   for knobs in [{}, {'model.scan_layers': True, 'model.tie_embeddings': False, 'model.mlp': 'swiglu',
                      'model.num_kv_heads': 1}, {'train.microbatches': 2},
                 {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption'}]:
@@ -103,7 +103,8 @@ def test_the_torch_child_trains_the_same_gpt2(tfds_dir, play_files):
   product = matmuls.Matmul((4, 8), (8, 16), ((1,), (0,)), ((), ()), 'float32', 'float32', 'float32')
   r = bench.compare_torch(config, ['eager'], steps=2, repeats=3, products={product: 3}, timeout_s=300)['eager']
   assert 'error' not in r, r
-  shapes = jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  model = make_model(config.model, config.data)
+  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
   assert r['params'] == count_params(nn.meta.unbox(shapes))
   assert r['final_loss'] == pytest.approx(np.log(config.model.vocab_size), rel=0.05)  # Random tokens, 4 steps in.
   assert r['step_s'] == sorted(r['step_s_windows'])[1] and len(r['step_s_windows']) == 3

@@ -21,7 +21,7 @@ def _decoder(**knobs):
   if key not in _DECODERS:
     config = config_lib.base_config()
     config.model.update(dict(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32) | knobs)
-    model = make_model(config)
+    model = make_model(config.model, config.data)
     _DECODERS[key] = model, nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params'])
   return _DECODERS[key]
 

@@ -16,7 +16,6 @@ from lm import decode, kinds, loop, sharding, train
 from lm.config import DEFAULT_LOGICAL_AXIS_RULES
 from lm.data import pipeline, spans
 from lm.kinds import make_model
-from lm.optim import make_optimizer
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 from test_train import overfit
 
@@ -34,7 +33,7 @@ def _model(**knobs):
     config.model.update(kind='encoder_decoder', vocab_size=260, max_len=16, num_layers=2, num_heads=2, d_model=16,
                         mlp_dim=32, **knobs)
     config.data.update(objective='seq2seq', tokenizer='byte')
-    model = make_model(config)
+    model = make_model(config.model, config.data)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 12), jnp.int32),
                                                jnp.zeros((1, 10), jnp.int32))['params'])
     _MODELS[key] = model, params
@@ -230,10 +229,9 @@ def test_encoder_decoder_with_expert_parallel_moe_matches_one_device(tfds_dir, p
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path)
   batches = list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), 3))
   # Both runs start from the same state (how init shards is test_sharding's; each jitted init costs a compile).
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  with sharding.activate(mesh, sharding.logical_axis_rules(config.mesh)):
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    initial = jax.device_get(train.init_train_state(config, make_model(config), optimizer, mesh))
+  layout = train.make_layout(config, jax.devices()[:1])
+  with sharding.activate(layout.mesh, layout.rules):
+    initial = jax.device_get(train.init_train_state(layout))
   ref_losses, ref_state = train_on(config, jax.devices()[:1], batches, initial)
   config = tiny_config(tfds_dir, play_files, **knobs, **{'mesh.shape': (2, 2, 2)})
   losses, state = train_on(config, jax.devices(), batches, initial)

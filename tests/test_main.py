@@ -40,7 +40,8 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   assert final['eval/tokens'] > 100_000  # The final eval covers all three validation plays.
   assert [r['step'] for r in records if 'train/loss' in r] == [1, 2, 3]
   assert all(math.isfinite(r['train/tokens_per_second']) for r in records if 'train/loss' in r)
-  per_token = flops_per_token(config_lib.load_experiment(QUICKSTART))
+  quickstart = config_lib.load_experiment(QUICKSTART)
+  per_token = flops_per_token(quickstart.model, quickstart.data)
   for r in records:
     if 'train/loss' in r:  # MFU: the model's FLOPs per second over the (configured) peak of the one device.
       assert r['train/mfu'] == pytest.approx(per_token * r['train/tokens_per_second'] / 1e12, rel=1e-9)

@@ -16,7 +16,7 @@ from lm.model import count_params
 def model_and_params():
   config = config_lib.base_config()
   config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=2, d_model=16, mlp_dim=32)
-  model = make_model(config)
+  model = make_model(config.model, config.data)
   boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))['params']
   return config, model, boxed
 
@@ -97,7 +97,7 @@ VARIANTS = {
 def _variant(shapes_only: bool = False, **knobs):
   config = config_lib.base_config()
   config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=16, mlp_dim=32, **knobs)
-  model = make_model(config)
+  model = make_model(config.model, config.data)
   init = lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
   params = nn.meta.unbox((jax.eval_shape(init) if shapes_only else init())['params'])
   return config, model, params
@@ -133,7 +133,8 @@ def test_variants_have_the_parameters_they_should():
 def test_init_scheme_sets_the_residual_projection_std(init, down_std):
   config = config_lib.base_config()
   config.model.update(vocab_size=97, max_len=16, num_layers=2, num_heads=4, d_model=256, mlp_dim=1024, init=init)
-  params = nn.meta.unbox(make_model(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params'])
+  model = make_model(config.model, config.data)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))['params'])
   for name, std in [('down', down_std), ('up', 0.02)]:
     np.testing.assert_allclose(np.std(params['block_0']['mlp'][name]['kernel']), std, rtol=0.02)
   np.testing.assert_allclose(np.std(params['block_1']['attention']['out']['kernel']), down_std, rtol=0.02)

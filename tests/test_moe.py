@@ -78,7 +78,8 @@ def test_balance_loss_is_one_for_a_uniform_router_and_more_otherwise():
 def test_moe_every_places_experts_on_every_nth_block_with_their_own_logical_axis():
   config = _moe_config(num_layers=4, moe_every=2)
   # Names, shapes and logical axes are all this test reads: no parameter need be computed.
-  boxed = jax.eval_shape(make_model(config).init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
+  model = make_model(config.model, config.data)
+  boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
   assert [('moe' in boxed[f'block_{i}'], 'mlp' in boxed[f'block_{i}']) for i in range(4)] == \
       [(False, True), (True, False), (False, True), (True, False)]
   specs = nn.get_partition_spec(boxed)['block_1']['moe']
@@ -93,7 +94,7 @@ def test_moe_every_places_experts_on_every_nth_block_with_their_own_logical_axis
 @pytest.mark.slow
 def test_moe_balance_loss_reaches_the_training_loss():
   config = _moe_config(moe_capacity_factor=1.0)
-  model = make_model(config)
+  model = make_model(config.model, config.data)
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params'])
   batch = {'tokens': jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 97), 'loss_mask': jnp.ones((2, 8), bool)}
   plain, count, balance = train.loss_sums(params, batch, model)

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
-from lm import checkpoint, sharding, train, workdirs
+from lm import checkpoint, train, workdirs
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.kinds import make_model
-from lm.optim import make_optimizer
 from lm.workdirs import read_metrics
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 
@@ -60,10 +58,7 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
   logged = [r['train/loss'] for r in read_metrics(workdir) if 'train/loss' in r]
   np.testing.assert_allclose(logged, losses[1::2], rtol=1e-5)
 
-  mesh = sharding.make_mesh(config.mesh)
-  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
-  shardings = train.state_shardings(config, model, optimizer, mesh, sharding.logical_axis_rules(config.mesh))
-  like = train.abstract_train_state(config, model, optimizer, shardings)  # Shapes and shardings, nothing computed.
+  like = train.abstract_train_state(train.make_layout(config))  # Shapes and shardings, nothing computed.
   restorer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
   restored = restorer.restore_state(4, like)
   restorer.close()

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 from lm import config as config_lib
-from lm import train
+from lm import kinds
 from lm.kinds import make_model
 from lm.layers import mlp_width
 from lm.model import count_params
@@ -21,8 +21,8 @@ def _preset(name: str, arg: str, **overrides):
 
 
 def _count(config) -> int:
-  model = make_model(config)
-  batch = train.example_batch(config)
+  model = make_model(config.model, config.data)
+  batch = kinds.of(config.model).example_batch(config.data)
   args = (batch['inputs'],) if 'inputs' in batch else ()
   shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args, batch['tokens'][:, :-1]))
   return count_params(shapes['params'])

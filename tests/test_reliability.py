@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import one_device_mesh, tiny_config
+from conftest import one_device_layout, tiny_config
 from lm import loop, train
 from lm.config import ConfigError
 from lm.data import pipeline
@@ -38,7 +38,7 @@ def _restore(workdir: pathlib.Path, step: int):
 def test_nonfinite_steps_are_skipped_counted_and_then_freeze(tfds_dir, play_files, tmp_path):
   config = tiny_config(tfds_dir, play_files)
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'tok')
-  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
+  model, optimizer = make_model(config.model, config.data), make_optimizer(config.optimizer, config.train.steps)
   step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
                                    schedule=learning_rate_schedule(config.optimizer, config.train.steps),
                                    max_nonfinite_steps=2))
@@ -46,7 +46,7 @@ def test_nonfinite_steps_are_skipped_counted_and_then_freeze(tfds_dir, play_file
   mask = batch['loss_mask'].astype(np.float32)
   good = dict(batch, loss_mask=mask)
   bad = dict(batch, loss_mask=np.where(np.arange(mask.shape[1]) == 5, np.nan, mask))  # A NaN in the batch.
-  state = train.init_train_state(config, model, optimizer, one_device_mesh(config))
+  state = train.init_train_state(one_device_layout(config))
   state, _ = step(state, good)
   before = jax.device_get(state)
   state, metrics = step(state, bad)

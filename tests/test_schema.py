@@ -116,4 +116,4 @@ def test_every_model_kind_the_config_allows_has_a_seam():
   with pytest.raises(ConfigError, match="model_type='t5' in config.json: only 'gpt2' checkpoints import"):
     kinds.for_hf('t5')
   with pytest.raises(ConfigError, match="model.kind='encoder_decoder' has no Hugging Face conversion"):
-    kinds.KINDS['encoder_decoder'].params_to_hf({}, config_lib.base_config())
+    kinds.KINDS['encoder_decoder'].params_to_hf({}, config_lib.base_config().model)

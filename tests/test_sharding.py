@@ -15,7 +15,6 @@ from conftest import tiny_config
 from lm import checkpoint, sharding, train
 from lm.config import ConfigError, flatten
 from lm.data import pipeline
-from lm.kinds import make_model
 from lm.model import stack_layers
 from lm.optim import make_optimizer
 
@@ -44,27 +43,20 @@ def _jitted_step(config, devices):
   key = (json.dumps(flat, sort_keys=True, default=str), tuple(d.id for d in mesh.devices.flat),
          tuple(mesh.shape.items()))
   if key not in _STEPS:
-    rules = sharding.logical_axis_rules(config.mesh)
-    model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
-    shardings = train.state_shardings(config, model, optimizer, mesh, rules)
-    batch_sharding = sharding.batch_sharding(mesh, rules)
-    step = train.jit_train_step(config, model, optimizer, shardings, batch_sharding)
-    _STEPS[key] = (mesh, rules, model, optimizer, shardings, batch_sharding, step)
+    layout = train.make_layout(config, devices)
+    _STEPS[key] = (layout, train.jit_train_step(layout, config.train))
   return _STEPS[key]
 
 
 def train_on(config, devices, batches, state=None):
   """STEPS (or len(batches)) train steps on a mesh over `devices`, from a fresh state initialised in its
   shards on that mesh, or from `state` placed there: (losses, final state)."""
-  mesh, rules, model, optimizer, shardings, batch_sharding, step = _jitted_step(config, devices)
-  with sharding.activate(mesh, rules):
-    if state is None:
-      state = train.init_train_state(config, model, optimizer, mesh, rules)
-    else:
-      state = jax.device_put(state, shardings)
+  layout, step = _jitted_step(config, devices)
+  with sharding.activate(layout.mesh, layout.rules):
+    state = train.init_train_state(layout) if state is None else jax.device_put(state, layout.shardings)
     losses = []
     for batch in batches:
-      state, metrics = step(state, sharding.global_batch(batch, batch_sharding, config.data.batch_size))
+      state, metrics = step(state, sharding.global_batch(batch, layout.batch_sharding, config.data.batch_size))
       losses.append(float(metrics['loss']))
   return np.array(losses), state
 
@@ -74,10 +66,9 @@ def initial_state(tfds_dir, play_files):
   """The SHARDABLE model's fresh train state, on the host: where tests start that are not about
   initialisation (each jitted init costs a compile as long as a train step's)."""
   config = tiny_config(tfds_dir, play_files, **SHARDABLE)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  with sharding.activate(mesh, sharding.logical_axis_rules(config.mesh)):
-    optimizer = make_optimizer(config.optimizer, config.train.steps)
-    return jax.device_get(train.init_train_state(config, make_model(config), optimizer, mesh))
+  layout = train.make_layout(config, jax.devices()[:1])
+  with sharding.activate(layout.mesh, layout.rules):
+    return jax.device_get(train.init_train_state(layout))
 
 
 @pytest.fixture(scope='module')
@@ -112,10 +103,10 @@ def test_every_mesh_matches_one_device(tfds_dir, play_files, corpus_and_batches,
 
 def test_parameter_shardings_follow_the_rules(tfds_dir, play_files):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': (1, 2, 4)})
-  mesh = sharding.make_mesh(config.mesh)
-  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
-  with sharding.activate(mesh, sharding.logical_axis_rules(config.mesh)):
-    state = train.init_train_state(config, model, optimizer, mesh)
+  layout = train.make_layout(config)
+  mesh, model = layout.mesh, layout.model
+  with sharding.activate(mesh, layout.rules):
+    state = train.init_train_state(layout)
   # What the default rules say, written out by hand: fsdp splits `embed`, tensor splits heads/mlp/vocab.
   expected = {
       "['token_embedding']['embedding']": P('tensor', 'fsdp'),
@@ -178,8 +169,9 @@ def test_bfloat16_trains_and_keeps_float32_parameters(tfds_dir, play_files, corp
   config = tiny_config(tfds_dir, play_files, **SHARDABLE,
                        **{'mesh.shape': (2, 2, 2), 'model.dtype': 'bfloat16', 'optimizer.learning_rate': 1e-2})
   batch = corpus_and_batches[1][0]
-  _, _, model, optimizer, shardings, _, _ = _jitted_step(config, jax.devices())
-  fresh = train.abstract_train_state(config, model, optimizer, shardings)  # What init makes: float32 parameters.
+  layout, _ = _jitted_step(config, jax.devices())
+  model = layout.model
+  fresh = train.abstract_train_state(layout)  # What init makes: float32 parameters.
   assert {x.dtype for x in jax.tree.leaves(fresh.params)} == {np.dtype('float32')}
   assert jax.tree.structure(fresh) == jax.tree.structure(initial_state)
   losses, state = train_on(config, jax.devices(), [batch] * 30, initial_state)
@@ -202,12 +194,12 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
   expected, _ = train_on(config, jax.devices(), batches[3:], state)
   for shape, devices in [((2, 2, 2), jax.devices()), ((1, 1, 1), jax.devices()[:1])]:
     other = tiny_config(tfds_dir, play_files, **SHARDABLE, **{'mesh.shape': shape})
-    mesh, _, model, optimizer, shardings, _, _ = _jitted_step(other, devices)
-    like = train.abstract_train_state(other, model, optimizer, shardings)  # Shapes and shardings on that mesh.
+    layout, _ = _jitted_step(other, devices)
+    like = train.abstract_train_state(layout)  # Shapes and shardings on that mesh.
     restorer = checkpoint.Checkpointer(tmp_path, other.checkpoint)
     restored = restorer.restore(3, like, iter(pipeline.train_dataset(other.data, corpus, other.seed)))
     restorer.close()
-    assert jax.tree.leaves(restored.params)[0].sharding.mesh.shape == mesh.shape
+    assert jax.tree.leaves(restored.params)[0].sharding.mesh.shape == layout.mesh.shape
     assert int(restored.step) == 3
     losses, _ = train_on(other, devices, batches[3:], restored)
     np.testing.assert_allclose(losses, expected, rtol=1e-5, err_msg=str(shape))
@@ -223,10 +215,7 @@ def test_checkpoint_restores_onto_other_meshes(tfds_dir, play_files, corpus_and_
 def test_bad_meshes_are_refused_before_compiling(tfds_dir, play_files, overrides, message):
   config = tiny_config(tfds_dir, play_files, **(SHARDABLE | overrides))
   with pytest.raises(ConfigError) as error:
-    mesh = sharding.make_mesh(config.mesh)
-    rules = sharding.logical_axis_rules(config.mesh)
-    sharding.check_batch('data.batch_size', config.data.batch_size, mesh, rules)
-    train.state_shardings(config, make_model(config), make_optimizer(config.optimizer, config.train.steps), mesh, rules)
+    train.make_layout(config)
   assert str(error.value).startswith(message), str(error.value)
   assert '\n' not in str(error.value)
 

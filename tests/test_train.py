@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import one_device_mesh, tiny_config
-from lm import sharding, train
+from conftest import one_device_layout, tiny_config
+from lm import train
 from lm.data import pipeline
 from lm.kinds import make_model
 from lm.optim import learning_rate_schedule, make_optimizer
@@ -15,7 +15,7 @@ from lm.optim import learning_rate_schedule, make_optimizer
 def setup(tfds_dir, play_files, tmp_path_factory):
   config = tiny_config(tfds_dir, play_files, **{'train.steps': 60, 'optimizer.learning_rate': 1e-2})
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
-  model = make_model(config)
+  model = make_model(config.model, config.data)
   optimizer = make_optimizer(config.optimizer, config.train.steps)
   return config, corpus, model, optimizer
 
@@ -24,19 +24,15 @@ def setup(tfds_dir, play_files, tmp_path_factory):
 def initial_state(setup):
   """The setup model's fresh train state, on the host, for the tests that start from one (each jitted
   init costs a compile as long as a train step's)."""
-  config, _, model, optimizer = setup
-  return jax.device_get(train.init_train_state(config, model, optimizer, one_device_mesh(config)))
+  return jax.device_get(train.init_train_state(one_device_layout(setup[0])))
 
 
 def overfit(config, corpus, steps: int, state=None):
   """Losses and final state of `steps` train steps on one fixed batch, from a fresh state or `state`."""
-  model, mesh = make_model(config), one_device_mesh(config)
-  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  layout = one_device_layout(config)
   batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
-  rules = sharding.logical_axis_rules(config.mesh)
-  shardings = train.state_shardings(config, model, optimizer, mesh, rules)
-  step = train.jit_train_step(config, model, optimizer, shardings, sharding.batch_sharding(mesh, rules))
-  state = train.init_train_state(config, model, optimizer, mesh) if state is None else jax.device_put(state, shardings)
+  step = train.jit_train_step(layout, config.train)
+  state = train.init_train_state(layout) if state is None else jax.device_put(state, layout.shardings)
   losses = []
   for _ in range(steps):
     state, metrics = step(state, batch)
@@ -118,7 +114,7 @@ def test_chunked_loss_equals_the_plain_one(setup, initial_state, chunk):
 def test_dropout_masks_are_seeded_by_the_step(setup, initial_state, tfds_dir, play_files):
   _, corpus, _, _ = setup
   config = tiny_config(tfds_dir, play_files, **{'model.residual_dropout': 0.3, 'model.attention_dropout': 0.3})
-  model, optimizer = make_model(config), make_optimizer(config.optimizer, config.train.steps)
+  model, optimizer = make_model(config.model, config.data), make_optimizer(config.optimizer, config.train.steps)
   step = jax.jit(functools.partial(train.train_step, model=model, optimizer=optimizer,
                                    schedule=learning_rate_schedule(config.optimizer, config.train.steps)))
   batch = next(iter(pipeline.train_dataset(config.data, corpus, config.seed)))
@@ -129,6 +125,7 @@ def test_dropout_masks_are_seeded_by_the_step(setup, initial_state, tfds_dir, pl
   assert loss(later) != loss(state)  # ... another step other masks (same params, same batch).
   eval_loss = jax.jit(functools.partial(train.eval_step, model=model))(
       state.params, batch, np.ones(config.model.vocab_size, np.int32))
-  plain = jax.jit(functools.partial(train.eval_step, model=make_model(tiny_config(tfds_dir, play_files))))(
+  plain_config = tiny_config(tfds_dir, play_files)
+  plain = jax.jit(functools.partial(train.eval_step, model=make_model(plain_config.model, plain_config.data)))(
       state.params, batch, np.ones(config.model.vocab_size, np.int32))
   assert float(eval_loss['loss_sum']) == float(plain['loss_sum'])  # Eval sees no dropout.

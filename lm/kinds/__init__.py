@@ -17,9 +17,9 @@ from lm.kinds.encoder_decoder import EncoderDecoderKind
 KINDS: dict[str, Kind] = {kind.name: kind for kind in (Decoder(), EncoderDecoderKind())}
 
 
-def of(config: ml_collections.ConfigDict) -> Kind:
-  """The kind of config's model (config: a whole config, or its model section)."""
-  return KINDS[config.kind if 'kind' in config else config.model.kind]
+def of(m: ml_collections.ConfigDict) -> Kind:
+  """The kind of a config's model section."""
+  return KINDS[m.kind]
 
 
 def of_model(model: nn.Module) -> Kind:
@@ -27,9 +27,10 @@ def of_model(model: nn.Module) -> Kind:
   return KINDS[model.config.kind]
 
 
-def make_model(config: ml_collections.ConfigDict) -> nn.Module:
-  """The flax module of config's model."""
-  return of(config).build(config)
+def make_model(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> nn.Module:
+  """The flax module of a config's model section `m` (and data section `d`: an encoder-decoder
+  masks its tokenizer's padding)."""
+  return of(m).build(m, d)
 
 
 def init_cache(model: nn.Module, batch_size: int, length: int | None = None) -> dict:

@@ -22,22 +22,23 @@ class Kind:
   # kinds are not served by python -m lm.generate and lm.evaluate, which read text as one sequence.
   prompt_is_input: bool = False
 
-  def build(self, config: ml_collections.ConfigDict) -> nn.Module:
+  # `m` is a config's model section, `d` its data section.
+  def build(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> nn.Module:
     raise NotImplementedError
 
-  def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-    """Zeros shaped like a batch of config's data (see lm/data/pipeline.py)."""
+  def example_batch(self, d: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
+    """Zeros shaped like a batch of that data (see lm/data/pipeline.py)."""
     raise NotImplementedError
 
-  def target_positions(self, config: ml_collections.ConfigDict) -> int:
+  def target_positions(self, d: ml_collections.ConfigDict) -> int:
     """Positions per example whose next token the loss predicts."""
     raise NotImplementedError
 
-  def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
+  def tokens_per_example(self, d: ml_collections.ConfigDict) -> int:
     """Tokens one row of a training batch holds (what tokens per second counts)."""
     raise NotImplementedError
 
-  def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
+  def flops_per_example(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> float:
     """Training FLOPs of one row (see lm.metrics.flops_per_example)."""
     raise NotImplementedError
 
@@ -59,17 +60,17 @@ class Kind:
     """An lm config whose model is the one a transformers config.json describes."""
     raise self._no_hf()
 
-  def check_hf_shaped(self, config: ml_collections.ConfigDict) -> None:
+  def check_hf_shaped(self, m: ml_collections.ConfigDict) -> None:
     """A ConfigError naming the first model key the Hugging Face architecture cannot express."""
     raise self._no_hf()
 
-  def params_from_hf(self, tensors: dict[str, Any], config: ml_collections.ConfigDict) -> dict:
+  def params_from_hf(self, tensors: dict[str, Any], m: ml_collections.ConfigDict) -> dict:
     raise self._no_hf()
 
-  def params_to_hf(self, params: dict, config: ml_collections.ConfigDict) -> dict[str, Any]:
+  def params_to_hf(self, params: dict, m: ml_collections.ConfigDict) -> dict[str, Any]:
     raise self._no_hf()
 
-  def hf_config(self, config: ml_collections.ConfigDict, end_id: int | None) -> dict[str, Any]:
+  def hf_config(self, m: ml_collections.ConfigDict, end_id: int | None) -> dict[str, Any]:
     raise self._no_hf()
 
   def _no_hf(self) -> ConfigError:

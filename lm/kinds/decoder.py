@@ -24,21 +24,20 @@ class Decoder(Kind):
   name = 'decoder'
   hf_model_type = 'gpt2'
 
-  def build(self, config: ml_collections.ConfigDict) -> nn.Module:
-    return GPT(ml_collections.FrozenConfigDict(config.model))
+  def build(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> nn.Module:
+    return GPT(ml_collections.FrozenConfigDict(m))
 
-  def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-    return {'tokens': jnp.zeros((batch_size, config.data.seq_len + 1), jnp.int32)}
+  def example_batch(self, d: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
+    return {'tokens': jnp.zeros((batch_size, d.seq_len + 1), jnp.int32)}
 
-  def target_positions(self, config: ml_collections.ConfigDict) -> int:
-    return config.data.seq_len
+  def target_positions(self, d: ml_collections.ConfigDict) -> int:
+    return d.seq_len
 
-  def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
-    return config.data.seq_len
+  def tokens_per_example(self, d: ml_collections.ConfigDict) -> int:
+    return d.seq_len
 
-  def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
-    m, length = config.model, config.data.seq_len
-    return self_attention_stack_flops(m, m.num_layers, length) + 6 * length * m.vocab_size * m.d_model
+  def flops_per_example(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> float:
+    return self_attention_stack_flops(m, m.num_layers, d.seq_len) + 6 * d.seq_len * m.vocab_size * m.d_model
 
   def decode_step(self, model, params, cache, tokens_NL, positions_NL, valid_NL, context):
     logits_NLV, variables = model.apply({'params': params, 'cache': cache}, tokens_NL, False, True, positions_NL,
@@ -73,9 +72,8 @@ class Decoder(Kind):
         'data.tokenizer': 'huggingface', 'data.seq_len': min(config.data.seq_len, max_len)}))
 
 
-  def check_hf_shaped(self, config: ml_collections.ConfigDict) -> None:
+  def check_hf_shaped(self, m: ml_collections.ConfigDict) -> None:
     """A ConfigError naming the first model key that GPT-2's architecture cannot express."""
-    m = config.model
     wanted = {'kind': 'decoder', 'positions': 'learned', 'norm': 'layernorm', 'norm_position': 'pre', 'mlp': 'gelu',
               'use_bias': True, 'tie_embeddings': True, 'qk_norm': False, 'moe_experts': 0, 'sliding_window': 0,
               'embed_multiplier': 1.0}
@@ -86,9 +84,8 @@ class Decoder(Kind):
       raise ConfigError(f'model.num_kv_heads={m.num_kv_heads}: GPT-2 has as many key/value heads as query heads')
 
 
-  def params_from_hf(self, tensors: dict[str, np.ndarray], config: ml_collections.ConfigDict) -> dict:
+  def params_from_hf(self, tensors: dict[str, np.ndarray], m: ml_collections.ConfigDict) -> dict:
     """lm parameters (block_0 ... layout) from a GPT-2 state dict (Conv1D weights are [in, out])."""
-    m = config.model
     t = {k.removeprefix('transformer.'): np.asarray(v, np.float32) for k, v in tensors.items()}
     d, heads = m.d_model, m.num_heads
     head_dim = d // heads
@@ -122,9 +119,8 @@ class Decoder(Kind):
     return params
 
 
-  def params_to_hf(self, params: dict, config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  def params_to_hf(self, params: dict, m: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """The inverse of params_from_hf: a GPT2LMHeadModel state dict (the tied lm_head left out)."""
-    m = config.model
     params = unstack_layers(params, m.num_layers) if 'blocks' in params else params
     p = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
     out = {'transformer.wte.weight': p(params['token_embedding']['embedding']),
@@ -148,9 +144,8 @@ class Decoder(Kind):
     return out
 
 
-  def hf_config(self, config: ml_collections.ConfigDict, end_id: int | None) -> dict[str, Any]:
-    """transformers' config.json for config's (GPT-2-shaped) model."""
-    m = config.model
+  def hf_config(self, m: ml_collections.ConfigDict, end_id: int | None) -> dict[str, Any]:
+    """transformers' config.json for a (GPT-2-shaped) model section."""
     return {'model_type': 'gpt2', 'architectures': ['GPT2LMHeadModel'], 'vocab_size': m.vocab_size,
             'n_positions': m.max_len, 'n_embd': m.d_model, 'n_layer': m.num_layers, 'n_head': m.num_heads,
             'n_inner': mlp_width(m), 'activation_function': 'gelu_new', 'layer_norm_epsilon': 1e-5,

@@ -18,25 +18,24 @@ class EncoderDecoderKind(Kind):
   name = 'encoder_decoder'
   prompt_is_input = True
 
-  def build(self, config: ml_collections.ConfigDict) -> nn.Module:
+  def build(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> nn.Module:
     # The encoder learns to ignore the tokenizer's padding id.
-    return EncoderDecoder(ml_collections.FrozenConfigDict(config.model), PAD_IDS[config.data.tokenizer])
+    return EncoderDecoder(ml_collections.FrozenConfigDict(m), PAD_IDS[d.tokenizer])
 
-  def example_batch(self, config: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-    return {'inputs': jnp.zeros((batch_size, config.data.seq_len), jnp.int32),
-            'tokens': jnp.zeros((batch_size, target_len(config.data) + 1), jnp.int32)}
+  def example_batch(self, d: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
+    return {'inputs': jnp.zeros((batch_size, d.seq_len), jnp.int32),
+            'tokens': jnp.zeros((batch_size, target_len(d) + 1), jnp.int32)}
 
-  def target_positions(self, config: ml_collections.ConfigDict) -> int:
-    return target_len(config.data)
+  def target_positions(self, d: ml_collections.ConfigDict) -> int:
+    return target_len(d)
 
-  def tokens_per_example(self, config: ml_collections.ConfigDict) -> int:
-    return config.data.seq_len + target_len(config.data)
+  def tokens_per_example(self, d: ml_collections.ConfigDict) -> int:
+    return d.seq_len + target_len(d)
 
-  def flops_per_example(self, config: ml_collections.ConfigDict) -> float:
+  def flops_per_example(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> float:
     """The encoder and decoder stacks, plus cross-attention: 6 per weight (queries and outputs per
     target, keys and values per source token) and 12 * d_model per (target, source) pair."""
-    m = config.model
-    source, target = config.data.seq_len, target_len(config.data)
+    source, target = d.seq_len, target_len(d)
     q_out, kv = attention_widths(m)
     cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.d_model * target * source)
     return (self_attention_stack_flops(m, m.num_encoder_layers or m.num_layers, source)

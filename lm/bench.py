@@ -3,6 +3,7 @@
   python -m lm.bench --config=experiments/bench.py [--config.a.b=v ...] [--compare=torch] [--json]
   python -m lm.bench compile --config=experiments/bench.py --config.model.scan_layers=True [--depths=6,48]
   python -m lm.bench generate [--models=quickstart,gpt2_small] [--batch_sizes=1,8] [--new_tokens=256] [--json]
+  python -m lm.bench optimizers --config=experiments/bench.py [--optimizers=adamw,lion,adafactor,muon,sgd]
 
 Training (the default): for the config's model, batch and mesh, the train step's compile time, its
 time per step as the training loop runs it (a fresh batch from the data pipeline each step), tokens
@@ -15,6 +16,10 @@ process each (lm.bench_torch), on the same shapes, batch and optimizer, times lm
 with torch.einsum, and prints the ratios. Needs the `hf` extra.
 
 compile: the train step's compile time at several depths, and its ratio to the first.
+
+optimizers: the config's train step under each optimizer.name, timed in turns (one window of each,
+then the next round, so that drift in the machine's speed falls on all alike) on the same batches;
+tokens per second and the ratio to the first optimizer listed.
 
 generate: new tokens per second of lm's KV-cache decoding against `transformers`' generate (PyTorch,
 KV cache, same CPU) on the same random GPT-2-shaped weights, greedy on both sides, with a check that
@@ -217,6 +222,45 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   }
 
 
+def bench_optimizers(config, names: list[str], tokenizer_dir: str | pathlib.Path, steps: int = 5,
+                     repeats: int = 3) -> list[dict]:
+  """Train-step time of config under each optimizer in `names`, in interleaved windows (see the module
+  docstring), on the same pre-loaded batches; ratios are to names[0]."""
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, pathlib.Path(tokenizer_dir))
+  runs = {}
+  for name in names:
+    c = validate(override(config, {'optimizer.name': name}))
+    layout = train.make_layout(c)
+    if not runs:
+      shard = sharding.data_shard(layout.batch_sharding, c.data.batch_size)
+      data = iter(pipeline.train_dataset(c.data, corpus, c.seed, *shard))
+      batches = [sharding.global_batch(next(data), layout.batch_sharding, c.data.batch_size) for _ in range(steps)]
+    state = train.init_train_state(layout)
+    with sharding.activate(layout.mesh, layout.rules):
+      start = time.perf_counter()
+      compiled = train.jit_train_step(layout, c.train).lower(state, batches[0]).compile()
+      compile_s = time.perf_counter() - start
+    for batch in batches[:2]:  # Warm-up.
+      state, step_metrics = compiled(state, batch)
+    jax.block_until_ready(step_metrics)
+    runs[name] = {'compiled': compiled, 'state': state, 'windows': [], 'compile_s': compile_s}
+  for _ in range(repeats):
+    for run in runs.values():
+      start = time.perf_counter()
+      for batch in batches:
+        run['state'], step_metrics = run['compiled'](run['state'], batch)
+      jax.block_until_ready(step_metrics)
+      run['windows'].append((time.perf_counter() - start) / steps)
+  tokens_per_step = config.data.batch_size * metrics.tokens_per_example(config.model, config.data)
+  records = []
+  for name, run in runs.items():
+    step_s = median(run['windows'])
+    records.append({'bench': 'optimizers', 'optimizer': name, 'compile_s': run['compile_s'], 'step_s': step_s,
+                    'step_s_windows': run['windows'], 'train_tokens_per_s': tokens_per_step / step_s,
+                    'ratio_to_first': median(runs[names[0]]['windows']) / step_s})
+  return records
+
+
 def _abstract_train_step(c):
   """The jitted train step of config c, shape-only arguments for it (no data, no parameters), and its mesh
   and rules: trace it inside sharding.activate(mesh, rules)."""
@@ -301,6 +345,8 @@ def _define_flags() -> None:
   flags.DEFINE_list('matmul_sizes', [], 'train: square matmul sizes for the measured peak; default 1024,2048,4096 '
                     'on CPU, 8192 on accelerators.')
   flags.DEFINE_list('depths', ['6', '48'], 'compile: model.num_layers values to compile the train step at.')
+  flags.DEFINE_list('optimizers', ['adamw', 'lion', 'adafactor', 'muon', 'sgd'],
+                    'optimizers: the optimizer.name values to time; ratios are to the first.')
   # both
   flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (generate: the fastest counts; train: the median).')
   flags.DEFINE_bool('json', False, 'Print one JSON line per measurement instead of text.')
@@ -374,6 +420,7 @@ def main_generate() -> None:
 
 USAGE = ('usage: python -m lm.bench --config=experiments/bench.py [--config.a.b=v ...] [--compare=torch] [--json]\n'
          '       python -m lm.bench compile --config=... [--depths=6,48] [--json]\n'
+         '       python -m lm.bench optimizers --config=... [--optimizers=adamw,lion,adafactor,muon,sgd] [--json]\n'
          '       python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]')
 
 
@@ -388,6 +435,13 @@ def main(argv: list[str]) -> None:
               f'{r["num_layers"]} layers (scan_layers={r["scan_layers"]}): compiled the train step in '
               f'{r["compile_s"]:.1f} s, {r["compile_ratio"]:.2f}x the first; program {r["program_chars"]:,} chars',
               flush=True)
+    elif argv[1:] == ['optimizers'] and CONFIG.value is not None:
+      config = validate(CONFIG.value)
+      for r in bench_optimizers(config, FLAGS.optimizers, pathlib.Path(FLAGS.workdir) / 'tokenizer', FLAGS.steps,
+                                FLAGS.repeats):
+        print(json.dumps(r) if FLAGS.json else
+              f'{r["optimizer"]}: {1e3 * r["step_s"]:.1f} ms/step, {r["train_tokens_per_s"]:,.0f} tokens/s, '
+              f'{r["ratio_to_first"]:.2f}x {FLAGS.optimizers[0]} (compile {r["compile_s"]:.1f} s)', flush=True)
     elif len(argv) in (3, 4) and argv[1] == 'matmul_peak':  # A child of bench_train.
       sizes = tuple(int(n) for n in argv[3].split(',')) if len(argv) == 4 else None
       print(metrics.measure_matmul_flops(jax.devices()[0], argv[2], sizes), flush=True)

@@ -102,19 +102,28 @@ class Trainer:
                                          config.train.peak_flops_per_device)
     self.hooks: list[hooks.Hook] = []  # The user's; run() puts the built-in ones first.
     self._config_changes = workdirs.check_workdir(self.workdir, config)
-    init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from else None
+    fresh = not workdirs.has_checkpoints(self.workdir / 'checkpoints')
+    init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from and fresh else None
     init_step = workdirs.check_init_from(init_from, config) if init_from else None
+    # A branch continues another workdir's run (its data stream too: on the same data).
+    branch = init_from is not None and config.checkpoint.init_mode == 'full'
     self.data_shard = sharding.data_shard(self.batch_sharding, config.data.batch_size)
-    workdirs.check_data_shards(self.workdir, self.data_shard[1])
+    workdirs.check_data_shards(init_from if branch else self.workdir, self.data_shard[1])
+    trained_on = workdirs.checkpointed_dataset(init_from if branch else self.workdir)
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
-        config.data, config.model.vocab_size, self.workdir / 'tokenizer', workdirs.checkpointed_dataset(self.workdir),
+        config.data, config.model.vocab_size, self.workdir / 'tokenizer', trained_on,
         init_from=config.checkpoint.init_from))
     self._train_step = jit_train_step(layout, config.train)
     self._eval_step = jit_eval_step(self.model, layout.shardings.params, self.batch_sharding)
     self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
     self.train_iter = iter(pipeline.train_dataset(config.data, self.corpus, config.seed, *self.data_shard))
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config.checkpoint)
-    if self.checkpointer.latest_step() is None:
+    if branch:  # That run's whole state and data position at init_step, continued here.
+      source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)
+      self.state = source.restore(init_step, abstract_train_state(layout), self.train_iter)
+      source.close()
+      metrics.say(f'branched from step {init_step} of {init_from} (parameters, optimizer state and data position)')
+    elif fresh:
       self.state = init_train_state(layout)
       if init_from:  # Fine-tuning: that run's parameters, a fresh optimizer and step 0.
         source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)

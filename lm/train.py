@@ -38,16 +38,17 @@ def _unbox(tree: Any) -> Any:
   return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree, is_leaf=is_box)
 
 
-def _init_functions(seed: int, model: nn.Module, optimizer: optax.GradientTransformation,
-                    batch: dict[str, jax.Array]) -> tuple[Callable[[], Any], Callable[[], TrainState]]:
-  """(the boxed parameters' init, the whole train state's init) from the run's seed and a batch's shapes."""
+def _init_functions(seed: int, model: nn.Module, batch: dict[str, jax.Array]
+                    ) -> tuple[Callable[[], Any], Callable[[optax.GradientTransformation], TrainState]]:
+  """(the boxed parameters' init, the whole train state's init given the optimizer) from the run's seed
+  and a batch's shapes."""
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
 
   def init_params():  # Boxed: each parameter carries its logical axis names.
     args = (batch['inputs'],) if 'inputs' in batch else ()
     return model.init(init_rng, *args, batch['tokens'][:, :-1])['params']
 
-  def init():
+  def init(optimizer):
     params = _unbox(init_params())
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params), rng=state_rng,
                       skipped_steps=jnp.int32(0), nonfinite_streak=jnp.int32(0))
@@ -55,17 +56,37 @@ def _init_functions(seed: int, model: nn.Module, optimizer: optax.GradientTransf
   return init_params, init
 
 
-def _state_shardings(init_params: Callable[[], Any], optimizer: optax.GradientTransformation,
-                     mesh: jax.sharding.Mesh, rules, m: ml_collections.ConfigDict) -> TrainState:
-  """Where each part of the train state lives: parameters and their optimizer moments as the logical
-  rules say, counters and keys replicated. Raises ConfigError if a sharded dimension does not split."""
+def _boxed_shapes(init_params: Callable[[], Any]) -> Any:
+  """The boxed parameters as shapes: each carries its logical axis names."""
   with jax.set_mesh(None):  # Flax's DenseGeneral init would constrain its kernel before reshaping it.
-    boxed = jax.eval_shape(init_params)
+    return jax.eval_shape(init_params)
+
+
+def _dict_keys(path) -> tuple:
+  return tuple(k.key for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def _state_shardings(boxed: Any, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh, rules,
+                     m: ml_collections.ConfigDict) -> TrainState:
+  """Where each part of the train state lives: parameters and the optimizer state shaped like them as
+  the logical rules say; counters, keys and statistics of other shapes (Adafactor's factored moments)
+  replicated. Raises ConfigError if a sharded dimension does not split."""
   sharding.check_divisible(boxed, mesh, rules, m)
   params = sharding.shardings_of(boxed, mesh, rules)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  opt_state = optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, _unbox(boxed)), params,
-                                    transform_non_params=lambda _: replicated)
+  shapes = _unbox(boxed)
+  by_path = {_dict_keys(path): (shape.shape, sh) for (path, shape), sh in
+             zip(jax.tree_util.tree_leaves_with_path(shapes), jax.tree.leaves(params))}
+
+  def place(path, leaf):  # A state leaf under a parameter's path (mu['block_0']...['kernel']) and of its shape.
+    keys = _dict_keys(path)
+    for start in range(len(keys)):
+      shape, param_sharding = by_path.get(keys[start:], (None, None))
+      if shape is not None:
+        return param_sharding if shape == leaf.shape else replicated
+    return replicated
+
+  opt_state = jax.tree_util.tree_map_with_path(place, jax.eval_shape(optimizer.init, shapes))
   return TrainState(step=replicated, params=params, opt_state=opt_state, rng=replicated, skipped_steps=replicated,
                     nonfinite_streak=replicated)
 
@@ -97,23 +118,25 @@ def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | N
     sharding.check_batch('eval.batch_size', config.eval.batch_size, mesh, rules)
   attention_implementation(config.model)
   model = make_model(config.model, config.data)
-  optimizer = make_optimizer(config.optimizer, config.train.steps)
-  init_params, init = _init_functions(config.seed, model, optimizer, kinds.of(config.model).example_batch(config.data))
-  shardings = _state_shardings(init_params, optimizer, mesh, rules, config.model)
+  init_params, init = _init_functions(config.seed, model, kinds.of(config.model).example_batch(config.data))
+  boxed = _boxed_shapes(init_params)
+  optimizer = make_optimizer(config.optimizer, config.train.steps, nn.get_partition_spec(boxed))
+  shardings = _state_shardings(boxed, optimizer, mesh, rules, config.model)
   return Layout(mesh, rules, sharding.batch_sharding(mesh, rules), model, optimizer,
-                learning_rate_schedule(config.optimizer, config.train.steps), shardings, init)
+                learning_rate_schedule(config.optimizer, config.train.steps), shardings,
+                functools.partial(init, optimizer))
 
 
 def abstract_train_state(layout: Layout) -> TrainState:
   """The train state as shapes, dtypes and shardings only: what a restore or an AOT compile needs."""
-  with jax.set_mesh(None):  # As in _state_shardings.
+  with jax.set_mesh(None):  # As in _boxed_shapes.
     shapes = jax.eval_shape(layout.init)
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, layout.shardings)
 
 
 def init_train_state(layout: Layout) -> TrainState:
   """A fresh train state, each array created directly in its shards (never whole on one device)."""
-  with jax.set_mesh(None):  # As in _state_shardings.
+  with jax.set_mesh(None):  # As in _boxed_shapes.
     return jax.jit(layout.init, out_shardings=layout.shardings)()
 
 

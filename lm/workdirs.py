@@ -55,23 +55,35 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   if clashes:
     detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
     more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
-    raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints of a different model or data config: '
+    raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints of a different model, data or optimizer config: '
                       f'{detail}{more}; use a new --workdir or the same config')
   return changed
 
 
 def check_init_from(source: pathlib.Path, config: ml_collections.ConfigDict) -> int:
-  """The latest step of the workdir `source`, whose parameters are to start this run; a ConfigError
-  unless it has checkpoints of a model shaped like config's, with the same tokenizer kind."""
+  """The step of the workdir `source` to start this run from (checkpoint.init_step, -1: the latest); a
+  ConfigError unless source has a checkpoint there of a model shaped like config's, with the same
+  tokenizer kind. init_mode='full' (its whole state, data position included) also needs each key that
+  a resume needs to match (optimizer.name, the data stream, ...) to match, and a training run."""
+  c = config.checkpoint
   where = f'checkpoint.init_from={str(source)!r}'
-  if not has_checkpoints(source / 'checkpoints') or not (source / 'config.json').exists():
+  steps = checkpoint_steps(source / 'checkpoints')
+  if not steps or not (source / 'config.json').exists():
     raise ConfigError(f'{where} is not a workdir with checkpoints and a config.json')
+  full = c.init_mode == 'full'
+  if full and (source / IMPORTED_FILE).exists():
+    raise ConfigError(f"{where} holds imported parameters only: use checkpoint.init_mode='params'")
+  if c.init_step != -1 and c.init_step not in steps:
+    raise ConfigError(f'checkpoint.init_step={c.init_step}: {where} has no checkpoint at that step; it has steps '
+                      + ', '.join(map(str, steps)))
   changed = _changed_keys(json.loads((source / 'config.json').read_text()), config)
-  clashes = [k for k in changed if must_match(k, init_from=True)]
+  clashes = [k for k in changed if must_match(k, init_from=not full)]
   if clashes:
     detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
-    raise ConfigError(f'{where} holds a differently shaped model: {detail}')
-  return checkpoint_steps(source / 'checkpoints')[-1]
+    what = "a different model, data or optimizer config (init_mode='full' continues it)" if full else \
+        'a differently shaped model'
+    raise ConfigError(f'{where} holds {what}: {detail}')
+  return steps[-1] if c.init_step == -1 else c.init_step
 
 
 def checkpointed_dataset(workdir: pathlib.Path) -> str | None:

@@ -110,3 +110,15 @@ def test_the_torch_child_trains_the_same_gpt2(tfds_dir, play_files):
   assert r['step_s'] == sorted(r['step_s_windows'])[1] and len(r['step_s_windows']) == 3
   assert r['tokens_per_s'] == pytest.approx(config.data.batch_size * config.data.seq_len / r['step_s'])
   assert 0 < r['matmul_floor_s'] and r['matmul_floor_share'] == pytest.approx(r['matmul_floor_s'] / r['step_s'])
+
+
+def test_optimizer_bench_times_each_in_turn_against_the_first(tfds_dir, play_files, tmp_path):
+  config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8})  # 8 devices.
+  records = bench.bench_optimizers(config, ['adamw', 'muon'], tmp_path / 'tok', steps=2, repeats=3)
+  assert [r['optimizer'] for r in records] == ['adamw', 'muon']
+  tokens_per_step = config.data.batch_size * config.data.seq_len
+  for r in records:
+    assert len(r['step_s_windows']) == 3 and r['step_s'] == sorted(r['step_s_windows'])[1]
+    assert r['train_tokens_per_s'] == pytest.approx(tokens_per_step / r['step_s'])
+  assert records[0]['ratio_to_first'] == 1.0
+  assert records[1]['ratio_to_first'] == pytest.approx(records[0]['step_s'] / records[1]['step_s'])

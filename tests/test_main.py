@@ -269,7 +269,8 @@ def test_incompatible_workdir_is_refused_and_kept(straight_and_resumed, tfds_dir
   before = sorted(p.name for p in (straight / 'checkpoints').iterdir())
   overrides = tiny_overrides(tfds_dir, play_files, **{'model.d_model': 64})
   message = _refusal(run_main(straight, overrides, check=False))
-  assert 'holds checkpoints of a different model or data config: model.d_model is 32 there, 64 here' in message
+  assert ('holds checkpoints of a different model, data or optimizer config: model.d_model is 32 there, 64 here'
+          in message)
   assert sorted(p.name for p in (straight / 'checkpoints').iterdir()) == before
   # Changes that are safe on resume are accepted and recorded.
   run_main(straight, tiny_overrides(tfds_dir, play_files, **{'train.steps': 10, 'eval.every': 5}),

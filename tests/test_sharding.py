@@ -224,3 +224,26 @@ def test_unknown_mesh_axis_in_a_rule_is_refused(tfds_dir, play_files):
   rules = (('batch', ('data', 'pipeline')),)
   with pytest.raises(ConfigError, match="names unknown mesh axis 'pipeline'; mesh axes: data, fsdp, tensor"):
     tiny_config(tfds_dir, play_files, **{'mesh.logical_axis_rules': rules})
+
+
+@pytest.mark.parametrize('name', ['lion', 'adafactor', 'muon', 'sgd'])
+def test_each_optimizer_on_fsdp_equals_one_device(tfds_dir, play_files, corpus_and_batches, initial_state, name):
+  # AdamW: test_fsdp_and_tensor_parallel_match_one_device. Learning rates each optimizer trains at.
+  lr = {'lion': 3e-3, 'adafactor': 1e-2, 'muon': 1e-2, 'sgd': 0.3}[name]
+  knobs = {'optimizer.name': name, 'optimizer.learning_rate': lr}
+  one = tiny_config(tfds_dir, play_files, **SHARDABLE, **knobs)
+  layout = train.make_layout(one, jax.devices()[:1])
+  with sharding.activate(layout.mesh, layout.rules):  # This optimizer's state, on the host.
+    state = jax.device_get(train.init_train_state(layout))
+  batches = corpus_and_batches[1]
+  losses_one, state_one = train_on(one, jax.devices()[:1], batches, state)
+  fsdp = tiny_config(tfds_dir, play_files, **SHARDABLE, **knobs, **{'mesh.shape': (1, 8, 1)})
+  losses_fsdp, state_fsdp = train_on(fsdp, jax.devices(), batches, state)
+  np.testing.assert_allclose(losses_fsdp, losses_one, rtol=1e-5)
+  assert losses_one[-1] < losses_one[0] - 0.05, losses_one  # It trains.
+  assert_trees_close(state_fsdp.params, state_one.params, rtol=1e-4)
+  # The optimizer state lives in the parameters' shards: each sharded parameter has its moment(s) sharded.
+  shardings = _jitted_step(fsdp, jax.devices())[0].shardings
+  is_split = lambda s: 'fsdp' in jax.tree.leaves(tuple(s.spec))
+  split_params = sum(map(is_split, jax.tree.leaves(shardings.params)))
+  assert split_params and sum(map(is_split, jax.tree.leaves(shardings.opt_state))) >= split_params

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from lm.config.schema import BOOLEAN, FREE, MATCH, Check, integer, key, number, string
+from lm.config.schema import BOOLEAN, FREE, MATCH, Check, choice, integer, key, number, string
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
+OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon', 'sgd')
+SCHEDULES = ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd')
 LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp', 'expert', 'layers')
 
 # Logical axis -> mesh axes, highest priority first. One rule set serves every layout: with the
@@ -74,15 +76,45 @@ class Root:
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
+  name: str = key('adamw', choice(*OPTIMIZERS), MATCH,
+                  "'adamw', 'lion', 'adafactor', 'muon' (hidden matrices; AdamW for the rest) or 'sgd' (momentum).")
   learning_rate: float = key(1e-3, number(0, lo_open=True), FREE,
-                             'Peak, reached after warmup, then cosine decay to the end of training.')
+                             'Peak, reached after warmup; then optimizer.schedule to the end of training.')
+  schedule: str = key('cosine', choice(*SCHEDULES), FREE,
+                      "After warmup: 'cosine' or 'linear' decay to min_lr_ratio, 'constant', 'inverse_sqrt', or "
+                      "'wsd' (stable at the peak, then decay over the last decay_fraction of train.steps).")
   warmup_steps: int = key(100, integer(0), FREE, 'Steps of linear warmup from 0 to the peak.')
-  min_lr_ratio: float = key(0.1, number(0, 1), FREE, 'Final learning rate as a fraction of the peak.')
+  min_lr_ratio: float = key(0.1, number(0, 1), FREE,
+                            'Final learning rate as a fraction of the peak (cosine, linear, wsd).')
+  decay_fraction: float = key(0.2, number(0, 1), FREE,
+                              "schedule='wsd': share of train.steps, at the end, over which the rate decays.")
+  decay_shape: str = key('linear', choice('linear', 'cosine', 'sqrt'), FREE,
+                         "schedule='wsd': the decay's shape; 'sqrt' is 1 - sqrt(progress).")
   b1: float = key(0.9, number(0, 1, hi_open=True), FREE, "Adam's first-moment decay.")
   b2: float = key(0.95, number(0, 1, hi_open=True), FREE, "Adam's second-moment decay.")
   eps: float = key(1e-8, number(0, lo_open=True), FREE, "Adam's epsilon.")
   weight_decay: float = key(0.1, number(0), FREE, 'Decoupled (AdamW); never applied to biases, norms or embeddings.')
   grad_clip_norm: float = key(1.0, number(0), FREE, 'Global-norm clipping threshold; 0 = off.')
+  lion_b1: float = key(0.9, number(0, 1, hi_open=True), FREE, "Lion's interpolation of momentum and gradient.")
+  lion_b2: float = key(0.99, number(0, 1, hi_open=True), FREE, "Lion's momentum decay.")
+  adafactor_decay_rate: float = key(0.8, number(0, 1, lo_open=True), FREE,
+                                    "Adafactor's second-moment decay: 1 - step^-this.")
+  adafactor_clipping_threshold: float = key(1.0, number(0), FREE, 'Adafactor clips update RMS at this; 0 = off.')
+  adafactor_factored: bool = key(True, BOOLEAN, MATCH,
+                                 'Adafactor keeps row and column second moments (False: one per parameter).')
+  adafactor_parameter_scale: bool = key(False, BOOLEAN, FREE,
+                                        'Adafactor scales updates by each parameter block\'s RMS (relative steps).')
+  adafactor_momentum: float = key(0.0, number(0, 1, hi_open=True), MATCH,
+                                  "Adafactor's first-moment decay; 0 = none (no first-moment state).")
+  muon_momentum: float = key(0.95, number(0, 1, hi_open=True), FREE, "Muon's momentum decay.")
+  muon_nesterov: bool = key(True, BOOLEAN, FREE, 'Muon orthogonalises Nesterov momentum.')
+  muon_ns_steps: int = key(5, integer(1), FREE, "Newton-Schulz iterations of Muon's orthogonalisation.")
+  muon_consistent_rms: float = key(0.2, number(0), FREE,
+                                   "Muon's update RMS (so AdamW's learning rate serves); 0 = sqrt(max(1, out/in)).")
+  muon_adam_learning_rate: float = key(0.0, number(0), FREE,
+                                       "Peak rate of muon's AdamW part (embeddings, norms, ...); 0 = learning_rate.")
+  sgd_momentum: float = key(0.9, number(0, 1, hi_open=True), FREE, "SGD's momentum; 0 = plain SGD.")
+  sgd_nesterov: bool = key(False, BOOLEAN, FREE, 'SGD with Nesterov momentum.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,13 +167,30 @@ class Checkpoint:
   max_to_keep: int = key(3, integer(1), FREE, 'Checkpoints kept; older ones are deleted.')
   async_save: bool = key(True, BOOLEAN, FREE, 'Write checkpoints in the background while training continues.')
   init_from: str = key('', string(), FREE,
-                       'A workdir whose latest parameters (and tokenizer) start a fresh run: fine-tuning.')
+                       'A workdir whose parameters (and tokenizer) start a fresh run: fine-tuning, or a branch.')
+  init_step: int = key(-1, integer(-1), FREE, 'The step of init_from to start from; -1 = its latest checkpoint.')
+  init_mode: str = key('params', choice('params', 'full'), FREE,
+                       "'params': init_from's parameters, a fresh optimizer at step 0; 'full': its whole state "
+                       '(parameters, optimizer, step, data position), e.g. to branch a WSD cooldown off a run.')
+
+
+def decay_start(o, steps: int) -> int:
+  """The step at which schedule='wsd' leaves its stable phase: the last decay_fraction of `steps` decay."""
+  return steps - round(o.decay_fraction * steps)
 
 
 def rules(c) -> list[str]:
   errors = []
   if c.optimizer.warmup_steps >= c.train.steps:
     errors.append(f'optimizer.warmup_steps={c.optimizer.warmup_steps} must be < train.steps={c.train.steps}')
+  o = c.optimizer
+  if o.schedule == 'wsd' and decay_start(o, c.train.steps) < o.warmup_steps:
+    errors.append(f'optimizer.decay_fraction={o.decay_fraction} starts the decay before optimizer.warmup_steps='
+                  f'{o.warmup_steps} ends (train.steps={c.train.steps})')
+  k = c.checkpoint
+  for name, value, default in (('init_step', k.init_step, -1), ('init_mode', k.init_mode, 'params')):
+    if value != default and not k.init_from:
+      errors.append(f'checkpoint.{name}={value!r} needs checkpoint.init_from: the workdir to start from')
   if c.data.batch_size % c.train.microbatches:
     errors.append(f'data.batch_size={c.data.batch_size} must be divisible by train.microbatches={c.train.microbatches}')
   return errors

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm import mup
 from lm.config import ConfigError
 
 
@@ -57,11 +58,16 @@ def norm_layer(name: str, config) -> nn.Module:
                       bias_init=_zeros(('embed',)), name=name)
 
 
+def hidden_std(config) -> float:
+  """Init std of the hidden matrices that read the residual stream (queries, keys, values, MLP in)."""
+  return mup.hidden_init_std(config, config.init_std)
+
+
 def residual_out_std(config) -> float:
   """Init std of the matrices that write into the residual stream (attention out, MLP down)."""
   if config.init == 'gpt2':  # Scaled by depth so the residual stream's variance stays put.
-    return config.init_std / math.sqrt(2 * config.num_layers)
-  return config.init_std
+    return mup.hidden_init_std(config, config.init_std / math.sqrt(2 * config.num_layers))
+  return hidden_std(config)
 
 
 def dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Array:
@@ -98,10 +104,12 @@ def causal_mask(length: int, window: int = 0) -> jax.Array:
 
 
 def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax.Array | None,
-              probs_dropout=lambda p: p, causal_block: int = 0, window: int = 0) -> jax.Array:
-  """softmax(Q K^T / sqrt(d_k)) V where `mask` (broadcastable to [B, L, S]) is True; scores and
-  softmax in float32. Keys and values come heads-major (the KV cache's layout, so decoding reads it
-  without transposing); each of their G heads serves H / G query heads (grouped-query attention).
+              probs_dropout=lambda p: p, causal_block: int = 0, window: int = 0,
+              divisor: float | None = None) -> jax.Array:
+  """softmax(Q K^T / divisor) V where `mask` (broadcastable to [B, L, S]) is True; divisor defaults to
+  sqrt(d_k) (see mup.attention_divisor); scores and softmax in float32. Keys and values come
+  heads-major (the KV cache's layout, so decoding reads it without transposing); each of their G heads
+  serves H / G query heads (grouped-query attention).
 
   causal_block > 0 promises a causal mask over keys at the queries' positions (and, with window > 0,
   one that drops keys `window` or more positions back): queries then go in blocks of that many, each
@@ -118,10 +126,11 @@ def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax
       stop = min(start + causal_block, length)
       first = max(0, start - window + 1) if window else 0
       outs.append(attention(q_BLHK[:, start:stop], k_BGSK[:, :, first:stop], v_BGSK[:, :, first:stop],
-                            None if mask is None else mask[:, start:stop, first:stop], probs_dropout))
+                            None if mask is None else mask[:, start:stop, first:stop], probs_dropout,
+                            divisor=divisor))
     return jnp.concatenate(outs, axis=1)
   q_BGRLK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
-  scores_BGRLS = jnp.einsum('bgrlk,bgsk->bgrls', q_BGRLK, k_BGSK).astype(jnp.float32) / math.sqrt(head_dim)
+  scores_BGRLS = jnp.einsum('bgrlk,bgsk->bgrls', q_BGRLK, k_BGSK).astype(jnp.float32) / (divisor or math.sqrt(head_dim))
   if mask is not None:
     scores_BGRLS = jnp.where(mask[:, None, None], scores_BGRLS, jnp.finfo(jnp.float32).min)
   probs_BGRLS = probs_dropout(jax.nn.softmax(scores_BGRLS, axis=-1)).astype(v_BGSK.dtype)
@@ -142,15 +151,16 @@ def attention_implementation(config) -> str:
 
 
 def fused_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask: jax.Array | None, causal: bool,
-                    window: int = 0, implementation: str = 'cudnn') -> jax.Array:
+                    window: int = 0, implementation: str = 'cudnn', divisor: float | None = None) -> jax.Array:
   """`attention` by jax.nn.dot_product_attention (keys and values sequence-major): a causal mask, with
   its window, passed as such, so that cuDNN skips what it drops; any other mask as a boolean array."""
+  scale = None if divisor is None else 1.0 / divisor
   if causal:
     return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, is_causal=True, implementation=implementation,
-                                        local_window_size=(window - 1, 0) if window else None)
+                                        local_window_size=(window - 1, 0) if window else None, scale=scale)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (q_BLHK.shape[0], q_BLHK.shape[1], k_BSGK.shape[1]))[:, None]
-  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, implementation=implementation)
+  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, implementation=implementation, scale=scale)
 
 
 class Projection(nn.Module):
@@ -236,7 +246,7 @@ class Attention(nn.Module):
     frozen_key_bias = not c.qk_norm and (c.positions != 'rope' or context_BSD is not None)
 
     def project(name, x, heads, heads_axis):
-      return Projection('BLD,DHK->BLHK', (c.d_model, heads, head_dim), ('embed', heads_axis, 'kv'), c.init_std,
+      return Projection('BLD,DHK->BLHK', (c.d_model, heads, head_dim), ('embed', heads_axis, 'kv'), hidden_std(c),
                         dtype_of(c), use_bias=c.use_bias, frozen_bias=name == 'key' and frozen_key_bias, name=name)(x)
 
     q_BLHK = project('query', x_BLD, c.num_heads, 'heads')
@@ -249,7 +259,8 @@ class Attention(nn.Module):
       q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base, positions_BL), rotary(k_BSGK, c.rope_base, positions_BL)
     dropout_on = self.train and c.attention_dropout
     if attention_implementation(c) == 'cudnn' and not self.decode and not dropout_on:
-      out_BLHK = fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, self.causal, c.sliding_window, 'cudnn')
+      out_BLHK = fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, self.causal, c.sliding_window, 'cudnn',
+                                 _score_divisor(c, head_dim))
     else:
       out_BLHK = self._attend(q_BLHK, k_BSGK, v_BSGK, mask, positions_BL, valid_BL)
     out_BLHK = nn.with_logical_constraint(out_BLHK, ('batch', 'length', 'heads', 'kv'))
@@ -268,7 +279,13 @@ class Attention(nn.Module):
     # are drawn at the shape of all the scores.
     blocked = self.causal and not self.decode and not (self.train and c.attention_dropout)
     return attention(q_BLHK, k_BGSK, v_BGSK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train),
-                     causal_block=ATTENTION_BLOCK if blocked else 0, window=c.sliding_window)
+                     causal_block=ATTENTION_BLOCK if blocked else 0, window=c.sliding_window,
+                     divisor=_score_divisor(c, q_BLHK.shape[-1]))
+
+
+def _score_divisor(config, head_dim: int) -> float | None:
+  """mup.attention_divisor, or None (each implementation's own 1 / sqrt(head_dim)) under SP."""
+  return mup.attention_divisor(config, head_dim) if config.parametrization == 'mup' else None
 
 
 def _activation(config):
@@ -287,7 +304,7 @@ class Mlp(nn.Module):
     width = mlp_width(c)
 
     def dense_in(name):
-      return Projection('BLD,DF->BLF', (c.d_model, width), ('embed', 'mlp'), c.init_std, dtype_of(c),
+      return Projection('BLD,DF->BLF', (c.d_model, width), ('embed', 'mlp'), hidden_std(c), dtype_of(c),
                         use_bias=c.use_bias, name=name)(x_BLD)
 
     h_BLF = _activation(c)(dense_in('gate' if c.mlp == 'swiglu' else 'up'))
@@ -354,14 +371,17 @@ class MoeMlp(nn.Module):
     c = self.config
     width, num_experts, dtype = mlp_width(c), c.moe_experts, dtype_of(c)
     router_DE = self.param('router_kernel', _init(c.init_std, ('embed', None)), (c.d_model, num_experts))
-    probs_BLE = jax.nn.softmax(jnp.einsum('BLD,DE->BLE', x_BLD.astype(jnp.float32), router_DE), axis=-1)
+    router_logits_BLE = jnp.einsum('BLD,DE->BLE', x_BLD.astype(jnp.float32), router_DE)
+    if c.parametrization == 'mup':  # A readout: from the width to a fixed number of experts.
+      router_logits_BLE = router_logits_BLE * mup.readout_multiplier(c)
+    probs_BLE = jax.nn.softmax(router_logits_BLE, axis=-1)
     self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
     dispatch_BLEC, combine_BLEC = route(probs_BLE, c.moe_top_k, expert_capacity(c, x_BLD.shape[1]))
     x_EBCD = jnp.einsum('BLEC,BLD->EBCD', dispatch_BLEC.astype(dtype), x_BLD.astype(dtype))
     x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
 
     def expert_in(name):
-      kernel = self.param(f'{name}_kernel', _init(c.init_std, ('expert', 'embed', 'mlp')),
+      kernel = self.param(f'{name}_kernel', _init(hidden_std(c), ('expert', 'embed', 'mlp')),
                           (num_experts, c.d_model, width))
       h_EBCF = jnp.einsum('EBCD,EDF->EBCF', x_EBCD, kernel.astype(dtype))
       if c.use_bias:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from lm import mup
 from lm.layers import Block, _init, causal_mask, dropout, dtype_of, norm_layer
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
@@ -80,8 +81,12 @@ def _output_layer(config) -> nn.Dense:
                   kernel_init=_init(config.init_std, ('embed', 'vocab')))
 
 
-def _logits(logits_BLV: jax.Array) -> jax.Array:
-  return nn.with_logical_constraint(logits_BLV.astype(jnp.float32), ('batch', 'length', 'vocab'))
+def _logits(config, logits_BLV: jax.Array) -> jax.Array:
+  """float32 logits; under muP times mup.readout_multiplier."""
+  logits_BLV = logits_BLV.astype(jnp.float32)
+  if config.parametrization == 'mup':
+    logits_BLV = logits_BLV * mup.readout_multiplier(config)
+  return nn.with_logical_constraint(logits_BLV, ('batch', 'length', 'vocab'))
 
 
 class GPT(nn.Module):
@@ -110,7 +115,7 @@ class GPT(nn.Module):
       x_BLD = norm_layer('ln_final', c)(x_BLD)
     if hidden:
       return x_BLD
-    return _logits(embedding.attend(x_BLD) if c.tie_embeddings else _output_layer(c)(x_BLD))
+    return _logits(c, embedding.attend(x_BLD) if c.tie_embeddings else _output_layer(c)(x_BLD))
 
 
 class Stack(nn.Module):
@@ -170,7 +175,7 @@ class EncoderDecoder(nn.Module):
                          decode, positions_BL, valid_BL)
     if hidden:
       return x_BLD
-    return _logits(self.token_embedding.attend(x_BLD) if c.tie_embeddings else self.output(x_BLD))
+    return _logits(c, self.token_embedding.attend(x_BLD) if c.tie_embeddings else self.output(x_BLD))
 
 
 def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train: bool = False,
@@ -190,7 +195,7 @@ def vocab_logits(config, params, x_BLD: jax.Array) -> jax.Array:
     logits_BLV = jnp.einsum('BLD,VD->BLV', x_BLD.astype(dtype), params['token_embedding']['embedding'].astype(dtype))
   else:
     logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD.astype(dtype), params['output']['kernel'].astype(dtype))
-  return _logits(logits_BLV)
+  return _logits(config, logits_BLV)
 
 
 # Each cache variable's slot axis (counted from the end; the scanned layout adds a leading layer axis).

@@ -71,6 +71,11 @@ def _matrix_axes(axes: jax.sharding.PartitionSpec) -> tuple[tuple[int, ...], tup
   return tuple(own[:-1]), (own[-1],)  # [..., embed]: back into the residual stream.
 
 
+def hidden_matrix_mask(param_axes) -> object:
+  """True for each hidden matrix (`_matrix_axes`): what Muon orthogonalises and muP scales by width."""
+  return jax.tree.map(lambda axes: _matrix_axes(axes) is not None, param_axes)
+
+
 def muon_dimension_numbers(param_axes) -> object:
   """For each parameter (param_axes: their logical axes, as PartitionSpecs), Muon's
   MuonDimensionNumbers (input axes contract, output axes stay; 'layers' and 'expert' axes are
@@ -120,10 +125,12 @@ def _muon(o: Optimizer, schedule: optax.Schedule, adam_schedule: optax.Schedule,
   return optax.partition({'muon': muon, 'adam': adam}, labels)
 
 
-def make_optimizer(o: Optimizer, steps: int, param_axes=None) -> optax.GradientTransformation:
+def make_optimizer(o: Optimizer, steps: int, param_axes=None,
+                   hidden_learning_rate_scale: float = 1.0) -> optax.GradientTransformation:
   """The optimizer section `o` says, its schedule ending at `steps` (train.steps). param_axes (the
-  parameters' logical axes as PartitionSpecs, from the model's boxed init) tell Muon which parameters
-  are hidden matrices; the other optimizers ignore them.
+  parameters' logical axes as PartitionSpecs, from the model's boxed init) tell Muon, and muP's
+  hidden_learning_rate_scale (1 / its width multiplier; 1 leaves the chain as it is), which parameters
+  are hidden matrices.
 
   Weight decay is decoupled and multiplied by the learning rate for all (AdamW's convention; for SGD
   it is L2 added to the gradient), masked by weight_decay_mask."""
@@ -153,4 +160,10 @@ def make_optimizer(o: Optimizer, steps: int, param_axes=None) -> optax.GradientT
     ratio = o.muon_adam_learning_rate / o.learning_rate if o.muon_adam_learning_rate else 1.0
     adam_schedule = schedule if ratio == 1.0 else (lambda step: schedule(step) * ratio)
     inner = _muon(o, schedule, adam_schedule, param_axes)
-  return optax.chain(clip, inner)
+  if hidden_learning_rate_scale == 1.0:
+    return optax.chain(clip, inner)
+  if param_axes is None:
+    raise ValueError('a hidden_learning_rate_scale needs param_axes: the parameters\' logical axes')
+  # After the inner update, so that decoupled weight decay (learning rate times decay) scales with it.
+  hidden = optax.masked(optax.scale(hidden_learning_rate_scale), hidden_matrix_mask(param_axes))
+  return optax.chain(clip, inner, hidden)

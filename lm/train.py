@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lm import kinds, metrics, sharding
+from lm import kinds, metrics, mup, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
@@ -120,7 +120,8 @@ def make_layout(config: ml_collections.ConfigDict, devices: list[jax.Device] | N
   model = make_model(config.model, config.data)
   init_params, init = _init_functions(config.seed, model, kinds.of(config.model).example_batch(config.data))
   boxed = _boxed_shapes(init_params)
-  optimizer = make_optimizer(config.optimizer, config.train.steps, nn.get_partition_spec(boxed))
+  optimizer = make_optimizer(config.optimizer, config.train.steps, nn.get_partition_spec(boxed),
+                             1.0 / mup.width_multiplier(config.model))
   shardings = _state_shardings(boxed, optimizer, mesh, rules, config.model)
   return Layout(mesh, rules, sharding.batch_sharding(mesh, rules), model, optimizer,
                 learning_rate_schedule(config.optimizer, config.train.steps), shardings,

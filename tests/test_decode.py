@@ -37,7 +37,8 @@ def forward(model, params, tokens):
 VARIANTS = {'learned_mha': {}, 'rope_gqa': {'positions': 'rope', 'num_kv_heads': 2},
             'mqa_window': {'num_kv_heads': 1, 'sliding_window': 3, 'positions': 'rope'}, 'scan': {'scan_layers': True},
             'llama_like': {'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu', 'num_kv_heads': 2, 'qk_norm': True,
-                           'use_bias': False, 'tie_embeddings': False}}
+                           'use_bias': False, 'tie_embeddings': False},
+            'mup': {'parametrization': 'mup', 'mup_base_width': 8, 'positions': 'rope', 'num_kv_heads': 2}}
 
 
 @pytest.mark.parametrize('name', VARIANTS)

@@ -244,12 +244,17 @@ def test_blocked_causal_attention_equals_the_full_square(window, kv_heads):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize('causal, window, kv_heads', [(True, 0, 4), (True, 3, 2), (False, 0, 1)])
-def test_fused_attention_passes_the_mask_as_attention_reads_it(causal, window, kv_heads):
+@pytest.mark.parametrize('causal, window, kv_heads, divisor', [(True, 0, 4, None), (True, 3, 2, None),
+                                                                (False, 0, 1, None), (True, 0, 2, 8.0)])
+def test_fused_attention_passes_the_mask_as_attention_reads_it(causal, window, kv_heads, divisor):
   """jax.nn.dot_product_attention as model.attention_impl='cudnn' calls it (here with its XLA kernel,
-  the only one a CPU has): a causal mask and its window as flags, a padding mask as an array."""
+  the only one a CPU has): a causal mask and its window as flags, a padding mask as an array, and muP's
+  score divisor."""
   q = jax.random.normal(jax.random.PRNGKey(0), (2, 10, 4, 8))
   k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 10, kv_heads, 8)) for i in (1, 2))
   mask = causal_mask(10, window) if causal else (jnp.arange(10) < jnp.array([[7], [10]]))[:, None, :]
-  expected = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
-  np.testing.assert_allclose(fused_attention(q, k, v, mask, causal, window, 'xla'), expected, rtol=1e-6, atol=1e-6)
+  expected = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask, divisor=divisor)
+  fused = fused_attention(q, k, v, mask, causal, window, 'xla', divisor)
+  np.testing.assert_allclose(fused, expected, rtol=1e-6, atol=1e-6)
+  if divisor:  # Not the default 1 / sqrt(8).
+    assert np.abs(fused - fused_attention(q, k, v, mask, causal, window, 'xla')).max() > 1e-2

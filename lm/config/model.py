@@ -62,6 +62,12 @@ class Model:
                             "'xla', 'cudnn' (GPU, bf16: cuDNN flash attention), or 'auto': cudnn where it applies.")
   remat: str = key('none', choice('none', 'full', 'dots'), FREE,
                    "Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).")
+  parametrization: str = key('sp', choice('sp', 'mup'), SHAPE,
+                             "'sp' (standard) or 'mup': hyperparameters tuned at mup_base_width carry to other "
+                             'widths (Adam-type optimizers; README, muP).')
+  mup_base_width: int = key(256, integer(1), SHAPE,
+                            "parametrization='mup': the d_model at which muP equals SP (where its learning rate "
+                            'was tuned).')
   scan_layers: bool = key(False, BOOLEAN, SHAPE,
                           "nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.")
 
@@ -92,3 +98,17 @@ def moe_rules(c) -> list[str]:
     errors.append(f'model.moe_every={m.moe_every} mixes MLP and expert blocks, which model.scan_layers=True cannot '
                   'scan: set moe_every=1 or scan_layers=False')
   return errors
+
+
+def mup_rules(c) -> list[str]:
+  """muP's recipe is for Adam-type updates (entries of size ~ the learning rate): refuse the others."""
+  m, o = c.model, c.optimizer
+  if m.parametrization != 'mup':
+    return []
+  if o.name in ('sgd', 'muon'):
+    return [f"model.parametrization='mup' is defined here for optimizer.name 'adamw', 'lion' or 'adafactor', "
+            f'not {o.name!r}']
+  if o.name == 'adafactor' and o.adafactor_parameter_scale:
+    return ["model.parametrization='mup' needs optimizer.adafactor_parameter_scale=False: updates relative to "
+            "the parameters' scale are not the Adam-type recipe"]
+  return []

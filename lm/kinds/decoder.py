@@ -76,7 +76,7 @@ class Decoder(Kind):
     """A ConfigError naming the first model key that GPT-2's architecture cannot express."""
     wanted = {'kind': 'decoder', 'positions': 'learned', 'norm': 'layernorm', 'norm_position': 'pre', 'mlp': 'gelu',
               'use_bias': True, 'tie_embeddings': True, 'qk_norm': False, 'moe_experts': 0, 'sliding_window': 0,
-              'embed_multiplier': 1.0}
+              'embed_multiplier': 1.0, 'parametrization': 'sp'}
     for key, value in wanted.items():
       if m[key] != value:
         raise ConfigError(f'model.{key}={m[key]!r}: a GPT-2 checkpoint needs model.{key}={value!r}')

@@ -25,7 +25,6 @@ import pandas as pd
 import scipy.optimize
 
 from lm import sweep
-from lm.config import load_module
 from lm.metrics import tokens_per_example
 from lm.workdirs import read_metrics
 
@@ -160,14 +159,20 @@ def plot_curves(curves: pd.DataFrame, metric: str = 'eval/loss', x: str = 'step'
   return ax
 
 
-def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', ax=None, logx: bool = False):
-  """metric of each run's last eval against the config key or column x; returns the Axes."""
+def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', ax=None, logx: bool = False,
+               by: str | None = None):
+  """metric of each run's last eval against the config key or column x, one line per value of the
+  column `by` if given (labelled with it); returns the Axes."""
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 4))
-  ordered = runs.sort_values(x)
-  ax.plot(ordered[x].astype(float) if logx else ordered[x].astype(str), ordered[metric], marker='o')
+  for value, group in runs.groupby(by, sort=False) if by else [(None, runs)]:
+    ordered = group.sort_values(x)
+    ax.plot(ordered[x].astype(float) if logx else ordered[x].astype(str), ordered[metric], marker='o',
+            label=None if by is None else f'{by.split(".")[-1]}={value}')
   ax.set(xlabel=x, ylabel=metric, xscale='log' if logx else 'linear')
   ax.grid(alpha=0.3)
+  if by:
+    ax.legend(fontsize='small')
   return ax
 
 
@@ -178,13 +183,11 @@ def launch_ablation(experiment: str | pathlib.Path, workdir: str | pathlib.Path,
                     smoke: bool = False) -> list[dict]:
   """Trains every point of the sweep in experiment that is not done yet into workdir, one after
   another in this process (lm.sweep.launch, launcher='inline'), each with overrides; returns
-  launch's records. smoke=True adds the smoke setting of the baseline beside experiment
-  (smoke_overrides() of the base.py in its folder, as in experiments/ablations/): a few steps of a
-  tiny model, to prove that a notebook runs, not the science."""
-  overrides = dict(overrides or {})
-  if smoke:
-    overrides |= load_module(pathlib.Path(experiment).with_name('base.py')).smoke_overrides(experiment)
-  return sweep.launch(str(experiment), workdir, overrides, launcher='inline')
+  launch's records. smoke=True runs the sweep at its 'smoke' preset (experiment:smoke, as the
+  ablations in experiments/ablations/ define it): a few steps of a tiny model, to prove that a
+  notebook runs, not the science."""
+  spec = f'{experiment}:smoke' if smoke else str(experiment)
+  return sweep.launch(spec, workdir, dict(overrides or {}), launcher='inline')
 
 
 def plot_losses(curves: pd.DataFrame):

@@ -9,6 +9,11 @@ of points, each a {'group.key': value} dict of overrides, built with `axis`, `pr
 from its overrides (`positions=rope,learning_rate=0.003`); `<workdir>/sweep.json` records the sweep.
 Running the sweep again skips finished points and resumes the others from their checkpoints.
 Every point's config is built and validated before any of them starts.
+
+A point may start from another point's run: '{sweep}' in a value is the sweep's workdir, as in
+{'checkpoint.init_from': '{sweep}/schedule=wsd', 'checkpoint.init_step': 100, ...} (a cooldown
+branched from an earlier point). Such a point must come after the one it names, waits for it to
+finish, and is spelled without that key in its name.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ CONFIG = cli.config_flag()
 
 Point = dict[str, Any]
 MANIFEST = 'sweep.json'
+SWEEP_DIR = '{sweep}'  # In a point's value: the sweep's workdir.
 LAUNCHERS = ('local', 'inline', 'slurm')
 
 
@@ -101,6 +107,8 @@ def point_name(point: Point, swept_keys: Sequence[str]) -> str:
   leaves = [k.split('.')[-1] for k in swept_keys]
   parts = []
   for key, value in point.items():
+    if isinstance(value, str) and SWEEP_DIR in value:
+      continue
     label = key.split('.')[-1] if leaves.count(key.split('.')[-1]) == 1 else key
     parts.append(f'{label}={_name_value(value)}')
   return ','.join(parts) or 'base'
@@ -138,12 +146,29 @@ class Run:
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
   command: list[str]
+  after: tuple[str, ...] = ()  # The points of the sweep whose runs this one starts from.
 
 
 def main_command(spec: str, workdir: str | pathlib.Path, overrides: Point) -> list[str]:
   """The python -m lm.main command line that trains spec with overrides into workdir."""
   return ([sys.executable, '-m', 'lm.main', f'--config={spec}', f'--workdir={workdir}']
           + [f'--config.{k}={flag_value(v)}' for k, v in overrides.items()])
+
+
+def _resolve(point: Point, name: str, workdir: str | pathlib.Path,
+             earlier: Sequence[str]) -> tuple[Point, tuple[str, ...]]:
+  """point with '{sweep}' replaced by workdir, and the earlier points whose runs it names."""
+  resolved, after = {}, []
+  for key, value in point.items():
+    if isinstance(value, str) and SWEEP_DIR in value:
+      for sibling in re.findall(re.escape(SWEEP_DIR) + r'/([^/]+)', value):
+        if sibling not in earlier:
+          raise ConfigError(f'sweep point {name!r}: {key}={value!r} names {sibling!r}, which is not an earlier '
+                            f'point of this sweep (one of: {", ".join(earlier) or "none"})')
+        after.append(sibling)
+      value = value.replace(SWEEP_DIR, str(workdir))
+    resolved[key] = value
+  return resolved, tuple(dict.fromkeys(after))
 
 
 def expand(spec: str, workdir: str | pathlib.Path, overrides: Point | None = None) -> list[Run]:
@@ -174,6 +199,7 @@ def expand(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
     name = point_name(point, swept)
     if name in names:
       raise ConfigError(f'sweep: point {name!r} appears twice')
+    point, after = _resolve(point, name, workdir, list(names))
     try:
       config = validate(override(base, point))
     except ConfigError as e:
@@ -184,7 +210,7 @@ def expand(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
     names[name] = point
     configs[json.dumps(flatten(config), sort_keys=True, default=str)] = name
     run_dir = pathlib.Path(workdir) / name
-    runs.append(Run(name, dict(point), config, run_dir, main_command(spec, run_dir, overrides | point)))
+    runs.append(Run(name, dict(point), config, run_dir, main_command(spec, run_dir, overrides | point), after))
   return runs
 
 
@@ -327,11 +353,17 @@ def launch(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
     return list(results.values())
   write_manifest(workdir, record)
   if launcher == 'slurm':
+    blocked = [r for r in todo if any(before[a] != 'done' for a in r.after)]
+    if blocked:
+      raise ConfigError(f'sweep point {blocked[0].name!r} starts from point {blocked[0].after[0]!r}, which is not '
+                        'done: a job array cannot order them; run the sweep with --launcher=local')
     if todo:
       script = workdir / 'sweep.sbatch'
       script.write_text(slurm_script(todo, workdir, parallel, sbatch))
       say(f'{len(todo)} of {len(runs)} points in a job array: sbatch {script}')
     return list(results.values())
+
+  failed: set[str] = set()
 
   def finish(run: Run, returncode: int, seconds: float, log: pathlib.Path | None) -> None:
     final = final_metrics(run.workdir)
@@ -340,22 +372,38 @@ def launch(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
       say(f'finished {run.name} in {seconds:.0f} s: eval loss {final.get("eval/loss", float("nan")):.4f}, '
           f'bits/byte {final.get("eval/bits_per_byte", float("nan")):.4f}')
     else:
+      failed.add(run.name)
       why = f'; {log}: {_last_line(log)}' if log else ''
       say(f'FAILED {run.name} (exit {returncode}) after {seconds:.0f} s{why}')
+
+  def skipped(run: Run) -> bool:
+    """Whether run starts from a point that failed (then it fails too, without running)."""
+    parent = next((a for a in run.after if a in failed), None)
+    if parent:
+      failed.add(run.name)
+      results[run.name].update(returncode=1, seconds=0.0)
+      say(f'FAILED {run.name}: not run, it starts from {parent}, which failed')
+    return parent is not None
 
   parallel = parallel or 1
   at_once = f', {parallel} at a time' if launcher == 'local' else ''
   say(f'{len(todo)} of {len(runs)} points to run, {launcher}{at_once}')
   if launcher == 'inline':
     for run in todo:
-      start = time.perf_counter()
-      finish(run, _run_inline(run), time.perf_counter() - start, None)
+      if not skipped(run):
+        start = time.perf_counter()
+        finish(run, _run_inline(run), time.perf_counter() - start, None)
   else:
     queue, running = list(todo), {}
     try:
       while queue or running:
-        while queue and len(running) < parallel:
-          run = queue.pop(0)
+        queue = [r for r in queue if not skipped(r)]
+        while len(running) < parallel:
+          waiting = {r.name for r in queue} | set(running)
+          run = next((r for r in queue if not set(r.after) & waiting), None)
+          if run is None:
+            break
+          queue.remove(run)
           log = run.workdir / 'train.log'
           running[run.name] = (run, _start(run, log), time.perf_counter(), log)
           say(f'started {run.name}')

@@ -3,7 +3,6 @@ scores scaled by the width multiplier elsewhere; activations that keep their siz
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import flax.linen as nn
@@ -14,11 +13,10 @@ import pytest
 
 from conftest import tiny_config
 from lm import config as config_lib
-from lm import kinds, sharding, train
+from lm import coordinates, kinds, train
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
-from lm.layers import Block
 
 HIDDEN = {'query', 'key', 'value', 'out', 'up', 'gate', 'down', 'up_kernel', 'gate_kernel', 'down_kernel'}
 LLAMA_MOE = {'model.positions': 'rope', 'model.norm': 'rmsnorm', 'model.mlp': 'swiglu', 'model.num_heads': 4,
@@ -42,27 +40,13 @@ def corpus(tfds_dir, play_files, tmp_path_factory):
   return pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
 
 
-def _train(config, corpus, steps: int):
-  """`steps` train steps on one device from a fresh state: (losses, final state, the batches)."""
-  batches = list(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), steps))
-  layout = train.make_layout(config, jax.devices()[:1])
-  step = train.jit_train_step(layout, config.train)
-  with sharding.activate(layout.mesh, layout.rules):
-    state = train.init_train_state(layout)
-    losses = []
-    for batch in batches:
-      state, metrics = step(state, sharding.global_batch(batch, layout.batch_sharding, config.data.batch_size))
-      losses.append(float(metrics['loss']))
-  return losses, jax.device_get(state), batches, layout
-
-
 @pytest.mark.parametrize('knobs', [{}, LLAMA_MOE | {'optimizer.name': 'adafactor'}], ids=['gpt2_adamw', 'llama_moe'])
 def test_mup_at_the_base_width_equals_sp_bitwise(tfds_dir, play_files, corpus, knobs):
   runs = {}
   for parametrization in ('sp', 'mup'):
     config = tiny_config(tfds_dir, play_files, **knobs, **{'model.parametrization': parametrization,
                                                            'model.mup_base_width': 32})
-    runs[parametrization] = _train(config, corpus, 3)
+    runs[parametrization] = coordinates.train_from_scratch(config, corpus, 3)
   (sp_losses, sp_state, _, _), (mup_losses, mup_state, _, _) = runs['sp'], runs['mup']
   assert sp_losses == mup_losses
   jax.tree.map(np.testing.assert_array_equal, sp_state.params, mup_state.params)
@@ -163,15 +147,6 @@ def test_a_mup_model_does_not_export_as_gpt2():
     kinds.of(config.model).check_hf_shaped(config.model)
 
 
-def _block_output_sizes(config, corpus) -> dict[str, float]:
-  """Mean |x| of each block's output on the first batch, after 3 train steps."""
-  _, state, batches, layout = _train(config, corpus, 3)
-  _, captured = layout.model.apply({'params': state.params}, jnp.asarray(batches[0]['tokens'][:, :-1]),
-                                   capture_intermediates=lambda module, _: isinstance(module, Block),
-                                   mutable=['intermediates'])
-  return {name: float(jnp.mean(jnp.abs(out['__call__'][0]))) for name, out in captured['intermediates'].items()}
-
-
 @pytest.mark.slow
 def test_coordinate_check_block_outputs_keep_their_size_across_widths_under_mup(tfds_dir, play_files, corpus):
   widths = (64, 128, 256, 512)
@@ -182,7 +157,7 @@ def test_coordinate_check_block_outputs_keep_their_size_across_widths_under_mup(
           'model.d_model': width, 'model.num_heads': 4, 'model.mlp_dim': 0, 'model.parametrization': parametrization,
           'model.mup_base_width': 64, 'optimizer.learning_rate': 1e-2, 'optimizer.warmup_steps': 0,
           'optimizer.grad_clip_norm': 0.0, 'data.batch_size': 8})
-      sizes[parametrization, width] = _block_output_sizes(config, corpus)
+      sizes[parametrization, width] = coordinates.block_output_sizes(config, corpus)
   for block in ('block_0', 'block_1'):
     mup = [sizes['mup', w][block] for w in widths]
     sp = [sizes['sp', w][block] for w in widths]

@@ -1,5 +1,5 @@
 """Every notebook runs top to bottom on its smoke setting (each sweep point trains 4 steps), and its
-committed .ipynb and plain-text .py (jupytext) hold the same cells. The two notebooks with the most
+committed .ipynb and plain-text .py (jupytext) hold the same cells. The notebooks with the most
 points run in test_notebooks_more.py, so that the two test workers share the load."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ import pytest
 
 from conftest import ROOT
 from lm import results, sweep
-from lm.config import load_module
 
 NOTEBOOKS = ROOT / 'notebooks'
 NAMES = sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb'))
-ELSEWHERE = ('learning_rate', 'scaling')  # Run by test_notebooks_more.py.
+ELSEWHERE = ('learning_rate', 'optimizers', 'scaling')  # Run by test_notebooks_more.py.
 
 
 def test_every_ablation_has_a_notebook_and_every_notebook_its_pair():
@@ -64,12 +63,12 @@ def run_smoke(name: str, tfds_dir: str, compile_cache: str, tmp_path: pathlib.Pa
   client.execute()  # Raises CellExecutionError, naming the cell, if any cell fails.
 
   experiment = str(ROOT / 'experiments' / 'ablations' / f'{name}.py')
-  smoke = load_module(ROOT / 'experiments' / 'ablations' / 'base.py').smoke_overrides(experiment)
-  points = sweep.expand(experiment, workdir, overrides | smoke)
+  points = sweep.expand(f'{experiment}:smoke', workdir, overrides)
   runs = results.load_runs(workdir)
   assert list(runs['run']) == [p.name for p in points] and set(runs['status']) == {'done'}
-  assert (runs['step'] == 4).all() and runs['eval/bits_per_byte'].notna().all()
+  assert (runs['step'] == runs['train.steps']).all() and runs['train.steps'].max() == 4
+  assert runs['eval/bits_per_byte'].notna().all()
   outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
   assert any('image/png' in o.get('data', {}) for o in outputs), 'no figure drawn'
   manifest = json.loads((workdir / sweep.MANIFEST).read_text())
-  assert manifest['overrides'] == {k: sweep.flag_value(v) for k, v in (overrides | smoke).items()}
+  assert manifest['arg'] == 'smoke' and manifest['overrides'] == overrides

@@ -105,13 +105,26 @@ def test_report_shows_the_table_then_the_curves_then_the_ranking(tmp_path, monke
   plt.close(figure)
 
 
-def test_launch_ablation_adds_the_baselines_smoke_setting_and_trains_inline(monkeypatch, tmp_path):
+def test_launch_ablation_runs_the_smoke_preset_inline(monkeypatch, tmp_path):
   experiment = ROOT / 'experiments' / 'ablations' / 'mlp.py'
   calls = []
   monkeypatch.setattr(results.sweep, 'launch', lambda *args, **kwargs: calls.append((args, kwargs)) or ['records'])
   assert results.launch_ablation(experiment, tmp_path, {'data.tfds_data_dir': '/tfds'}) == ['records']
   assert results.launch_ablation(experiment, tmp_path, {'data.tfds_data_dir': '/tfds'}, smoke=True) == ['records']
-  smoke = load_module(ROOT / 'experiments' / 'ablations' / 'base.py').smoke_overrides(str(experiment))
-  assert smoke['train.steps'] == 4 and 'model.mlp' not in smoke
   assert calls == [((str(experiment), tmp_path, {'data.tfds_data_dir': '/tfds'}), {'launcher': 'inline'}),
-                   ((str(experiment), tmp_path, {'data.tfds_data_dir': '/tfds'} | smoke), {'launcher': 'inline'})]
+                   ((f'{experiment}:smoke', tmp_path, {'data.tfds_data_dir': '/tfds'}), {'launcher': 'inline'})]
+  smoke = load_module(experiment).get_config('swiglu,smoke')
+  assert (smoke.train.steps, smoke.model.num_layers, smoke.model.mlp) == (4, 1, 'swiglu')
+
+
+def test_plot_final_draws_one_line_per_group_in_x_order(tmp_path):
+  runs = results.load_runs(_fake_sweep(tmp_path))
+  runs['optimizer.learning_rate'] = [3e-3, 1e-3, 2e-3]
+  runs['group'] = ['a', 'b', 'b']
+  one = results.plot_final(runs, 'optimizer.learning_rate', logx=True)
+  np.testing.assert_allclose(one.lines[0].get_xdata(), [1e-3, 2e-3, 3e-3])
+  np.testing.assert_allclose(one.lines[0].get_ydata(), [3.25, 3.375, 3.5])
+  grouped = results.plot_final(runs, 'optimizer.learning_rate', logx=True, by='group')
+  assert [line.get_label() for line in grouped.lines] == ['group=a', 'group=b']
+  np.testing.assert_allclose(grouped.lines[1].get_ydata(), [3.25, 3.375])
+  plt.close('all')

@@ -266,3 +266,58 @@ def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, 
   again = sweep.launch(spec, workdir, overrides, parallel=2, say=lambda _: None)
   assert [r['status'] for r in again] == ['done', 'done'] and not any('returncode' in r for r in again)
   assert {r.name: (r.workdir / 'train.log').read_text() for r in (gelu, swiglu)} == logs
+
+
+def test_points_that_start_from_earlier_points_wait_for_them(tmp_path, monkeypatch):
+  spec = str(ABLATIONS / 'wsd.py')
+  runs = sweep.expand(spec, tmp_path / 'wsd')
+  by_name = {r.name: r for r in runs}
+  cooldown = by_name['schedule=wsd,steps=250,init_step=200,init_mode=full']
+  assert cooldown.after == ('schedule=wsd',) and by_name['schedule=cosine,steps=250'].after == ()
+  assert cooldown.config.checkpoint.init_from == str(tmp_path / 'wsd' / 'schedule=wsd')
+  assert (cooldown.config.train.steps, cooldown.config.checkpoint.init_step) == (250, 200)
+  assert f'--config.checkpoint.init_from={tmp_path}/wsd/schedule=wsd' in cooldown.command
+  with pytest.raises(ConfigError, match="starts from point 'schedule=wsd', which is not done: a job array"):
+    sweep.launch(spec, tmp_path / 'wsd', launcher='slurm')
+  later = _write_experiment(tmp_path / 'later.py', "[{'checkpoint.init_from': '{sweep}/d_model=64', "
+                                                   "'train.steps': 300}, {'model.d_model': 64}]")
+  with pytest.raises(ConfigError, match=r"sweep point 'steps=300': checkpoint.init_from='\{sweep\}/d_model=64' names "
+                                        r"'d_model=64', which is not an earlier point of this sweep \(one of: none\)"):
+    sweep.expand(later, tmp_path / 'later')
+
+  # The local launcher, two at a time, with each point's process faked: a cooldown starts only once
+  # the stable run has finished, later points going ahead meanwhile; when it fails, its cooldowns
+  # fail without starting.
+  for stable_fails in (False, True):
+    events, done = [], set()
+
+    class Process:
+      def __init__(self, run):
+        self.run, self.polls, self.returncode = run, 0, None
+
+      def poll(self):
+        self.polls += 1
+        if self.polls < (9 if self.run.name == 'schedule=wsd' else 3):  # The stable run takes longest.
+          return None
+        self.returncode = 1 if stable_fails and self.run.name == 'schedule=wsd' else 0
+        if not self.returncode:
+          done.add(self.run.name)
+        events.append(('end', self.run.name))
+        return self.returncode
+
+    monkeypatch.setattr(sweep, '_start', lambda run, log: events.append(('start', run.name)) or Process(run))
+    monkeypatch.setattr(sweep, 'status', lambda run: 'done' if run.name in done else 'new')
+    monkeypatch.setattr(sweep.time, 'sleep', lambda _: None)
+    said = []
+    records = sweep.launch(spec, tmp_path / f'local{stable_fails}', parallel=2, say=said.append)
+    starts = [name for what, name in events if what == 'start']
+    stable_end = events.index(('end', 'schedule=wsd'))
+    cooldowns = [r.name for r in runs if r.after]
+    if stable_fails:
+      assert not set(cooldowns) & set(starts) and len(starts) == len(runs) - 3
+      assert f'FAILED {cooldowns[0]}: not run, it starts from schedule=wsd, which failed' in said
+      assert [r['returncode'] for r in records if r['name'] in cooldowns] == [1, 1, 1]
+    else:
+      assert sorted(starts) == sorted(r.name for r in runs)
+      assert all(events.index(('start', name)) > stable_end for name in cooldowns)
+      assert events.index(('start', 'schedule=cosine,steps=125')) < stable_end  # Unblocked points go ahead.

@@ -18,7 +18,7 @@ base = load_module(pathlib.Path(__file__).with_name('base.py'))
 
 
 def points(scale: str) -> list[dict]:
-  if scale == 'cpu':
+  if scale != 'gpu':  # cpu, and smoke (which shrinks the cpu baseline).
     return sweep.axis('model.num_kv_heads', [4, 2, 1])  # 4 query heads.
   return sweep.axis('model.num_kv_heads', [12, 4, 1])  # 12 query heads.
 

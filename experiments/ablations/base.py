@@ -6,6 +6,8 @@
        fifth of the plays): about a minute on 2 CPU cores
   gpu  12 layers, width 768, 12 heads (85M parameters), 20k steps of 64 x 1024 bytes on lm1b
        (prepare it first: tfds build lm1b --file_format=array_record)
+  smoke  cpu shrunk to 4 steps of a 1-layer model (SMOKE below): proves that a sweep or a notebook
+       runs top to bottom (the tests run every notebook so), not the science
 
 Bytes, not a trained tokenizer, so that every ablation is scored in bits per byte of the same text
 and no point spends time training sentencepiece. The ablation files next to this one load it and
@@ -16,11 +18,11 @@ ablation_sweep below.
 import ml_collections
 
 from lm import sweep
-from lm.config import base_config, load_module, override
+from lm.config import base_config, override
 
-SCALES = ('cpu', 'gpu')
+SCALES = ('cpu', 'gpu', 'smoke')
 
-# What differs between the scales, key: (cpu, gpu).
+# What differs between the cpu and gpu scales, key: (cpu, gpu).
 BY_SCALE = {
     'model.num_layers': (4, 12),
     'model.d_model': (64, 768),
@@ -48,6 +50,8 @@ BY_SCALE = {
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   if arg not in SCALES:
     raise ValueError(f'experiments/ablations/base.py:{arg}: expected one of {", ".join(SCALES)}')
+  if arg == 'smoke':
+    return override(get_config('cpu'), SMOKE)
   config = base_config()
   config.data.tokenizer = 'byte'
   config.model.vocab_size = 258
@@ -58,32 +62,30 @@ def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:
   return override(config, {key: values[SCALES.index(arg)] for key, values in BY_SCALE.items()})
 
 
+def scale_of(arg: str) -> str:
+  """The scale a preset argument names ('rope,gpu' -> 'gpu'), default cpu."""
+  return next((token for token in arg.split(',') if token in SCALES), SCALES[0])
+
+
 def ablation_config(arg: str, points) -> ml_collections.ConfigDict:
   """An ablation's get_config(arg): this baseline at the scale arg names (default cpu), with the one
-  point of the sweep arg names, if any ('rope', 'rope,gpu': see lm.sweep.preset). points: the
-  sweep's points, or a function giving them at a scale (where they differ by scale)."""
-  scale = next((token for token in arg.split(',') if token in SCALES), SCALES[0])
-  scale, point = sweep.preset(arg, points(scale) if callable(points) else points, SCALES)
+  point of the sweep arg names, if any ('rope', 'rope,gpu': see lm.sweep.preset); the point's keys
+  override the scale's. points: the sweep's points, or a function giving them at a scale (where they
+  differ by scale)."""
+  scale, point = sweep.preset(arg, points(scale_of(arg)) if callable(points) else points, SCALES)
   return override(get_config(scale), point)
 
 
 def ablation_sweep(arg: str, points) -> list[dict]:
   """An ablation's get_sweep(arg): its points, at the scale arg names where they differ by scale."""
-  return points(sweep.preset(arg, [], SCALES)[0]) if callable(points) else points
+  return points(scale_of(arg)) if callable(points) else points
 
 
-# What the notebooks' SMOKE setting adds to every point, less the keys the sweep varies: 4 steps of a
-# 1-layer model, evaluated at steps 2 and 4 on one batch. It proves that a notebook runs top to
-# bottom (the tests run it so), not the science.
+# The smoke scale: 4 steps of a 1-layer model, evaluated at steps 2 and 4 on one batch; a sweep's
+# points override these keys where they vary them.
 SMOKE = {
     'model.num_layers': 1, 'model.d_model': 32, 'data.seq_len': 32, 'data.batch_size': 4,
     'train.steps': 4, 'optimizer.warmup_steps': 1, 'train.log_every': 2, 'checkpoint.every': 4,
     'eval.every': 2, 'eval.num_batches': 1, 'eval.final_num_batches': 1, 'eval.batch_size': 8,
     'eval.num_samples': 0,
 }
-
-
-def smoke_overrides(experiment: str) -> dict:
-  """SMOKE without the keys that experiment's sweep varies."""
-  swept = {key for point in load_module(experiment).get_sweep() for key in point}
-  return {key: value for key, value in SMOKE.items() if key not in swept}

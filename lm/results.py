@@ -18,6 +18,7 @@ import pathlib
 from typing import Sequence
 
 from IPython import display
+from matplotlib import ticker
 import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
@@ -170,6 +171,8 @@ def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', a
     ax.plot(ordered[x].astype(float) if logx else ordered[x].astype(str), ordered[metric], marker='o',
             label=None if by is None else f'{by.split(".")[-1]}={value}')
   ax.set(xlabel=x, ylabel=metric, xscale='log' if logx else 'linear')
+  if logx:  # Label the decades only: minor labels of a short log axis overlap.
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
   ax.grid(alpha=0.3)
   if by:
     ax.legend(fontsize='small')

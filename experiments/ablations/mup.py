@@ -1,7 +1,7 @@
 """muP against SP: the peak learning rate swept at three widths under each parametrization (4 heads
 throughout, so head_dim widens with the model; muP's base width is the narrowest, where it equals SP,
 so that width runs under SP only). Under SP the best rate falls as the model widens; under muP it
-should stay where the narrow model has it. 250 steps, half the baseline's, to afford 25 points.
+should stay where the narrow model has it. 250 steps, half the baseline's, to afford 30 points.
 
   python -m lm.sweep --config=experiments/ablations/mup.py --workdir=runs/ablations/mup
   python -m lm.main --config=experiments/ablations/mup.py:mup,128,0.024 --workdir=runs/one_point
@@ -19,7 +19,8 @@ from lm.config import load_module, override
 base = load_module(pathlib.Path(__file__).with_name('base.py'))
 
 WIDTHS = {'cpu': [32, 64, 128], 'gpu': [384, 768, 1536], 'smoke': [32, 64]}
-RATES = {'cpu': [3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2], 'gpu': [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3], 'smoke': [1e-2, 2e-2]}
+RATES = {'cpu': [1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2], 'gpu': [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+         'smoke': [1e-2, 2e-2]}
 STEPS = {'cpu': (250, 25), 'gpu': (10_000, 500)}  # (train.steps, optimizer.warmup_steps); smoke keeps its own.
 
 

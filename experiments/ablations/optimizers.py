@@ -30,9 +30,15 @@ RATES = {
 }
 
 
+# Two more seeds of the two best optimizers at their best cpu rates, for the noise between them.
+SEEDS = sweep.product(sweep.zip(sweep.axis('optimizer.name', ['adamw', 'muon']),
+                                sweep.axis('optimizer.learning_rate', [1.2e-2, 2.4e-2])), sweep.axis('seed', [1, 2]))
+
+
 def points(scale: str) -> list[dict]:
-  return sweep.chain(*(sweep.product(sweep.axis('optimizer.name', [name]), sweep.axis('optimizer.learning_rate', rates))
-                       for name, rates in RATES['gpu' if scale == 'gpu' else 'cpu'].items()))
+  rates = sweep.chain(*(sweep.product(sweep.axis('optimizer.name', [name]), sweep.axis('optimizer.learning_rate', lrs))
+                        for name, lrs in RATES['gpu' if scale == 'gpu' else 'cpu'].items()))
+  return rates + SEEDS if scale == 'cpu' else rates
 
 
 def get_config(arg: str = 'cpu') -> ml_collections.ConfigDict:

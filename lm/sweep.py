@@ -351,12 +351,12 @@ def launch(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
     say(f'{r.name:40s} {what}' + (f'\n    {shlex.join(r.command)}' if dry_run else ''))
   if dry_run:
     return list(results.values())
+  blocked = [r for r in todo if any(before[a] != 'done' for a in r.after)]
+  if launcher == 'slurm' and blocked:  # Refused before anything is written.
+    raise ConfigError(f'sweep point {blocked[0].name!r} starts from point {blocked[0].after[0]!r}, which is not '
+                      'done: a job array cannot order them; run the sweep with --launcher=local')
   write_manifest(workdir, record)
   if launcher == 'slurm':
-    blocked = [r for r in todo if any(before[a] != 'done' for a in r.after)]
-    if blocked:
-      raise ConfigError(f'sweep point {blocked[0].name!r} starts from point {blocked[0].after[0]!r}, which is not '
-                        'done: a job array cannot order them; run the sweep with --launcher=local')
     if todo:
       script = workdir / 'sweep.sbatch'
       script.write_text(slurm_script(todo, workdir, parallel, sbatch))

@@ -279,6 +279,7 @@ def test_points_that_start_from_earlier_points_wait_for_them(tmp_path, monkeypat
   assert f'--config.checkpoint.init_from={tmp_path}/wsd/schedule=wsd' in cooldown.command
   with pytest.raises(ConfigError, match="starts from point 'schedule=wsd', which is not done: a job array"):
     sweep.launch(spec, tmp_path / 'wsd', launcher='slurm')
+  assert not (tmp_path / 'wsd').exists()
   later = _write_experiment(tmp_path / 'later.py', "[{'checkpoint.init_from': '{sweep}/d_model=64', "
                                                    "'train.steps': 300}, {'model.d_model': 64}]")
   with pytest.raises(ConfigError, match=r"sweep point 'steps=300': checkpoint.init_from='\{sweep\}/d_model=64' names "

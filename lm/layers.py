@@ -103,6 +103,18 @@ def causal_mask(length: int, window: int = 0) -> jax.Array:
   return mask_LL
 
 
+def segment_positions(segments_BL: jax.Array) -> jax.Array:
+  """Each token's position within its run of equal segment ids (0 at each document's first token)."""
+  index_BL = jnp.broadcast_to(jnp.arange(segments_BL.shape[1]), segments_BL.shape)
+  starts_BL = jnp.concatenate([jnp.ones_like(segments_BL[:, :1], bool), segments_BL[:, 1:] != segments_BL[:, :-1]], 1)
+  return index_BL - jax.lax.cummax(jnp.where(starts_BL, index_BL, 0), axis=1)
+
+
+def same_segment(q_segments_BL: jax.Array, k_segments_BS: jax.Array) -> jax.Array:
+  """[B, L, S] bool: query i and key j belong to the same document."""
+  return q_segments_BL[:, :, None] == k_segments_BS[:, None, :]
+
+
 def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax.Array | None,
               probs_dropout=lambda p: p, causal_block: int = 0, window: int = 0,
               divisor: float | None = None) -> jax.Array:
@@ -153,14 +165,17 @@ def attention_implementation(config) -> str:
 def fused_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask: jax.Array | None, causal: bool,
                     window: int = 0, implementation: str = 'cudnn', divisor: float | None = None) -> jax.Array:
   """`attention` by jax.nn.dot_product_attention (keys and values sequence-major): a causal mask, with
-  its window, passed as such, so that cuDNN skips what it drops; any other mask as a boolean array."""
+  its window, passed as such, so that cuDNN skips what it drops. Any other mask goes as a boolean
+  array: with `causal`, a per-row [B, L, S] mask (documents) is applied on top, while the shared
+  [L, L] causal mask itself is left to is_causal."""
   scale = None if divisor is None else 1.0 / divisor
-  if causal:
-    return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, is_causal=True, implementation=implementation,
-                                        local_window_size=(window - 1, 0) if window else None, scale=scale)
+  if causal and (mask is None or mask.ndim == 2):
+    mask = None
   if mask is not None:
     mask = jnp.broadcast_to(mask, (q_BLHK.shape[0], q_BLHK.shape[1], k_BSGK.shape[1]))[:, None]
-  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, implementation=implementation, scale=scale)
+  return jax.nn.dot_product_attention(q_BLHK, k_BSGK, v_BSGK, mask=mask, is_causal=causal, scale=scale,
+                                      implementation=implementation,
+                                      local_window_size=(window - 1, 0) if causal and window else None)
 
 
 class Projection(nn.Module):

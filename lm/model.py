@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import mup
-from lm.layers import Block, _init, causal_mask, dropout, dtype_of, norm_layer
+from lm.layers import Block, _init, causal_mask, dropout, dtype_of, norm_layer, same_segment, segment_positions
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
 REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.checkpoint_policies.dots_saveable}
@@ -103,13 +103,18 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, train: bool = False, decode: bool = False,
                positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None,
-               hidden: bool = False) -> jax.Array:
-    """hidden=True returns the final hidden states [B, L, D] instead: see `vocab_logits`."""
+               hidden: bool = False, segments_BL: jax.Array | None = None) -> jax.Array:
+    """hidden=True returns the final hidden states [B, L, D] instead: see `vocab_logits`.
+
+    segments_BL (data.document_mask) says which document each token belongs to: attention stays
+    within it and positions restart at its first token."""
     c = self.config
+    self_mask = None if decode else causal_mask(tokens_BL.shape[1], c.sliding_window)
+    if segments_BL is not None:
+      self_mask, positions_BL = self_mask & same_segment(segments_BL, segments_BL), segment_positions(segments_BL)
     embedding = _token_embedding(c)
     x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train, positions_BL)
-    x_BLD = _stack(c, x_BLD, num_layers=c.num_layers, train=train,
-                   self_mask=None if decode else causal_mask(tokens_BL.shape[1], c.sliding_window),
+    x_BLD = _stack(c, x_BLD, num_layers=c.num_layers, train=train, self_mask=self_mask,
                    decode=decode, positions_BL=positions_BL, valid_BL=valid_BL)
     if c.norm_position == 'pre':  # Post-norm blocks already end normalised.
       x_BLD = norm_layer('ln_final', c)(x_BLD)
@@ -155,24 +160,39 @@ class EncoderDecoder(nn.Module):
       self.output = _output_layer(c)
 
   def __call__(self, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False,
-               hidden: bool = False) -> jax.Array:
-    """hidden=True returns the decoder's final hidden states [B, L, D] instead: see `vocab_logits`."""
-    return self.decode(self.encode(inputs_BS, train), inputs_BS, tokens_BL, train, hidden)
+               hidden: bool = False, input_segments_BS: jax.Array | None = None,
+               segments_BL: jax.Array | None = None) -> jax.Array:
+    """hidden=True returns the decoder's final hidden states [B, L, D] instead: see `vocab_logits`.
 
-  def encode(self, inputs_BS: jax.Array, train: bool = False) -> jax.Array:
-    x_BSD = _embed(self, self.token_embedding, inputs_BS, self.encoder_position_embedding, train)
-    return self.encoder(x_BSD, train, self_mask=(inputs_BS != self.pad_id)[:, None, :])
+    With segment ids of the inputs and the targets (data.document_mask) every attention stays within
+    a document, and positions restart at each."""
+    encoded_BSD = self.encode(inputs_BS, train, input_segments_BS)
+    return self.decode(encoded_BSD, inputs_BS, tokens_BL, train, hidden, input_segments_BS=input_segments_BS,
+                       segments_BL=segments_BL)
+
+  def encode(self, inputs_BS: jax.Array, train: bool = False,
+             input_segments_BS: jax.Array | None = None) -> jax.Array:
+    self_mask, positions_BS = (inputs_BS != self.pad_id)[:, None, :], None
+    if input_segments_BS is not None:
+      self_mask = self_mask & same_segment(input_segments_BS, input_segments_BS)
+      positions_BS = segment_positions(input_segments_BS)
+    x_BSD = _embed(self, self.token_embedding, inputs_BS, self.encoder_position_embedding, train, positions_BS)
+    return self.encoder(x_BSD, train, self_mask=self_mask, positions_BL=positions_BS)
 
   def decode(self, encoded_BSD: jax.Array, inputs_BS: jax.Array, tokens_BL: jax.Array, train: bool = False,
              hidden: bool = False, decode: bool = False, positions_BL: jax.Array | None = None,
-             valid_BL: jax.Array | None = None):
+             valid_BL: jax.Array | None = None, input_segments_BS: jax.Array | None = None,
+             segments_BL: jax.Array | None = None):
     """The decoder over tokens_BL given the encoder output. With decode=True the tokens continue
     earlier calls' through the decoder's self-attention KV cache, as in GPT (positions_BL, valid_BL)."""
     c = self.config
-    x_BLD = _embed(self, self.token_embedding, tokens_BL, self.position_embedding, train, positions_BL)
     self_mask = None if decode else causal_mask(tokens_BL.shape[1], c.sliding_window)
-    x_BLD = self.decoder(x_BLD, train, encoded_BSD, self_mask, (inputs_BS != self.pad_id)[:, None, :],
-                         decode, positions_BL, valid_BL)
+    context_mask = (inputs_BS != self.pad_id)[:, None, :]
+    if segments_BL is not None:
+      self_mask, positions_BL = self_mask & same_segment(segments_BL, segments_BL), segment_positions(segments_BL)
+      context_mask = context_mask & same_segment(segments_BL, input_segments_BS)
+    x_BLD = _embed(self, self.token_embedding, tokens_BL, self.position_embedding, train, positions_BL)
+    x_BLD = self.decoder(x_BLD, train, encoded_BSD, self_mask, context_mask, decode, positions_BL, valid_BL)
     if hidden:
       return x_BLD
     return _logits(c, self.token_embedding.attend(x_BLD) if c.tie_embeddings else self.output(x_BLD))
@@ -183,8 +203,13 @@ def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train:
   """Logits predicting batch['tokens'][:, 1:] from the tokens before (and batch['inputs'], if any);
   with hidden=True the final hidden states they come from (see `vocab_logits`)."""
   args = (batch['inputs'],) if 'inputs' in batch else ()
+  segments = {}
+  if 'segment_ids' in batch:  # data.document_mask: each token's document (the inputs' too, if any).
+    segments['segments_BL'] = batch['segment_ids'][:, :-1]
+  if 'input_segment_ids' in batch:
+    segments['input_segments_BS'] = batch['input_segment_ids']
   return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable,
-                     hidden=hidden)
+                     hidden=hidden, **segments)
 
 
 def vocab_logits(config, params, x_BLD: jax.Array) -> jax.Array:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lm.config.schema import FREE, MATCH, SHAPE, choice, integer, key, number, string
+from lm.config.schema import BOOLEAN, FREE, MATCH, SHAPE, choice, integer, key, number, string
 
 BYTE_VOCAB_SIZE = 258  # 256 bytes + pad + document separator; see lm/data/tokenizers.py.
 PAD_IDS = {'byte': 256, 'sentencepiece': 0}  # The padding id of each data.tokenizer.
@@ -40,6 +40,9 @@ class Data:
   mean_span_length: float = key(3.0, number(1), MATCH, 'span_corruption: mean length of the masked spans.')
   batch_size: int = key(32, integer(1), MATCH, 'Sequences per step.')
   shuffle_window: int = key(1024, integer(0), MATCH, 'Packed sequences shuffled together after packing; 0 = off.')
+  document_mask: bool = key(False, BOOLEAN, MATCH, 'Packed sequences carry segment ids: attention stays within a '
+                            'document, positions restart at each, and no document\'s first token is a target of the '
+                            'one before (lm, span_corruption).')
   val_fraction: float = key(0.1, number(0, 0.5, lo_open=True), MATCH, 'text_files: share of files (or of a lone '
                             'file) held out for validation; text_pairs: of pairs.')
 
@@ -95,6 +98,9 @@ def objective_rules(c) -> list[str]:
                   "(data.objective='lm')")
   if m.kind == 'decoder' and m.num_encoder_layers:
     errors.append(f"model.num_encoder_layers={m.num_encoder_layers} needs model.kind='encoder_decoder'")
+  if d.document_mask and d.objective == 'seq2seq':
+    errors.append("data.document_mask=True masks documents packed together; data.objective='seq2seq' packs none "
+                  '(one pair per row)')
   if m.kind == 'encoder_decoder' and target_len(d) > m.max_len:
     what = ('the span-corruption targets of data.seq_len' if d.objective == 'span_corruption'
             else f'data.target_len={d.target_len}')

@@ -18,14 +18,19 @@ class PackIterDataset(grain.IterDataset):
   tokens[1:], so every token of the stream after the first is a target exactly once and none is
   dropped. With `pad_final` the tail of a finite stream is emitted as a last window padded with
   `pad_id` (loss_mask False on the padding); without it the tail is dropped.
+
+  With `segment_ids` each window also carries 'segment_ids' [seq_len + 1] int32: 1 for the tokens of
+  its first document, 2 for the next, ..., 0 for padding; and loss_mask is False where a target
+  begins a document (it is not predicted from the one before).
   """
 
-  def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int, pad_final: bool):
+  def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int, pad_final: bool,
+               segment_ids: bool = False):
     super().__init__(parent)
-    self._seq_len, self._pad_id, self._pad_final = seq_len, pad_id, pad_final
+    self._seq_len, self._pad_id, self._pad_final, self._segment_ids = seq_len, pad_id, pad_final, segment_ids
 
   def __iter__(self) -> grain.DatasetIterator:
-    return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._pad_final)
+    return _PackIterator(self._parent.__iter__(), self._seq_len, self._pad_id, self._pad_final, self._segment_ids)
 
   def __str__(self) -> str:
     return f'PackIterDataset(seq_len={self._seq_len})'
@@ -36,9 +41,10 @@ class _PackIterator(grain.DatasetIterator):
   before each; its checkpoint is (parent state before the first of them, offset into it), so a
   restore re-reads those documents instead of storing tokens."""
 
-  def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, pad_final: bool):
+  def __init__(self, parent: grain.DatasetIterator, seq_len: int, pad_id: int, pad_final: bool,
+               segment_ids: bool = False):
     super().__init__(parent)
-    self._seq_len, self._pad_id, self._pad_final = seq_len, pad_id, pad_final
+    self._seq_len, self._pad_id, self._pad_final, self._segment_ids = seq_len, pad_id, pad_final, segment_ids
     self._segments: collections.deque[tuple[Any, np.ndarray]] = collections.deque()
     self._offset = 0  # Tokens of the first segment already behind us.
     self._done = False
@@ -78,7 +84,11 @@ class _PackIterator(grain.DatasetIterator):
       stream = np.pad(stream, (0, window - len(stream)), constant_values=self._pad_id)
       self._done = True
     self._advance(self._seq_len)
-    return {'tokens': stream, 'loss_mask': loss_mask}
+    if not self._segment_ids:
+      return {'tokens': stream, 'loss_mask': loss_mask}
+    segments = np.repeat(np.arange(1, len(pieces) + 1, dtype=np.int32), [len(p) for p in pieces])
+    segments = np.pad(segments, (0, window - len(segments)))
+    return {'tokens': stream, 'loss_mask': loss_mask & (segments[1:] == segments[:-1]), 'segment_ids': segments}
 
   def _advance(self, count: int) -> None:
     while self._segments and count:

@@ -10,6 +10,8 @@ data.objective shapes the batches:
                    {'inputs': [B, L], 'tokens': [B, T + 1], 'loss_mask': [B, T]} (encoder-decoder).
   seq2seq          one (input, target) example per row, the same keys, cut or padded to L and T.
 The model predicts tokens[:, 1:] from tokens[:, :-1] (and the inputs), where loss_mask is True.
+With data.document_mask, packed batches also hold 'segment_ids' (like 'tokens'; span corruption:
+and 'input_segment_ids', like 'inputs'): each token's document, numbered from 1 in its row, 0 on padding.
 """
 
 from __future__ import annotations
@@ -147,10 +149,12 @@ def _examples(d: Data, corpus: Corpus, seed: int, docs: grain.MapDataset, read: 
     return docs.map(pair).to_iter_dataset(read)
   docs = docs.map(_Tokenize(t, corpus.text_keys)).to_iter_dataset(read)
   if d.objective == 'lm':
-    return PackIterDataset(docs, seq_len=d.seq_len, pad_id=t.pad_id, pad_final=not training)
+    return PackIterDataset(docs, seq_len=d.seq_len, pad_id=t.pad_id, pad_final=not training,
+                           segment_ids=d.document_mask)
   corruption = _span_corruption(d, corpus)
   # Windows of raw_len tokens (each starting on the last token of the one before).
-  windows = PackIterDataset(docs, seq_len=corruption.raw_len - 1, pad_id=t.pad_id, pad_final=False)
+  windows = PackIterDataset(docs, seq_len=corruption.raw_len - 1, pad_id=t.pad_id, pad_final=False,
+                            segment_ids=d.document_mask)
   # Grain seeds each window's masks by (seed, position in this stream): the shard goes into the seed.
   return windows.random_map(corruption, seed=(seed * 1_000_003 + shard_index) % 2**32)
 
@@ -189,7 +193,7 @@ def eval_batches(d: Data, corpus: Corpus, seed: int, size: int,
       return
     short = size - len(batch['tokens'])
     if short:
-      batch = {k: np.pad(v, ((0, short), (0, 0)),
-                         constant_values=False if k == 'loss_mask' else corpus.tokenizer.pad_id)
+      batch = {k: np.pad(v, ((0, short), (0, 0)), constant_values=False if k == 'loss_mask' else 0
+                         if k.endswith('segment_ids') else corpus.tokenizer.pad_id)
                for k, v in batch.items()}
     yield batch

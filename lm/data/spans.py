@@ -54,7 +54,23 @@ class SpanCorruption:
 
   def __call__(self, example: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     tokens = example['tokens'][:self.raw_len]
-    inputs, target = corrupt(tokens, noise_mask(self.raw_len, self.num_noise, self.num_spans, rng), self.vocab_size)
+    mask = noise_mask(self.raw_len, self.num_noise, self.num_spans, rng)
+    inputs, target = corrupt(tokens, mask, self.vocab_size)
     inputs = np.pad(inputs, (0, self.seq_len - len(inputs)), constant_values=self.pad_id)
-    return {'inputs': inputs, 'tokens': np.concatenate([[self.start_id], target]).astype(np.int32),
-            'loss_mask': np.ones(self.target_len, bool)}
+    out = {'inputs': inputs, 'tokens': np.concatenate([[self.start_id], target]).astype(np.int32),
+           'loss_mask': np.ones(self.target_len, bool)}
+    if 'segment_ids' in example:
+      out |= corrupt_segments(example['segment_ids'][:self.raw_len], mask, self.seq_len)
+    return out
+
+
+def corrupt_segments(segments: np.ndarray, mask: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
+  """The document of each input and target token of `corrupt` (a sentinel: that of its span's first
+  token), and the loss mask that drops each target beginning a document the one before is not in."""
+  starts = mask & ~np.concatenate([[False], mask[:-1]])
+  inputs = segments[~mask | starts]
+  target_mask = mask | np.concatenate([mask[1:], [False]]) & ~mask
+  target = np.where(mask, segments, np.concatenate([segments[1:], [0]]))[target_mask]
+  tokens = np.concatenate([target[:1], target]).astype(np.int32)  # The start token joins the first document.
+  return {'input_segment_ids': np.pad(inputs, (0, seq_len - len(inputs))).astype(np.int32),
+          'segment_ids': tokens, 'loss_mask': tokens[1:] == tokens[:-1]}

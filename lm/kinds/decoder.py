@@ -28,7 +28,8 @@ class Decoder(Kind):
     return GPT(ml_collections.FrozenConfigDict(m))
 
   def example_batch(self, d: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-    return {'tokens': jnp.zeros((batch_size, d.seq_len + 1), jnp.int32)}
+    batch = {'tokens': jnp.zeros((batch_size, d.seq_len + 1), jnp.int32)}
+    return batch | ({'segment_ids': batch['tokens']} if d.document_mask else {})
 
   def target_positions(self, d: ml_collections.ConfigDict) -> int:
     return d.seq_len

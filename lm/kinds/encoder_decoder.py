@@ -23,8 +23,11 @@ class EncoderDecoderKind(Kind):
     return EncoderDecoder(ml_collections.FrozenConfigDict(m), PAD_IDS[d.tokenizer])
 
   def example_batch(self, d: ml_collections.ConfigDict, batch_size: int = 1) -> dict[str, jax.Array]:
-    return {'inputs': jnp.zeros((batch_size, d.seq_len), jnp.int32),
-            'tokens': jnp.zeros((batch_size, target_len(d) + 1), jnp.int32)}
+    batch = {'inputs': jnp.zeros((batch_size, d.seq_len), jnp.int32),
+             'tokens': jnp.zeros((batch_size, target_len(d) + 1), jnp.int32)}
+    if d.document_mask:
+      batch |= {'input_segment_ids': batch['inputs'], 'segment_ids': batch['tokens']}
+    return batch
 
   def target_positions(self, d: ml_collections.ConfigDict) -> int:
     return target_len(d)

@@ -10,19 +10,22 @@ from lm.config.schema import BOOLEAN, FREE, MATCH, SHAPE, choice, integer, key, 
 BYTE_VOCAB_SIZE = 258  # 256 bytes + pad + document separator; see lm/data/tokenizers.py.
 PAD_IDS = {'byte': 256, 'sentencepiece': 0}  # The padding id of each data.tokenizer.
 MIN_SENTENCEPIECE_VOCAB = 320  # 256 byte-fallback pieces + specials + room for merges.
-FILE_SOURCES = ('text_files', 'text_pairs')  # data.name values read from data.paths.
+FILE_SOURCES = ('text_files', 'text_pairs', 'tokenized')  # data.name values read from data.paths.
 
 
 @dataclasses.dataclass(frozen=True)
 class Data:
   name: str = key('shakespeare', string(nonempty=True), MATCH,
-                  "'shakespeare', 'text_files', 'text_pairs', or any TFDS dataset prepared as array_record.")
-  paths: str = key('', string(), MATCH, 'text_files / text_pairs: comma-separated files or globs '
-                   '(pairs: .tsv input<TAB>target, or .jsonl).')
+                  "'shakespeare', 'text_files', 'text_pairs', 'tokenized' (the shards python -m lm.tokenize wrote "
+                  'to data.paths), or any TFDS dataset prepared as array_record.')
+  paths: str = key('', string(), MATCH, 'text_files / text_pairs: comma-separated files or globs (text_files: '
+                   'text, or one document per row in .jsonl, .jsonl.gz, .jsonl.zst, .parquet; pairs: .tsv '
+                   'input<TAB>target, or .jsonl); tokenized: the lm.tokenize --out folder.')
   tfds_data_dir: str = key('', string(), FREE, "'' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).")
   train_split: str = key('train', string(nonempty=True), MATCH, 'The split training reads.')
   eval_split: str = key('validation', string(nonempty=True), FREE, 'The split evaluation reads.')
-  text_key: str = key('text', string(nonempty=True), MATCH, 'Feature holding the text in each example.')
+  text_key: str = key('text', string(nonempty=True), MATCH, 'Feature holding the text in each example (text_files: '
+                      'the field or column of each JSONL or Parquet row).')
   tokenizer: str = key('sentencepiece', choice('sentencepiece', 'byte', 'huggingface'), SHAPE,
                        "'sentencepiece' (trained on the train split on first use), 'byte', or 'huggingface' (a "
                        'tokenizer.json taken from checkpoint.init_from: a GPT-2 brought in by python -m lm.hf import).')
@@ -115,7 +118,13 @@ def source_rules(c) -> list[str]:
   if d.name in FILE_SOURCES and not d.paths.strip():
     errors.append(f'data.paths must name at least one file when data.name={d.name!r}')
   if d.name not in FILE_SOURCES and d.paths:
-    errors.append(f"data.paths is only read when data.name is 'text_files' or 'text_pairs' (data.name={d.name!r})")
+    errors.append(f"data.paths is only read when data.name is 'text_files', 'text_pairs' or 'tokenized' "
+                  f'(data.name={d.name!r})')
+  if d.name == 'tokenized' and d.objective == 'seq2seq':
+    errors.append("data.name='tokenized' holds documents, not (input, target) pairs: data.objective='seq2seq' "
+                  'reads text_pairs or a TFDS dataset')
+  if d.name == 'text_files' and d.text_key == 'doc':
+    errors.append("data.text_key='doc' is the feature naming each text_files document's file: pick another name")
   if d.name == 'text_pairs' and d.objective != 'seq2seq':
     errors.append(f"data.name='text_pairs' holds (input, target) pairs: needs data.objective='seq2seq' "
                   f'(data.objective={d.objective!r})')

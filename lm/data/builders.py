@@ -1,25 +1,58 @@
-"""TFDS builders (array_record, no TensorFlow) for the shipped Shakespeare corpus, user text files,
-and user (input, target) text pairs.
+"""TFDS builders (array_record, no TensorFlow) for the shipped Shakespeare corpus, user files (text,
+or JSONL and Parquet rows), and user (input, target) text pairs.
 
-The first two store examples {'text', 'doc'}: `doc` names the play or file an example came from,
-and the train/validation split never puts parts of one doc on both sides (except a lone text file,
-which is cut once at a line boundary). Text pairs store {input_key, target_key}.
+The first two store examples {'text', 'doc'} (user files: {data.text_key, 'doc'}): `doc` names the
+play or file an example came from, and the train/validation split never puts parts of one doc on
+both sides (except a lone file, which is cut once at a line boundary or row). Text pairs store
+{input_key, target_key}.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
+import gzip
 import hashlib
 import importlib.util
+import io
+import itertools
 import json
 import math
 import os
 import pathlib
-from typing import Iterator
+import resource
+import types
+from typing import Iterable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import shuffle as tfds_shuffle
+import zstandard
 
 from lm.config import ConfigError
+
+
+def _shuffle_spills_without_tensorflow() -> None:
+  """TFDS's writer keeps a split's first 1 GB of examples in memory, then spills all of them into
+  1000 bucket files through tf.io.gfile, which needs TensorFlow: without it every corpus over 1 GB
+  fails to prepare. Where TensorFlow is absent, the shuffler gets the three file calls it makes, as
+  plain Python I/O (local paths), and the buffer shrinks to 256 MiB: preparing a corpus of any size
+  then holds about 0.4 GB (the same examples, in the same order, as with everything in memory)."""
+  if importlib.util.find_spec('tensorflow') is not None:
+    return
+  tfds_shuffle.MAX_MEM_BUFFER_SIZE = min(tfds_shuffle.MAX_MEM_BUFFER_SIZE, 256 << 20)
+  never = type('NeverRaised', (Exception,), {})
+  gfile = types.SimpleNamespace(GFile=lambda path, mode: open(path, mode), exists=os.path.exists, remove=os.remove)
+  tfds_shuffle.tf = types.SimpleNamespace(io=types.SimpleNamespace(gfile=gfile),
+                                          errors=types.SimpleNamespace(ResourceExhaustedError=never))
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # One open file per bucket.
+  wanted = tfds_shuffle.BUCKETS_NUMBER + 256
+  if soft < wanted and (hard == resource.RLIM_INFINITY or hard > soft):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+
+
+_shuffle_spills_without_tensorflow()
 
 # Three plays held out for validation: the first three play names in sha1 order (not hand-picked),
 # about 8.7% of the corpus.
@@ -55,18 +88,23 @@ def split_chunks(text: str, max_chars: int = _MAX_CHUNK_CHARS) -> list[str]:
 
   ''.join(split_chunks(text)) == text.
   """
-  chunks, current = [], ''
-  for para in text.splitlines(keepends=True):
-    if current and len(current) + len(para) > max_chars and current.endswith('\n\n'):
-      chunks.append(current)
-      current = ''
-    current += para
-    while len(current) > 2 * max_chars:  # No blank line for a long way: cut anyway.
-      chunks.append(current[:max_chars])
-      current = current[max_chars:]
+  return list(_chunks(text.splitlines(keepends=True), max_chars))
+
+
+def _chunks(lines: Iterable[str], max_chars: int = _MAX_CHUNK_CHARS) -> Iterator[str]:
+  """split_chunks over the text's lines as they come (str.splitlines pieces, or a file's lines)."""
+  current = ''
+  for line in lines:
+    for para in line.splitlines(keepends=True):
+      if current and len(current) + len(para) > max_chars and current.endswith('\n\n'):
+        yield current
+        current = ''
+      current += para
+      while len(current) > 2 * max_chars:  # No blank line for a long way: cut anyway.
+        yield current[:max_chars]
+        current = current[max_chars:]
   if current:
-    chunks.append(current)
-  return chunks
+    yield current
 
 
 def shakespeare_plays_dir() -> pathlib.Path:
@@ -135,15 +173,125 @@ def resolve_text_files(paths: str) -> list[pathlib.Path]:
   if not files:
     raise ConfigError('data.paths names no files')
   for path in files:
-    raw = path.read_bytes()
-    if not raw.strip():
+    if path.stat().st_size == 0:
       raise ConfigError(f'data.paths: {str(path)!r} is empty')
-    try:
-      raw.decode('utf-8')
-    except UnicodeDecodeError as e:
-      raise ConfigError(f'data.paths: {str(path)!r} is not UTF-8 text '
-                        f'(byte 0x{raw[e.start]:02x} at offset {e.start})') from None
+    if file_format(path) == 'text':
+      _check_utf8_text(path)
   return sorted(set(files))
+
+
+ROW_FORMATS = {'.jsonl': 'jsonl', '.jsonl.gz': 'jsonl', '.jsonl.zst': 'jsonl', '.parquet': 'parquet'}
+
+
+def file_format(path: pathlib.Path) -> str:
+  """'jsonl' (also gzip or zstd compressed) or 'parquet': one document per row; else 'text'."""
+  name = path.name.lower()
+  return next((kind for suffix, kind in ROW_FORMATS.items() if name.endswith(suffix)), 'text')
+
+
+def _check_utf8_text(path: pathlib.Path, block: int = 1 << 20) -> None:
+  """Refuses a text file that is not UTF-8 or holds only whitespace, reading 1 MiB at a time."""
+  decoder, offset, blank = codecs.getincrementaldecoder('utf-8')(), 0, True
+  with open(path, 'rb') as f:
+    while raw := f.read(block):
+      try:
+        blank = not decoder.decode(raw).strip() and blank
+      except UnicodeDecodeError as e:
+        at = offset + e.start - len(decoder.getstate()[0]) if e.start < 0 else offset + e.start
+        raise ConfigError(f'data.paths: {str(path)!r} is not UTF-8 text '
+                          f'(byte 0x{e.object[e.start]:02x} at offset {at})') from None
+      offset += len(raw)
+  try:
+    decoder.decode(b'', final=True)
+  except UnicodeDecodeError:
+    raise ConfigError(f'data.paths: {str(path)!r} is not UTF-8 text (it ends inside a character)') from None
+  if blank:
+    raise ConfigError(f'data.paths: {str(path)!r} is empty')
+
+
+def _open_rows(path: pathlib.Path):
+  """A binary file object over the (decompressed) bytes of a JSONL file."""
+  name = path.name.lower()
+  if name.endswith('.gz'):
+    return gzip.open(path, 'rb')
+  if name.endswith('.zst'):
+    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'), closefd=True))
+  return open(path, 'rb')
+
+
+def read_rows(path: pathlib.Path, text_key: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
+  """The documents (the text_key field of each row, rows start .. stop - 1 counted from 0) of a JSONL
+  or Parquet file, read a block at a time; a malformed row is refused in one line naming it (from 1)."""
+  rows = _jsonl_rows(path, text_key) if file_format(path) == 'jsonl' else _parquet_rows(path, text_key)
+  for index, text in enumerate(rows):
+    if stop is not None and index >= stop:
+      return
+    if index >= start:
+      yield text
+
+
+def count_rows(path: pathlib.Path, text_key: str) -> int:
+  if file_format(path) == 'parquet':
+    _parquet_column(path, text_key)
+    return pq.ParquetFile(path).metadata.num_rows
+  return sum(1 for _ in _jsonl_rows(path, text_key, parse=False))
+
+
+def _jsonl_rows(path: pathlib.Path, text_key: str, parse: bool = True) -> Iterator[str]:
+  where = f'data.paths: {str(path)!r}'
+  number = 0
+  try:
+    with _open_rows(path) as f:
+      for number, raw in enumerate(f, start=1):
+        if not raw.strip():
+          continue
+        if not parse:
+          yield ''
+          continue
+        try:
+          record = json.loads(raw)
+        except UnicodeDecodeError as e:
+          raise ConfigError(f'{where} row {number} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})'
+                            ) from None
+        except json.JSONDecodeError as e:
+          raise ConfigError(f'{where} row {number} is not JSON ({e.msg} at column {e.pos + 1})') from None
+        if not isinstance(record, dict) or text_key not in record:
+          fields = f'; it has {", ".join(map(repr, record))}' if isinstance(record, dict) else ''
+          raise ConfigError(f'{where} row {number} has no {text_key!r} field (data.text_key){fields}')
+        if not isinstance(record[text_key], str):
+          raise ConfigError(f'{where} row {number}: {text_key!r} is {type(record[text_key]).__name__}, not text')
+        yield record[text_key]
+  except (OSError, EOFError, zstandard.ZstdError) as e:  # Truncated or corrupt compressed data.
+    raise ConfigError(f'{where} cannot be read after row {number}: {str(e).strip() or type(e).__name__}') from None
+
+
+def _parquet_column(path: pathlib.Path, text_key: str) -> pq.ParquetFile:
+  where = f'data.paths: {str(path)!r}'
+  try:
+    parquet = pq.ParquetFile(path)
+  except (pa.ArrowException, OSError) as e:
+    raise ConfigError(f'{where} is not a Parquet file ({str(e).strip().splitlines()[0]})') from None
+  schema = parquet.schema_arrow
+  if text_key not in schema.names:
+    raise ConfigError(f'{where} has no column {text_key!r} (data.text_key); it has {", ".join(schema.names)}')
+  kind = schema.field(text_key).type
+  if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    raise ConfigError(f'{where} column {text_key!r} holds {kind}, not text (data.text_key)')
+  return parquet
+
+
+def _parquet_rows(path: pathlib.Path, text_key: str, batch_rows: int = 1024) -> Iterator[str]:
+  parquet, number = _parquet_column(path, text_key), 0
+  try:
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=[text_key]):
+      for text in batch.column(0).to_pylist():
+        number += 1
+        if text is None:
+          raise ConfigError(f'data.paths: {str(path)!r} row {number} has no text (null {text_key!r})')
+        yield text
+  except (pa.ArrowException, OSError) as e:
+    raise ConfigError(f'data.paths: {str(path)!r} cannot be read after row {number}: '
+                      f'{str(e).strip().splitlines()[0]}') from None
 
 
 def _files_digest(files: list[pathlib.Path], *settings) -> str:
@@ -157,36 +305,72 @@ def _files_digest(files: list[pathlib.Path], *settings) -> str:
 
 class TextFilesConfig(tfds.core.BuilderConfig):
 
-  def __init__(self, *, files: list[pathlib.Path], val_fraction: float):
-    super().__init__(name=f'files_{_files_digest(files, val_fraction)}', description=f'{len(files)} text files')
+  def __init__(self, *, files: list[pathlib.Path], val_fraction: float, text_key: str = 'text'):
+    settings = (val_fraction,) if text_key == 'text' else (val_fraction, text_key)  # Older names stay.
+    super().__init__(name=f'files_{_files_digest(files, *settings)}', description=f'{len(files)} text files')
     self.files = files
     self.val_fraction = val_fraction
+    self.text_key = text_key
+
+
+def _text_lines(path: pathlib.Path) -> Iterator[str]:
+  """The lines of a text file as read_text() would give them (universal newlines), one at a time."""
+  with open(path, encoding='utf-8') as f:
+    yield from f
 
 
 class TextFiles(_Builder):
-  """User text files, cut at blank lines into chunks.
+  """User files: text (.txt, .md, ...) cut at blank lines into chunks, or JSONL (.jsonl, .jsonl.gz,
+  .jsonl.zst) and Parquet files of one document per row (its data.text_key field), all read as
+  they stream.
 
-  With several files the last ceil(val_fraction * n) in sorted order are validation; a single file
-  is cut at the line boundary nearest (1 - val_fraction) of its length.
+  With several files the last ceil(val_fraction * n) in sorted order are validation; a single text
+  file is cut at the line boundary nearest (1 - val_fraction) of its length, a single row file
+  before its last ceil(val_fraction * rows) rows.
   """
 
+  def _features(self):
+    return (self.builder_config.text_key, 'doc')
+
   def _splits(self):
+    """Each side a list of parts (file, first row, stop row): rows of a row file, or lines of text."""
     files, fraction = self.builder_config.files, self.builder_config.val_fraction
     if len(files) >= 2:
       num_val = min(len(files) - 1, math.ceil(fraction * len(files)))
-      docs = [(f.name, f.read_text(encoding='utf-8')) for f in files]
-      return docs[:-num_val], docs[-num_val:]
-    text = files[0].read_text(encoding='utf-8')
-    cut = text.rfind('\n', 0, round(len(text) * (1 - fraction))) + 1
-    if cut <= 0 or not text[:cut].strip() or not text[cut:].strip():
-      raise ConfigError(f'data.paths: {str(files[0])!r} is too small to hold out '
+      parts = [(f, 0, None) for f in files]
+      return parts[:-num_val], parts[-num_val:]
+    path = files[0]
+    if file_format(path) != 'text':
+      rows = count_rows(path, self.builder_config.text_key)
+      num_val = math.ceil(fraction * rows)
+      if rows - num_val < 1:
+        raise ConfigError(f'data.paths: {str(path)!r} holds {rows} row(s): too few to hold out '
+                          f'data.val_fraction={fraction} of them')
+      return [(path, 0, rows - num_val)], [(path, rows - num_val, None)]
+    # Cut after the last line that ends by (1 - fraction) of the characters: two passes, nothing kept.
+    cut = round(sum(len(line) for line in _text_lines(path)) * (1 - fraction))
+    lines = chars = 0
+    crossed, train_text, val_text = False, False, False
+    for line in _text_lines(path):
+      crossed = crossed or chars + len(line) > cut or not line.endswith('\n')
+      if crossed:
+        val_text = val_text or bool(line.strip())
+      else:
+        chars, lines, train_text = chars + len(line), lines + 1, train_text or bool(line.strip())
+    if not train_text or not val_text:
+      raise ConfigError(f'data.paths: {str(path)!r} is too small to hold out '
                         f'data.val_fraction={fraction} of it at a line boundary; give more text')
-    return [(files[0].name, text[:cut])], [(files[0].name, text[cut:])]
+    return [(path, 0, lines)], [(path, lines, None)]
 
-  def _generate_examples(self, docs):
-    for doc_index, (name, text) in enumerate(docs):
-      for i, chunk in enumerate(split_chunks(text)):
-        yield f'{doc_index:06d}/{i:06d}', dict(text=chunk, doc=name)
+  def _generate_examples(self, parts):
+    text_key = self.builder_config.text_key
+    for part_index, (path, start, stop) in enumerate(parts):
+      if file_format(path) == 'text':
+        for i, chunk in enumerate(_chunks(itertools.islice(_text_lines(path), start, stop))):
+          yield f'{part_index:06d}/{i:06d}', {text_key: chunk, 'doc': path.name}
+      else:
+        for i, text in enumerate(read_rows(path, text_key, start, stop)):
+          yield f'{part_index:06d}/{i:09d}', {text_key: text, 'doc': path.name}
 
 
 class TextPairsConfig(tfds.core.BuilderConfig):
@@ -244,12 +428,13 @@ class TextPairs(_Builder):
 
 
 def prepare_builder(name: str, data_dir: str | None, paths: str = '', val_fraction: float = 0.1,
-                    pair_keys: tuple[str, str] = ('input', 'target')) -> tfds.core.DatasetBuilder:
+                    pair_keys: tuple[str, str] = ('input', 'target'), text_key: str = 'text'
+                    ) -> tfds.core.DatasetBuilder:
   """The builder for a dataset, prepared in array_record format (built here for our three)."""
   if name == 'shakespeare':
     builder = Shakespeare(data_dir=data_dir, file_format='array_record')
   elif name == 'text_files':
-    config = TextFilesConfig(files=resolve_text_files(paths), val_fraction=val_fraction)
+    config = TextFilesConfig(files=resolve_text_files(paths), val_fraction=val_fraction, text_key=text_key)
     builder = TextFiles(config=config, data_dir=data_dir, file_format='array_record')
   elif name == 'text_pairs':
     config = TextPairsConfig(files=resolve_text_files(paths), val_fraction=val_fraction, keys=pair_keys)

@@ -17,6 +17,7 @@ and 'input_segment_ids', like 'inputs'): each token's document, numbered from 1 
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from typing import Any, Iterator
 
@@ -24,7 +25,7 @@ import grain
 import numpy as np
 
 from lm.config import ConfigError, Data, reserved_ids, target_len
-from lm.data import builders, spans, tokenizers
+from lm.data import builders, spans, tokenized, tokenizers
 from lm.data.packing import PackIterDataset
 
 
@@ -36,6 +37,7 @@ class Corpus:
   text_keys: tuple[str, ...]  # The text feature, or (seq2seq) the input and target features.
   dataset: str  # Names the prepared data exactly (for text_files: which files, sizes, mtimes).
   vocab_size: int  # The model's (model.vocab_size): span corruption's sentinels take its top ids.
+  pretokenized: bool = False  # The sources hold token arrays (data.name='tokenized'), not examples.
 
 
 def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
@@ -66,12 +68,12 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
 
   With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
   """
+  if d.name == 'tokenized':
+    return _load_tokenized(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from)
   builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
-                                     (d.input_key, d.target_key))
+                                     (d.input_key, d.target_key), d.text_key)
   dataset = f'{builder.info.full_name}:{d.train_split}'  # What training reads; the eval split may change.
-  if expected_dataset and not tokenizers.same_train_data(expected_dataset, dataset):
-    raise ConfigError(f'the data changed since this workdir\'s checkpoints were written '
-                      f'({expected_dataset} then, {dataset} now; edited text files?); use a new --workdir')
+  _check_same_data(expected_dataset, dataset)
   text_keys = (d.input_key, d.target_key) if d.objective == 'seq2seq' else (d.text_key,)
   train = _split_source(builder, d.train_split, 'data.train_split', text_keys)
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
@@ -90,19 +92,48 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
   return corpus
 
 
+def _check_same_data(expected_dataset: str | None, dataset: str) -> None:
+  if expected_dataset and not tokenizers.same_train_data(expected_dataset, dataset):
+    raise ConfigError(f'the data changed since this workdir\'s checkpoints were written '
+                      f'({expected_dataset} then, {dataset} now; edited text files?); use a new --workdir')
+
+
+def _load_tokenized(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
+                    tokenizer: tokenizers.Tokenizer | None, init_from: str) -> Corpus:
+  """The shards of python -m lm.tokenize in data.paths, with the tokenizer they were made with."""
+  manifest = tokenized.read_manifest(d.paths)
+  room = vocab_size - reserved_ids(d)
+  tokenized.check_run(manifest, d, room, d.paths)
+  shards_tokenizer = pathlib.Path(os.path.expanduser(d.paths)) / 'tokenizer'
+  if init_from and (tokenized.tokenizer_fingerprint(pathlib.Path(init_from) / 'tokenizer', d.tokenizer)
+                    != manifest['tokenizer']['fingerprint']):
+    raise ConfigError(f'checkpoint.init_from={init_from!r} has another tokenizer than data.paths={d.paths!r} was '
+                      'tokenized with')
+  dataset = f"tokenized:{manifest['source']['dataset']}:{manifest['tokenizer']['fingerprint']}:{d.train_split}"
+  _check_same_data(expected_dataset, dataset)
+  tokenizer = tokenizer or tokenizers.load_or_train(d.tokenizer, room, tokenizer_dir, (), 0,
+                                                    copy_from=shards_tokenizer)
+  corpus = Corpus(tokenized.open_split(manifest, d.paths, d.train_split),
+                  tokenized.open_split(manifest, d.paths, d.eval_split), tokenizer, (), dataset, vocab_size,
+                  pretokenized=True)
+  _check_fills_a_sequence(d, corpus)
+  return corpus
+
+
 def _check_fills_a_sequence(d: Data, corpus: Corpus) -> None:
   """Refuses a train split with fewer tokens than one packed training sequence (read until it has them)."""
   need = d.seq_len + 1 if d.objective == 'lm' else _span_corruption(d, corpus).raw_len
-  tokenize, total = _Tokenize(corpus.tokenizer, corpus.text_keys), 0
+  tokenize = (lambda doc: doc) if corpus.pretokenized else Tokenize(corpus.tokenizer, corpus.text_keys).map
+  total = 0
   for i in range(len(corpus.train_source)):
-    total += len(tokenize.map(corpus.train_source[i]))
+    total += len(tokenize(corpus.train_source[i]))
     if total >= need:
       return
   raise ConfigError(f'data.train_split={d.train_split!r} holds {total} tokens, fewer than one training sequence '
                     f'({need} tokens for data.seq_len={d.seq_len}): add text or lower data.seq_len')
 
 
-class _Tokenize(grain.transforms.Map):
+class Tokenize(grain.transforms.Map):
   """Example -> int32 tokens of its text, led by the document separator."""
 
   def __init__(self, tokenizer: tokenizers.Tokenizer, text_keys: tuple[str, ...]):
@@ -147,7 +178,7 @@ def _examples(d: Data, corpus: Corpus, seed: int, docs: grain.MapDataset, read: 
   if d.objective == 'seq2seq':
     pair = _TokenizePair(t, corpus.text_keys, d.seq_len, target_len(d))
     return docs.map(pair).to_iter_dataset(read)
-  docs = docs.map(_Tokenize(t, corpus.text_keys)).to_iter_dataset(read)
+  docs = (docs if corpus.pretokenized else docs.map(Tokenize(t, corpus.text_keys))).to_iter_dataset(read)
   if d.objective == 'lm':
     return PackIterDataset(docs, seq_len=d.seq_len, pad_id=t.pad_id, pad_final=not training,
                            segment_ids=d.document_mask)

@@ -111,7 +111,7 @@ class Log(Hook):
     # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
     values['mfu'] = (metrics.flops_per_token(c.model, c.data) * values['tokens_per_second']
                      / (trainer.peak_flops * trainer.mesh.size))
-    trainer.writer.write(step, {f'train/{k}': v for k, v in values.items()})
+    trainer.writer.write(step, {f'train/{k}': v for k, v in values.items()} | trainer.realised_mixture())
     self.mark = (now, step)
     return step, values | {'nonfinite_streak': streak}
 

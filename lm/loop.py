@@ -117,6 +117,7 @@ class Trainer:
     self._eval_step = jit_eval_step(self.model, layout.shardings.params, self.batch_sharding)
     self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
     self.train_iter = iter(pipeline.train_dataset(config.data, self.corpus, config.seed, *self.data_shard))
+    self._drawn = np.zeros(len(getattr(self.corpus, 'weights', ())), np.int64)  # Rows per mixture source.
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config.checkpoint)
     if branch:  # That run's whole state and data position at init_step, continued here.
       source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)
@@ -147,8 +148,20 @@ class Trainer:
     return sharding.activate(self.mesh, self.rules)
 
   def next_batch(self) -> dict[str, jax.Array]:
-    """The next global training batch, assembled from this process's rows."""
-    return sharding.global_batch(next(self.train_iter), self.batch_sharding, self.config.data.batch_size)
+    """The next global training batch, assembled from this process's rows (a mixture's source of each
+    row counted, for realised_mixture, and left out)."""
+    batch = next(self.train_iter)
+    if 'source' in batch:
+      batch = dict(batch)
+      self._drawn += np.bincount(batch.pop('source'), minlength=len(self._drawn))
+    return sharding.global_batch(batch, self.batch_sharding, self.config.data.batch_size)
+
+  def realised_mixture(self) -> dict[str, float]:
+    """{'train/mixture/SOURCE': share of the rows this process drew from it since it started}, or {}."""
+    if not isinstance(self.corpus, pipeline.Mixture) or not self._drawn.sum():
+      return {}
+    shares = self._drawn / self._drawn.sum()
+    return {f'train/mixture/{label}': float(share) for label, share in zip(self.corpus.weights, shares)}
 
   def evaluate(self, num_batches: int = 0) -> dict[str, float]:
     with self.activate():

@@ -144,6 +144,9 @@ def main(argv: list[str]) -> None:
     config = validate(_CONFIG.value)
     if config.data.name == 'tokenized':
       raise ConfigError("data.name='tokenized' is what lm.tokenize writes: point --config at the text to tokenize")
+    if config.data.mixture.strip():
+      raise ConfigError('data.mixture names several sources: tokenize each on its own (--config.data.name=...), '
+                        'then mix the folders as tokenized=DIR:WEIGHT')
     if config.data.objective == 'seq2seq':
       raise ConfigError("data.objective='seq2seq' reads (input, target) pairs, which runs tokenize as they go")
     manifest = tokenize(config.data, config.model.vocab_size, _OUT.value, workers=_WORKERS.value,

@@ -292,22 +292,33 @@ def jit_eval_step(model: nn.Module, param_shardings, batch_sharding: jax.shardin
                  out_shardings=replicated)
 
 
-def evaluate_params(d: ml_collections.ConfigDict, corpus: pipeline.Corpus, params, jitted_eval_step,
-                    batch_sharding: jax.sharding.NamedSharding, token_bytes_V: np.ndarray, *, seed: int,
-                    batch_size: int, num_batches: int = 0) -> dict[str, float]:
+def evaluate_params(d: ml_collections.ConfigDict, corpus: pipeline.Corpus | pipeline.Mixture, params,
+                    jitted_eval_step, batch_sharding: jax.sharding.NamedSharding, token_bytes_V: np.ndarray, *,
+                    seed: int, batch_size: int, num_batches: int = 0) -> dict[str, float]:
   """Loss, perplexity and bits per byte of params on the eval split of data section `d` (num_batches=0:
   all of it), in batches of batch_size, each process feeding its rows of every batch. Call inside
-  sharding.activate."""
+  sharding.activate. A mixture is evaluated on each source's split ('SOURCE/loss', ... for each,
+  num_batches each) and on all of them together ('loss', ...)."""
   start, stop = sharding.process_rows(batch_sharding, batch_size)
-  outs = [jitted_eval_step(params,  # Fetched once, at the end.
-                           sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding,
-                                                 batch_size),
-                           token_bytes_V)
-          for batch in pipeline.eval_batches(d, corpus, seed, batch_size, num_batches)]
-  if not outs:
-    raise ConfigError(f'data.eval_split={d.eval_split!r} holds no text to evaluate on')
-  sums = {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}
-  return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
+
+  def sums_of(c: pipeline.Corpus) -> dict[str, float]:
+    outs = [jitted_eval_step(params,  # Fetched once, at the end.
+                             sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding,
+                                                   batch_size),
+                             token_bytes_V)
+            for batch in pipeline.eval_batches(d, c, seed, batch_size, num_batches)]
+    if not outs:
+      raise ConfigError(f'data.eval_split={d.eval_split!r} holds no text to evaluate on')
+    return {k: float(np.sum([np.float64(o[k]) for o in sharding.to_host(outs)])) for k in outs[0]}
+
+  def summary(sums: dict[str, float]) -> dict[str, float]:
+    return metrics.eval_summary(sums['loss_sum'], sums['tokens'], sums['bytes'])
+
+  if not isinstance(corpus, pipeline.Mixture):
+    return summary(sums_of(corpus))
+  each = {label: sums_of(c) for label, c in corpus.corpora.items()}
+  together = summary({k: sum(s[k] for s in each.values()) for k in ('loss_sum', 'tokens', 'bytes')})
+  return together | {f'{label}/{k}': v for label, sums in each.items() for k, v in summary(sums).items()}
 
 
 def padded_token_bytes(tokenizer, vocab_size: int) -> np.ndarray:

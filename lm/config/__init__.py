@@ -24,6 +24,8 @@ from lm.config.data import (
   MIN_SENTENCEPIECE_VOCAB,
   PAD_IDS,
   Data,
+  MixtureSource,
+  mixture_sources,
   reserved_ids,
   span_lengths,
   target_len,
@@ -45,8 +47,9 @@ from lm.config.schema import MATCH, RESUME_RULES, SHAPE, ConfigError, Key, keys_
 
 __all__ = [  # What other modules import from here (besides the section modules).
     'BYTE_VOCAB_SIZE', 'DEFAULT_LOGICAL_AXIS_RULES', 'FILE_SOURCES', 'KEYS', 'LOGICAL_AXES', 'MESH_AXES',
-    'MESH_LAYOUTS', 'MIN_SENTENCEPIECE_VOCAB', 'PAD_IDS', 'SECTIONS', 'ConfigError', 'Key', 'base_config',
-    'flatten', 'load_experiment', 'load_module', 'must_match', 'override', 'preset_arg', 'reserved_ids',
+    'MESH_LAYOUTS', 'MIN_SENTENCEPIECE_VOCAB', 'PAD_IDS', 'SECTIONS', 'ConfigError', 'Key', 'MixtureSource',
+    'base_config', 'flatten', 'load_experiment', 'load_module', 'mixture_sources', 'must_match', 'override',
+    'preset_arg', 'reserved_ids',
     'section', 'span_lengths', 'split_spec', 'target_len', 'unknown_key_message', 'validate',
     # The sections' typed dataclasses.
     'Checkpoint', 'Data', 'Eval', 'Mesh', 'Model', 'Optimizer', 'Train',
@@ -59,7 +62,7 @@ KEYS: dict[str, Key] = {k: v for prefix, cls in SECTIONS.items() for k, v in key
 
 # Cross-key rules, in the order their errors are reported; each lives beside the keys it relates.
 RULES = (model.rules, data.length_rules, model.moe_rules, model.mup_rules, data.objective_rules, run.rules,
-         data.source_rules)
+         data.source_rules, data.mixture_rules)
 
 
 def base_config() -> ml_collections.ConfigDict:

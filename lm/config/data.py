@@ -4,8 +4,10 @@ from them; with the rules tying them to the model."""
 from __future__ import annotations
 
 import dataclasses
+import math
+from typing import NamedTuple
 
-from lm.config.schema import BOOLEAN, FREE, MATCH, SHAPE, choice, integer, key, number, string
+from lm.config.schema import BOOLEAN, FREE, MATCH, SHAPE, ConfigError, choice, integer, key, number, string
 
 BYTE_VOCAB_SIZE = 258  # 256 bytes + pad + document separator; see lm/data/tokenizers.py.
 PAD_IDS = {'byte': 256, 'sentencepiece': 0}  # The padding id of each data.tokenizer.
@@ -43,11 +45,74 @@ class Data:
   mean_span_length: float = key(3.0, number(1), MATCH, 'span_corruption: mean length of the masked spans.')
   batch_size: int = key(32, integer(1), MATCH, 'Sequences per step.')
   shuffle_window: int = key(1024, integer(0), MATCH, 'Packed sequences shuffled together after packing; 0 = off.')
+  mixture: str = key('', string(), MATCH, "Train on several sources by weight, e.g. 'shakespeare:0.7,text_files:0.3': "
+                     'comma-separated SOURCE:WEIGHT, SOURCE a data.name (text_files and tokenized read data.paths, '
+                     'or NAME=PATHS, comma-free); each is evaluated apart (eval/SOURCE/...); data.name is not read.')
   document_mask: bool = key(False, BOOLEAN, MATCH, 'Packed sequences carry segment ids: attention stays within a '
                             'document, positions restart at each, and no document\'s first token is a target of the '
                             'one before (lm, span_corruption).')
   val_fraction: float = key(0.1, number(0, 0.5, lo_open=True), MATCH, 'text_files: share of files (or of a lone '
                             'file) held out for validation; text_pairs: of pairs.')
+
+
+class MixtureSource(NamedTuple):
+  label: str  # Its name in metrics: eval/LABEL/loss, train/mixture/LABEL.
+  name: str  # Its data.name.
+  paths: str  # Its data.paths.
+  weight: float
+
+
+def mixture_sources(d: Data) -> list[MixtureSource]:
+  """The entries of data.mixture ('NAME[=PATHS]:WEIGHT', comma-separated), labelled by name (a repeated
+  name: NAME_2, NAME_3, ...); a malformed entry is a ConfigError naming it."""
+  entries = []
+  for part in (p.strip() for p in d.mixture.split(',')):
+    if not part:
+      continue
+    source, sep, weight = part.rpartition(':')
+    name, _, paths = source.partition('=')
+    if not sep or not name.strip():
+      raise ConfigError(f"data.mixture entry {part!r}: expected SOURCE:WEIGHT, e.g. 'shakespeare:0.7,text_files:0.3'")
+    try:
+      value = float(weight)
+    except ValueError:
+      raise ConfigError(f'data.mixture entry {part!r}: the weight {weight!r} is not a number') from None
+    if not math.isfinite(value) or value < 0:
+      raise ConfigError(f'data.mixture entry {part!r}: the weight must be a finite number >= 0')
+    name, paths = name.strip(), paths.strip() or (d.paths if name.strip() in FILE_SOURCES else '')
+    entries.append((name, paths, value))
+  seen: dict[str, int] = {}
+  sources = []
+  for name, paths, weight in entries:
+    seen[name] = seen.get(name, 0) + 1
+    sources.append(MixtureSource(name if seen[name] == 1 else f'{name}_{seen[name]}', name, paths, weight))
+  return sources
+
+
+def mixture_rules(c) -> list[str]:
+  d = c.data
+  if not d.mixture.strip():
+    return []
+  try:
+    sources = mixture_sources(d)
+  except ConfigError as e:
+    return [str(e)]
+  errors = []
+  if not sources or sum(s.weight for s in sources) <= 0:
+    errors.append(f'data.mixture={d.mixture!r}: the weights must sum to a positive number')
+  if d.objective == 'seq2seq':
+    errors.append("data.mixture mixes documents; data.objective='seq2seq' reads one source of pairs")
+  for s in sources:
+    if s.name == 'text_pairs':
+      errors.append("data.mixture source 'text_pairs' holds pairs, not documents: it cannot be mixed")
+    elif s.name in FILE_SOURCES and not s.paths:
+      errors.append(f'data.mixture source {s.name!r} reads data.paths, which is empty: set it, or write '
+                    f'{s.name}=PATHS:{s.weight:g}')
+    elif s.name not in FILE_SOURCES and s.paths:
+      errors.append(f"data.mixture source {s.label!r}: only text_files and tokenized read paths")
+  if len({(s.name, s.paths) for s in sources}) < len(sources):
+    errors.append(f'data.mixture={d.mixture!r} names one source twice')
+  return errors
 
 
 def span_lengths(seq_len: int, noise_density: float, mean_span_length: float) -> tuple[int, int, int, int]:
@@ -115,9 +180,11 @@ def source_rules(c) -> list[str]:
   """data.paths against data.name, and the vocabulary against the tokenizer."""
   m, d = c.model, c.data
   errors = []
-  if d.name in FILE_SOURCES and not d.paths.strip():
+  if d.mixture.strip():
+    pass  # mixture_rules checks the sources; data.name is not read.
+  elif d.name in FILE_SOURCES and not d.paths.strip():
     errors.append(f'data.paths must name at least one file when data.name={d.name!r}')
-  if d.name not in FILE_SOURCES and d.paths:
+  elif d.name not in FILE_SOURCES and d.paths:
     errors.append(f"data.paths is only read when data.name is 'text_files', 'text_pairs' or 'tokenized' "
                   f'(data.name={d.name!r})')
   if d.name == 'tokenized' and d.objective == 'seq2seq':

@@ -17,14 +17,16 @@ and 'input_segment_ids', like 'inputs'): each token's document, numbered from 1 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import pathlib
 from typing import Any, Iterator
 
 import grain
+import ml_collections
 import numpy as np
 
-from lm.config import ConfigError, Data, reserved_ids, target_len
+from lm.config import ConfigError, Data, MixtureSource, mixture_sources, reserved_ids, target_len
 from lm.data import builders, spans, tokenized, tokenizers
 from lm.data.packing import PackIterDataset
 
@@ -38,6 +40,16 @@ class Corpus:
   dataset: str  # Names the prepared data exactly (for text_files: which files, sizes, mtimes).
   vocab_size: int  # The model's (model.vocab_size): span corruption's sentinels take its top ids.
   pretokenized: bool = False  # The sources hold token arrays (data.name='tokenized'), not examples.
+
+
+@dataclasses.dataclass
+class Mixture:
+  """data.mixture: one Corpus per source (by label), sharing the tokenizer, and their weights."""
+  corpora: dict[str, Corpus]
+  weights: dict[str, float]
+  tokenizer: tokenizers.Tokenizer
+  dataset: str
+  vocab_size: int
 
 
 def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
@@ -68,6 +80,8 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
 
   With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
   """
+  if d.mixture.strip():
+    return _load_mixture(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from)
   if d.name == 'tokenized':
     return _load_tokenized(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from)
   builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
@@ -90,6 +104,59 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
   if d.objective != 'seq2seq':
     _check_fills_a_sequence(d, corpus)
   return corpus
+
+
+def _source_section(d: Data, source: MixtureSource):
+  """The data section of one mixture source: d with its name and paths, and no mixture."""
+  section = ml_collections.ConfigDict(dict(d.items()) if hasattr(d, 'items') else dataclasses.asdict(d))
+  section.update(name=source.name, paths=source.paths, mixture='')
+  return section
+
+
+def _load_mixture(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
+                  tokenizer: tokenizers.Tokenizer | None, init_from: str) -> Mixture:
+  """Each source of data.mixture, all with one tokenizer: that of the tokenized sources (which must
+  agree), or one trained on the text sources' train splits taken in turn (or given, or init_from's)."""
+  sources = mixture_sources(d)
+  sections = {s.label: _source_section(d, s) for s in sources}
+
+  def refused(label, e):
+    return ConfigError(f'data.mixture source {label!r}: {e}')
+
+  shards = {s.label: tokenized.read_manifest(s.paths) for s in sources if s.name == 'tokenized'}
+  fingerprints = {label: m['tokenizer']['fingerprint'] for label, m in shards.items()}
+  if len(set(fingerprints.values())) > 1:
+    (a, _), (b, _) = list(fingerprints.items())[:2]
+    raise ConfigError(f'data.mixture sources {a!r} and {b!r} were tokenized with different tokenizers: '
+                      'tokenize every source with one')
+  if tokenizer is None and shards:
+    first = next(iter(shards))
+    tokenizer = _load_tokenized(sections[first], vocab_size, tokenizer_dir, None, None, init_from).tokenizer
+  if tokenizer is None and not init_from and d.tokenizer == 'sentencepiece':
+    builders_ = {}
+    for s in sources:
+      try:
+        builders_[s.label] = builders.prepare_builder(s.name, d.tfds_data_dir or None, s.paths, d.val_fraction,
+                                                      text_key=d.text_key)
+      except ConfigError as e:
+        raise refused(s.label, e) from None
+    trains = [_split_source(b, d.train_split, 'data.train_split', (d.text_key,)) for b in builders_.values()]
+    taken_in_turn = (_text(t[i], d.text_key) for row in itertools.zip_longest(*(range(len(t)) for t in trains))
+                     for t, i in zip(trains, row) if i is not None)
+    trained_on = 'mixture(' + ','.join(f'{b.info.full_name}:{d.train_split}' for b in builders_.values()) + ')'
+    tokenizer = tokenizers.load_or_train(d.tokenizer, vocab_size - reserved_ids(d), tokenizer_dir, taken_in_turn,
+                                         d.tokenizer_train_bytes, trained_on=trained_on)
+  corpora = {}
+  for s in sources:
+    try:
+      corpora[s.label] = load_corpus(sections[s.label], vocab_size, tokenizer_dir, tokenizer=tokenizer,
+                                     init_from=init_from)
+    except ConfigError as e:
+      raise refused(s.label, e) from None
+    tokenizer = tokenizer or corpora[s.label].tokenizer  # The first source's (init_from's, or the byte one).
+  dataset = 'mixture(' + ','.join(f'{s.label}={corpora[s.label].dataset}*{s.weight:g}' for s in sources) + ')'
+  _check_same_data(expected_dataset, dataset)
+  return Mixture(corpora, {s.label: s.weight for s in sources}, tokenizer, dataset, vocab_size)
 
 
 def _check_same_data(expected_dataset: str | None, dataset: str) -> None:
@@ -194,19 +261,39 @@ _TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
 _EVAL_READ = grain.ReadOptions(num_threads=0)  # No prefetch threads to leave behind on an early stop.
 
 
-def train_dataset(d: Data, corpus: Corpus, seed: int, shard_index: int = 0, shard_count: int = 1) -> grain.IterDataset:
+def train_dataset(d: Data, corpus: Corpus | Mixture, seed: int, shard_index: int = 0,
+                  shard_count: int = 1) -> grain.IterDataset:
   """Endless batches of B / shard_count rows (see the module docstring for their keys), shuffled by
   `seed` (the run's).
 
   With several data shards (one per group of processes holding the same rows of a batch), each
-  reads its own documents; the global batch is the shards' batches stacked in shard order.
+  reads its own documents; the global batch is the shards' batches stacked in shard order. A
+  mixture draws each row from one source, in Grain's deterministic proportions of the weights, and
+  says which in 'source' [B] (the index of its label in corpus.weights).
   """
-  docs = grain.MapDataset.source(corpus.train_source)[shard_index::shard_count]
-  packed = _examples(d, corpus, seed, docs.shuffle(seed=seed).repeat(), _TRAIN_READ, training=True,
+  def packed_stream(c: Corpus) -> grain.IterDataset:
+    docs = grain.MapDataset.source(c.train_source)[shard_index::shard_count]
+    return _examples(d, c, seed, docs.shuffle(seed=seed).repeat(), _TRAIN_READ, training=True,
                      shard_index=shard_index)
+
+  if isinstance(corpus, Mixture):
+    streams = {label: packed_stream(c).map(_Tag(i)) for i, (label, c) in enumerate(corpus.corpora.items())}
+    packed = grain.IterDataset.mix(streams, corpus.weights)
+  else:
+    packed = packed_stream(corpus)
   if d.shuffle_window:
     packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=d.shuffle_window, seed=seed)
   return packed.batch(d.batch_size // shard_count, drop_remainder=True)
+
+
+class _Tag(grain.transforms.Map):
+  """Marks an example with the index of its mixture source."""
+
+  def __init__(self, index: int):
+    self._index = np.int32(index)
+
+  def map(self, example: dict) -> dict:
+    return example | {'source': self._index}
 
 
 def eval_dataset(d: Data, corpus: Corpus, seed: int) -> grain.IterDataset:

@@ -31,7 +31,7 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
      "model.vocab_size=200 must be >= 258 with data.tokenizer='byte'"),
     ({'model.vocab_size': 100}, "model.vocab_size=100 must be >= 320 with data.tokenizer='sentencepiece'"),
     ({'data.name': 'text_files'}, "data.paths must name at least one file when data.name='text_files'"),
-    ({'data.paths': 'a.txt'}, "data.paths is only read when data.name is 'text_files' or 'text_pairs'"),
+    ({'data.paths': 'a.txt'}, "data.paths is only read when data.name is 'text_files', 'text_pairs' or 'tokenized'"),
     ({'data.val_fraction': 0.0}, 'data.val_fraction=0.0: must be > 0'),
     ({'data.batch_size': 0}, 'data.batch_size=0: must be >= 1'),
     ({'optimizer.b2': 1.0}, 'optimizer.b2=1.0: must be < 1'),

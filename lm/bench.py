@@ -4,6 +4,7 @@
   python -m lm.bench compile --config=experiments/bench.py --config.model.scan_layers=True [--depths=6,48]
   python -m lm.bench generate [--models=quickstart,gpt2_small] [--batch_sizes=1,8] [--new_tokens=256] [--json]
   python -m lm.bench optimizers --config=experiments/bench.py [--optimizers=adamw,lion,adafactor,muon,sgd]
+  python -m lm.bench data --config=experiments/bench.py [--data_batches=50]
 
 Training (the default): for the config's model, batch and mesh, the train step's compile time, its
 time per step as the training loop runs it (a fresh batch from the data pipeline each step), tokens
@@ -21,6 +22,9 @@ optimizers: the config's train step under each optimizer.name, timed in turns (o
 then the next round, so that drift in the machine's speed falls on all alike) on the same batches;
 tokens per second and the ratio to the first optimizer listed.
 
+data: tokens per second that each kind of source (text, JSONL, Parquet, lm.tokenize shards, a
+mixture) delivers on one core, against what the config's train step consumes; lm.tokenize's MB/s.
+
 generate: new tokens per second of lm's KV-cache decoding against `transformers`' generate (PyTorch,
 KV cache, same CPU) on the same random GPT-2-shaped weights, greedy on both sides, with a check that
 both produce the same tokens. Compilation is timed apart (lm compiles once per shape; PyTorch
@@ -29,11 +33,13 @@ needs none). Needs the `hf` extra.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import flags, logging
@@ -41,6 +47,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
 
 from lm import cli, decode, hf, kinds, matmuls, metrics, sharding, train
 from lm.cli import CPU_XLA_FLAGS
@@ -49,6 +58,7 @@ from lm.data import pipeline
 from lm.kinds import make_model
 from lm.model import count_params
 from lm.timing import best_of, median
+from lm.tokenize import tokenize
 
 CONFIG = cli.config_flag()
 
@@ -352,6 +362,103 @@ def _define_flags() -> None:
   flags.DEFINE_bool('json', False, 'Print one JSON line per measurement instead of text.')
 
 
+DATA_KINDS = ('text', 'jsonl', 'parquet', 'tokenized', 'mixture')
+
+
+def _write_data_formats(corpus: pipeline.Corpus, text_key: str, folder: pathlib.Path) -> dict[str, str]:
+  """The corpus's train and eval documents as .txt, .jsonl.zst and .parquet files (train in 0_*, eval
+  in 1_*, so that text_files splits them as they were): {kind: data.paths glob}."""
+  for kind in ('text', 'jsonl', 'parquet'):
+    (folder / kind).mkdir(parents=True, exist_ok=True)
+  for index, source in enumerate((corpus.train_source, corpus.eval_source)):
+    texts = [pipeline.example_text(source[i], text_key) for i in range(len(source))]
+    (folder / 'text' / f'{index}_docs.txt').write_text('\n\n'.join(texts), encoding='utf-8')
+    rows = ''.join(json.dumps({'text': t}) + '\n' for t in texts).encode()
+    (folder / 'jsonl' / f'{index}_docs.jsonl.zst').write_bytes(zstandard.ZstdCompressor().compress(rows))
+    pq.write_table(pa.table({'text': texts}), folder / 'parquet' / f'{index}_docs.parquet')
+  return {'text': str(folder / 'text' / '*.txt'), 'jsonl': str(folder / 'jsonl' / '*.jsonl.zst'),
+          'parquet': str(folder / 'parquet' / '*.parquet')}
+
+
+def _delivered_tokens_per_s(config, corpus, batches: int) -> float:
+  """Tokens per second train_dataset delivers after its first batch (the threads started, the first
+  shuffle window read) over `batches` batches, or over four shuffle windows' worth if that is more
+  (each window is read whole before it is served)."""
+  rows = config.data.batch_size
+  batches = max(batches, -(-4 * config.data.shuffle_window // rows))
+  data = iter(pipeline.train_dataset(config.data, corpus, config.seed))
+  next(data)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(data)
+  return batches * rows * config.data.seq_len / (time.perf_counter() - start)
+
+
+def bench_data(config, workdir: pathlib.Path, data_batches: int = 50, steps: int = 5, repeats: int = 3) -> dict:
+  """Tokens per second each source kind delivers (DATA_KINDS: the config's documents as text, JSONL,
+  Parquet, lm.tokenize shards, and a half-and-half mixture of JSONL and shards), each read with this
+  process pinned to one core, beside the tokens per second the config's train step consumes on all
+  devices; and lm.tokenize's text MB/s on one worker."""
+  folder = workdir / 'data'
+  base = pipeline.load_corpus(config.data, config.model.vocab_size, folder / 'tokenizer')
+  paths = _write_data_formats(base, config.data.text_key, folder)
+  shards_dir = tempfile.mkdtemp(dir=folder, prefix='tokenized_')  # Fresh: lm.tokenize measured from scratch.
+  shards = tokenize(override(config, {'data.name': 'text_files', 'data.paths': paths['jsonl']}).data,
+                    config.model.vocab_size, shards_dir, workers=1, progress=False)
+  configs = {kind: override(config, {'data.name': 'text_files', 'data.paths': paths[kind]})
+             for kind in ('text', 'jsonl', 'parquet')}
+  configs['tokenized'] = override(config, {'data.name': 'tokenized', 'data.paths': shards_dir})
+  configs['mixture'] = override(config, {'data.mixture': f'text_files={paths["jsonl"]}:0.5,tokenized={shards_dir}:0.5',
+                                         'data.paths': ''})
+  corpora = {kind: pipeline.load_corpus(c.data, c.model.vocab_size, folder / f'tokenizer_{kind}')
+             for kind, c in configs.items()}
+
+  # What training consumes, on all devices, from batches made beforehand.
+  layout = train.make_layout(config)
+  batches = list(itertools.islice(iter(pipeline.train_dataset(config.data, base, config.seed)), 2 + steps))
+  state = train.init_train_state(layout)
+  place = lambda b: sharding.global_batch(b, layout.batch_sharding, config.data.batch_size)
+  with sharding.activate(layout.mesh, layout.rules):
+    step = train.jit_train_step(layout, config.train).lower(state, place(batches[0])).compile()
+  for batch in batches[:2]:
+    state, step_metrics = step(state, place(batch))
+  jax.block_until_ready(step_metrics)
+  windows = []
+  for _ in range(repeats):
+    placed = [place(b) for b in batches[2:]]
+    start = time.perf_counter()
+    for batch in placed:
+      state, step_metrics = step(state, batch)
+    jax.block_until_ready(step_metrics)
+    windows.append((time.perf_counter() - start) / steps)
+  consumed = config.data.batch_size * config.data.seq_len / median(windows)
+
+  cores = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {min(cores)})  # One core reads (Grain's thread and this one).
+  try:
+    delivered = {kind: _delivered_tokens_per_s(configs[kind], corpora[kind], data_batches) for kind in DATA_KINDS}
+  finally:
+    os.sched_setaffinity(0, cores)
+  text_mb = shards['text_bytes_this_run'] / 1e6
+  return {'bench': 'data', 'train_tokens_per_s': consumed, 'train_step_s': median(windows),
+          'devices': layout.mesh.size, 'batch_size': config.data.batch_size, 'seq_len': config.data.seq_len,
+          **{f'{kind}_tokens_per_s': v for kind, v in delivered.items()},
+          **{f'{kind}_to_train_ratio': v / consumed for kind, v in delivered.items()},
+          'tokenize_text_mb': text_mb, 'tokenize_worker_s': shards['worker_seconds_this_run'],
+          'tokenize_mb_per_s_per_core': text_mb / shards['worker_seconds_this_run'],
+          'tokenizer': config.data.tokenizer, 'vocab_size': shards['tokenizer']['vocab_size']}
+
+
+def _print_data(r: dict) -> None:
+  print(f'training consumes {r["train_tokens_per_s"]:,.0f} tokens/s (batch {r["batch_size"]} x {r["seq_len"]}, '
+        f'{1e3 * r["train_step_s"]:.0f} ms/step on {r["devices"]} device(s))')
+  for kind in DATA_KINDS:
+    print(f'  {kind:<10} delivers {r[f"{kind}_tokens_per_s"]:>12,.0f} tokens/s on one core: '
+          f'{r[f"{kind}_to_train_ratio"]:,.1f}x what training consumes')
+  print(f'lm.tokenize: {r["tokenize_text_mb"]:.1f} MB of text in {r["tokenize_worker_s"]:.2f} s of one worker, '
+        f'{r["tokenize_mb_per_s_per_core"]:.2f} MB/s per core ({r["tokenizer"]}, {r["vocab_size"]} ids)')
+
+
 def _print_train(r: dict) -> None:
   gib = r['peak_memory_bytes'] / 2**30
   hardware = (f'{100 * r["mfu_hardware_peak"]:.1f}% of the {r["hardware_peak_flops"] / 1e12:.0f} TFLOP/s '
@@ -421,6 +528,7 @@ def main_generate() -> None:
 USAGE = ('usage: python -m lm.bench --config=experiments/bench.py [--config.a.b=v ...] [--compare=torch] [--json]\n'
          '       python -m lm.bench compile --config=... [--depths=6,48] [--json]\n'
          '       python -m lm.bench optimizers --config=... [--optimizers=adamw,lion,adafactor,muon,sgd] [--json]\n'
+         '       python -m lm.bench data --config=... [--data_batches=50] [--json]\n'
          '       python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]')
 
 
@@ -435,6 +543,10 @@ def main(argv: list[str]) -> None:
               f'{r["num_layers"]} layers (scan_layers={r["scan_layers"]}): compiled the train step in '
               f'{r["compile_s"]:.1f} s, {r["compile_ratio"]:.2f}x the first; program {r["program_chars"]:,} chars',
               flush=True)
+    elif argv[1:] == ['data'] and CONFIG.value is not None:
+      record = bench_data(validate(CONFIG.value), pathlib.Path(FLAGS.workdir), FLAGS.data_batches, FLAGS.steps,
+                          FLAGS.repeats)
+      print(json.dumps(record), flush=True) if FLAGS.json else _print_data(record)
     elif argv[1:] == ['optimizers'] and CONFIG.value is not None:
       config = validate(CONFIG.value)
       for r in bench_optimizers(config, FLAGS.optimizers, pathlib.Path(FLAGS.workdir) / 'tokenizer', FLAGS.steps,

@@ -28,11 +28,16 @@ from lm import cli
 from lm.config import ConfigError, reserved_ids, validate
 from lm.data import builders, pipeline, tokenized, tokenizers
 
-_CONFIG = cli.config_flag()
-_OUT = flags.DEFINE_string('out', None, 'Folder for the shards, the tokenizer and manifest.json.')
-_WORKERS = flags.DEFINE_integer('workers', None, 'Tokenizing processes (default: one per core).')
-_SHARD_DOCS = flags.DEFINE_integer('shard_docs', 4096, 'Documents per shard (what a killed run redoes at most, '
-                                   'per worker).', lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  cli.config_flag()
+  flags.DEFINE_string('out', None, 'Folder for the shards, the tokenizer and manifest.json.')
+  flags.DEFINE_integer('workers', None, 'Tokenizing processes (default: one per core).')
+  flags.DEFINE_integer('shard_docs', 4096, 'Documents per shard (what a killed run redoes at most, per worker).',
+                       lower_bound=1)
 
 _worker = {}  # In each worker process: the opened splits and the tokenizer (see _start_worker).
 
@@ -45,9 +50,10 @@ def _start_worker(d, tokenizer_dir: str) -> None:
                  text_key=d.text_key, dtype=tokenized.token_dtype(tokenizer.vocab_size))
 
 
-def _tokenize_shard(job: tuple[str, str, int, int, int]) -> tuple[str, int, int, int, int]:
+def _tokenize_shard(job: tuple[str, str, int, int, int]) -> tuple[str, int, int, int, int, float]:
   """Tokenizes documents start .. stop - 1 of a split into shard `index`: (split, index, documents,
-  tokens, text bytes)."""
+  tokens, text bytes, seconds)."""
+  began = time.perf_counter()
   split, split_dir, index, start, stop = job
   sources = _worker['sources']
   if split not in sources:
@@ -58,7 +64,7 @@ def _tokenize_shard(job: tuple[str, str, int, int, int]) -> tuple[str, int, int,
     text_bytes += len(example[_worker['text_key']])
     docs.append(_worker['tokenize'].map(example))
   tokens = tokenized.write_shard(pathlib.Path(split_dir), index, docs, _worker['dtype'])
-  return split, index, len(docs), tokens, text_bytes
+  return split, index, len(docs), tokens, text_bytes, time.perf_counter() - began
 
 
 def _write_json(path: pathlib.Path, value: dict) -> None:
@@ -112,13 +118,13 @@ def tokenize(d, vocab_size: int, out: str, *, workers: int | None = None, shard_
   total_docs = sum(len(s) for s in splits.values())
   bar = tqdm.tqdm(total=total_docs, initial=sum(n for n, _ in done.values()), unit='doc', desc='tokenize',
                   disable=not progress, dynamic_ncols=True)
-  started, tokens, text_bytes = time.perf_counter(), 0, 0
+  started, tokens, text_bytes, busy = time.perf_counter(), 0, 0, 0.0
   if jobs:
     context = multiprocessing.get_context('spawn')  # Nothing of this process (threads, JAX) is inherited.
     with context.Pool(workers, _start_worker, (d, str(folder / 'tokenizer'))) as pool:
-      for name, index, docs, shard_tokens, shard_bytes in pool.imap_unordered(_tokenize_shard, jobs):
+      for name, index, docs, shard_tokens, shard_bytes, seconds in pool.imap_unordered(_tokenize_shard, jobs):
         done[name, index] = (docs, shard_tokens)
-        tokens, text_bytes = tokens + shard_tokens, text_bytes + shard_bytes
+        tokens, text_bytes, busy = tokens + shard_tokens, text_bytes + shard_bytes, busy + seconds
         elapsed = time.perf_counter() - started
         bar.update(docs)
         bar.set_postfix(tokens=f'{tokens:,}', MB_s=f'{text_bytes / 1e6 / elapsed:.2f}')
@@ -128,7 +134,7 @@ def tokenize(d, vocab_size: int, out: str, *, workers: int | None = None, shard_
                                        'shards': [list(done[name, i]) for i in range(_shards(source, shard_docs))]}
                                 for name, source in splits.items()},
                      'workers': workers, 'seconds': round(time.perf_counter() - started, 3),
-                     'text_bytes_this_run': text_bytes}
+                     'text_bytes_this_run': text_bytes, 'worker_seconds_this_run': round(busy, 3)}
   _write_json(folder / tokenized.MANIFEST, manifest)
   (folder / tokenized.PLAN).unlink()
   return manifest
@@ -141,7 +147,7 @@ def _shards(source, shard_docs: int) -> int:
 def main(argv: list[str]) -> None:
   cli.start(argv, ('config', 'out'), 'python -m lm.tokenize --config=experiments/quickstart.py --out=data/plays')
   try:
-    config = validate(_CONFIG.value)
+    config = validate(FLAGS.config)
     if config.data.name == 'tokenized':
       raise ConfigError("data.name='tokenized' is what lm.tokenize writes: point --config at the text to tokenize")
     if config.data.mixture.strip():
@@ -149,15 +155,16 @@ def main(argv: list[str]) -> None:
                         'then mix the folders as tokenized=DIR:WEIGHT')
     if config.data.objective == 'seq2seq':
       raise ConfigError("data.objective='seq2seq' reads (input, target) pairs, which runs tokenize as they go")
-    manifest = tokenize(config.data, config.model.vocab_size, _OUT.value, workers=_WORKERS.value,
-                        shard_docs=_SHARD_DOCS.value, init_from=config.checkpoint.init_from)
+    manifest = tokenize(config.data, config.model.vocab_size, FLAGS.out, workers=FLAGS.workers,
+                        shard_docs=FLAGS.shard_docs, init_from=config.checkpoint.init_from)
   except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')
   counts = ', '.join(f'{name}: {s["documents"]:,} documents, {s["tokens"]:,} tokens'
                      for name, s in manifest['splits'].items())
   made_with = manifest['tokenizer']
-  print(f'{_OUT.value}: {counts} ({made_with["kind"]} tokenizer, {made_with["vocab_size"]} ids)')
+  print(f'{FLAGS.out}: {counts} ({made_with["kind"]} tokenizer, {made_with["vocab_size"]} ids)')
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)

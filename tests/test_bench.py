@@ -14,6 +14,7 @@ import pytest
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
 from lm import bench, matmuls, metrics
 from lm.config import load_experiment
+from lm.data import pipeline
 from lm.kinds import make_model
 from lm.layers import ATTENTION_BLOCK
 from lm.model import count_params
@@ -122,3 +123,18 @@ def test_optimizer_bench_times_each_in_turn_against_the_first(tfds_dir, play_fil
     assert r['train_tokens_per_s'] == pytest.approx(tokens_per_step / r['step_s'])
   assert records[0]['ratio_to_first'] == 1.0
   assert records[1]['ratio_to_first'] == pytest.approx(records[0]['step_s'] / records[1]['step_s'])
+
+
+@pytest.mark.slow
+def test_data_bench_measures_each_source_kind_against_training(tfds_dir, play_files, tmp_path):
+  # 8 devices; a window of 1024 rows, as by default (Grain's window shuffle is slow on small windows).
+  config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8, 'data.shuffle_window': 1024})
+  r = bench.bench_data(config, tmp_path, data_batches=20, steps=2, repeats=3)
+  assert r['train_tokens_per_s'] == pytest.approx(8 * 32 / r['train_step_s'])
+  for kind in bench.DATA_KINDS:
+    assert r[f'{kind}_to_train_ratio'] == pytest.approx(r[f'{kind}_tokens_per_s'] / r['train_tokens_per_s'])
+  assert min(r[f'{kind}_tokens_per_s'] for kind in bench.DATA_KINDS) > 0
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'tok')
+  text_bytes = sum(len(s[i]['text']) for s in (corpus.train_source, corpus.eval_source) for i in range(len(s)))
+  assert r['tokenize_text_mb'] == pytest.approx(text_bytes / 1e6)
+  assert r['tokenize_mb_per_s_per_core'] == pytest.approx(r['tokenize_text_mb'] / r['tokenize_worker_s'])

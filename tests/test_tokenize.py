@@ -98,7 +98,8 @@ def test_a_killed_tokenize_continues_from_its_finished_shards(tfds_dir, play_fil
   subprocess.run(['cp', '-r', str(out), str(killed)], check=True)
   manifest = json.loads((killed / 'manifest.json').read_text())
   (killed / 'manifest.json').unlink()
-  plan = {k: v for k, v in manifest.items() if k not in ('splits', 'workers', 'seconds', 'text_bytes_this_run')}
+  plan = {k: v for k, v in manifest.items()
+          if k not in ('splits', 'workers', 'seconds', 'text_bytes_this_run', 'worker_seconds_this_run')}
   (killed / 'plan.json').write_text(json.dumps(plan))
   (killed / 'train' / '00001.offsets.npy').unlink()  # Killed between a shard's two files,
   (killed / 'validation' / '00000.offsets.npy').unlink()  # and before these.

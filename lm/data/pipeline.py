@@ -67,7 +67,7 @@ def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
   return source
 
 
-def _text(example: dict, text_key: str) -> str:
+def example_text(example: dict, text_key: str) -> str:
   text = example[text_key]
   return text.decode('utf-8') if isinstance(text, bytes) else str(text)
 
@@ -91,7 +91,7 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
   text_keys = (d.input_key, d.target_key) if d.objective == 'seq2seq' else (d.text_key,)
   train = _split_source(builder, d.train_split, 'data.train_split', text_keys)
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
-  texts = (_text(train[i], key) for i in range(len(train)) for key in text_keys)
+  texts = (example_text(train[i], key) for i in range(len(train)) for key in text_keys)
   room = vocab_size - reserved_ids(d)
   tokenizer = tokenizer or tokenizers.load_or_train(
       d.tokenizer, room, tokenizer_dir, texts, d.tokenizer_train_bytes,
@@ -141,8 +141,8 @@ def _load_mixture(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expecte
       except ConfigError as e:
         raise refused(s.label, e) from None
     trains = [_split_source(b, d.train_split, 'data.train_split', (d.text_key,)) for b in builders_.values()]
-    taken_in_turn = (_text(t[i], d.text_key) for row in itertools.zip_longest(*(range(len(t)) for t in trains))
-                     for t, i in zip(trains, row) if i is not None)
+    rows = itertools.zip_longest(*(range(len(t)) for t in trains))
+    taken_in_turn = (example_text(t[i], d.text_key) for row in rows for t, i in zip(trains, row) if i is not None)
     trained_on = 'mixture(' + ','.join(f'{b.info.full_name}:{d.train_split}' for b in builders_.values()) + ')'
     tokenizer = tokenizers.load_or_train(d.tokenizer, vocab_size - reserved_ids(d), tokenizer_dir, taken_in_turn,
                                          d.tokenizer_train_bytes, trained_on=trained_on)
@@ -207,7 +207,7 @@ class Tokenize(grain.transforms.Map):
     self._tokenizer, (self._text_key,) = tokenizer, text_keys
 
   def map(self, example: dict) -> np.ndarray:
-    ids = self._tokenizer.encode(_text(example, self._text_key))
+    ids = self._tokenizer.encode(example_text(example, self._text_key))
     return np.concatenate([np.array([self._tokenizer.bos_id], np.int32), ids])
 
 
@@ -223,8 +223,9 @@ class _TokenizePair(grain.transforms.Map):
 
   def map(self, example: dict) -> dict[str, np.ndarray]:
     t, (input_key, target_key) = self._tokenizer, self._keys
-    inputs = t.encode(_text(example, input_key))[:self._seq_len]
-    tokens = np.concatenate([[t.bos_id], t.encode(_text(example, target_key)), [t.bos_id]])[:self._target_len + 1]
+    inputs = t.encode(example_text(example, input_key))[:self._seq_len]
+    target = t.encode(example_text(example, target_key))
+    tokens = np.concatenate([[t.bos_id], target, [t.bos_id]])[:self._target_len + 1]
     loss_mask = np.arange(self._target_len) < len(tokens) - 1
     return {'inputs': np.pad(inputs, (0, self._seq_len - len(inputs)), constant_values=t.pad_id).astype(np.int32),
             'tokens': np.pad(tokens, (0, self._target_len + 1 - len(tokens)),

@@ -68,12 +68,17 @@ PROMPT_LEN = 16
 EXPERIMENTS = pathlib.Path(__file__).resolve().parents[1] / 'experiments'
 
 
+# The quickstart's sizes in GPT-2's layout (its own RoPE and SwiGLU have no transformers GPT-2 twin).
+_GPT2_LAYOUT = {'model.positions': 'learned', 'model.mlp': 'gelu', 'model.mlp_dim': 0}
+
+
 def _shape(name: str):
   """The experiment config of a benchmark model (GPT-2 shaped)."""
   files = {'quickstart': 'quickstart.py', 'gpt2_small': 'gpt2.py'}
   if name not in files:
     raise ConfigError(f'--models: unknown model {name!r}; allowed: {", ".join(files)}')
-  return load_experiment(EXPERIMENTS / files[name])
+  config = load_experiment(EXPERIMENTS / files[name])
+  return override(config, _GPT2_LAYOUT) if name == 'quickstart' else config
 
 
 def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torch: bool = True,

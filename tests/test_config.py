@@ -36,7 +36,7 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'data.batch_size': 0}, 'data.batch_size=0: must be >= 1'),
     ({'optimizer.b2': 1.0}, 'optimizer.b2=1.0: must be < 1'),
     ({'optimizer.eps': 0.0}, 'optimizer.eps=0.0: must be > 0'),
-    ({'optimizer.warmup_steps': 2600}, 'optimizer.warmup_steps=2600 must be < train.steps=2600'),
+    ({'optimizer.warmup_steps': 2800}, 'optimizer.warmup_steps=2800 must be < train.steps=2800'),
     ({'optimizer.min_lr_ratio': 1.5}, 'optimizer.min_lr_ratio=1.5: must be <= 1'),
     ({'optimizer.learning_rate': float('nan')}, 'optimizer.learning_rate=nan: must be a finite number'),
     ({'eval.sample_temperature': 0.0}, 'eval.sample_temperature=0.0: must be > 0'),

@@ -19,11 +19,12 @@ def _config(**values):
 
 
 def test_flops_per_token_agrees_with_xla():
-  figures = plan.report(_config(**{'mesh.shape': (1, 1, 1)}), jax.devices()[:1])
-  # XLA also counts the elementwise work (softmax, GELU, LayerNorm, Adam): a few percent more.
+  # AdamW: Muon's orthogonalisation (the quickstart's) is optimizer work, not model FLOPs.
+  figures = plan.report(_config(**{'mesh.shape': (1, 1, 1), 'optimizer.name': 'adamw'}), jax.devices()[:1])
+  # XLA also counts the elementwise work (softmax, SwiGLU, LayerNorm, RoPE, Adam): a few percent more.
   ratio = figures['xla_flops_per_step_per_device'] / figures['flops_per_step_per_device']
   assert 1.0 <= ratio < 1.1, ratio
-  assert figures['parameters'] == 853_056  # The quickstart's, as lm.main prints it.
+  assert figures['parameters'] == 841_280  # The quickstart's, as lm.main prints it.
 
 
 def test_encoder_decoder_flops_agree_with_xla():

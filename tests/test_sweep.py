@@ -232,6 +232,7 @@ def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, 
   workdir = tmp_path / 'mlp'
   overrides = tiny_overrides(tfds_dir, play_files, **{'data.tokenizer': 'byte', 'model.mlp_dim': 0,
                                                        'eval.num_samples': 0, 'eval.final_num_batches': 2})
+  del overrides['model.mlp']  # The sweep's own axis.
   gelu, swiglu = sweep.expand(spec, workdir, overrides)
   # A sweep killed half way through its first point: the manifest written, the point checkpointed at step 4 of 8.
   sweep.write_manifest(workdir, sweep.manifest(spec, overrides, [gelu, swiglu]))

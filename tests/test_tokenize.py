@@ -6,14 +6,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_main, tiny_config, tiny_overrides
+from conftest import ROOT, tiny_config, tiny_overrides
 from lm.config import ConfigError
 from lm.data import pipeline, tokenized
 from lm.tokenize import tokenize
@@ -148,17 +147,3 @@ def test_mismatches_are_refused_in_one_line_and_nothing_is_overwritten(tfds_dir,
                        capture_output=True, text=True, cwd=ROOT, check=False, env=os.environ | {'JAX_PLATFORMS': 'cpu'})
   assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
       "error: data.name='tokenized' is what lm.tokenize writes: point --config at the text to tokenize"]
-
-
-@pytest.mark.slow
-def test_a_run_trains_and_evaluates_from_the_shards(tfds_dir, play_files, shards, tmp_path, compile_cache):
-  out, _ = shards
-  workdir = tmp_path / 'run'
-  result = run_main(workdir, tiny_overrides(tfds_dir, play_files, **{'data.name': 'tokenized',
-                                                                     'data.paths': str(out)}),
-                    compile_cache=compile_cache)
-  lines = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
-  losses = [m['train/loss'] for m in lines if 'train/loss' in m]
-  assert len(losses) >= 2 and losses[-1] < losses[0], result.stdout[-500:]
-  assert any('eval/bits_per_byte' in m for m in lines)
-  assert pathlib.Path(workdir / 'tokenizer' / 'sentencepiece.model').exists()

@@ -108,7 +108,7 @@ def tokenize(d, vocab_size: int, out: str, *, workers: int | None = None, shard_
 
   jobs, done = [], {}
   for name, source in splits.items():
-    for index in range(math.ceil(len(source) / shard_docs)):
+    for index in range(_shards(source, shard_docs)):
       finished = tokenized.finished_shard(folder / name, index)
       if finished:
         done[name, index] = finished
@@ -129,10 +129,9 @@ def tokenize(d, vocab_size: int, out: str, *, workers: int | None = None, shard_
         bar.update(docs)
         bar.set_postfix(tokens=f'{tokens:,}', MB_s=f'{text_bytes / 1e6 / elapsed:.2f}')
   bar.close()
-  manifest = plan | {'splits': {name: {'documents': len(source),
-                                       'tokens': sum(done[name, i][1] for i in range(_shards(source, shard_docs))),
-                                       'shards': [list(done[name, i]) for i in range(_shards(source, shard_docs))]}
-                                for name, source in splits.items()},
+  shards = {name: [list(done[name, i]) for i in range(_shards(source, shard_docs))] for name, source in splits.items()}
+  manifest = plan | {'splits': {name: {'documents': len(source), 'tokens': sum(t for _, t in shards[name]),
+                                       'shards': shards[name]} for name, source in splits.items()},
                      'workers': workers, 'seconds': round(time.perf_counter() - started, 3),
                      'text_bytes_this_run': text_bytes, 'worker_seconds_this_run': round(busy, 3)}
   _write_json(folder / tokenized.MANIFEST, manifest)

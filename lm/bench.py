@@ -90,16 +90,15 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
   # Layers unrolled, as lm.saved.load gives them for generation.
   config = validate(override(config, {'model.max_len': max_len, 'model.dtype': 'float32', 'model.scan_layers': False,
                                       'data.seq_len': min(config.data.seq_len, max_len)}))
-  kind = kinds.of(config.model)
-  kind.check_hf_shaped(config.model)
+  family = kinds.hf_family_of(config.model, 'gpt2')
   model = make_model(config.model, config.data)
   params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params']))()
   torch_model = None
   if with_torch:
     torch, transformers = hf.require('torch'), hf.require('transformers')
-    hf_config = transformers.GPT2Config(**kind.hf_config(config.model, None))
+    hf_config = transformers.GPT2Config(**family.hf_config(config.model, None, None))
     torch_model = transformers.GPT2LMHeadModel(hf_config).eval()
-    state = {k: torch.tensor(v) for k, v in kind.params_to_hf(jax.device_get(params), config.model).items()}
+    state = {k: torch.tensor(v) for k, v in family.params_to_hf(jax.device_get(params), config.model)}
     torch_model.load_state_dict(state, strict=False)  # lm_head is tied to wte.
     torch_model.tie_weights()
   records = []
@@ -317,11 +316,10 @@ def bench_compile(config, depths: list[int]) -> list[dict]:
 def compare_torch(config, modes: list[str], steps: int, repeats: int, products, timeout_s: float = 1800) -> dict:
   """lm.bench_torch.torch_peer in a child process per mode ('eager', 'compile'), which also times
   `products` (lm's train_step_matmuls); a mode that fails reports its error."""
-  kind = kinds.of(config.model)
-  kind.check_hf_shaped(config.model)
+  family = kinds.hf_family_of(config.model, 'gpt2')
   if config.model.dtype != 'float32':
     raise ValueError(f'--compare=torch trains in float32: set --config.model.dtype=float32 (not {config.model.dtype})')
-  spec = {'hf_config': kind.hf_config(config.model, None), 'optimizer': dict(config.optimizer),
+  spec = {'hf_config': family.hf_config(config.model, None, None), 'optimizer': dict(config.optimizer),
           'batch_size': config.data.batch_size, 'seq_len': config.data.seq_len, 'steps': steps, 'repeats': repeats,
           'matmuls': [[m.lhs_shape, m.rhs_shape, m.einsum(), n] for m, n in products.items()]}
   results = {}

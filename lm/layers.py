@@ -50,11 +50,16 @@ def mlp_width(config) -> int:
   return -(-width // config.mlp_multiple_of) * config.mlp_multiple_of
 
 
+def head_width(config) -> int:
+  """Width of one attention head: model.head_dim, or d_model / num_heads."""
+  return config.head_dim or config.d_model // config.num_heads
+
+
 def norm_layer(name: str, config) -> nn.Module:
   """model.norm: LayerNorm (x - mean) / std * scale + bias, or RMSNorm x / rms(x) * scale."""
   if config.norm == 'rmsnorm':
-    return nn.RMSNorm(epsilon=1e-5, dtype=dtype_of(config), scale_init=_ones(('embed',)), name=name)
-  return nn.LayerNorm(epsilon=1e-5, dtype=dtype_of(config), scale_init=_ones(('embed',)),
+    return nn.RMSNorm(epsilon=config.norm_eps, dtype=dtype_of(config), scale_init=_ones(('embed',)), name=name)
+  return nn.LayerNorm(epsilon=config.norm_eps, dtype=dtype_of(config), scale_init=_ones(('embed',)),
                       bias_init=_zeros(('embed',)), name=name)
 
 
@@ -79,11 +84,39 @@ def dropout(module: nn.Module, x: jax.Array, rate: float, train: bool) -> jax.Ar
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)
 
 
-def rotary(x_BLHK: jax.Array, base: float, positions_BL: jax.Array | None = None) -> jax.Array:
-  """RoPE: rotates each (x_i, x_{i + K/2}) pair by position * base^(-2i/K), so q.k depends on
-  positions only through their difference. Positions default to 0 .. L-1."""
+def rope_frequencies(config, head_dim: int, positions_BL: jax.Array) -> jax.Array:
+  """[K/2] angular frequencies base^(-2i/K) of RoPE, stretched by model.rope_scaling as transformers
+  does: 'linear' divides them by the factor; 'llama3' divides those of wavelengths over
+  original_len / low_freq_factor, keeps those under original_len / high_freq_factor, and blends in
+  between; 'dynamic' (NTK) raises the base once the sequence (the largest position + 1 in this call)
+  outgrows original_len: base * (factor * length / original_len - factor + 1)^(K / (K - 2))."""
+  c, half = config, head_dim // 2
+  exponents_k = jnp.arange(half, dtype=jnp.float32) / half
+  factor, original = c.rope_scaling_factor, c.rope_original_max_len
+  if c.rope_scaling == 'dynamic':
+    length = jnp.maximum(jnp.max(positions_BL) + 1, original).astype(jnp.float32)
+    base = c.rope_base * (factor * length / original - (factor - 1)) ** (head_dim / (head_dim - 2))
+    return base ** -exponents_k
+  inv_freq_k = c.rope_base ** -exponents_k  # As `rotary` computes it from a base: the same numbers as before.
+  if c.rope_scaling == 'linear':
+    return inv_freq_k / factor
+  if c.rope_scaling == 'llama3':
+    wavelength_k = 2 * math.pi / inv_freq_k
+    smooth_k = (original / wavelength_k - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)
+    blended_k = (1 - smooth_k) * inv_freq_k / factor + smooth_k * inv_freq_k
+    long_k = wavelength_k > original / c.rope_low_freq_factor
+    short_k = wavelength_k < original / c.rope_high_freq_factor
+    return jnp.where(long_k, inv_freq_k / factor, jnp.where(short_k, inv_freq_k, blended_k))
+  return inv_freq_k
+
+
+def rotary(x_BLHK: jax.Array, inv_freq_k: jax.Array | float, positions_BL: jax.Array | None = None) -> jax.Array:
+  """RoPE: rotates each (x_i, x_{i + K/2}) pair by position * inv_freq_k[i] (a number: the base, for
+  base^(-2i/K)), so q.k depends on positions only through their difference. Positions default to
+  0 .. L-1."""
   half = x_BLHK.shape[-1] // 2
-  inv_freq_k = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  if not isinstance(inv_freq_k, jax.Array):
+    inv_freq_k = inv_freq_k ** (-jnp.arange(half, dtype=jnp.float32) / half)
   if positions_BL is None:
     positions_BL = jnp.arange(x_BLHK.shape[1])[None, :]
   angles_BLK = positions_BL.astype(jnp.float32)[..., None] * inv_freq_k
@@ -251,7 +284,7 @@ class Attention(nn.Module):
     """positions_BL (default 0 .. L-1) place the tokens for RoPE and the cache; valid_BL marks the
     tokens that are not padding (decode only: `mask` covers the rest)."""
     c = self.config
-    head_dim = c.d_model // c.num_heads
+    head_dim = head_width(c)
     kv_heads = c.num_kv_heads or c.num_heads
     source_BSD = x_BLD if context_BSD is None else context_BSD
 
@@ -262,16 +295,20 @@ class Attention(nn.Module):
 
     def project(name, x, heads, heads_axis):
       return Projection('BLD,DHK->BLHK', (c.d_model, heads, head_dim), ('embed', heads_axis, 'kv'), hidden_std(c),
-                        dtype_of(c), use_bias=c.use_bias, frozen_bias=name == 'key' and frozen_key_bias, name=name)(x)
+                        dtype_of(c), use_bias=c.use_bias or c.qkv_bias,
+                        frozen_bias=name == 'key' and frozen_key_bias, name=name)(x)
 
     q_BLHK = project('query', x_BLD, c.num_heads, 'heads')
     k_BSGK = project('key', source_BSD, kv_heads, 'kv_heads')
     v_BSGK = project('value', source_BSD, kv_heads, 'kv_heads')
     if c.qk_norm:  # RMS-normalise each head's query and key (bounds the attention logits).
-      q_BLHK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='query_norm')(q_BLHK)
-      k_BSGK = nn.RMSNorm(epsilon=1e-6, dtype=dtype_of(c), scale_init=_ones(('kv',)), name='key_norm')(k_BSGK)
+      head_norm = lambda name: nn.RMSNorm(c.qk_norm_eps, dtype_of(c), scale_init=_ones(('kv',)), name=name)
+      q_BLHK, k_BSGK = head_norm('query_norm')(q_BLHK), head_norm('key_norm')(k_BSGK)
     if c.positions == 'rope' and context_BSD is None:  # Cross-attention compares no positions.
-      q_BLHK, k_BSGK = rotary(q_BLHK, c.rope_base, positions_BL), rotary(k_BSGK, c.rope_base, positions_BL)
+      if positions_BL is None:
+        positions_BL = jnp.arange(x_BLD.shape[1])[None, :]
+      inv_freq_k = rope_frequencies(c, head_dim, positions_BL)
+      q_BLHK, k_BSGK = rotary(q_BLHK, inv_freq_k, positions_BL), rotary(k_BSGK, inv_freq_k, positions_BL)
     dropout_on = self.train and c.attention_dropout
     if attention_implementation(c) == 'cudnn' and not self.decode and not dropout_on:
       out_BLHK = fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, self.causal, c.sliding_window, 'cudnn',

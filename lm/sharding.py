@@ -23,7 +23,7 @@ from lm.config import Mesh as MeshSection
 # Config keys whose values size each logical axis: named in divisibility errors.
 _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads': 'model.num_heads',
                    'kv_heads': 'model.num_kv_heads', 'expert': 'model.moe_experts',
-                   'mlp': 'model.mlp_dim', 'kv': 'the head dim (model.d_model / model.num_heads)',
+                   'mlp': 'model.mlp_dim', 'kv': 'the head dim (model.head_dim, or model.d_model / model.num_heads)',
                    'layers': 'model.num_layers', 'length': 'model.max_len'}
 
 

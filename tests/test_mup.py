@@ -144,12 +144,12 @@ def test_mup_refuses_what_its_recipe_does_not_cover(overrides, message):
 def test_a_mup_model_does_not_export_as_gpt2():
   config = config_lib.validate(config_lib.override(config_lib.base_config(), {'model.parametrization': 'mup'}))
   with pytest.raises(ConfigError, match="model.parametrization='mup': a GPT-2 checkpoint needs"):
-    kinds.of(config.model).check_hf_shaped(config.model)
+    kinds.hf_family_of(config.model, 'gpt2')
 
 
 @pytest.mark.slow
 def test_coordinate_check_block_outputs_keep_their_size_across_widths_under_mup(tfds_dir, play_files, corpus):
-  widths = (64, 128, 256, 512)
+  widths = (64, 128, 512)  # SP's block outputs grow past 4x only at 8x the base width.
   sizes = {}
   for parametrization in ('sp', 'mup'):
     for width in widths:

@@ -36,8 +36,13 @@ SEEDS = sweep.product(sweep.zip(sweep.axis('optimizer.name', ['adamw', 'muon']),
 
 
 def points(scale: str) -> list[dict]:
+  """Each optimizer at each of its rates, and at cpu the seeds; smoke keeps two cpu rates of each
+  and no seeds (each learning rate is a program of its own to compile)."""
+  grid = RATES['gpu' if scale == 'gpu' else 'cpu']
+  if scale == 'smoke':
+    grid = {name: lrs[:2] for name, lrs in grid.items()}
   rates = sweep.chain(*(sweep.product(sweep.axis('optimizer.name', [name]), sweep.axis('optimizer.learning_rate', lrs))
-                        for name, lrs in RATES['gpu' if scale == 'gpu' else 'cpu'].items()))
+                        for name, lrs in grid.items()))
   return rates + SEEDS if scale == 'cpu' else rates
 
 

@@ -18,7 +18,10 @@ class Model:
   num_layers: int = key(4, integer(1), SHAPE, 'Blocks of the decoder.')
   num_encoder_layers: int = key(0, integer(0), SHAPE, 'encoder_decoder only: blocks of the encoder; 0 = num_layers.')
   num_heads: int = key(4, integer(1), SHAPE, 'Attention heads (query heads).')
-  d_model: int = key(256, integer(1), SHAPE, 'Residual stream width; must be divisible by num_heads.')
+  d_model: int = key(256, integer(1), SHAPE,
+                     'Residual stream width; must be divisible by num_heads unless head_dim is set.')
+  head_dim: int = key(0, integer(0), SHAPE,
+                      'Width of each attention head; 0 = d_model / num_heads (Qwen3 and Gemma set it apart).')
   mlp_dim: int = key(1024, integer(0), SHAPE,
                      'Hidden width of the MLP; 0 = 4 * d_model, or for swiglu 2/3 of that (same parameters).')
   mlp_multiple_of: int = key(1, integer(1), SHAPE,
@@ -27,12 +30,28 @@ class Model:
   init: str = key('gpt2', choice('gpt2', 'normal'), SHAPE,
                   "'gpt2': residual output projections get init_std / sqrt(2 * num_layers); 'normal': all init_std.")
   use_bias: bool = key(True, BOOLEAN, SHAPE, 'Biases in the attention and MLP projections (GPT-2 has them, Llama not).')
+  qkv_bias: bool = key(False, BOOLEAN, SHAPE,
+                       'Biases on the query, key and value projections even with use_bias=False (Qwen2).')
   num_kv_heads: int = key(0, integer(0), SHAPE,
                           'Key/value heads: 0 = num_heads (multi-head); 1 = multi-query; else grouped-query.')
   positions: str = key('learned', choice('learned', 'rope', 'none'), SHAPE,
                        "'learned' (a table of max_len rows), 'rope' (rotary), or 'none'.")
   rope_base: float = key(10000.0, number(1, lo_open=True), MATCH, "RoPE wavelength base (positions='rope').")
+  rope_scaling: str = key('none', choice('none', 'linear', 'dynamic', 'llama3'), MATCH,
+                          "RoPE frequencies stretched for longer contexts, as transformers defines them: 'linear' "
+                          "(positions / factor), 'dynamic' (NTK: the base grows with the length past "
+                          "rope_original_max_len), 'llama3' (low frequencies / factor, smoothed between).")
+  rope_scaling_factor: float = key(1.0, number(1), MATCH, 'rope_scaling: the stretch factor.')
+  rope_low_freq_factor: float = key(1.0, number(0, lo_open=True), MATCH,
+                                    "rope_scaling='llama3': wavelengths over rope_original_max_len / this are "
+                                    'divided by the factor.')
+  rope_high_freq_factor: float = key(4.0, number(0, lo_open=True), MATCH,
+                                     "rope_scaling='llama3': wavelengths under rope_original_max_len / this are kept.")
+  rope_original_max_len: int = key(8192, integer(1), MATCH,
+                                   "rope_scaling 'llama3' and 'dynamic': the context the RoPE was trained at.")
   norm: str = key('layernorm', choice('layernorm', 'rmsnorm'), SHAPE, "'layernorm' or 'rmsnorm'.")
+  norm_eps: float = key(1e-5, number(0, lo_open=True), MATCH, 'Epsilon of the block and final norms.')
+  qk_norm_eps: float = key(1e-6, number(0, lo_open=True), MATCH, 'Epsilon of the query and key norms (qk_norm).')
   norm_position: str = key('pre', choice('pre', 'post'), SHAPE,
                            "'pre': x + f(norm(x)) with a final norm; 'post': norm(x + f(x)).")
   qk_norm: bool = key(False, BOOLEAN, SHAPE, 'RMS-normalise queries and keys per head before the dot product.')
@@ -76,13 +95,21 @@ def rules(c) -> list[str]:
   """The model's cross-key rules: each broken one as a line naming the keys."""
   m = c.model
   errors = []
-  if m.d_model % m.num_heads:
-    errors.append(f'model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads}')
+  if not m.head_dim and m.d_model % m.num_heads:
+    errors.append(f'model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads} '
+                  '(or set model.head_dim)')
   if m.num_kv_heads and m.num_heads % m.num_kv_heads:
     errors.append(f'model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads}')
-  if m.positions == 'rope' and m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2:
+  if m.positions == 'rope' and m.head_dim % 2:
+    errors.append(f"model.positions='rope' needs an even head dimension: model.head_dim={m.head_dim}")
+  elif m.positions == 'rope' and not m.head_dim and m.d_model % m.num_heads == 0 and (m.d_model // m.num_heads) % 2:
     errors.append(f"model.positions='rope' needs an even head dimension: model.d_model={m.d_model} / "
                   f'model.num_heads={m.num_heads} = {m.d_model // m.num_heads}')
+  if m.rope_scaling != 'none' and m.positions != 'rope':
+    errors.append(f"model.rope_scaling={m.rope_scaling!r} needs model.positions='rope', not {m.positions!r}")
+  if m.rope_scaling == 'llama3' and m.rope_high_freq_factor <= m.rope_low_freq_factor:
+    errors.append(f'model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed '
+                  f'model.rope_low_freq_factor={m.rope_low_freq_factor}')
   return errors
 
 

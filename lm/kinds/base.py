@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
 import ml_collections
+import numpy as np
 
 from lm.config import ConfigError
-from lm.layers import mlp_width
+from lm.layers import head_width, mlp_width
 from lm.model import is_moe_layer
 
 
 class Kind:
   """A kind of model (model.kind): how it is built, what a batch of it holds, its FLOPs, how it
-  decodes with a KV cache, and its Hugging Face conversion (None where it has none)."""
+  decodes with a KV cache, and its Hugging Face families (none where it has none)."""
   name: str = ''
-  hf_model_type: str | None = None  # transformers' model_type it converts to and from.
   # A text prompt is the encoder's input (the decoder starts afresh), not the start of the output; such
   # kinds are not served by python -m lm.generate and lm.evaluate, which read text as one sequence.
   prompt_is_input: bool = False
@@ -55,41 +55,65 @@ class Kind:
     """An empty KV cache for batch_size sequences of up to `length` tokens (default: max_len)."""
     raise NotImplementedError
 
-  # Hugging Face conversion (python -m lm.hf): kinds that have one override all five.
+  # Hugging Face families this kind converts to and from (python -m lm.hf), most specific first: export
+  # writes a config in the first one that expresses it.
+  hf_families: tuple['HfFamily', ...] = ()
+
+
+class HfFamily:
+  """One transformers model_type: its config.json and weight names in and out of an lm config and
+  parameters. `get(name, shape)` reads one tensor of the checkpoint (as float32), so import streams."""
+  model_type: str = ''
+  architecture: str = ''  # config.json's architectures entry, e.g. 'LlamaForCausalLM'.
+
   def config_from_hf(self, hf: dict[str, Any]) -> ml_collections.ConfigDict:
-    """An lm config whose model is the one a transformers config.json describes."""
-    raise self._no_hf()
+    """An lm config whose model is the one config.json describes, or a ConfigError naming the field
+    lm cannot represent."""
+    raise NotImplementedError
 
-  def check_hf_shaped(self, m: ml_collections.ConfigDict) -> None:
-    """A ConfigError naming the first model key the Hugging Face architecture cannot express."""
-    raise self._no_hf()
+  def problem(self, m: ml_collections.ConfigDict) -> str | None:
+    """Why this family cannot express the model section m (one line naming the key), or None."""
+    raise NotImplementedError
 
-  def params_from_hf(self, tensors: dict[str, Any], m: ml_collections.ConfigDict) -> dict:
-    raise self._no_hf()
+  def params_from_hf(self, get: Callable[[str, tuple[int, ...]], np.ndarray], m: ml_collections.ConfigDict) -> dict:
+    raise NotImplementedError
 
-  def params_to_hf(self, params: dict, m: ml_collections.ConfigDict) -> dict[str, Any]:
-    raise self._no_hf()
+  def params_to_hf(self, params: dict, m: ml_collections.ConfigDict) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 array) of each tensor of the transformers state dict, one at a time."""
+    raise NotImplementedError
 
-  def hf_config(self, m: ml_collections.ConfigDict, end_id: int | None) -> dict[str, Any]:
-    raise self._no_hf()
+  def hf_config(self, m: ml_collections.ConfigDict, bos_id: int | None, eos_id: int | None) -> dict[str, Any]:
+    raise NotImplementedError
 
-  def _no_hf(self) -> ConfigError:
-    return ConfigError(f'model.kind={self.name!r} has no Hugging Face conversion')
+  def check(self, m: ml_collections.ConfigDict) -> None:
+    if (problem := self.problem(m)) is not None:
+      raise ConfigError(problem)
+
+
+def hf_value(hf: dict[str, Any], key: str, default: Any = None, allowed: tuple | None = None) -> Any:
+  """config.json's `key` (default where absent or null); a ConfigError naming the field if it is not
+  one of `allowed`."""
+  value = hf.get(key)
+  value = default if value is None else value
+  if allowed is not None and value not in allowed:
+    raise ConfigError(f'{key}={value!r} in config.json is not supported (lm can represent: '
+                      f'{", ".join(map(repr, allowed))})')
+  return value
 
 
 def attention_widths(m) -> tuple[int, int]:
   """Weights per token of the query and output projections together, and of the key and value ones."""
-  head = m.d_model // m.num_heads
+  head = head_width(m)
   return 2 * m.d_model * head * m.num_heads, 2 * m.d_model * head * (m.num_kv_heads or m.num_heads)
 
 
 def self_attention_stack_flops(m, layers: int, length: int) -> float:
   """Training FLOPs of `layers` self-attending blocks over `length` tokens: 6 per weight a token passes
-  through (attention projections, MLP or the top_k experts and the router), plus 12 * d_model per
-  (query, key) pair of the whole L x L square."""
+  through (attention projections, MLP or the top_k experts and the router), plus 12 * heads * head_dim
+  per (query, key) pair of the whole L x L square."""
   q_out, kv = attention_widths(m)
   dense = (3 if m.mlp == 'swiglu' else 2) * m.d_model * mlp_width(m)
   moe = m.moe_top_k * dense + m.d_model * m.moe_experts
   moe_layers = sum(is_moe_layer(m, i) for i in range(layers))
   mlps = moe_layers * moe + (layers - moe_layers) * dense
-  return 6 * length * (layers * (q_out + kv) + mlps) + 12 * layers * m.d_model * length**2
+  return 6 * length * (layers * (q_out + kv) + mlps) + 12 * layers * m.num_heads * head_width(m) * length**2

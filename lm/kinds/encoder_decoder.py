@@ -9,6 +9,7 @@ import ml_collections
 
 from lm.config import PAD_IDS, target_len
 from lm.kinds.base import Kind, attention_widths, self_attention_stack_flops
+from lm.layers import head_width
 from lm.model import EncoderDecoder, empty_cache
 
 
@@ -37,10 +38,10 @@ class EncoderDecoderKind(Kind):
 
   def flops_per_example(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> float:
     """The encoder and decoder stacks, plus cross-attention: 6 per weight (queries and outputs per
-    target, keys and values per source token) and 12 * d_model per (target, source) pair."""
+    target, keys and values per source token) and 12 * heads * head_dim per (target, source) pair."""
     source, target = d.seq_len, target_len(d)
     q_out, kv = attention_widths(m)
-    cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.d_model * target * source)
+    cross = m.num_layers * (6 * target * q_out + 6 * source * kv + 12 * m.num_heads * head_width(m) * target * source)
     return (self_attention_stack_flops(m, m.num_encoder_layers or m.num_layers, source)
             + self_attention_stack_flops(m, m.num_layers, target) + cross + 6 * target * m.vocab_size * m.d_model)
 

@@ -73,11 +73,13 @@ _GPT2_LAYOUT = {'model.positions': 'learned', 'model.mlp': 'gelu', 'model.mlp_di
 
 
 def _shape(name: str):
-  """The experiment config of a benchmark model (GPT-2 shaped)."""
-  files = {'quickstart': 'quickstart.py', 'gpt2_small': 'gpt2.py'}
+  """The experiment config of a benchmark model: the quickstart's size and GPT-2 small in GPT-2's
+  layout, Llama's tiny and 125m presets (RoPE, GQA, SwiGLU, untied)."""
+  files = {'quickstart': 'quickstart.py', 'gpt2_small': 'gpt2.py', 'llama_tiny': 'llama.py:tiny',
+           'llama_125m': 'llama.py:125m'}
   if name not in files:
     raise ConfigError(f'--models: unknown model {name!r}; allowed: {", ".join(files)}')
-  config = load_experiment(EXPERIMENTS / files[name])
+  config = load_experiment(str(EXPERIMENTS / files[name]))
   return override(config, _GPT2_LAYOUT) if name == 'quickstart' else config
 
 
@@ -90,16 +92,19 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
   # Layers unrolled, as lm.saved.load gives them for generation.
   config = validate(override(config, {'model.max_len': max_len, 'model.dtype': 'float32', 'model.scan_layers': False,
                                       'data.seq_len': min(config.data.seq_len, max_len)}))
-  family = kinds.hf_family_of(config.model, 'gpt2')
+  family = kinds.hf_family_of(config.model)
   model = make_model(config.model, config.data)
   params = jax.jit(lambda: nn.meta.unbox(model.init(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))['params']))()
   torch_model = None
   if with_torch:
     torch, transformers = hf.require('torch'), hf.require('transformers')
-    hf_config = transformers.GPT2Config(**family.hf_config(config.model, None, None))
-    torch_model = transformers.GPT2LMHeadModel(hf_config).eval()
+    hf_config = family.hf_config(config.model, None, None)
+    hf_config = transformers.AutoConfig.for_model(hf_config.pop('model_type'), **hf_config)
+    torch_model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     state = {k: torch.tensor(v) for k, v in family.params_to_hf(jax.device_get(params), config.model)}
-    torch_model.load_state_dict(state, strict=False)  # lm_head is tied to wte.
+    missing, unexpected = torch_model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {'lm_head.weight'}:  # A tied lm_head is the embedding.
+      raise RuntimeError(f'{family.model_type} weights do not fit: missing {missing}, unexpected {unexpected}')
     torch_model.tie_weights()
   records = []
   greedy = decode.Sampling(temperature=0.0)
@@ -343,7 +348,8 @@ def compare_torch(config, modes: list[str], steps: int, repeats: int, products, 
 def _define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
   # generate
-  flags.DEFINE_list('models', ['quickstart', 'gpt2_small'], 'generate: model shapes: quickstart, gpt2_small.')
+  flags.DEFINE_list('models', ['quickstart', 'gpt2_small'],
+                    'generate: model shapes: quickstart, gpt2_small, llama_tiny, llama_125m.')
   flags.DEFINE_list('batch_sizes', ['1', '8'], 'generate: batch sizes to measure.')
   flags.DEFINE_integer('new_tokens', 256, 'generate: new tokens per sequence (after a 16-token prompt).')
   flags.DEFINE_bool('torch', True, 'generate: measure transformers\' generate alongside.')

@@ -71,7 +71,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
     finished = lambda out: np.array([_cut_at_stop(tokenizer.decode(r), stop)[1] for r in out])
   with sharding.activate(run.mesh, sharding.logical_axis_rules(run.config.mesh)):
     out = decode.generate_ids(run.model, run.params, rows, max_new_tokens=max_new_tokens, sampling=sampling,
-                              rng=jax.random.PRNGKey(seed), end_id=tokenizer.bos_id if stop_at_end else -1,
+                              rng=jax.random.PRNGKey(seed), end_id=tokenizer.eos_id if stop_at_end else -1,
                               finished=finished, mesh=run.mesh)
   texts = [_cut_at_stop(tokenizer.decode(r), stop)[0] for r in out]
   return [texts[i:i + num_return_sequences] for i in range(0, len(texts), num_return_sequences)]

@@ -72,6 +72,13 @@ class Tensors:
     return np.asarray(tensor, np.float32)
 
 
+def _eos_token(hf_dir: pathlib.Path) -> str | None:
+  """tokenizer_config.json's eos_token (a string, or a dict with its content), if the folder has one."""
+  path = hf_dir / 'tokenizer_config.json'
+  eos = json.loads(path.read_text()).get('eos_token') if path.is_file() else None
+  return eos.get('content') if isinstance(eos, dict) else eos
+
+
 def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   """Writes a workdir holding the model in hf_dir (of a model_type lm.kinds converts: see
   lm.kinds.hf_families) as step 0 (parameters only) with its tokenizer; returns its config. Generate
@@ -86,7 +93,8 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_col
   hf_json = json.loads((hf_dir / 'config.json').read_text())
   family = kinds.for_hf(hf_json.get('model_type'))
   config = family.config_from_hf(hf_json)
-  tokenizer = tokenizers.HuggingFaceTokenizer((hf_dir / 'tokenizer.json').read_text(encoding='utf-8'))
+  tokenizer = tokenizers.HuggingFaceTokenizer((hf_dir / 'tokenizer.json').read_text(encoding='utf-8'),
+                                              _eos_token(hf_dir))
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size='
                       f'{config.model.vocab_size}: they do not belong together')
@@ -115,14 +123,17 @@ def export_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int
   hf_dir.mkdir(parents=True, exist_ok=True)
   tensors = dict(family.params_to_hf(sharding.to_host(run.params), run.config.model))
   safetensors_numpy.save_file(tensors, str(hf_dir / 'model.safetensors'), metadata={'format': 'pt'})
-  end_id = run.tokenizer.bos_id
-  (hf_dir / 'config.json').write_text(json.dumps(family.hf_config(run.config.model, end_id, end_id), indent=2))
-  if isinstance(run.tokenizer, tokenizers.HuggingFaceTokenizer):
-    (hf_dir / 'tokenizer.json').write_text(run.tokenizer.json_text, encoding='utf-8')
-    end = run.tokenizer.end_token
+  tokenizer = run.tokenizer
+  config = family.hf_config(run.config.model, tokenizer.bos_id, tokenizer.eos_id)
+  (hf_dir / 'config.json').write_text(json.dumps(config, indent=2))
+  if isinstance(tokenizer, tokenizers.HuggingFaceTokenizer):
+    (hf_dir / 'tokenizer.json').write_text(tokenizer.json_text, encoding='utf-8')
+    bos, eos = tokenizer.token(tokenizer.bos_id), tokenizer.token(tokenizer.eos_id)
     (hf_dir / 'tokenizer_config.json').write_text(json.dumps({
-        'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': end, 'eos_token': end, 'unk_token': end,
-        'model_max_length': run.config.model.max_len}, indent=2))
+        'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos, 'unk_token': eos,
+        'pad_token': eos, 'model_max_length': run.config.model.max_len}, indent=2))
+    (hf_dir / 'generation_config.json').write_text(json.dumps({
+        'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id}))
   return hf_dir
 
 

@@ -185,7 +185,7 @@ class Trainer:
                         num_tokens=min(e.sample_tokens, kind.target_positions(self.config.data)),
                         temperature=e.sample_temperature, rng=rng, mesh=self.mesh, input_ids=input_ids)
     if input_ids is not None:  # Shows the input, then what the decoder made of it (up to its end token).
-      return [f'{e.sample_prompt}\n=>\n{tokenizer.decode(_until(row, tokenizer.bos_id))}' for row in new]
+      return [f'{e.sample_prompt}\n=>\n{tokenizer.decode(_until(row, tokenizer.eos_id))}' for row in new]
     return [e.sample_prompt + tokenizer.decode(row) for row in new]
 
   def add_hook(self, hook: hooks.Hook | Callable[[Trainer, hooks.StepInfo], Any], every: int = 1,

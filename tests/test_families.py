@@ -3,16 +3,23 @@ transformers model with every parameter random (norms and biases too; nothing do
 with PyTorch's logits, exports back to the same logits, and greedy-decodes transformers' tokens from a
 left-padded prompt batch. The RoPE scalings (llama3, linear, dynamic) are checked on the logits."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
+from tokenizers import SentencePieceBPETokenizer, Tokenizer, processors
 import torch
 import transformers
 
-from lm import hf, kinds, saved
-from lm.config import ConfigError
+from conftest import tiny_overrides
+from lm import hf, kinds, loop, saved
+from lm.config import ConfigError, override, validate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
+from lm.data.pipeline import Tokenize
 from lm.decode import Sampling, generate_ids
+from lm.evaluate import evaluate
+from lm.generate import generate
 from lm.kinds.llama import rope_from_hf
 from test_hf import _byte_level_bpe
 
@@ -132,3 +139,75 @@ def test_what_lm_cannot_represent_is_refused_naming_the_field():
   assert kinds.hf_family_of(windowed.model).model_type == 'mistral'
   with pytest.raises(ConfigError, match="model.sliding_window=4096: a llama checkpoint needs model.sliding_window=0"):
     kinds.hf_family_of(windowed.model, 'llama')
+
+
+def _llama3_style(texts) -> Tokenizer:
+  """Byte-level BPE whose post-processor starts each text with <|begin_of_text|>, as Llama 3's does."""
+  tokenizer = _byte_level_bpe(texts)
+  tokenizer.add_special_tokens(['<|begin_of_text|>', '<|end_of_text|>'])
+  bos = tokenizer.token_to_id('<|begin_of_text|>')
+  tokenizer.post_processor = processors.TemplateProcessing(single='<|begin_of_text|> $A',
+                                                           special_tokens=[('<|begin_of_text|>', bos)])
+  return tokenizer
+
+
+def _llama2_style(texts) -> Tokenizer:
+  """SentencePiece-style BPE (U+2581 for spaces, Metaspace) starting each text with <s>, as Llama 2's does."""
+  tokenizer = SentencePieceBPETokenizer()
+  tokenizer.train_from_iterator(texts, vocab_size=320, special_tokens=['<unk>', '<s>', '</s>'], show_progress=False)
+  tokenizer = Tokenizer.from_str(tokenizer.to_str())
+  tokenizer.post_processor = processors.TemplateProcessing(single='<s> $A', special_tokens=[('<s>', 1)])
+  return tokenizer
+
+
+@pytest.mark.parametrize('style', ['llama3', 'llama2'])
+def test_llama_tokenizers_start_documents_and_prompts_as_transformers(style, tmp_path):
+  play = sorted(shakespeare_plays_dir().glob('*/*.md'))[0]
+  text = normalize_text(play.read_text(encoding='utf-8'))[:50_000]
+  tokenizer = (_llama3_style if style == 'llama3' else _llama2_style)([text])
+  bos, eos = ('<|begin_of_text|>', '<|end_of_text|>') if style == 'llama3' else ('<s>', '</s>')
+  folder, torch_model = _hf_folder(tmp_path / 'hf', tokenizer, transformers.LlamaConfig, tie_word_embeddings=False)
+  (folder / 'tokenizer_config.json').write_text(json.dumps({
+      'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos}))
+  hf.import_hf(folder, tmp_path / 'imported')
+  ours = saved.load(tmp_path / 'imported', devices=jax.devices()[:1]).tokenizer
+  theirs = transformers.AutoTokenizer.from_pretrained(folder)
+  assert (ours.bos_id, ours.eos_id) == (tokenizer.token_to_id(bos), tokenizer.token_to_id(eos))
+  # A document as training and evaluation read it, and a prompt, start as tokenizer(text) does.
+  document = text[:2000]
+  assert list(Tokenize(ours, ('text',)).map({'text': document})) == theirs(document).input_ids
+  # Bits per byte count each token's bytes; SentencePiece's Metaspace adds a space before each text
+  # (decoded away), which counts as one byte of the document.
+  dummy_prefix = 1 if style == 'llama2' else 0
+  assert int(ours.token_bytes[ours.encode(document)].sum()) == len(document.encode('utf-8')) + dummy_prefix
+  prompt = 'To be, or not to be'
+  torch_model.generation_config.eos_token_id = None
+  with torch.no_grad():
+    new = torch_model.generate(theirs(prompt, return_tensors='pt').input_ids, max_new_tokens=20,
+                               do_sample=False)[0, len(theirs(prompt).input_ids):]
+  [[continuation]] = generate(tmp_path / 'imported', prompt, max_new_tokens=20, greedy=True, stop_at_end=False)
+  assert continuation == theirs.decode(new, skip_special_tokens=True)
+
+
+@pytest.mark.slow
+def test_an_imported_model_fine_tunes_on_the_plays_and_resumes_bitwise(tokenizer, tmp_path, tfds_dir, play_files):
+  config_class, knobs = FAMILIES['qwen3']
+  folder, _ = _hf_folder(tmp_path / 'hf', tokenizer, config_class, **knobs)  # GQA, qk-norm, a head_dim apart.
+  hf.import_hf(folder, tmp_path / 'imported')
+  imported = saved.load(tmp_path / 'imported', devices=jax.devices()[:1])
+  data = dict(dataset='text_files', paths=play_files, tfds_data_dir=tfds_dir, seq_len=32, batch_size=16)
+  before = evaluate(imported, **data)
+  training = {k: v for k, v in tiny_overrides(tfds_dir, play_files).items() if not k.startswith('model.')}
+  config = validate(override(imported.config, training | {
+      'checkpoint.init_from': str(tmp_path / 'imported'), 'data.tokenizer': 'huggingface',
+      'optimizer.learning_rate': 3e-3, 'eval.num_samples': 0, 'train.steps': 20, 'eval.every': 10,
+      'checkpoint.every': 10}))
+  straight = loop.Trainer(config, tmp_path / 'straight', devices=jax.devices()[:1])
+  jax.tree.map(np.testing.assert_array_equal, straight.state.params, imported.params)  # Starts from the import.
+  after = straight.run()
+  assert after['tokens'] == before['tokens'] and after['loss'] < before['loss'] - 0.1
+  loop.Trainer(config, tmp_path / 'resumed', devices=jax.devices()[:1]).run(stop_after=10)
+  resumed = loop.Trainer(config, tmp_path / 'resumed', devices=jax.devices()[:1])
+  assert resumed.start_step == 10
+  assert resumed.run() == after
+  jax.tree.map(np.testing.assert_array_equal, resumed.state.params, straight.state.params)

@@ -9,7 +9,7 @@ from conftest import ROOT
 from lm import config as config_lib
 from lm import kinds
 from lm.kinds import make_model
-from lm.layers import mlp_width
+from lm.layers import head_width, mlp_width
 from lm.model import count_params
 
 
@@ -35,21 +35,24 @@ def test_gpt2_presets_have_the_published_parameter_counts(size):
 
 
 def _llama_count(m) -> int:
-  """Embedding + untied output, per block four attention matrices (k and v kv_heads wide), three
-  SwiGLU matrices and two RMSNorm scales, and the final norm."""
-  head = m.d_model // m.num_heads
-  attention = 2 * m.d_model * m.d_model + 2 * m.d_model * head * m.num_kv_heads
+  """Embedding (+ an untied output), per block four attention matrices (query and output heads x
+  head_dim wide, key and value kv_heads x head_dim), qk-norm scales if any, three SwiGLU matrices
+  and two RMSNorm scales, and the final norm."""
+  head = head_width(m)
+  attention = 2 * m.d_model * m.num_heads * head + 2 * m.d_model * head * m.num_kv_heads + 2 * head * m.qk_norm
   block = attention + 3 * m.d_model * mlp_width(m) + 2 * m.d_model
-  return 2 * m.vocab_size * m.d_model + m.num_layers * block + m.d_model
+  return (1 if m.tie_embeddings else 2) * m.vocab_size * m.d_model + m.num_layers * block + m.d_model
 
 
-@pytest.mark.parametrize('size', ['tiny', '125m', '1b', '7b', '8b'])
-def test_llama_presets_count_what_the_recipe_says(size):
-  experiment, config = _preset('llama', size)
+@pytest.mark.parametrize('name,size', [('llama', s) for s in ('tiny', '125m', '1b', '7b', '8b', '3.2-1b', '3.2-3b')]
+                         + [('qwen3', s) for s in ('tiny', '0.6b', '8b')] + [('mistral', s) for s in ('tiny', '7b')])
+def test_llama_family_presets_count_what_the_recipe_says(name, size):
+  experiment, config = _preset(name, size)
   count = _count(config)
   assert count == _llama_count(config.model)
   if size in experiment.PUBLISHED_PARAMS:
     assert count == experiment.PUBLISHED_PARAMS[size]
+  assert kinds.hf_family_of(config.model).model_type == name  # lm.hf exports it in its family's format.
 
 
 def test_llama_7b_mlp_follows_the_two_thirds_rule():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import pathlib
+import re
 from typing import Iterable, Protocol
 
 import numpy as np
@@ -27,6 +28,7 @@ class Tokenizer(Protocol):
   vocab_size: int
   pad_id: int
   bos_id: int  # Starts every document; a packed sequence may hold several.
+  eos_id: int  # Where generation stops: the end-of-text token (bos_id where one token does both).
   token_bytes: np.ndarray  # [vocab_size] int32: UTF-8 bytes each id decodes to (0 for specials).
 
   def encode(self, text: str) -> np.ndarray: ...
@@ -39,7 +41,7 @@ class ByteTokenizer:
 
   vocab_size = 258
   pad_id = PAD_IDS['byte']
-  bos_id = 257
+  bos_id = eos_id = 257
 
   def __init__(self):
     self.token_bytes = np.array([1] * 256 + [0, 0], dtype=np.int32)
@@ -59,7 +61,7 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = self._sp.pad_id()
-    self.bos_id = self._sp.bos_id()
+    self.bos_id = self.eos_id = self._sp.bos_id()
     self.token_bytes = np.array([self._piece_bytes(i) for i in range(self.vocab_size)], dtype=np.int32)
 
   def _piece_bytes(self, i: int) -> int:
@@ -89,25 +91,33 @@ END_TOKENS = ('<|endoftext|>', '</s>', '<|end_of_text|>', '<eos>')  # What may s
 
 
 class HuggingFaceTokenizer:
-  """A `tokenizers` tokenizer from its tokenizer.json. Its end-of-text token (the first of
-  END_TOKENS it has) separates documents, as <|endoftext|> does for GPT-2, and pads."""
+  """A `tokenizers` tokenizer from its tokenizer.json, with its family's document boundaries: where
+  its post-processor starts a text with a special token (Llama's <s> or <|begin_of_text|>), that is
+  bos_id, so a document or prompt starts as transformers' tokenizer(text) does, and its end-of-text
+  token is eos_id: `eos_token` where given (tokenizer_config.json's, as transformers reads it), else the
+  first of END_TOKENS it has; where it adds nothing (GPT-2, Qwen), the end-of-text token separates
+  documents as bos_id and eos_id both. The end-of-text token pads."""
 
   HF_FILE = 'hf_tokenizer.json'  # Its name in a workdir's tokenizer folder.
 
-  def __init__(self, json_text: str):
+  def __init__(self, json_text: str, eos_token: str | None = None):
     if hf_tokenizers is None:
       raise ConfigError("a Hugging Face tokenizer needs the 'tokenizers' package: pip install -e '.[hf]'")
     self.json_text = json_text
     self._tok = hf_tokenizers.Tokenizer.from_str(json_text)
     self.vocab_size = self._tok.get_vocab_size()
-    ends = [t for t in END_TOKENS if self._tok.token_to_id(t) is not None]
+    if eos_token is not None and self._tok.token_to_id(eos_token) is None:
+      raise ConfigError(f'eos_token {eos_token!r} of tokenizer_config.json is not a token of tokenizer.json')
+    ends = [eos_token] if eos_token is not None else [t for t in END_TOKENS if self._tok.token_to_id(t) is not None]
     if not ends:
       raise ConfigError(f'the tokenizer has none of the end-of-text tokens {", ".join(END_TOKENS)}')
-    self.end_token = ends[0]
-    self.bos_id = self.pad_id = self._tok.token_to_id(ends[0])
+    self.eos_id = self.pad_id = self._tok.token_to_id(ends[0])
+    plain, templated = (self._tok.encode('a', add_special_tokens=add).ids for add in (False, True))
+    prefix = templated[:templated.index(plain[0])] if plain and plain[0] in templated else []
+    self.bos_id = prefix[0] if len(prefix) == 1 else self.eos_id
     special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
     alphabet = _byte_alphabet()
-    byte_level = all(ch in alphabet for ch in 'Ġhello')  # GPT-2's space is Ġ.
+    byte_level = '"ByteLevel"' in json.dumps(json.loads(json_text).get('decoder'))  # GPT-2's space is Ġ.
     vocab = self._tok.get_vocab(with_added_tokens=True)
     self.token_bytes = np.zeros(self.vocab_size, np.int32)
     for piece, i in vocab.items():
@@ -115,11 +125,18 @@ class HuggingFaceTokenizer:
         continue
       if byte_level and all(ch in alphabet for ch in piece):
         self.token_bytes[i] = len(piece)
+      elif not byte_level and re.fullmatch('<0x[0-9A-F]{2}>', piece):  # SentencePiece's byte fallback.
+        self.token_bytes[i] = 1
+      elif not byte_level:  # SentencePiece-derived (Llama 2, Mistral): U+2581 is a space.
+        self.token_bytes[i] = len(piece.replace('\u2581', ' ').encode('utf-8'))
       else:
         self.token_bytes[i] = len(self._tok.decode([i], skip_special_tokens=False).encode('utf-8'))
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def token(self, i: int) -> str:
+    return self._tok.id_to_token(i)
 
   def decode(self, ids: Iterable[int]) -> str:
     return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=True)
@@ -134,7 +151,9 @@ def load(kind: str, tokenizer_dir: pathlib.Path) -> Tokenizer:
     raise ConfigError(f'no {kind} tokenizer in {str(tokenizer_dir)!r} (expected {name})')
   if kind == 'sentencepiece':
     return SentencePieceTokenizer((tokenizer_dir / name).read_bytes())
-  return HuggingFaceTokenizer((tokenizer_dir / name).read_text(encoding='utf-8'))
+  info_path = tokenizer_dir / 'tokenizer.json'
+  info = json.loads(info_path.read_text()) if info_path.exists() else {}
+  return HuggingFaceTokenizer((tokenizer_dir / name).read_text(encoding='utf-8'), info.get('eos_token'))
 
 
 def save(tokenizer: Tokenizer, tokenizer_dir: pathlib.Path, info: dict) -> None:
@@ -144,6 +163,7 @@ def save(tokenizer: Tokenizer, tokenizer_dir: pathlib.Path, info: dict) -> None:
     files['sentencepiece.model'] = tokenizer.model_proto
   elif isinstance(tokenizer, HuggingFaceTokenizer):
     files[HuggingFaceTokenizer.HF_FILE] = tokenizer.json_text.encode('utf-8')
+    files['tokenizer.json'] = json.dumps(info | {'eos_token': tokenizer.token(tokenizer.eos_id)}).encode()
   tokenizer_dir.mkdir(parents=True, exist_ok=True)
   for name, data in files.items():
     tmp = tokenizer_dir / f'{name}.tmp'

@@ -13,9 +13,10 @@ from absl import app, flags, logging
 import ml_collections
 from ml_collections import config_flags
 
-from lm.config import KEYS, unknown_key_message
+from lm.config import KEYS, base_config, unknown_key_message
 
 _config_flag = None
+_mesh_only = False  # mesh_flag() defined --config.
 
 
 def config_flag() -> flags.FlagHolder:
@@ -27,9 +28,27 @@ def config_flag() -> flags.FlagHolder:
   return _config_flag
 
 
+def mesh_flag() -> flags.FlagHolder:
+  """--config.mesh.* for the commands that take no experiment (python -m lm.hf): the mesh section of
+  the defaults, overridden as in an experiment, e.g. --config.mesh.shape=1,8,1."""
+  global _config_flag, _mesh_only
+  for arg in sys.argv[1:]:  # config_flags reads its overrides as it is defined.
+    key = arg.split('=', 1)[0][len('--config.'):]
+    if arg.startswith('--config') and not arg.startswith('--config.mesh.'):
+      sys.exit(f'error: {arg.split("=", 1)[0]}: this command takes only --config.mesh.* keys (the model is the '
+               "checkpoint's)")
+    if arg.startswith('--config.') and key not in KEYS:
+      sys.exit(f'error: --config.{key}: {unknown_key_message(key)}')
+  _config_flag, _mesh_only = config_flags.DEFINE_config_dict(
+      'config', ml_collections.ConfigDict({'mesh': base_config().mesh.to_dict()})), True
+  return _config_flag
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with every mistake reported in one line instead of a traceback."""
   for arg in argv[1:] if _config_flag is not None else ():
+    if _mesh_only:
+      continue
     if arg.startswith('--config='):
       path = arg.split('=', 1)[1].split(':', 1)[0]
       if not os.path.isfile(path):

@@ -5,6 +5,7 @@ mistral, mixtral, qwen2, qwen3. Needs the `hf` extra: pip install -e '.[hf]'.
   python -m lm.hf import --hf_dir=path/to/gpt2 --workdir=runs/gpt2    # then lm.generate, lm.evaluate,
                                                                       # or checkpoint.init_from=runs/gpt2
   python -m lm.hf export --workdir=runs/x --hf_dir=out/x              # transformers can load out/x
+  python -m lm.hf import --hf_dir=DIR --workdir=W --config.mesh.shape=1,8,1   # straight into FSDP shards
 
 Only files on disk are read: nothing is downloaded.
 """
@@ -14,14 +15,16 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+from typing import Iterable
 
 from absl import flags, logging
+from flax import traverse_util
 import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, cli, kinds, saved, sharding, workdirs
-from lm.config import ConfigError, flatten
+from lm import checkpoint, cli, kinds, saved, train, workdirs
+from lm.config import ConfigError, flatten, override, validate
 from lm.data import tokenizers
 
 FLAGS = flags.FLAGS
@@ -37,10 +40,13 @@ def require(module: str):
 
 class Tensors:
   """The tensors of a save_pretrained folder, read one at a time (model.safetensors, or the shards a
-  model.safetensors.index.json lists): get(name, shape) is one float32 array, checked against shape."""
+  model.safetensors.index.json lists): get(name, shape) is one float32 array, checked against shape.
+  Read through PyTorch, which knows bfloat16 (numpy does not); each file is opened for one tensor and
+  closed again, so its memory map does not keep the tensors read before in memory."""
 
   def __init__(self, hf_dir: pathlib.Path, prefix: str = ''):
-    safetensors = require('safetensors')
+    self._safetensors = require('safetensors')
+    require('torch')
     index = hf_dir / 'model.safetensors.index.json'
     if index.is_file():
       files = sorted(set(json.loads(index.read_text())['weight_map'].values()))
@@ -49,15 +55,21 @@ class Tensors:
     else:
       raise ConfigError(f'no model.safetensors or model.safetensors.index.json in {str(hf_dir)!r}: expected a '
                         'folder written by save_pretrained')
-    self._files = {name: safetensors.safe_open(str(hf_dir / name), framework='numpy') for name in files}
+    self._dir = hf_dir
     # Names as the family spells them: some checkpoints leave its prefix out (GPT-2's 'transformer.').
     self._where = {}
-    for file_name, f in self._files.items():
-      for name in f.keys():
-        self._where[name] = (file_name, name)
-        if prefix and not name.startswith(prefix):
-          self._where[prefix + name] = (file_name, name)
+    for file_name in files:
+      with self._open(file_name) as f:
+        for name in f.keys():
+          self._where[name] = (file_name, name)
+          if prefix and not name.startswith(prefix):
+            self._where[prefix + name] = (file_name, name)
     self.prefix = prefix
+
+  def _open(self, file_name: str):
+    if not (self._dir / file_name).is_file():
+      raise ConfigError(f'{str(self._dir / file_name)!r} is missing (model.safetensors.index.json lists it)')
+    return self._safetensors.safe_open(str(self._dir / file_name), framework='pt')
 
   def has(self, name: str) -> bool:
     return self.prefix + name in self._where or name in self._where
@@ -66,23 +78,24 @@ class Tensors:
     where = self._where.get(name) or self._where.get(self.prefix + name)
     if where is None:
       raise ConfigError(f'the checkpoint has no tensor {name!r} (config.json implies it)')
-    tensor = self._files[where[0]].get_tensor(where[1])
+    with self._open(where[0]) as f:
+      tensor = f.get_tensor(where[1])
     if tuple(tensor.shape) != tuple(shape):
       raise ConfigError(f'{name} in {where[0]} is {tuple(tensor.shape)}, config.json implies {tuple(shape)}')
-    return np.asarray(tensor, np.float32)
+    return tensor.float().numpy()
 
 
-def _eos_token(hf_dir: pathlib.Path) -> str | None:
-  """tokenizer_config.json's eos_token (a string, or a dict with its content), if the folder has one."""
-  path = hf_dir / 'tokenizer_config.json'
-  eos = json.loads(path.read_text()).get('eos_token') if path.is_file() else None
-  return eos.get('content') if isinstance(eos, dict) else eos
-
-
-def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
+              mesh: ml_collections.ConfigDict | dict | None = None,
+              devices: list[jax.Device] | None = None) -> ml_collections.ConfigDict:
   """Writes a workdir holding the model in hf_dir (of a model_type lm.kinds converts: see
   lm.kinds.hf_families) as step 0 (parameters only) with its tokenizer; returns its config. Generate
-  from it, evaluate it, or fine-tune it with checkpoint.init_from."""
+  from it, evaluate it, or fine-tune it with checkpoint.init_from.
+
+  Tensors stream: each is read from its safetensors file, converted and placed straight into its
+  shards on the mesh that `mesh` (mesh.* keys, e.g. {'shape': (1, 8, 1)}) lays over `devices`
+  (default: all), so the host holds one tensor at a time and a model larger than one device imports
+  onto devices that hold it together. Without `mesh`, one device."""
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
   for name in ('config.json', 'tokenizer.json'):
     if not (hf_dir / name).is_file():
@@ -98,7 +111,22 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_col
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ConfigError(f'tokenizer.json has {tokenizer.vocab_size} tokens but config.json vocab_size='
                       f'{config.model.vocab_size}: they do not belong together')
-  params = family.params_from_hf(Tensors(hf_dir, getattr(family, 'prefix', '')), config.model)
+  if mesh:
+    config = validate(override(config, {f'mesh.{k}': v for k, v in dict(mesh).items()}))
+    layout = train.make_layout(config, devices, check_batches=False)
+  else:
+    layout = train.make_layout(override(config, {'mesh.shape': (1, 1, 1)}), list(devices or jax.devices())[:1],
+                               check_batches=False)
+  tensors = Tensors(hf_dir, getattr(family, 'prefix', ''))
+  like = traverse_util.flatten_dict(train.abstract_train_state(layout).params, sep='/')
+  params = {}
+  for path, array in family.params_from_hf(tensors, config.model):
+    target = like[path]
+    assert array.shape == target.shape, f'{family.model_type} converter: {path} is {array.shape}, not {target.shape}'
+    params[path] = jax.make_array_from_callback(target.shape, target.sharding,
+                                                lambda index, a=array, t=target: np.asarray(a[index], t.dtype))
+    del array  # Only its shards stay, on their devices.
+  assert params.keys() == like.keys(), f'{family.model_type} converter left out {sorted(like.keys() - params.keys())}'
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizers.save(tokenizer, workdir / 'tokenizer', {'kind': 'huggingface', 'vocab_size': tokenizer.vocab_size,
                                                      'imported_from': str(hf_dir.absolute())})
@@ -106,23 +134,73 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path) -> ml_col
   (workdir / workdirs.IMPORTED_FILE).write_text(json.dumps({'imported_from': str(hf_dir.absolute()),
                                                             'model_type': family.model_type}))
   checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
-  checkpointer.save_params(0, jax.tree.map(np.asarray, params))
+  checkpointer.save_params(0, traverse_util.unflatten_dict(params, sep='/'))
   checkpointer.close()
   return config
 
 
+def _eos_token(hf_dir: pathlib.Path) -> str | None:
+  """tokenizer_config.json's eos_token (a string, or a dict with its content), if the folder has one."""
+  path = hf_dir / 'tokenizer_config.json'
+  eos = json.loads(path.read_text()).get('eos_token') if path.is_file() else None
+  return eos.get('content') if isinstance(eos, dict) else eos
+
+
+SHARD_BYTES = 2 << 30  # Export's largest safetensors file (one tensor larger than this is a file alone).
+
+
+def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], hf_dir: pathlib.Path,
+                      max_shard_bytes: int = SHARD_BYTES) -> list[str]:
+  """Writes (name, array) pairs as save_pretrained does: model.safetensors, or shards
+  model-0000i-of-0000N.safetensors of at most max_shard_bytes with model.safetensors.index.json.
+  Holds one shard on the host at a time; replaces the weight files of an earlier export. Returns the
+  files written."""
+  safetensors_numpy = require('safetensors.numpy')
+  for old in [*hf_dir.glob('model*.safetensors'), hf_dir / 'model.safetensors.index.json']:
+    old.unlink(missing_ok=True)
+  written, shard, size = [], {}, 0
+
+  def flush():
+    path = hf_dir / f'model-{len(written) + 1:05d}.safetensors.partial'
+    safetensors_numpy.save_file(shard, str(path), metadata={'format': 'pt'})
+    written.append((path, list(shard), sum(a.nbytes for a in shard.values())))
+    shard.clear()
+
+  for name, array in tensors:
+    if shard and size + array.nbytes > max_shard_bytes:
+      flush()
+      size = 0
+    shard[name], size = array, size + array.nbytes
+  flush()
+  if len(written) == 1:
+    written[0][0].rename(hf_dir / 'model.safetensors')
+    return ['model.safetensors']
+  names = [f'model-{i + 1:05d}-of-{len(written):05d}.safetensors' for i in range(len(written))]
+  weight_map = {}
+  for (path, tensor_names, _), name in zip(written, names):
+    path.rename(hf_dir / name)
+    weight_map |= {t: name for t in tensor_names}
+  index = {'metadata': {'total_size': sum(n for _, _, n in written)}, 'weight_map': weight_map}
+  (hf_dir / 'model.safetensors.index.json').write_text(json.dumps(index, indent=2))
+  return names
+
+
 def export_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int | None = None,
-              model_type: str | None = None) -> pathlib.Path:
+              model_type: str | None = None, mesh: ml_collections.ConfigDict | dict | None = None,
+              devices: list[jax.Device] | None = None, max_shard_bytes: int = SHARD_BYTES) -> pathlib.Path:
   """Writes the run's parameters at `step` (default: latest) as a transformers folder of model_type
   (default: the most specific family that expresses the model, see lm.kinds.hf_family_of), with its
-  tokenizer.json if the run uses a Hugging Face tokenizer."""
-  safetensors_numpy = require('safetensors.numpy')
+  tokenizer.json if the run uses a Hugging Face tokenizer. The parameters are restored onto the mesh
+  that `mesh` (mesh.* keys) lays over `devices` (default: one device) and come to the host one tensor
+  at a time, written in shards of at most max_shard_bytes."""
   workdir, hf_dir = pathlib.Path(workdir), pathlib.Path(hf_dir)
-  run = saved.load(workdir, step, devices=jax.devices()[:1], mesh_shape=(1, 1, 1))
+  require('safetensors')
+  mesh_shape = tuple(dict(mesh)['shape']) if mesh and 'shape' in dict(mesh) else None
+  run = saved.load(workdir, step, devices=devices if mesh_shape else list(devices or jax.devices())[:1],
+                   mesh_shape=mesh_shape or (1, 1, 1))
   family = kinds.hf_family_of(run.config.model, model_type)
   hf_dir.mkdir(parents=True, exist_ok=True)
-  tensors = dict(family.params_to_hf(sharding.to_host(run.params), run.config.model))
-  safetensors_numpy.save_file(tensors, str(hf_dir / 'model.safetensors'), metadata={'format': 'pt'})
+  write_safetensors(family.params_to_hf(run.params, run.config.model), hf_dir, max_shard_bytes)
   tokenizer = run.tokenizer
   config = family.hf_config(run.config.model, tokenizer.bos_id, tokenizer.eos_id)
   (hf_dir / 'config.json').write_text(json.dumps(config, indent=2))
@@ -144,22 +222,32 @@ def _define_flags() -> None:
   flags.DEFINE_integer('step', None, 'export: the checkpoint to write (default: the latest).')
   flags.DEFINE_string('model_type', None, "export: the family to write (default: the most specific that "
                       "expresses the model), e.g. 'mistral' for a Llama-shaped run.")
+  flags.DEFINE_float('max_shard_gb', SHARD_BYTES / 2**30, 'export: the largest safetensors file, in GiB.')
+  cli.mesh_flag()
+
+
+def _mesh_flags() -> dict | None:
+  """The mesh.* keys given on the command line (None: one device)."""
+  given = {arg[len('--config.mesh.'):].split('=', 1)[0] for arg in sys.argv if arg.startswith('--config.mesh.')}
+  return {k: FLAGS.config.mesh[k] for k in given} or None
 
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in ('import', 'export') or not FLAGS.hf_dir or not FLAGS.workdir:
-    sys.exit('usage: python -m lm.hf import --hf_dir=DIR --workdir=runs/NAME | '
-             'python -m lm.hf export --workdir=runs/NAME --hf_dir=DIR')
+    sys.exit('usage: python -m lm.hf import --hf_dir=DIR --workdir=runs/NAME [--config.mesh.shape=D,F,T] | '
+             'python -m lm.hf export --workdir=runs/NAME --hf_dir=DIR [--config.mesh.shape=D,F,T] [--max_shard_gb=G]')
   logging.set_verbosity(logging.WARNING)
   try:
     if argv[1] == 'import':
-      config = import_hf(FLAGS.hf_dir, FLAGS.workdir)
+      config = import_hf(FLAGS.hf_dir, FLAGS.workdir, mesh=_mesh_flags())
       m = config.model
       family = json.loads((pathlib.Path(FLAGS.workdir) / workdirs.IMPORTED_FILE).read_text())['model_type']
       print(f'imported a {family} model of {m.num_layers} layers, width {m.d_model}, {m.vocab_size} tokens into '
             f'{FLAGS.workdir}/ (step 0)')
     else:
-      print(f'exported to {export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.step, FLAGS.model_type)}/')
+      hf_dir = export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.step, FLAGS.model_type, mesh=_mesh_flags(),
+                         max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+      print(f'exported to {hf_dir}/')
   except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')
 

@@ -4,6 +4,7 @@ with PyTorch's logits, exports back to the same logits, and greedy-decodes trans
 left-padded prompt batch. The RoPE scalings (llama3, linear, dynamic) are checked on the logits."""
 
 import json
+import tracemalloc
 
 import jax
 import numpy as np
@@ -211,3 +212,50 @@ def test_an_imported_model_fine_tunes_on_the_plays_and_resumes_bitwise(tokenizer
   assert resumed.start_step == 10
   assert resumed.run() == after
   jax.tree.map(np.testing.assert_array_equal, resumed.state.params, straight.state.params)
+
+
+def test_import_streams_into_the_shards_of_a_mesh_and_export_streams_back(tokenizer, tmp_path):
+  """A sharded checkpoint imports one tensor at a time into its shards on mesh (1, 8, 1), equal to the
+  one-device import; the numpy memory the import holds at its peak is a small part of the parameters.
+  Export from that mesh writes several safetensors files that transformers reloads to the same logits."""
+  folder, torch_model = _hf_folder(tmp_path / 'hf', tokenizer, transformers.LlamaConfig, hidden_size=512,
+                                   intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+                                   tie_word_embeddings=False)  # 54 MB: more than Python's own allocations.
+  sharded = tmp_path / 'sharded'
+  torch_model.save_pretrained(sharded, max_shard_size='8MB')
+  (sharded / 'tokenizer.json').write_text((folder / 'tokenizer.json').read_text())
+  assert len(list(sharded.glob('model-*-of-*.safetensors'))) > 2
+  total = sum(p.numel() * 4 for p in torch_model.parameters())
+  largest = max(p.numel() * 4 for p in torch_model.parameters())
+  tracemalloc.start()
+  hf.import_hf(sharded, tmp_path / 'meshed', mesh={'shape': (1, 8, 1)})
+  peak = tracemalloc.get_traced_memory()[1]
+  tracemalloc.stop()
+  print(f'import: peak numpy/Python memory {peak / 2**20:.2f} MiB; parameters {total / 2**20:.2f} MiB, '
+        f'largest tensor {largest / 2**20:.2f} MiB')
+  assert peak < total / 3  # Holding every tensor at once, as an import did before, is > total.
+  hf.import_hf(folder, tmp_path / 'single')
+  single = saved.load(tmp_path / 'single', devices=jax.devices()[:1])
+  meshed = saved.load(tmp_path / 'meshed', devices=jax.devices(), mesh_shape=(1, 8, 1))
+  jax.tree.map(np.testing.assert_array_equal, meshed.params, single.params)
+  embedding = meshed.params['token_embedding']['embedding']
+  assert len({str(s.index) for s in embedding.addressable_shards}) == 8  # Split along embed, not replicated.
+
+  hf.export_hf(tmp_path / 'meshed', tmp_path / 'exported', mesh={'shape': (1, 8, 1)}, devices=jax.devices(),
+               max_shard_bytes=8 << 20)
+  index = json.loads((tmp_path / 'exported' / 'model.safetensors.index.json').read_text())
+  assert len(set(index['weight_map'].values())) > 2 and index['metadata']['total_size'] == total
+  reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'exported').eval()
+  ids = tokenizer.encode(TEXT).ids
+  np.testing.assert_allclose(_torch_logits(reloaded, ids), _torch_logits(torch_model, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_a_bfloat16_checkpoint_imports_as_its_float32_values(tokenizer, tmp_path):
+  """Published checkpoints are mostly bfloat16, which numpy cannot read: each tensor comes in as float32."""
+  folder, torch_model = _hf_folder(tmp_path / 'hf', tokenizer, transformers.Qwen2Config)
+  torch_model.to(torch.bfloat16).save_pretrained(folder)
+  hf.import_hf(folder, tmp_path / 'imported')
+  run = saved.load(tmp_path / 'imported', devices=jax.devices()[:1])
+  ids = tokenizer.encode(TEXT).ids
+  reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  np.testing.assert_allclose(_lm_logits(run, ids), _torch_logits(reference, ids), atol=1e-4, rtol=1e-4)

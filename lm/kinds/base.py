@@ -75,7 +75,10 @@ class HfFamily:
     """Why this family cannot express the model section m (one line naming the key), or None."""
     raise NotImplementedError
 
-  def params_from_hf(self, get: Callable[[str, tuple[int, ...]], np.ndarray], m: ml_collections.ConfigDict) -> dict:
+  def params_from_hf(self, get: Callable[[str, tuple[int, ...]], np.ndarray],
+                     m: ml_collections.ConfigDict) -> Iterator[tuple[str, np.ndarray]]:
+    """(lm parameter path joined by '/', float32 array) of each parameter, one at a time, so that an
+    import holds one tensor on the host at once."""
     raise NotImplementedError
 
   def params_to_hf(self, params: dict, m: ml_collections.ConfigDict) -> Iterator[tuple[str, np.ndarray]]:

@@ -54,30 +54,30 @@ class Gpt2(HfFamily):
       return f'model.num_kv_heads={m.num_kv_heads}: GPT-2 has as many key/value heads as query heads'
     return None
 
-  def params_from_hf(self, get, m: ml_collections.ConfigDict) -> dict:
+  def params_from_hf(self, get, m: ml_collections.ConfigDict):
     d, heads = m.d_model, m.num_heads
-    head_dim = d // heads
+    head_dim, width = d // heads, mlp_width(m)
 
-    def norm(name):
-      return {'scale': get(f'{name}.weight', (d,)), 'bias': get(f'{name}.bias', (d,))}
+    def norm(ours, theirs):
+      yield f'{ours}/scale', get(f'{theirs}.weight', (d,))
+      yield f'{ours}/bias', get(f'{theirs}.bias', (d,))
 
-    params = {'token_embedding': {'embedding': get('wte.weight', (m.vocab_size, d))},
-              'position_embedding': get('wpe.weight', (m.max_len, d)), 'ln_final': norm('ln_f')}
-    width = mlp_width(m)
+    yield 'token_embedding/embedding', get('wte.weight', (m.vocab_size, d))
+    yield 'position_embedding', get('wpe.weight', (m.max_len, d))
+    yield from norm('ln_final', 'ln_f')
     for i in range(m.num_layers):
-      h = f'h.{i}.'
+      h, b = f'h.{i}.', f'block_{i}/'
       qkv_w, qkv_b = get(h + 'attn.c_attn.weight', (d, 3 * d)), get(h + 'attn.c_attn.bias', (3 * d,))
-      attention = {name: {'kernel': w.reshape(d, heads, head_dim), 'bias': b.reshape(heads, head_dim)}
-                   for name, w, b in zip(('query', 'key', 'value'), np.split(qkv_w, 3, axis=1), np.split(qkv_b, 3))}
-      attention['out'] = {'kernel': get(h + 'attn.c_proj.weight', (d, d)).reshape(heads, head_dim, d),
-                          'bias': get(h + 'attn.c_proj.bias', (d,))}
-      params[f'block_{i}'] = {
-          'attention': attention, 'ln_attention': norm(h + 'ln_1'), 'ln_mlp': norm(h + 'ln_2'),
-          'mlp': {'up': {'kernel': get(h + 'mlp.c_fc.weight', (d, width)),
-                         'bias': get(h + 'mlp.c_fc.bias', (width,))},
-                  'down': {'kernel': get(h + 'mlp.c_proj.weight', (width, d)),
-                           'bias': get(h + 'mlp.c_proj.bias', (d,))}}}
-    return params
+      for name, w, bias in zip(('query', 'key', 'value'), np.split(qkv_w, 3, axis=1), np.split(qkv_b, 3)):
+        yield f'{b}attention/{name}/kernel', w.reshape(d, heads, head_dim)
+        yield f'{b}attention/{name}/bias', bias.reshape(heads, head_dim)
+      yield f'{b}attention/out/kernel', get(h + 'attn.c_proj.weight', (d, d)).reshape(heads, head_dim, d)
+      yield f'{b}attention/out/bias', get(h + 'attn.c_proj.bias', (d,))
+      yield from norm(b + 'ln_attention', h + 'ln_1')
+      yield from norm(b + 'ln_mlp', h + 'ln_2')
+      for ours, theirs, shape in (('up', 'c_fc', (d, width)), ('down', 'c_proj', (width, d))):
+        yield f'{b}mlp/{ours}/kernel', get(h + f'mlp.{theirs}.weight', shape)
+        yield f'{b}mlp/{ours}/bias', get(h + f'mlp.{theirs}.bias', shape[1:])
 
   def params_to_hf(self, params: dict, m: ml_collections.ConfigDict):
     """A GPT2LMHeadModel state dict, the tied lm_head left out."""

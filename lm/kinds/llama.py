@@ -203,22 +203,19 @@ class Llama(HfFamily):
             'mlp/gate/kernel': ((d, f), (f, d)), 'mlp/up/kernel': ((d, f), (f, d)), 'mlp/down/kernel': ((f, d), (d, f)),
             'mlp/gate/bias': ((f,), (f,)), 'mlp/up/bias': ((f,), (f,)), 'mlp/down/bias': ((d,), (d,))}
 
-  def params_from_hf(self, get, m: ml_collections.ConfigDict) -> dict:
+  def params_from_hf(self, get, m: ml_collections.ConfigDict):
     shapes = self._shapes(m)
-    params = {'token_embedding': {'embedding': get('model.embed_tokens.weight', (m.vocab_size, m.d_model))},
-              'ln_final': {'scale': get('model.norm.weight', (m.d_model,))}}
+    yield 'token_embedding/embedding', get('model.embed_tokens.weight', (m.vocab_size, m.d_model))
+    yield 'ln_final/scale', get('model.norm.weight', (m.d_model,))
     if not m.tie_embeddings:
-      params['output'] = {'kernel': get('lm_head.weight', (m.vocab_size, m.d_model)).T}
+      yield 'output/kernel', get('lm_head.weight', (m.vocab_size, m.d_model)).T
     for i in range(m.num_layers):
-      block = {}
       for path, name in self._layer_names(i, m).items():
         ours, theirs = shapes[path]
         tensor = get(name, theirs)
-        _put(block, path, (tensor.T if tensor.ndim == 2 else tensor).reshape(ours))
+        yield f'block_{i}/{path}', (tensor.T if tensor.ndim == 2 else tensor).reshape(ours)
       if is_moe_layer(m, i):
-        block['moe'] = self._experts_from_hf(get, i, m)
-      params[f'block_{i}'] = block
-    return params
+        yield from ((f'block_{i}/moe/{name}', tensor) for name, tensor in self._experts_from_hf(get, i, m))
 
   def params_to_hf(self, params: dict, m: ml_collections.ConfigDict):
     params = unstack_layers(params, m.num_layers) if 'blocks' in params else params
@@ -236,18 +233,12 @@ class Llama(HfFamily):
       if is_moe_layer(m, i):
         yield from self._experts_to_hf(block['moe'], i, m)
 
-  def _experts_from_hf(self, get, i: int, m) -> dict:
+  def _experts_from_hf(self, get, i: int, m):
+    """(name under block_i/moe, array) of layer i's router and experts."""
     raise NotImplementedError
 
   def _experts_to_hf(self, moe: dict, i: int, m):
     raise NotImplementedError
-
-
-def _put(tree: dict, path: str, value) -> None:
-  *parents, leaf = path.split('/')
-  for name in parents:
-    tree = tree.setdefault(name, {})
-  tree[leaf] = value
 
 
 def _get(tree: dict, path: str):
@@ -271,19 +262,21 @@ class Mixtral(Mistral):
   architecture = 'MixtralForCausalLM'
   moe = True
 
-  def _experts_from_hf(self, get, i: int, m) -> dict:
+  def _experts_from_hf(self, get, i: int, m):
     d, f, e = m.d_model, mlp_width(m), m.moe_experts
     p = f'model.layers.{i}.'
     if get.has(f'{p}mlp.experts.gate_up_proj'):
+      yield 'router_kernel', get(f'{p}mlp.gate.weight', (e, d)).T
       gate_up = get(f'{p}mlp.experts.gate_up_proj', (e, 2 * f, d))
-      return {'router_kernel': get(f'{p}mlp.gate.weight', (e, d)).T,
-              'gate_kernel': gate_up[:, :f].transpose(0, 2, 1), 'up_kernel': gate_up[:, f:].transpose(0, 2, 1),
-              'down_kernel': get(f'{p}mlp.experts.down_proj', (e, d, f)).transpose(0, 2, 1)}
+      yield 'gate_kernel', gate_up[:, :f].transpose(0, 2, 1)
+      yield 'up_kernel', gate_up[:, f:].transpose(0, 2, 1)
+      yield 'down_kernel', get(f'{p}mlp.experts.down_proj', (e, d, f)).transpose(0, 2, 1)
+      return
     expert = lambda j, w, shape: get(f'{p}block_sparse_moe.experts.{j}.{w}.weight', shape).T
-    return {'router_kernel': get(f'{p}block_sparse_moe.gate.weight', (e, d)).T,
-            'gate_kernel': np.stack([expert(j, 'w1', (f, d)) for j in range(e)]),
-            'up_kernel': np.stack([expert(j, 'w3', (f, d)) for j in range(e)]),
-            'down_kernel': np.stack([expert(j, 'w2', (d, f)) for j in range(e)])}
+    yield 'router_kernel', get(f'{p}block_sparse_moe.gate.weight', (e, d)).T
+    yield 'gate_kernel', np.stack([expert(j, 'w1', (f, d)) for j in range(e)])
+    yield 'up_kernel', np.stack([expert(j, 'w3', (f, d)) for j in range(e)])
+    yield 'down_kernel', np.stack([expert(j, 'w2', (d, f)) for j in range(e)])
 
   def _experts_to_hf(self, moe: dict, i: int, m):
     p = f'model.layers.{i}.block_sparse_moe.'

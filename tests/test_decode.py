@@ -38,7 +38,15 @@ VARIANTS = {'learned_mha': {}, 'rope_gqa': {'positions': 'rope', 'num_kv_heads':
             'mqa_window': {'num_kv_heads': 1, 'sliding_window': 3, 'positions': 'rope'}, 'scan': {'scan_layers': True},
             'llama_like': {'positions': 'rope', 'norm': 'rmsnorm', 'mlp': 'swiglu', 'num_kv_heads': 2, 'qk_norm': True,
                            'use_bias': False, 'tie_embeddings': False},
-            'mup': {'parametrization': 'mup', 'mup_base_width': 8, 'positions': 'rope', 'num_kv_heads': 2}}
+            'mup': {'parametrization': 'mup', 'mup_base_width': 8, 'positions': 'rope', 'num_kv_heads': 2},
+            # The open families' knobs (lm.hf): Qwen's q/k/v biases, qk-norm and free head_dim; Mixtral's
+            # experts without dropping and window; Llama 3's RoPE scaling.
+            'qwen_like': {'positions': 'rope', 'qkv_bias': True, 'use_bias': False, 'qk_norm': True, 'head_dim': 8,
+                          'num_kv_heads': 2},
+            'mixtral_like': {'positions': 'rope', 'mlp': 'swiglu', 'moe_experts': 4, 'moe_top_k': 2,
+                             'moe_capacity_factor': 0.0, 'num_kv_heads': 2, 'sliding_window': 5},
+            'llama3_rope': {'positions': 'rope', 'rope_scaling': 'llama3', 'rope_scaling_factor': 8.0,
+                            'rope_original_max_len': 4, 'num_kv_heads': 2}}
 
 
 @pytest.mark.parametrize('name', VARIANTS)

@@ -50,7 +50,7 @@ def test_quickstart_runs_end_to_end(tfds_dir, tmp_path):
   assert (workdir / 'checkpoints' / '3' / 'state').is_dir()
   samples = (workdir / 'samples' / 'step_0000003.txt').read_text()
   assert samples.startswith('**HAMLET**\n') and len(samples) > len('**HAMLET**\n')
-  assert json.loads((workdir / 'config.json').read_text())['model.d_model'] == 96
+  assert json.loads((workdir / 'config.json').read_text())['model.d_model'] == 160
 
 
 # With dropout, whose masks must resume exactly too.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pathlib
 import shutil
 import time
@@ -44,23 +43,8 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
 
   def save_params(self, step: int, params: Any) -> None:
-    """Parameters alone (no optimizer or data state): what restore_params reads, e.g. imported weights.
-    Written at once, at most 1 GB at a time on its way from the devices to the host, one file per
-    array: orbax's async save copies every array to the host first and OCDBT holds what it writes
-    until its commit, each the whole model again in host memory (measured on a 1.2B-parameter import)."""
-    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=1, use_ocdbt=False)
-    registry.add('state', ocp.args.PyTreeSave, handler)
-    manager = ocp.CheckpointManager(self.directory.absolute(), handler_registry=registry,
-                                    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
-    quiet = lambda record: 'Skipping merge of OCDBT' not in record.getMessage()  # There is nothing to merge.
-    logging.getLogger('absl').addFilter(quiet)
-    try:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave({'params': params})))
-      manager.close()
-    finally:
-      logging.getLogger('absl').removeFilter(quiet)
-    self._manager.reload()
+    """Parameters alone (no optimizer or data state): what restore_params reads, e.g. imported weights."""
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({'params': params})))
 
   def restore(self, step: int, like: Any, data_iterator: grain.DatasetIterator) -> Any:
     """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where

@@ -159,13 +159,6 @@ def room_for(longest_prompt: int, max_new_tokens: int, max_len: int) -> int:
   return min(max_new_tokens, max_len - longest_prompt)
 
 
-def _replicated(mesh: jax.sharding.Mesh | None, tree):
-  """Inputs the same on every process, placed whole on every device of the mesh."""
-  if mesh is None:
-    return tree
-  return jax.device_put(tree, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-
-
 def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max_new_tokens: int,
                  sampling: Sampling = Sampling(), rng: jax.Array, end_id: int = -1,
                  finished: Callable[[list[np.ndarray]], np.ndarray] | None = None,
@@ -189,16 +182,17 @@ def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max
   for row, prompt in enumerate(prompts):
     prompt_NP[row, width - len(prompt):], valid_NP[row, width - len(prompt):] = prompt, True
   cache_len = cache_bucket(width + min(CHUNK, num_new), max_len)
-  state = prefill(params, *_replicated(mesh, (prompt_NP, valid_NP, inputs_NS)), model=model, cache_len=cache_len)
-  rng, sampling, end = _replicated(mesh, (rng, _as_arrays(sampling), np.int32(end_id)))
+  state = prefill(params, *sharding.replicated(mesh, (prompt_NP, valid_NP, inputs_NS)), model=model,
+                  cache_len=cache_len)
+  rng, sampling, end = sharding.replicated(mesh, (rng, _as_arrays(sampling), np.int32(end_id)))
   chunks, drawn, ids = [], 0, [np.zeros(0, np.int32)] * len(prompts)
   while drawn < num_new:
     needed = cache_bucket(width + drawn + min(CHUNK, num_new - drawn), max_len)
     if needed > cache_len:
       cache_len = needed
       state = state._replace(cache=resize_cache(state.cache, cache_len))
-    state, out_NC = decode_chunk(params, state, rng, sampling, end, *_replicated(mesh, (np.int32(num_new - drawn),)),
-                                 model=model)
+    remaining = sharding.replicated(mesh, np.int32(num_new - drawn))
+    state, out_NC = decode_chunk(params, state, rng, sampling, end, remaining, model=model)
     chunks.append(sharding.to_host(out_NC))
     drawn += CHUNK
     ids = _trim(np.concatenate(chunks, axis=1)[:, :num_new], end_id)

@@ -139,6 +139,13 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding, batch_si
           for k, v in local.items()}
 
 
+def replicated(mesh: Mesh | None, tree: Any) -> Any:
+  """Inputs the same on every process, placed whole on every device of the mesh (None: as they are)."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
+
+
 def to_host(tree: Any) -> Any:
   """numpy copies of (possibly multi-process) arrays, whole on every process."""
   def fetch(x):

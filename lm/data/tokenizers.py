@@ -29,6 +29,9 @@ class Tokenizer(Protocol):
   pad_id: int
   bos_id: int  # Starts every document; a packed sequence may hold several.
   eos_id: int  # Where generation stops: the end-of-text token (bos_id where one token does both).
+  # Whether a text on its own (a prompt, a task's context) starts with bos_id: as transformers'
+  # tokenizer(text) does for a Hugging Face tokenizer; always for lm's own (documents start so).
+  adds_bos: bool
   token_bytes: np.ndarray  # [vocab_size] int32: UTF-8 bytes each id decodes to (0 for specials).
 
   def encode(self, text: str) -> np.ndarray: ...
@@ -42,6 +45,7 @@ class ByteTokenizer:
   vocab_size = 258
   pad_id = PAD_IDS['byte']
   bos_id = eos_id = 257
+  adds_bos = True
 
   def __init__(self):
     self.token_bytes = np.array([1] * 256 + [0, 0], dtype=np.int32)
@@ -55,6 +59,7 @@ class ByteTokenizer:
 
 class SentencePieceTokenizer:
   """A SentencePiece model with identity normalisation, byte fallback and '\\n' as a piece."""
+  adds_bos = True
 
   def __init__(self, model_proto: bytes):
     self.model_proto = model_proto
@@ -115,6 +120,7 @@ class HuggingFaceTokenizer:
     plain, templated = (self._tok.encode('a', add_special_tokens=add).ids for add in (False, True))
     prefix = templated[:templated.index(plain[0])] if plain and plain[0] in templated else []
     self.bos_id = prefix[0] if len(prefix) == 1 else self.eos_id
+    self.adds_bos = len(prefix) == 1
     special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
     alphabet = _byte_alphabet()
     byte_level = '"ByteLevel"' in json.dumps(json.loads(json_text).get('decoder'))  # GPT-2's space is Ġ.

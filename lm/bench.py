@@ -5,6 +5,7 @@
   python -m lm.bench generate [--models=quickstart,gpt2_small] [--batch_sizes=1,8] [--new_tokens=256] [--json]
   python -m lm.bench optimizers --config=experiments/bench.py [--optimizers=adamw,lion,adafactor,muon,sgd]
   python -m lm.bench data --config=experiments/bench.py [--data_batches=50]
+  python -m lm.bench harness [--models=llama_tiny] [--tasks=shakespeare] [--limit=N] [--batch_size=8]
 
 Training (the default): for the config's model, batch and mesh, the train step's compile time, its
 time per step as the training loop runs it (a fresh batch from the data pipeline each step), tokens
@@ -29,10 +30,15 @@ generate: new tokens per second of lm's KV-cache decoding against `transformers`
 KV cache, same CPU) on the same random GPT-2-shaped weights, greedy on both sides, with a check that
 both produce the same tokens. Compilation is timed apart (lm compiles once per shape; PyTorch
 needs none). Needs the `hf` extra.
+
+harness: lm.harness against lm-evaluation-harness's own `hf` backend (PyTorch) on the same random
+model, tasks and CPU, each run twice (lm compiles in its first), with the largest difference between
+their metrics. Needs the `eval` and `hf` extras (and accelerate, for the hf backend).
 """
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import os
@@ -54,7 +60,8 @@ import zstandard
 from lm import cli, decode, hf, kinds, matmuls, metrics, sharding, train
 from lm.cli import CPU_XLA_FLAGS
 from lm.config import ConfigError, load_experiment, override, validate
-from lm.data import pipeline
+from lm.data import pipeline, tokenizers
+from lm.data.builders import SHAKESPEARE_VALIDATION_PLAYS, normalize_text, shakespeare_plays_dir
 from lm.kinds import make_model
 from lm.model import count_params
 from lm.timing import best_of, median
@@ -131,6 +138,47 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
                  'speedup': torch_s / lm_s, 'same_tokens': float(np.mean(theirs == ours))}
     records.append(record)
   return records
+
+
+def bench_harness(name: str, tasks: list[str], limit: int | None, batch_size: int) -> dict:
+  """lm.harness against lm-evaluation-harness's own hf backend on the same random model (built with
+  transformers, imported with lm.hf), tasks and CPU: seconds of each backend's first run (lm compiles
+  then; the hf backend's model is loaded before) and second run, and the largest relative difference
+  between their metrics."""
+  harness = importlib.import_module('lm.harness')  # Only here: it brings in the harness, torch and datasets.
+  harness.require_harness()
+  transformers = hf.require('transformers')
+  huggingface = importlib.import_module('lm_eval.models.huggingface')
+  config = validate(override(_shape(name), {'model.dtype': 'float32', 'model.scan_layers': False}))
+  folder = pathlib.Path(tempfile.mkdtemp(prefix='lm-bench-harness-'))
+  plays = sorted(p for p in shakespeare_plays_dir().glob('*/*.md') if p.stem not in SHAKESPEARE_VALIDATION_PLAYS)
+  tokenizer = tokenizers.train_byte_level_bpe([normalize_text(p.read_text(encoding='utf-8')) for p in plays],
+                                              config.model.vocab_size)
+  end = tokenizer.token_to_id('<|endoftext|>')
+  hf_config = kinds.hf_family_of(config.model).hf_config(config.model, end, end)
+  hf_config = transformers.AutoConfig.for_model(hf_config.pop('model_type'), **hf_config)
+  transformers.AutoModelForCausalLM.from_config(hf_config).save_pretrained(folder / 'hf')  # transformers' init.
+  tokenizer.save(str(folder / 'hf' / 'tokenizer.json'))
+  (folder / 'hf' / 'tokenizer_config.json').write_text(json.dumps({
+      'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<|endoftext|>', 'eos_token': '<|endoftext|>'}))
+  hf.import_hf(folder / 'hf', folder / 'run')
+  manager = harness.task_manager()
+  harness.check_tasks(tasks, manager)
+  backends = {'lm': harness.HarnessModel(str(folder / 'run'), batch_size=batch_size),
+              'hf': huggingface.HFLM(pretrained=str(folder / 'hf'), dtype='float32', batch_size=batch_size,
+                                     device='cpu')}
+  seconds, scores = {}, {}
+  for backend, model in backends.items():
+    for attempt in ('first', 'second'):
+      start = time.perf_counter()
+      scores[backend] = harness.flat_metrics(harness.evaluate(model, tasks, limit=limit, manager=manager,
+                                                              bootstrap_iters=0, check=False))
+      seconds[f'{backend}_{attempt}_s'] = time.perf_counter() - start
+  difference = max(abs(scores['lm'][k] - v) / max(abs(v), 1e-12) for k, v in scores['hf'].items())
+  return {'bench': 'harness', 'model': name, 'params': count_params(backends['lm'].run.params), 'tasks': tasks,
+          'limit': limit, 'batch_size': batch_size, **seconds,
+          'speedup': seconds['hf_second_s'] / seconds['lm_second_s'],
+          'max_relative_difference': difference, 'metrics': scores['lm']}
 
 
 def _default_flags_matmul_flops(dtype: str, sizes: tuple[int, ...] | None) -> float:
@@ -350,10 +398,15 @@ def _define_flags() -> None:
   """The command line's flags (defined only when run as a program)."""
   # generate
   flags.DEFINE_list('models', ['quickstart', 'gpt2_small'],
-                    'generate: model shapes: quickstart, gpt2_small, llama_tiny, llama_125m.')
+                    'generate, harness: model shapes: quickstart, gpt2_small, llama_tiny, llama_125m '
+                    '(harness default: llama_tiny).')
   flags.DEFINE_list('batch_sizes', ['1', '8'], 'generate: batch sizes to measure.')
   flags.DEFINE_integer('new_tokens', 256, 'generate: new tokens per sequence (after a 16-token prompt).')
   flags.DEFINE_bool('torch', True, 'generate: measure transformers\' generate alongside.')
+  # harness
+  flags.DEFINE_list('tasks', ['shakespeare'], 'harness: harness task names.')
+  flags.DEFINE_integer('limit', 0, 'harness: documents per task (0: all).')
+  flags.DEFINE_integer('batch_size', 8, 'harness: rows per forward pass on both sides.')
   # train
   flags.DEFINE_integer('steps', 5, 'train: steps per timed window.')
   flags.DEFINE_integer('data_batches', 50, 'train: batches the data pipeline is timed on, after those that fill '
@@ -535,11 +588,24 @@ def main_generate() -> None:
       print(line, flush=True)
 
 
+def main_harness() -> None:
+  models = FLAGS.models if FLAGS['models'].present else ['llama_tiny']
+  for name in models:
+    r = bench_harness(name, FLAGS.tasks, FLAGS.limit or None, FLAGS.batch_size)
+    print(json.dumps(r) if FLAGS.json else
+          f'{r["model"]} ({r["params"]:,} params), tasks {",".join(r["tasks"])}, limit {r["limit"]}, batch '
+          f'{r["batch_size"]}: lm.harness {r["lm_first_s"]:.1f} s (first run, compiling) then '
+          f'{r["lm_second_s"]:.1f} s; hf backend {r["hf_first_s"]:.1f} s then {r["hf_second_s"]:.1f} s: '
+          f'{r["speedup"]:.1f}x; metrics differ by '
+          f'at most {r["max_relative_difference"]:.1e} (relative)', flush=True)
+
+
 USAGE = ('usage: python -m lm.bench --config=experiments/bench.py [--config.a.b=v ...] [--compare=torch] [--json]\n'
          '       python -m lm.bench compile --config=... [--depths=6,48] [--json]\n'
          '       python -m lm.bench optimizers --config=... [--optimizers=adamw,lion,adafactor,muon,sgd] [--json]\n'
          '       python -m lm.bench data --config=... [--data_batches=50] [--json]\n'
-         '       python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]')
+         '       python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]\n'
+         '       python -m lm.bench harness [--models=llama_tiny] [--tasks=shakespeare] [--limit=N] [--json]')
 
 
 def main(argv: list[str]) -> None:
@@ -547,6 +613,8 @@ def main(argv: list[str]) -> None:
   try:
     if argv[1:] == ['generate']:
       main_generate()
+    elif argv[1:] == ['harness']:
+      main_harness()
     elif argv[1:] == ['compile'] and CONFIG.value is not None:
       for r in bench_compile(validate(CONFIG.value), [int(d) for d in FLAGS.depths]):
         print(json.dumps(r) if FLAGS.json else

@@ -1,5 +1,6 @@
 """Periodic work of the training loop as hooks: logging, progress, the non-finite guard, checkpoints,
-evaluation with samples, and any a user adds with `Trainer.add_hook(fn, every=N)`.
+evaluation with samples, downstream tasks through lm-evaluation-harness, and any a user adds with
+`Trainer.add_hook(fn, every=N)`.
 
 After each step the Trainer asks every hook in its list whether it is due, then runs the due ones in
 list order. A hook that `waits` reads what the device computed, so the step has to finish first; the
@@ -15,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import tqdm
 
-from lm import metrics, sharding
+from lm import metrics, saved, sharding
 
 if TYPE_CHECKING:  # The Trainer runs the hooks; they only read and write its state.
   from lm.loop import Trainer
@@ -185,6 +186,32 @@ class Checkpoint(Hook):
   def __call__(self, trainer, info):
     trainer.checkpointer.save(info.step, trainer.state, trainer.train_iter)
     self.last_save = time.monotonic()
+
+
+class Harness(Hook):
+  """lm-evaluation-harness tasks (eval.harness_tasks) every eval.harness_every steps and when training
+  ends, on the training devices and current parameters through lm.harness's own jitted functions (the
+  train step is not recompiled); logs harness/TASK/METRIC and harness/seconds."""
+  waits = True
+
+  def __init__(self, harness, manager, tasks: list[str]):
+    self.harness, self.manager, self.tasks = harness, manager, tasks  # harness: the lm.harness module.
+
+  def due(self, trainer, info):
+    every = trainer.config.eval.harness_every
+    return info.final or (bool(every) and info.step % every == 0 and not info.stop)
+
+  def __call__(self, trainer, info):
+    e = trainer.config.eval
+    start = time.perf_counter()
+    run = saved.SavedRun(trainer.config, trainer.model, trainer.state.params, trainer.corpus.tokenizer, info.step,
+                         trainer.mesh, trainer.workdir)
+    model = self.harness.HarnessModel(run=run, batch_size=e.batch_size)
+    results = self.harness.evaluate(model, self.tasks, limit=e.harness_limit or None, manager=self.manager,
+                                    bootstrap_iters=0, check=False)
+    scores = {f'harness/{k}': v for k, v in self.harness.flat_metrics(results).items()}
+    trainer.writer.write(info.step, scores | {'harness/seconds': time.perf_counter() - start})
+    metrics.say(f'step {info.step}: ' + '  '.join(f'{k[len("harness/"):]} {v:.4f}' for k, v in scores.items()))
 
 
 class Evaluate(Hook):

@@ -3,6 +3,7 @@ samples; stopping on signals, divergence or a step limit."""
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import signal
 import threading
@@ -101,6 +102,9 @@ class Trainer:
     self.peak_flops = metrics.peak_flops(self.mesh.devices.flat[0], config.model.dtype,
                                          config.train.peak_flops_per_device)
     self.hooks: list[hooks.Hook] = []  # The user's; run() puts the built-in ones first.
+    self._harness = self._harness_hook(config.eval.harness_tasks)
+    if config.train.wandb_project:
+      metrics.wandb_module()  # Installed? Refused now, not after the data is read.
     self._config_changes = workdirs.check_workdir(self.workdir, config)
     fresh = not workdirs.has_checkpoints(self.workdir / 'checkpoints')
     init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from and fresh else None
@@ -142,6 +146,18 @@ class Trainer:
     if jax.process_index() == 0:
       workdirs.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset,
                            self.data_shard[1])
+
+  @staticmethod
+  def _harness_hook(names: str) -> hooks.Harness | None:
+    """The hook running eval.harness_tasks, its tasks checked (and their data read) now: a ConfigError
+    before training for a name the harness does not know or a dataset it cannot read."""
+    tasks = [t.strip() for t in names.split(',') if t.strip()]
+    if not tasks:
+      return None
+    harness = importlib.import_module('lm.harness')  # Only here: it brings in the harness, torch and datasets.
+    manager = harness.task_manager()
+    harness.check_tasks(tasks, manager)
+    return hooks.Harness(harness, manager, tasks)
 
   def activate(self):
     """The mesh and logical rules in context (needed wherever a step is traced)."""
@@ -206,7 +222,7 @@ class Trainer:
     c = self.config
     end = c.train.steps if stop_after is None else min(stop_after, c.train.steps)
     step = self.start_step
-    self.writer = metrics.MetricWriter(self.workdir, step)
+    self.writer = metrics.MetricWriter(self.workdir, step, c)
     metrics.say(f'model: {count_params(self.state.params):,} parameters; '
                 f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; mesh: '
                 + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items())
@@ -230,6 +246,7 @@ class Trainer:
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
     log, checkpointer = hooks.Log(self), hooks.Checkpoint()
     built_in = [log, hooks.NonFiniteGuard(), hooks.Progress(self), checkpointer, hooks.Evaluate()]
+    built_in += [self._harness] if self._harness else []
     self.hooks[:0] = built_in
     self.stopped_by = None
     try:

@@ -1,13 +1,17 @@
-"""Where numbers go: metrics.jsonl and TensorBoard in the workdir (process 0 only)."""
+"""Where numbers go: metrics.jsonl and TensorBoard in the workdir, and Weights & Biases where
+train.wandb_project says (process 0 only)."""
 
 from __future__ import annotations
 
+import html
+import importlib
 import json
 import math
 import os
 import pathlib
 import time
 from typing import Any
+import uuid
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +20,7 @@ from tensorboardX import SummaryWriter  # Imports no TensorFlow.
 import tqdm
 
 from lm import kinds
+from lm.config import ConfigError, flatten
 from lm.workdirs import read_metrics
 
 
@@ -128,10 +133,44 @@ def eval_summary(loss_sum: float, token_count: float, byte_count: float) -> dict
           'bits_per_byte': loss_sum / (math.log(2) * max(byte_count, 1.0)), 'tokens': token_count}
 
 
-class MetricWriter:
-  """One JSON object per line ({'step': s, 'train/loss': ...}) plus TensorBoard scalars and text."""
+def wandb_module():
+  """The wandb package, or a ConfigError saying how to install it."""
+  try:
+    return importlib.import_module('wandb')  # Imported only for runs that log to it (it takes seconds).
+  except ImportError:
+    raise ConfigError("train.wandb_project needs the wandb package: pip install -e '.[wandb]'") from None
 
-  def __init__(self, workdir: pathlib.Path, start_step: int = 0):
+
+class WandbWriter:
+  """A run's config, scalars and samples on Weights & Biases: one W&B run per workdir, its id kept in
+  the workdir (wandb_id), so a resumed run continues it. WANDB_MODE=offline writes it under
+  workdir/wandb/ only (`wandb sync` uploads it later)."""
+
+  def __init__(self, workdir: pathlib.Path, config):
+    self._wandb = wandb_module()
+    id_path = workdir / 'wandb_id'
+    run_id = id_path.read_text().strip() if id_path.exists() else uuid.uuid4().hex[:8]
+    id_path.write_text(run_id + '\n')
+    t = config.train
+    self.run = self._wandb.init(project=t.wandb_project, entity=t.wandb_entity or None,
+                                name=t.wandb_run_name or workdir.resolve().name, id=run_id, resume='allow',
+                                dir=str(workdir), config=flatten(config))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    self.run.log(scalars, step=step)
+
+  def write_text(self, step: int, tag: str, text: str) -> None:
+    self.run.log({tag: self._wandb.Html(f'<pre>{html.escape(text)}</pre>')}, step=step)
+
+  def close(self) -> None:
+    self.run.finish()
+
+
+class MetricWriter:
+  """One JSON object per line ({'step': s, 'train/loss': ...}) plus TensorBoard scalars and text, and
+  the same on Weights & Biases when the config names a train.wandb_project."""
+
+  def __init__(self, workdir: pathlib.Path, start_step: int = 0, config=None):
     """Appends to the workdir's records, first dropping any after start_step (a resumed run
     recomputes those steps)."""
     self._enabled = jax.process_index() == 0
@@ -145,6 +184,7 @@ class MetricWriter:
       tmp.rename(path)
     self._jsonl = open(path, 'a', encoding='utf-8')
     self._tensorboard = SummaryWriter(str(workdir / 'tensorboard'), purge_step=start_step + 1 if start_step else None)
+    self._wandb = WandbWriter(workdir, config) if config is not None and config.train.wandb_project else None
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     if not self._enabled:
@@ -154,12 +194,18 @@ class MetricWriter:
     self._jsonl.flush()
     for key, value in scalars.items():
       self._tensorboard.add_scalar(key, value, step)
+    if self._wandb:
+      self._wandb.write(step, scalars)
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     if self._enabled:
       self._tensorboard.add_text(tag, text, step)
+      if self._wandb:
+        self._wandb.write_text(step, tag, text)
 
   def close(self) -> None:
     if self._enabled:
       self._jsonl.close()
       self._tensorboard.close()
+      if self._wandb:
+        self._wandb.close()

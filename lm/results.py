@@ -72,14 +72,16 @@ def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:
   """One row per run: 'run' (its folder name), 'status', every config key ('model.d_model', ...),
   'step' reached, 'tokens' trained on, 'model/params' (and 'model/embedding_params' among them),
   'model/flops_per_token', the last eval's metrics ('eval/loss', 'eval/bits_per_byte', ...), the
-  last 'train/loss', the median 'train/tokens_per_second' and 'seconds' spent compiling, training
-  and evaluating. `.attrs['swept']` lists the keys the sweep varied."""
+  last harness run's ('harness/TASK/METRIC', with eval.harness_tasks), the last 'train/loss', the
+  median 'train/tokens_per_second' and 'seconds' spent compiling, training and evaluating.
+  `.attrs['swept']` lists the keys the sweep varied."""
   rows = []
   for run_dir in run_dirs(workdir):
     config = json.loads((run_dir / 'config.json').read_text())
     records = read_metrics(run_dir) if (run_dir / 'metrics.jsonl').exists() else []
     step = max((r['step'] for r in records), default=0)
     evals = [r for r in records if 'eval/loss' in r]
+    harness_runs = [r for r in records if 'harness/seconds' in r]
     trains = [r for r in records if 'train/loss' in r]
     model = next((r for r in reversed(records) if 'model/params' in r), {})
     done = sweep.finished_steps(run_dir) >= config['train.steps']
@@ -91,6 +93,7 @@ def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:
            'model/embedding_params': model.get('model/embedding_params', math.nan),
            'model/flops_per_token': model.get('model/flops_per_token', math.nan)}
     row |= {k: v for k, v in (evals[-1] if evals else {}).items() if k.startswith('eval/')}
+    row |= {k: v for k, v in (harness_runs[-1] if harness_runs else {}).items() if k.startswith('harness/')}
     row['train/loss'] = trains[-1]['train/loss'] if trains else math.nan
     row['seconds'] = _seconds(records)
     speeds = [r['train/tokens_per_second'] for r in trains if 'train/tokens_per_second' in r]
@@ -103,10 +106,10 @@ def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:
 
 def _seconds(records: list[dict]) -> float:
   """A run's time: compiling, the logged steps (each record's step time x the steps since the last)
-  and evaluating; start-up, checkpoint writes and any time lost to restarts are not counted."""
+  and evaluating (harness tasks too); start-up, checkpoint writes and any time lost to restarts are not counted."""
   total, last = 0.0, 0
   for r in records:
-    total += r.get('train/compile_seconds', 0.0) + r.get('eval/seconds', 0.0)
+    total += r.get('train/compile_seconds', 0.0) + r.get('eval/seconds', 0.0) + r.get('harness/seconds', 0.0)
     if 'train/step_seconds' in r:
       total += r['train/step_seconds'] * (r['step'] - last)
       last = r['step']

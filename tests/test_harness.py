@@ -112,7 +112,12 @@ def test_the_command_prints_a_table_and_writes_the_same_json_twice(llama, tmp_pa
   assert results['n-samples']['shakespeare_next_line']['effective'] == 4
 
 
-def test_unknown_tasks_and_missing_folders_are_refused_in_one_line():
+def test_unknown_tasks_missing_data_and_missing_folders_are_refused_in_one_line(tmp_path):
+  (tmp_path / 'lost.yaml').write_text(f'task: lost\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
+                                      f'    test: {tmp_path / "gone.jsonl"}\ntest_split: test\n'
+                                      'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: text\n')
+  with pytest.raises(ConfigError, match="harness task 'lost' cannot load its data: .*gone.jsonl"):
+    harness.check_tasks(['lost'], harness.task_manager(str(tmp_path)))
   manager = harness.task_manager()
   nearest = r"unknown harness task 'shakespeare_nextline' \(nearest: shakespeare_next_line"
   with pytest.raises(ConfigError, match=nearest):

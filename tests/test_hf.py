@@ -6,7 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 import torch
 import transformers
 
@@ -14,6 +14,7 @@ from conftest import tiny_overrides
 from lm import hf, loop, saved
 from lm.config import ConfigError, override, validate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
+from lm.data.tokenizers import train_byte_level_bpe
 from lm.evaluate import evaluate
 from lm.generate import generate
 
@@ -22,14 +23,7 @@ TEXT = 'To be, or not to be, that is the question:\nWhether \'tis nobler in the 
 
 def _byte_level_bpe(texts) -> Tokenizer:
   """A GPT-2-style byte-level BPE tokenizer (320 learned tokens, then <|endoftext|>)."""
-  tokenizer = Tokenizer(models.BPE())
-  tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tokenizer.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tokenizer.train_from_iterator(texts, trainer)
-  tokenizer.add_special_tokens(['<|endoftext|>'])
-  return tokenizer
+  return train_byte_level_bpe(texts, 321)
 
 
 @pytest.fixture(scope='module')

@@ -133,6 +133,10 @@ class Train:
                           "Gradient accumulation: each step's batch is split into this many sequential passes.")
   logits_chunk: int = key(0, integer(0), FREE, 'Positions whose logits the training loss computes at once '
                           '(memory: B x this x V); 0 = all.')
+  wandb_project: str = key('', string(), FREE, "Weights & Biases project the run's metrics and samples also go "
+                           "to ('' = none; pip install -e '.[wandb]'; WANDB_MODE=offline keeps them local).")
+  wandb_entity: str = key('', string(), FREE, "Weights & Biases entity (team or user); '' = the account's default.")
+  wandb_run_name: str = key('', string(), FREE, "Weights & Biases run name; '' = the workdir's name.")
   max_nonfinite_steps: int = key(10, integer(0), FREE, 'Non-finite (NaN/Inf) steps are skipped and counted; more '
                                  'than this many in a row stop the run without a new checkpoint. '
                                  '0 = stop at the first.')
@@ -157,6 +161,11 @@ class Eval:
                            'New tokens per sample (fewer if the prompt leaves less room in max_len).')
   num_samples: int = key(2, integer(0), FREE, 'Samples drawn at each evaluation.')
   sample_temperature: float = key(0.8, number(0, lo_open=True), FREE, 'Temperature of those samples.')
+  harness_tasks: str = key('', string(), FREE, 'lm-evaluation-harness tasks run during training, comma-separated '
+                           "(e.g. 'shakespeare'; python -m lm.harness --list_tasks); '' = none.")
+  harness_every: int = key(0, integer(0), FREE, 'Steps between those harness runs; 0 = only when training ends '
+                           '(it always ends with one).')
+  harness_limit: int = key(0, integer(0), FREE, 'Documents per harness task in those runs; 0 = all.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,4 +202,12 @@ def rules(c) -> list[str]:
       errors.append(f'checkpoint.{name}={value!r} needs checkpoint.init_from: the workdir to start from')
   if c.data.batch_size % c.train.microbatches:
     errors.append(f'data.batch_size={c.data.batch_size} must be divisible by train.microbatches={c.train.microbatches}')
+  if c.eval.harness_tasks and c.model.kind != 'decoder':
+    errors.append(f"eval.harness_tasks={c.eval.harness_tasks!r} needs model.kind='decoder' (the harness scores "
+                  'decoders)')
+  for name in ('harness_every', 'harness_limit'):
+    if c.eval[name] and not c.eval.harness_tasks:
+      errors.append(f'eval.{name}={c.eval[name]} needs eval.harness_tasks: the tasks to run')
+  if (c.train.wandb_entity or c.train.wandb_run_name) and not c.train.wandb_project:
+    errors.append('train.wandb_entity and train.wandb_run_name need train.wandb_project')
   return errors

@@ -208,6 +208,21 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, max_bytes: int) -
   return SentencePieceTokenizer(model.getvalue())
 
 
+def train_byte_level_bpe(texts: Iterable[str], vocab_size: int):
+  """A GPT-2-style byte-level BPE `tokenizers.Tokenizer` of vocab_size tokens: vocab_size - 1 learned
+  from texts (the 256 byte symbols first), then <|endoftext|>. For models built in tests and benchmarks."""
+  if hf_tokenizers is None:
+    raise ConfigError("a Hugging Face tokenizer needs the 'tokenizers' package: pip install -e '.[hf]'")
+  tokenizer = hf_tokenizers.Tokenizer(hf_tokenizers.models.BPE())
+  tokenizer.pre_tokenizer = hf_tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tokenizer.decoder = hf_tokenizers.decoders.ByteLevel()
+  trainer = hf_tokenizers.trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[], show_progress=False,
+                                              initial_alphabet=hf_tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tokenizer.train_from_iterator(texts, trainer)
+  tokenizer.add_special_tokens(['<|endoftext|>'])
+  return tokenizer
+
+
 def same_train_data(saved: str, now: str) -> bool:
   """Whether a recorded 'dataset:train_split' names the data now read (records before the eval
   split could change on resume appended ':eval_split')."""

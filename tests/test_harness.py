@@ -78,6 +78,13 @@ def test_lm_gives_the_hf_backends_numbers_on_the_same_weights(llama, tmp_path):
   assert _responses(ours, 'shakespeare_speaker') == generations
   assert any(g[0].strip() for g in generations)  # Not all empty: the comparison means something.
 
+  # On a mesh of 8 devices (parameters sharded over fsdp and data), the same numbers and generations.
+  sharded = harness.HarnessModel(run=saved.load(workdir, mesh_shape=(2, 4, 1)), batch_size=4)
+  on_mesh = _run(sharded, TASKS[::3], manager)
+  expected = {k: v for k, v in harness.flat_metrics(ours).items() if k.split('/')[0] in TASKS[::3]}
+  assert harness.flat_metrics(on_mesh) == pytest.approx(expected, rel=1e-6)
+  assert _responses(on_mesh, 'shakespeare_speaker') == generations
+
   # Exact match on a task whose targets are the hf backend's generations for every other document
   # (a task under include_path): both backends score 0.5.
   docs = [json.loads(line) for line in (harness.TASKS_DIR / 'shakespeare_speaker.jsonl').open()][:LIMIT]

@@ -12,12 +12,16 @@ dim, F mlp_dim, E experts, C expert capacity, V vocab.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash_kernel
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lm import mup
 from lm.config import ConfigError
@@ -185,14 +189,76 @@ def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax
 
 def attention_implementation(config) -> str:
   """model.attention_impl resolved: 'auto' is 'cudnn' (cuDNN's flash attention) on a GPU in bfloat16
-  without attention dropout, else 'xla' (`attention`)."""
-  gpu = jax.default_backend() == 'gpu'
-  if config.attention_impl == 'cudnn' and not gpu:
-    raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (this backend: {jax.default_backend()}); "
-                      "use 'auto' or 'xla'")
+  and 'splash' (Pallas splash attention) on a TPU, both without attention dropout, else 'xla'
+  (`attention`). Splash then serves causal self-attention of lengths it takes (`splash_applies`)."""
+  backend = jax.default_backend()
+  if config.attention_impl == 'cudnn' and backend != 'gpu':
+    raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (this backend: {backend}); use 'auto' or 'xla'")
   if config.attention_impl != 'auto':
     return config.attention_impl
-  return 'cudnn' if gpu and config.dtype == 'bfloat16' and not config.attention_dropout else 'xla'
+  if config.attention_dropout:
+    return 'xla'
+  return 'cudnn' if backend == 'gpu' and config.dtype == 'bfloat16' else 'splash' if backend == 'tpu' else 'xla'
+
+
+def splash_applies(config, length: int) -> bool:
+  """Whether splash attention takes `length` tokens: a multiple of 128 and of its block sizes (or
+  shorter than them). Others (the harness's length buckets, a prompt) go through `attention`."""
+  return length % 128 == 0 and all(length % min(b, length) == 0 for b in (config.splash_block_q,
+                                                                            config.splash_block_kv))
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(length: int, group: int, window: int, block_q: int, block_kv: int, interpret: bool):
+  """The splash kernel of one key-value head and its `group` query heads: causal over `length`
+  tokens, within `window` (0: all earlier tokens)."""
+  shape = (length, length)
+  mask = splash_mask.LocalMask(shape, (window - 1, 0), 0) if window else splash_mask.CausalMask(shape)
+  q, kv = min(block_q, length), min(block_kv, length)
+  sizes = splash_kernel.BlockSizes(block_q=q, block_kv=kv, block_kv_compute=kv, block_q_dkv=q, block_kv_dkv=kv,
+                                   block_kv_dkv_compute=kv, block_q_dq=q, block_kv_dq=kv)
+  with jax.ensure_compile_time_eval():  # Its mask tables are constants, not values of the trace it is made in.
+    return splash_kernel.make_splash_mqa_single_device(splash_mask.MultiHeadMask([mask] * group),
+                                                       block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, segments_BL: jax.Array | None,
+                     window: int, block_q: int, block_kv: int, divisor: float | None = None) -> jax.Array:
+  """Causal self-attention (within `window`, and within each document of segments_BL) by Pallas
+  splash attention: compiled for a TPU, interpreted elsewhere (the same numbers, slowly). Each
+  key-value head with its query heads is one MQA kernel call, mapped over heads and rows. Under a
+  mesh the call goes through shard_map, rows split as 'batch' and key-value heads as 'kv_heads' are
+  (where they divide), since a TPU kernel cannot be partitioned by XLA."""
+  batch, length, heads, head_dim = q_BLHK.shape
+  groups = k_BSGK.shape[2]
+  q_BGRLK = (q_BLHK / (divisor or math.sqrt(head_dim))).astype(q_BLHK.dtype).reshape(
+      batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
+  k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
+  if segments_BL is None:
+    segments_BL = jnp.zeros((batch, length), jnp.int32)
+  kernel = _splash_kernel(length, heads // groups, window, block_q, block_kv, jax.default_backend() != 'tpu')
+
+  def attend(q_BGRLK, k_BGSK, v_BGSK, segments_BL):
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(s, s))
+    return jax.vmap(jax.vmap(one, (0, 0, 0, None)))(q_BGRLK, k_BGSK, v_BGSK, segments_BL.astype(jnp.int32))
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.size > 1:
+    rows, kv_heads = (_divides(nn.logical_to_mesh_axes((name,))[0], size, mesh)
+                      for name, size in (('batch', batch), ('kv_heads', groups)))
+    spec = jax.sharding.PartitionSpec(rows, kv_heads)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(rows)),
+                           out_specs=spec, check_vma=False)
+  out_BGRLK = attend(q_BGRLK, k_BGSK, v_BGSK, segments_BL)
+  return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
+def _divides(axes, size: int, mesh) -> str | tuple[str, ...] | None:
+  """The mesh axes (as the logical rules give them) if their devices split `size` evenly, else None."""
+  if axes is None:
+    return None
+  names = (axes,) if isinstance(axes, str) else tuple(axes)
+  return axes if size % int(np.prod([mesh.shape[n] for n in names])) == 0 else None
 
 
 def fused_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mask: jax.Array | None, causal: bool,
@@ -280,9 +346,11 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, mask: jax.Array | None, context_BSD: jax.Array | None = None,
-               positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None) -> jax.Array:
+               positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None,
+               segments_BL: jax.Array | None = None) -> jax.Array:
     """positions_BL (default 0 .. L-1) place the tokens for RoPE and the cache; valid_BL marks the
-    tokens that are not padding (decode only: `mask` covers the rest)."""
+    tokens that are not padding (decode only: `mask` covers the rest). segments_BL (document masking)
+    is what splash attention reads instead of `mask`, which says the same."""
     c = self.config
     head_dim = head_width(c)
     kv_heads = c.num_kv_heads or c.num_heads
@@ -310,7 +378,12 @@ class Attention(nn.Module):
       inv_freq_k = rope_frequencies(c, head_dim, positions_BL)
       q_BLHK, k_BSGK = rotary(q_BLHK, inv_freq_k, positions_BL), rotary(k_BSGK, inv_freq_k, positions_BL)
     dropout_on = self.train and c.attention_dropout
-    if attention_implementation(c) == 'cudnn' and not self.decode and not dropout_on:
+    implementation = attention_implementation(c)
+    if (implementation == 'splash' and self.causal and context_BSD is None and not self.decode and not dropout_on
+        and splash_applies(c, x_BLD.shape[1])):
+      out_BLHK = splash_attention(q_BLHK, k_BSGK, v_BSGK, segments_BL, c.sliding_window, c.splash_block_q,
+                                  c.splash_block_kv, _score_divisor(c, head_dim))
+    elif implementation == 'cudnn' and not self.decode and not dropout_on:
       out_BLHK = fused_attention(q_BLHK, k_BSGK, v_BSGK, mask, self.causal, c.sliding_window, 'cudnn',
                                  _score_divisor(c, head_dim))
     else:
@@ -468,10 +541,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, context_BSD: jax.Array | None = None, self_mask=None, context_mask=None,
-               positions_BL=None, valid_BL=None):
+               positions_BL=None, valid_BL=None, segments_BL=None):
     c = self.config
     sublayers = [('attention', lambda x: Attention(c, self.train, self.decode, self.causal, name='attention')(
-        x, self_mask, None, positions_BL, valid_BL))]
+        x, self_mask, None, positions_BL, valid_BL, segments_BL))]
     if self.cross:
       sublayers.append(('cross_attention', lambda x: Attention(c, self.train, name='cross_attention')(
           x, context_mask, context_BSD)))

@@ -30,18 +30,18 @@ def _block_class(config, num_layers: int) -> type[nn.Module]:
     block = nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
   if config.scan_layers:
     block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0, 'cache': 0},
-                    split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * 5, length=num_layers,
+                    split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * 6, length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   return block
 
 
 def _stack(config, x_BLD: jax.Array, *, num_layers: int, train: bool, causal: bool = True, cross: bool = False,
            context_BSD=None, self_mask=None, context_mask=None, decode: bool = False, positions_BL=None,
-           valid_BL=None) -> jax.Array:
+           valid_BL=None, segments_BL=None) -> jax.Array:
   """num_layers blocks, made in the calling module's compact scope: one scanned `blocks` if
   model.scan_layers, else block_0 ... block_{n-1}."""
   block = _block_class(config, num_layers)
-  args = (x_BLD, context_BSD, self_mask, context_mask, positions_BL, valid_BL)
+  args = (x_BLD, context_BSD, self_mask, context_mask, positions_BL, valid_BL, segments_BL)
   if config.scan_layers:  # All blocks alike (validation forbids moe_every > 1 here).
     x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, 0), decode, name='blocks')(*args)
     return x_BLD
@@ -115,7 +115,7 @@ class GPT(nn.Module):
     embedding = _token_embedding(c)
     x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train, positions_BL)
     x_BLD = _stack(c, x_BLD, num_layers=c.num_layers, train=train, self_mask=self_mask,
-                   decode=decode, positions_BL=positions_BL, valid_BL=valid_BL)
+                   decode=decode, positions_BL=positions_BL, valid_BL=valid_BL, segments_BL=segments_BL)
     if c.norm_position == 'pre':  # Post-norm blocks already end normalised.
       x_BLD = norm_layer('ln_final', c)(x_BLD)
     if hidden:

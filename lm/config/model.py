@@ -77,8 +77,12 @@ class Model:
                              'Output layer = the token embedding transposed; False: a separate matrix.')
   dtype: str = key('float32', choice('float32', 'bfloat16'), FREE,
                    "Compute dtype: 'float32' or 'bfloat16' (parameters and optimizer state stay float32).")
-  attention_impl: str = key('auto', choice('auto', 'xla', 'cudnn'), FREE,
-                            "'xla', 'cudnn' (GPU, bf16: cuDNN flash attention), or 'auto': cudnn where it applies.")
+  attention_impl: str = key('auto', choice('auto', 'xla', 'cudnn', 'splash'), FREE,
+                            "'xla', 'cudnn' (GPU, bf16: cuDNN flash attention), 'splash' (Pallas splash "
+                            "attention: TPU, or interpreted elsewhere), or 'auto': cudnn or splash where it applies.")
+  splash_block_q: int = key(512, integer(128), FREE, "attention_impl='splash': queries per block (a multiple of "
+                            "128; a sequence shorter than it is one block).")
+  splash_block_kv: int = key(512, integer(128), FREE, "attention_impl='splash': keys per block (a multiple of 128).")
   remat: str = key('none', choice('none', 'full', 'dots'), FREE,
                    "Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).")
   parametrization: str = key('sp', choice('sp', 'mup'), SHAPE,
@@ -91,10 +95,32 @@ class Model:
                           "nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.")
 
 
+def splash_problems(c) -> list[str]:
+  """Why model.attention_impl='splash' cannot run this config, one line each."""
+  m, errors = c.model, []
+  for name in ('splash_block_q', 'splash_block_kv'):
+    if m[name] % 128:
+      errors.append(f'model.{name}={m[name]} must be a multiple of 128 (the TPU lane width)')
+  if m.attention_dropout:
+    errors.append(f"model.attention_impl='splash' cannot apply model.attention_dropout={m.attention_dropout}: "
+                  "set it to 0 or use attention_impl='xla'")
+  if m.kind != 'decoder':
+    errors.append(f"model.attention_impl='splash' needs model.kind='decoder' (not {m.kind!r})")
+  length = c.data.seq_len
+  for name in ('splash_block_q', 'splash_block_kv'):
+    if length % 128 or length % min(m[name], length):
+      errors.append(f"model.attention_impl='splash' needs data.seq_len={length} to be a multiple of 128 and of "
+                    f'model.{name}={m[name]} (or shorter than it)')
+      break
+  return errors
+
+
 def rules(c) -> list[str]:
   """The model's cross-key rules: each broken one as a line naming the keys."""
   m = c.model
   errors = []
+  if m.attention_impl == 'splash':
+    errors += splash_problems(c)
   if not m.head_dim and m.d_model % m.num_heads:
     errors.append(f'model.d_model={m.d_model} must be divisible by model.num_heads={m.num_heads} '
                   '(or set model.head_dim)')

@@ -191,7 +191,7 @@ def attention_implementation(config) -> str:
   """model.attention_impl resolved: 'auto' is 'cudnn' (cuDNN's flash attention) on a GPU in bfloat16
   and 'splash' (Pallas splash attention) on a TPU, both without attention dropout, else 'xla'
   (`attention`). Splash then serves causal self-attention of lengths it takes (`splash_applies`)."""
-  backend = jax.default_backend()
+  backend = compile_platform()
   if config.attention_impl == 'cudnn' and backend != 'gpu':
     raise ConfigError(f"model.attention_impl='cudnn' needs a GPU (this backend: {backend}); use 'auto' or 'xla'")
   if config.attention_impl != 'auto':
@@ -199,6 +199,13 @@ def attention_implementation(config) -> str:
   if config.attention_dropout:
     return 'xla'
   return 'cudnn' if backend == 'gpu' and config.dtype == 'bfloat16' else 'splash' if backend == 'tpu' else 'xla'
+
+
+def compile_platform() -> str:
+  """What the code being traced is for: the active mesh's platform (a TPU slice under lm.plan
+  --topology, from a CPU host), else the default backend."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return device.platform if device is not None else jax.default_backend()
 
 
 def splash_applies(config, length: int) -> bool:
@@ -236,7 +243,7 @@ def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, se
   k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
   if segments_BL is None:
     segments_BL = jnp.zeros((batch, length), jnp.int32)
-  kernel = _splash_kernel(length, heads // groups, window, block_q, block_kv, jax.default_backend() != 'tpu')
+  kernel = _splash_kernel(length, heads // groups, window, block_q, block_kv, compile_platform() != 'tpu')
 
   def attend(q_BGRLK, k_BGSK, v_BGSK, segments_BL):
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(s, s))

@@ -2,20 +2,26 @@
 
   python -m lm.evaluate --workdir=runs/qs                      # the run's eval split, whole
   python -m lm.evaluate --workdir=runs/gpt2 --dataset=shakespeare --split=validation
+  python -m lm.evaluate --workdir=runs/llama --seq_len=8192 --by_position   # loss by context length too
 
 By default the data is the run's own (data.* of its config.json); --dataset, --paths and --split
 point it elsewhere (any dataset lm.main could train on), read with the run's tokenizer.
+--by_position adds the loss by how many tokens of context each prediction had, in buckets 1, 2-3,
+4-7, ... (does the model use its context?); lm.results.plot_by_position draws it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
+from typing import Any
 
 from absl import flags
 import jax
+import numpy as np
 
-from lm import cli, kinds, saved, sharding, train
+from lm import cli, kinds, metrics, saved, sharding, train
 from lm.config import ConfigError, override
 from lm.data import pipeline
 
@@ -24,10 +30,12 @@ FLAGS = flags.FLAGS
 
 def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split: str | None = None,
              tfds_data_dir: str | None = None, batch_size: int | None = None, num_batches: int = 0,
-             seq_len: int | None = None) -> dict[str, float]:
+             seq_len: int | None = None, by_position: bool = False) -> dict[str, Any]:
   """{'loss', 'perplexity', 'bits_per_byte', 'tokens'} of run (a workdir or an lm.saved.SavedRun)
   on `split` (default: the run's eval split) of `dataset` (default: the run's), num_batches of
-  batch_size sequences of seq_len tokens (defaults: all of the split, the run's eval sizes)."""
+  batch_size sequences of seq_len tokens (defaults: all of the split, the run's eval sizes).
+  by_position adds 'by_position': the same figures for the predictions made from 1, 2-3, 4-7, ...
+  tokens of context (of their document, under data.document_mask), each with its 'context' range."""
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
   if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError('lm.evaluate scores decoders; an encoder-decoder\'s eval runs with its training')
@@ -43,10 +51,38 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, run.workdir / 'tokenizer',
                                 tokenizer=run.tokenizer)
   step = train.jit_eval_step(run.model, _shardings(run.params), batch_sharding)
+  token_bytes_V = train.padded_token_bytes(run.tokenizer, config.model.vocab_size)
   with sharding.activate(run.mesh, rules):
-    return train.evaluate_params(config.data, corpus, run.params, step, batch_sharding,
-                                 train.padded_token_bytes(run.tokenizer, config.model.vocab_size), seed=config.seed,
-                                 batch_size=config.eval.batch_size, num_batches=num_batches)
+    result = train.evaluate_params(config.data, corpus, run.params, step, batch_sharding, token_bytes_V,
+                                   seed=config.seed, batch_size=config.eval.batch_size, num_batches=num_batches)
+    if by_position:
+      if isinstance(corpus, pipeline.Mixture):
+        raise ConfigError('--by_position scores one dataset: give --dataset for a run trained on a mixture')
+      replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+      step = jax.jit(functools.partial(train.position_sums, model=run.model),
+                     in_shardings=(_shardings(run.params), batch_sharding, replicated), out_shardings=replicated)
+      start, stop = sharding.process_rows(batch_sharding, config.eval.batch_size)
+      sums = [step(run.params, sharding.global_batch({k: v[start:stop] for k, v in batch.items()}, batch_sharding,
+                                                     config.eval.batch_size), token_bytes_V)
+              for batch in pipeline.eval_batches(config.data, corpus, config.seed, config.eval.batch_size, num_batches)]
+      totals = {k: np.sum([np.float64(s[k]) for s in sharding.to_host(sums)], axis=0) for k in sums[0]}
+      result['by_position'] = position_buckets(totals)
+  return result
+
+
+def position_buckets(totals: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+  """position_sums' [L] sums (over batches) in buckets of 1, 2-3, 4-7, ... tokens of context, each
+  {'context': [first, last], 'loss', 'perplexity', 'bits_per_byte', 'tokens'}; empty buckets left out."""
+  buckets, first = [], 1
+  length = len(totals['tokens'])
+  while first <= length:
+    last = min(2 * first - 1, length)
+    part = {k: float(v[first - 1:last].sum()) for k, v in totals.items()}
+    if part['tokens']:
+      buckets.append({'context': [first, last]} | metrics.eval_summary(part['loss_sum'], part['tokens'],
+                                                                       part['bytes']))
+    first *= 2
+  return buckets
 
 
 def _shardings(tree):
@@ -64,6 +100,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer('seq_len', None, 'Tokens per sequence (default: the run\'s data.seq_len).')
   flags.DEFINE_integer('batch_size', None, 'Sequences per batch (default: the run\'s eval.batch_size).')
   flags.DEFINE_integer('num_batches', 0, 'Batches to evaluate (0: the whole split).')
+  flags.DEFINE_bool('by_position', False, 'Also the loss by context length (buckets 1, 2-3, 4-7, ...).')
 
 
 def main(argv: list[str]) -> None:
@@ -72,7 +109,7 @@ def main(argv: list[str]) -> None:
     run = saved.load(FLAGS.workdir, FLAGS.step)
     result = evaluate(run, dataset=FLAGS.dataset, paths=FLAGS.paths, split=FLAGS.split,
                       tfds_data_dir=FLAGS.tfds_data_dir, batch_size=FLAGS.batch_size, num_batches=FLAGS.num_batches,
-                      seq_len=FLAGS.seq_len)
+                      seq_len=FLAGS.seq_len, by_position=FLAGS.by_position)
   except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps({'workdir': FLAGS.workdir, 'step': run.step} | result))

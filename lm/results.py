@@ -182,6 +182,22 @@ def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', a
   return ax
 
 
+def plot_by_position(results: dict[str, dict], metric: str = 'bits_per_byte', ax=None):
+  """metric by tokens of context, from lm.evaluate's by_position results ({label: evaluate(...,
+  by_position=True)}): one line per label, each bucket at its last context length (log2 axis);
+  returns the Axes. A line that keeps falling to the right is a model that uses its context."""
+  if ax is None:
+    _, ax = plt.subplots(figsize=(6, 4))
+  for label, result in results.items():
+    buckets = result['by_position']
+    ax.plot([b['context'][1] for b in buckets], [b[metric] for b in buckets], marker='o', label=label)
+  ax.set(xlabel='tokens of context', ylabel=metric, xscale='log', title=f'{metric} by context length')
+  ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize='small')
+  return ax
+
+
 # ---------------------------------------------------------------------------------------------
 # An ablation notebook: its sweep launched, and what it shows of the results.
 

@@ -18,7 +18,7 @@ from lm import kinds, metrics, mup, sharding
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
-from lm.layers import attention_implementation
+from lm.layers import attention_implementation, segment_positions
 from lm.model import apply_model, vocab_logits
 from lm.optim import learning_rate_schedule, make_optimizer
 
@@ -284,6 +284,22 @@ def eval_step(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
   total, count, _ = loss_sums(params, batch, model)
   target_bytes_BL = token_bytes_V[batch['tokens'][:, 1:]] * batch['loss_mask']
   return {'loss_sum': total, 'tokens': count, 'bytes': jnp.sum(target_bytes_BL.astype(jnp.float32))}
+
+
+def position_sums(params, batch: dict[str, jax.Array], token_bytes_V: jax.Array, *,
+                  model: nn.Module) -> dict[str, jax.Array]:
+  """eval_step's sums split by the context each target had: [L] arrays whose entry i sums the targets
+  predicted from i + 1 tokens (of their document, with segment ids; else of the row)."""
+  targets_BL, mask_BL = batch['tokens'][:, 1:], batch['loss_mask'].astype(jnp.float32)
+  losses_BL = token_losses(apply_model(model, params, batch), targets_BL) * mask_BL
+  length = targets_BL.shape[1]
+  if 'segment_ids' in batch:
+    positions_BL = segment_positions(batch['segment_ids'][:, :-1])
+  else:
+    positions_BL = jnp.broadcast_to(jnp.arange(length), targets_BL.shape)
+  by_position = lambda values_BL: jnp.zeros(length, jnp.float32).at[positions_BL].add(values_BL)
+  return {'loss_sum': by_position(losses_BL), 'tokens': by_position(mask_BL),
+          'bytes': by_position(token_bytes_V[targets_BL] * mask_BL)}
 
 
 def jit_eval_step(model: nn.Module, param_shardings, batch_sharding: jax.sharding.NamedSharding):

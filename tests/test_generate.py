@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from lm import checkpoint, decode, loop, saved
+from lm import checkpoint, decode, loop, results, saved
 from lm.config import ConfigError, flatten, override
 from lm.evaluate import evaluate
 from lm.generate import generate
@@ -144,11 +144,17 @@ def test_scanned_runs_generate_unrolled_and_the_same(workdir, tmp_path):
   assert 'blocks' in kept.params and generate(kept, ['Ham', 'So'], max_new_tokens=12, greedy=True) == expected
 
 
-def test_evaluate_reproduces_the_final_eval(workdir):
+def test_evaluate_reproduces_the_final_eval_and_splits_it_by_context(workdir):
   path, final = workdir
-  result = evaluate(saved.load(path, devices=jax.devices()[:1]))
+  result = evaluate(saved.load(path, devices=jax.devices()[:1]), by_position=True)
   for key in ('loss', 'perplexity', 'bits_per_byte', 'tokens'):
     assert result[key] == pytest.approx(final[key], rel=1e-6)
+  # Buckets 1, 2-3, 4-7, 8-15, 16-31, 32 of a 32-token window, adding up to the whole.
+  buckets = result['by_position']
+  assert [b['context'] for b in buckets] == [[1, 1], [2, 3], [4, 7], [8, 15], [16, 31], [32, 32]]
+  assert sum(b['tokens'] for b in buckets) == result['tokens']
+  assert sum(b['loss'] * b['tokens'] for b in buckets) / result['tokens'] == pytest.approx(result['loss'], rel=1e-5)
+  assert results.plot_by_position({'run': result}).get_lines()[0].get_xdata().tolist() == [1, 3, 7, 15, 31, 32]
 
 
 @pytest.mark.slow
@@ -162,8 +168,9 @@ def test_clis_and_their_refusals(workdir, tmp_path):
   lines = [json.loads(line) for line in out.stdout.splitlines()]
   assert out.returncode == 0 and [l['prompt'] for l in lines] == ['Ham', 'To be']
   assert len(lines[0]['continuations']) == 2
-  out = cli('lm.evaluate', f'--workdir={path}', '--num_batches=1')
+  out = cli('lm.evaluate', f'--workdir={path}', '--num_batches=1', '--by_position')
   assert out.returncode == 0 and json.loads(out.stdout)['tokens'] < final['tokens']
+  assert json.loads(out.stdout)['by_position'][0]['context'] == [1, 1]
   config = json.loads((path / 'config.json').read_text())
   mismatched = tmp_path / 'mismatched'
   for item in ('checkpoints', 'tokenizer'):

@@ -12,7 +12,6 @@ dim, F mlp_dim, E experts, C expert capacity, V vocab.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -215,7 +214,6 @@ def splash_applies(config, length: int) -> bool:
                                                                             config.splash_block_kv))
 
 
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(length: int, group: int, window: int, block_q: int, block_kv: int, interpret: bool):
   """The splash kernel of one key-value head and its `group` query heads: causal over `length`
   tokens, within `window` (0: all earlier tokens)."""
@@ -224,9 +222,9 @@ def _splash_kernel(length: int, group: int, window: int, block_q: int, block_kv:
   q, kv = min(block_q, length), min(block_kv, length)
   sizes = splash_kernel.BlockSizes(block_q=q, block_kv=kv, block_kv_compute=kv, block_q_dkv=q, block_kv_dkv=kv,
                                    block_kv_dkv_compute=kv, block_q_dq=q, block_kv_dq=kv)
-  with jax.ensure_compile_time_eval():  # Its mask tables are constants, not values of the trace it is made in.
-    return splash_kernel.make_splash_mqa_single_device(splash_mask.MultiHeadMask([mask] * group),
-                                                       block_sizes=sizes, interpret=interpret)
+  # Made afresh in each trace (its mask tables become that trace's constants), never cached across traces.
+  return splash_kernel.make_splash_mqa_single_device(splash_mask.MultiHeadMask([mask] * group), block_sizes=sizes,
+                                                     interpret=interpret)
 
 
 def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, segments_BL: jax.Array | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import time
 
@@ -34,6 +35,24 @@ _TOPOLOGY = flags.DEFINE_string('topology', None, "Compile for a TPU slice by na
 GIB = 2**30
 
 
+class DoesNotFit(Exception):
+  """The compiled train step needs more memory than a device (or this host) has: an answer, said in one line."""
+
+
+def _out_of_memory(error: Exception, where: str, params_bytes: int, optimizer_bytes: int) -> DoesNotFit | None:
+  """XLA's RESOURCE_EXHAUSTED compile error as one line with the figures it gives, else None."""
+  text = str(error)
+  if 'RESOURCE_EXHAUSTED' not in text:
+    return None
+  found = re.search(r'HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)', text)
+  state = f'parameters {params_bytes / GIB:.2f} GiB + optimizer state {optimizer_bytes / GIB:.2f} GiB per chip'
+  if found:
+    return DoesNotFit(f'does not fit on {where}: {float(found.group(1)):.2f} GiB of temporaries per chip '
+                      f'({float(found.group(2)):.2f} GiB of HBM); {state}')
+  line = next((l.strip() for l in text.splitlines() if 'RESOURCE_EXHAUSTED' in l), text.strip().splitlines()[0])
+  return DoesNotFit(f'does not fit on {where}: {line}; {state}')
+
+
 def _devices(config):
   if _TOPOLOGY.value:
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # No slice to ask: this host alone.
@@ -54,8 +73,9 @@ def _shard_bytes(tree) -> int:
   return total
 
 
-def report(config, devices) -> dict[str, float]:
-  """Lowers and compiles train_step for config on a mesh over devices; returns the figures."""
+def report(config, devices, where: str = '') -> dict[str, float]:
+  """Lowers and compiles train_step for config on a mesh over devices; returns the figures, or
+  raises DoesNotFit (`where` names the devices in its message)."""
   layout = train.make_layout(config, devices)
   mesh, rules, batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
   state = train.abstract_train_state(layout)
@@ -66,7 +86,14 @@ def report(config, devices) -> dict[str, float]:
   start = time.perf_counter()
   with sharding.activate(mesh, rules):
     lowered = train.jit_train_step(layout, config.train).lower(state, batch)
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # XLA raises its runtime error; anything but running out of memory goes on up.
+    problem = _out_of_memory(e, where or f'{mesh.size} {devices[0].platform} devices', _shard_bytes(state.params),
+                             _shard_bytes(state.opt_state))
+    if problem is None:
+      raise
+    raise problem from None
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   per_token = metrics.flops_per_token(config.model, config.data)
@@ -82,6 +109,12 @@ def report(config, devices) -> dict[str, float]:
   # Donated state is aliased: inputs and outputs share it, so it counts once.
   figures['total_bytes'] = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
                             + figures['temp_bytes'] + figures['code_bytes'])
+  if devices[0].platform == 'cpu':  # Simulated devices share this host's memory.
+    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if figures['total_bytes'] * mesh.size > host:
+      raise DoesNotFit(f'does not fit in this host\'s memory: {figures["total_bytes"] / GIB:.2f} GiB per device x '
+                       f'{mesh.size} devices = {figures["total_bytes"] * mesh.size / GIB:.2f} GiB ({host / GIB:.2f} '
+                       f'GiB of RAM); temporaries {figures["temp_bytes"] / GIB:.2f} GiB per device')
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   if cost and 'flops' in cost and not config.model.scan_layers:  # A scanned body is counted once.
@@ -124,7 +157,9 @@ def main(argv: list[str]) -> None:
     jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   try:
     devices = _devices(config)
-    figures = report(config, devices)
+    figures = report(config, devices, _TOPOLOGY.value or '')
+  except DoesNotFit as e:
+    sys.exit(str(e))
   except ConfigError as e:
     hint = '' if _DEVICES.value or _TOPOLOGY.value else ' (simulate devices with --devices=N)'
     sys.exit(f'error: {e}{hint}')

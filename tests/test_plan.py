@@ -72,3 +72,19 @@ def test_plan_refuses_bad_meshes_in_one_line(args, message):
   result = _plan(*args)
   assert result.returncode != 0
   assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_plan_that_does_not_fit_is_one_line(monkeypatch):
+  # XLA's message when a TPU compile runs out of HBM (as lm.plan --topology=v5e:2x2 got for Llama 1B at 8K).
+  error = RuntimeError('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+                       'temporaries (145.96G) exceeds available HBM (15.75G).')
+  assert str(plan._out_of_memory(error, 'v5e:2x2', 4.11 * plan.GIB, 8.23 * plan.GIB)) == (
+      'does not fit on v5e:2x2: 145.96 GiB of temporaries per chip (15.75 GiB of HBM); parameters 4.11 GiB + '
+      'optimizer state 8.23 GiB per chip')
+  assert plan._out_of_memory(RuntimeError('INTERNAL: something else'), 'v5e:2x2', 0, 0) is None
+  # Simulated devices share the host's memory: a host of 1 MiB holds no 8-device plan.
+  sysconf = {'SC_PAGE_SIZE': 4096, 'SC_PHYS_PAGES': 256}
+  monkeypatch.setattr(plan.os, 'sysconf', lambda name: sysconf[name])
+  message = r"does not fit in this host's memory: .* x 8 devices = .* \(0.00 GiB of RAM"
+  with pytest.raises(plan.DoesNotFit, match=message):
+    plan.report(_config(**{'mesh.shape': (8, 1, 1)}), jax.devices())

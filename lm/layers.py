@@ -92,7 +92,9 @@ def rope_frequencies(config, head_dim: int, positions_BL: jax.Array) -> jax.Arra
   does: 'linear' divides them by the factor; 'llama3' divides those of wavelengths over
   original_len / low_freq_factor, keeps those under original_len / high_freq_factor, and blends in
   between; 'dynamic' (NTK) raises the base once the sequence (the largest position + 1 in this call)
-  outgrows original_len: base * (factor * length / original_len - factor + 1)^(K / (K - 2))."""
+  outgrows original_len: base * (factor * length / original_len - factor + 1)^(K / (K - 2)); 'yarn'
+  divides those making fewer than beta_slow turns over original_len, keeps those making more than
+  beta_fast, and ramps linearly (by index) between (its score scale is `rope_attention_scale`)."""
   c, half = config, head_dim // 2
   exponents_k = jnp.arange(half, dtype=jnp.float32) / half
   factor, original = c.rope_scaling_factor, c.rope_original_max_len
@@ -103,6 +105,12 @@ def rope_frequencies(config, head_dim: int, positions_BL: jax.Array) -> jax.Arra
   inv_freq_k = c.rope_base ** -exponents_k  # As `rotary` computes it from a base: the same numbers as before.
   if c.rope_scaling == 'linear':
     return inv_freq_k / factor
+  if c.rope_scaling == 'yarn':  # transformers' _compute_yarn_parameters (truncated correction range).
+    turns_dim = lambda turns: head_dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(c.rope_base))
+    low = max(math.floor(turns_dim(c.rope_yarn_beta_fast)), 0)
+    high = min(math.ceil(turns_dim(c.rope_yarn_beta_slow)), head_dim - 1)
+    ramp_k = jnp.clip((jnp.arange(half, dtype=jnp.float32) - low) / (high - low if high != low else 0.001), 0, 1)
+    return inv_freq_k / factor * ramp_k + inv_freq_k * (1 - ramp_k)
   if c.rope_scaling == 'llama3':
     wavelength_k = 2 * math.pi / inv_freq_k
     smooth_k = (original / wavelength_k - c.rope_low_freq_factor) / (c.rope_high_freq_factor - c.rope_low_freq_factor)
@@ -113,17 +121,27 @@ def rope_frequencies(config, head_dim: int, positions_BL: jax.Array) -> jax.Arra
   return inv_freq_k
 
 
-def rotary(x_BLHK: jax.Array, inv_freq_k: jax.Array | float, positions_BL: jax.Array | None = None) -> jax.Array:
+def rope_attention_scale(config) -> float:
+  """What YaRN multiplies cos and sin by (so each score by its square): rope_yarn_attention_factor, or
+  0.1 ln(factor) + 1; 1 for every other RoPE."""
+  if config.rope_scaling != 'yarn':
+    return 1.0
+  factor = config.rope_scaling_factor
+  return config.rope_yarn_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+
+def rotary(x_BLHK: jax.Array, inv_freq_k: jax.Array | float, positions_BL: jax.Array | None = None,
+           scale: float = 1.0) -> jax.Array:
   """RoPE: rotates each (x_i, x_{i + K/2}) pair by position * inv_freq_k[i] (a number: the base, for
-  base^(-2i/K)), so q.k depends on positions only through their difference. Positions default to
-  0 .. L-1."""
+  base^(-2i/K)), so q.k depends on positions only through their difference; times `scale` (YaRN's).
+  Positions default to 0 .. L-1."""
   half = x_BLHK.shape[-1] // 2
   if not isinstance(inv_freq_k, jax.Array):
     inv_freq_k = inv_freq_k ** (-jnp.arange(half, dtype=jnp.float32) / half)
   if positions_BL is None:
     positions_BL = jnp.arange(x_BLHK.shape[1])[None, :]
   angles_BLK = positions_BL.astype(jnp.float32)[..., None] * inv_freq_k
-  cos, sin = jnp.cos(angles_BLK)[:, :, None, :], jnp.sin(angles_BLK)[:, :, None, :]
+  cos, sin = scale * jnp.cos(angles_BLK)[:, :, None, :], scale * jnp.sin(angles_BLK)[:, :, None, :]
   x1, x2 = x_BLHK[..., :half].astype(jnp.float32), x_BLHK[..., half:].astype(jnp.float32)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLHK.dtype)
 
@@ -381,7 +399,8 @@ class Attention(nn.Module):
       if positions_BL is None:
         positions_BL = jnp.arange(x_BLD.shape[1])[None, :]
       inv_freq_k = rope_frequencies(c, head_dim, positions_BL)
-      q_BLHK, k_BSGK = rotary(q_BLHK, inv_freq_k, positions_BL), rotary(k_BSGK, inv_freq_k, positions_BL)
+      scale = rope_attention_scale(c)
+      q_BLHK, k_BSGK = rotary(q_BLHK, inv_freq_k, positions_BL, scale), rotary(k_BSGK, inv_freq_k, positions_BL, scale)
     dropout_on = self.train and c.attention_dropout
     implementation = attention_implementation(c)
     if (implementation == 'splash' and self.causal and context_BSD is None and not self.decode and not dropout_on

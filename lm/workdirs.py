@@ -78,6 +78,8 @@ def check_init_from(source: pathlib.Path, config: ml_collections.ConfigDict) -> 
                       + ', '.join(map(str, steps)))
   changed = _changed_keys(json.loads((source / 'config.json').read_text()), config)
   clashes = [k for k in changed if must_match(k, init_from=not full)]
+  if not full and config.model.positions != 'learned':  # Only a learned position table has max_len rows.
+    clashes = [k for k in clashes if k != 'model.max_len']  # A longer context starts from a shorter one's weights.
   if clashes:
     detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
     what = "a different model, data or optimizer config (init_mode='full' continues it)" if full else \

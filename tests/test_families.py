@@ -40,6 +40,10 @@ ROPES = {
     'dynamic': dict(rope_parameters={'rope_type': 'dynamic', 'rope_theta': 10000.0, 'factor': 2.0},
                     max_position_embeddings=24),
     'biased': dict(attention_bias=True, mlp_bias=True),  # Llama's biases on every projection.
+    'yarn': dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0,
+                                  'original_max_position_embeddings': 16, 'beta_fast': 8.0, 'beta_slow': 1.0}),
+    'yarn_mscale': dict(rope_parameters={'rope_type': 'yarn', 'rope_theta': 10000.0, 'factor': 4.0, 'mscale': 1.0,
+                                         'mscale_all_dim': 0.5, 'original_max_position_embeddings': 16}),
 }
 TEXT = 'To be, or not to be, that is the question:\nWhether \'tis nobler in the mind to suffer the slings'
 

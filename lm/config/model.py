@@ -37,10 +37,12 @@ class Model:
   positions: str = key('learned', choice('learned', 'rope', 'none'), SHAPE,
                        "'learned' (a table of max_len rows), 'rope' (rotary), or 'none'.")
   rope_base: float = key(10000.0, number(1, lo_open=True), MATCH, "RoPE wavelength base (positions='rope').")
-  rope_scaling: str = key('none', choice('none', 'linear', 'dynamic', 'llama3'), MATCH,
+  rope_scaling: str = key('none', choice('none', 'linear', 'dynamic', 'llama3', 'yarn'), MATCH,
                           "RoPE frequencies stretched for longer contexts, as transformers defines them: 'linear' "
                           "(positions / factor), 'dynamic' (NTK: the base grows with the length past "
-                          "rope_original_max_len), 'llama3' (low frequencies / factor, smoothed between).")
+                          "rope_original_max_len), 'llama3' (low frequencies / factor, smoothed between), 'yarn' "
+                          '(YaRN: frequencies of under rope_yarn_beta_slow rotations in rope_original_max_len / '
+                          'factor, of over rope_yarn_beta_fast kept, ramped between; scores scaled).')
   rope_scaling_factor: float = key(1.0, number(1), MATCH, 'rope_scaling: the stretch factor.')
   rope_low_freq_factor: float = key(1.0, number(0, lo_open=True), MATCH,
                                     "rope_scaling='llama3': wavelengths over rope_original_max_len / this are "
@@ -48,7 +50,16 @@ class Model:
   rope_high_freq_factor: float = key(4.0, number(0, lo_open=True), MATCH,
                                      "rope_scaling='llama3': wavelengths under rope_original_max_len / this are kept.")
   rope_original_max_len: int = key(8192, integer(1), MATCH,
-                                   "rope_scaling 'llama3' and 'dynamic': the context the RoPE was trained at.")
+                                   "rope_scaling 'llama3', 'dynamic' and 'yarn': the context the RoPE was trained at.")
+  rope_yarn_beta_fast: float = key(32.0, number(0, lo_open=True), MATCH,
+                                   "rope_scaling='yarn': frequencies turning more often than this over "
+                                   'rope_original_max_len keep their value.')
+  rope_yarn_beta_slow: float = key(1.0, number(0, lo_open=True), MATCH,
+                                   "rope_scaling='yarn': frequencies turning less often than this are divided by "
+                                   'the factor.')
+  rope_yarn_attention_factor: float = key(0.0, number(0), MATCH,
+                                          "rope_scaling='yarn': cos and sin (so q and k) times this; 0 = "
+                                          '0.1 ln(factor) + 1, as YaRN derives it.')
   norm: str = key('layernorm', choice('layernorm', 'rmsnorm'), SHAPE, "'layernorm' or 'rmsnorm'.")
   norm_eps: float = key(1e-5, number(0, lo_open=True), MATCH, 'Epsilon of the block and final norms.')
   qk_norm_eps: float = key(1e-6, number(0, lo_open=True), MATCH, 'Epsilon of the query and key norms (qk_norm).')

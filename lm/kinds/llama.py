@@ -8,6 +8,7 @@ their conversion to this format already permuted them)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -20,7 +21,7 @@ from lm.layers import head_width, mlp_width
 from lm.model import is_moe_layer, unstack_layers
 
 # transformers' rope_type -> model.rope_scaling.
-_ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'dynamic': 'dynamic', 'llama3': 'llama3'}
+_ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'dynamic': 'dynamic', 'llama3': 'llama3', 'yarn': 'yarn'}
 
 
 def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -46,6 +47,19 @@ def rope_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     keys |= {'model.rope_original_max_len': rope['original_max_position_embeddings'],
              'model.rope_low_freq_factor': float(rope['low_freq_factor']),
              'model.rope_high_freq_factor': float(rope['high_freq_factor'])}
+  if rope_type == 'yarn':
+    if rope.get('truncate', True) is not True:
+      raise ConfigError(f'{field}.truncate={rope["truncate"]!r} in config.json is not supported (lm: true)')
+    factor, mscale, mscale_all = float(rope['factor']), rope.get('mscale'), rope.get('mscale_all_dim')
+    attention = rope.get('attention_factor')
+    if attention is None and mscale and mscale_all:  # DeepSeek's form, as transformers reads it.
+      get = lambda m: 0.1 * m * math.log(factor) + 1.0 if factor > 1 else 1.0
+      attention = get(mscale) / get(mscale_all)
+    keys |= {'model.rope_original_max_len': int(rope.get('original_max_position_embeddings')
+                                                or hf['max_position_embeddings']),
+             'model.rope_yarn_beta_fast': float(rope.get('beta_fast') or 32.0),
+             'model.rope_yarn_beta_slow': float(rope.get('beta_slow') or 1.0),
+             'model.rope_yarn_attention_factor': float(attention or 0.0)}
   return keys
 
 
@@ -58,6 +72,11 @@ def rope_to_hf(m: ml_collections.ConfigDict) -> dict[str, Any]:
   if rope_type == 'llama3':
     scaling |= {'low_freq_factor': m.rope_low_freq_factor, 'high_freq_factor': m.rope_high_freq_factor,
                 'original_max_position_embeddings': m.rope_original_max_len}
+  if rope_type == 'yarn':
+    scaling |= {'original_max_position_embeddings': m.rope_original_max_len, 'beta_fast': m.rope_yarn_beta_fast,
+                'beta_slow': m.rope_yarn_beta_slow}
+    if m.rope_yarn_attention_factor:
+      scaling['attention_factor'] = m.rope_yarn_attention_factor
   fields = {'rope_theta': m.rope_base, 'rope_scaling': None if rope_type == 'default' else scaling,
             'rope_parameters': {'rope_theta': m.rope_base} | scaling}
   if rope_type == 'dynamic':

@@ -392,6 +392,10 @@ class Attention(nn.Module):
     q_BLHK = project('query', x_BLD, c.num_heads, 'heads')
     k_BSGK = project('key', source_BSD, kv_heads, 'kv_heads')
     v_BSGK = project('value', source_BSD, kv_heads, 'kv_heads')
+    if jax.sharding.get_abstract_mesh().shape.get('context', 1) > 1:
+      # Context parallelism: each device's queries (a stretch of the sequence) attend to every key and
+      # value, gathered from the devices along 'context' (as MaxText's all-gather context parallelism).
+      k_BSGK, v_BSGK = (nn.with_logical_constraint(t, ('batch', None, 'kv_heads', 'kv')) for t in (k_BSGK, v_BSGK))
     if c.qk_norm:  # RMS-normalise each head's query and key (bounds the attention logits).
       head_norm = lambda name: nn.RMSNorm(c.qk_norm_eps, dtype_of(c), scale_init=_ones(('kv',)), name=name)
       q_BLHK, k_BSGK = head_norm('query_norm')(q_BLHK), head_norm('key_norm')(k_BSGK)

@@ -21,7 +21,7 @@ from jax.experimental import topologies
 import numpy as np
 
 from lm import cli, kinds, metrics, sharding, train
-from lm.config import ConfigError, validate
+from lm.config import MESH_AXES, ConfigError, validate
 from lm.layers import mlp_width
 from lm.model import count_params
 
@@ -124,7 +124,7 @@ def report(config, devices, where: str = '') -> dict[str, float]:
 
 def _print(config, devices, f: dict[str, float]) -> None:
   where = _TOPOLOGY.value or f'{len(devices)} {devices[0].platform} devices'
-  mesh = ' x '.join(f'{k}={v}' for k, v in zip(('data', 'fsdp', 'tensor'), f['mesh_shape']))
+  mesh = ' x '.join(f'{k}={v}' for k, v in zip(MESH_AXES, f['mesh_shape']) if k != 'context' or v > 1)
   m = config.model
   print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {mlp_width(m)}, '
         f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters; dtype {m.dtype}, '

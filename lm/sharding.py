@@ -1,7 +1,7 @@
 """The device mesh, and shardings of parameters, optimizer state and batches from logical axis rules.
 
 The model names the logical axes of every parameter and activation; `mesh.logical_axis_rules`
-in the config maps them onto the mesh axes (data, fsdp, tensor). Everything here is computed from
+in the config maps them onto the mesh axes (data, fsdp, context, tensor). Everything here is computed from
 shapes (jax.eval_shape), so nothing is materialised on one device first.
 """
 
@@ -17,7 +17,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from lm.config import MESH_AXES, ConfigError
+from lm.config import MESH_AXES, ConfigError, mesh_dims
 from lm.config import Mesh as MeshSection
 
 # Config keys whose values size each logical axis: named in divisibility errors.
@@ -28,21 +28,22 @@ _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """mesh.shape with -1 filled in; a ConfigError unless it uses exactly num_devices."""
+  """mesh.shape with -1 filled in, one entry per MESH_AXES; a ConfigError unless it uses exactly num_devices."""
+  given, shape = tuple(shape), mesh_dims(shape)
   known = math.prod(n for n in shape if n != -1)
   if -1 in shape:
     if num_devices % known:
-      raise ConfigError(f'mesh.shape={tuple(shape)}: {num_devices} devices do not split into '
+      raise ConfigError(f'mesh.shape={given}: {num_devices} devices do not split into '
                         f'{known} x (the -1 entry)')
     shape = tuple(num_devices // known if n == -1 else n for n in shape)
   if math.prod(shape) != num_devices:
-    raise ConfigError(f'mesh.shape={tuple(shape)} uses {math.prod(shape)} devices but there are '
+    raise ConfigError(f'mesh.shape={given} uses {math.prod(shape)} devices but there are '
                       f'{num_devices}; make the product {num_devices} or put -1 on one axis')
   return tuple(shape)
 
 
 def make_mesh(mesh: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, tensor) mesh of mesh.shape (the mesh section) over `devices` (default: every
+  """A (data, fsdp, context, tensor) mesh of mesh.shape (the mesh section) over `devices` (default: every
   device of every process)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh.shape, len(devices))

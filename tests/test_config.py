@@ -46,7 +46,7 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'train.steps': '100'}, "train.steps='100': must be an integer"),
     ({'model.use_bias': 1}, 'model.use_bias=1: must be True or False'),
     ({'optimizer.learning_rate': '3e-4'}, "optimizer.learning_rate='3e-4': must be a finite number"),
-    ({'mesh.shape': (8, 1)}, "mesh.shape=(8, 1): must be 3 integers, devices along ('data', 'fsdp', 'tensor')"),
+    ({'mesh.shape': (8, 1)}, 'mesh.shape=(8, 1): must be 4 integers, devices along (data, fsdp, context, tensor)'),
     ({'data.paths': 7}, 'data.paths=7: must be a string'),
     # Unknown keys.
     ({'model.dmodel': 64}, "unknown config key 'model.dmodel'; nearest valid keys: model.d_model"),

@@ -222,7 +222,7 @@ def test_bad_meshes_are_refused_before_compiling(tfds_dir, play_files, overrides
 
 def test_unknown_mesh_axis_in_a_rule_is_refused(tfds_dir, play_files):
   rules = (('batch', ('data', 'pipeline')),)
-  with pytest.raises(ConfigError, match="names unknown mesh axis 'pipeline'; mesh axes: data, fsdp, tensor"):
+  with pytest.raises(ConfigError, match="names unknown mesh axis 'pipeline'; mesh axes: data, fsdp, context, tensor"):
     tiny_config(tfds_dir, play_files, **{'mesh.logical_axis_rules': rules})
 
 

@@ -41,6 +41,7 @@ from lm.config.run import (
   Mesh,
   Optimizer,
   Train,
+  mesh_dims,
   preset_arg,
 )
 from lm.config.schema import MATCH, RESUME_RULES, SHAPE, ConfigError, Key, keys_of
@@ -48,7 +49,8 @@ from lm.config.schema import MATCH, RESUME_RULES, SHAPE, ConfigError, Key, keys_
 __all__ = [  # What other modules import from here (besides the section modules).
     'BYTE_VOCAB_SIZE', 'DEFAULT_LOGICAL_AXIS_RULES', 'FILE_SOURCES', 'KEYS', 'LOGICAL_AXES', 'MESH_AXES',
     'MESH_LAYOUTS', 'MIN_SENTENCEPIECE_VOCAB', 'PAD_IDS', 'SECTIONS', 'ConfigError', 'Key', 'MixtureSource',
-    'base_config', 'flatten', 'load_experiment', 'load_module', 'mixture_sources', 'must_match', 'override',
+    'base_config', 'flatten', 'load_experiment', 'load_module', 'mesh_dims', 'mixture_sources', 'must_match',
+    'override',
     'preset_arg', 'reserved_ids',
     'section', 'span_lengths', 'split_spec', 'target_len', 'unknown_key_message', 'validate',
     # The sections' typed dataclasses.

@@ -225,7 +225,7 @@ class Trainer:
     self.writer = metrics.MetricWriter(self.workdir, step, c)
     metrics.say(f'model: {count_params(self.state.params):,} parameters; '
                 f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; mesh: '
-                + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items())
+                + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items() if k != 'context' or v > 1)
                 + f' over {self.mesh.size} {jax.devices()[0].platform} devices, {jax.process_count()} process(es)')
     self.last_eval = {}
     if step >= end:

@@ -25,7 +25,7 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'model.positions': 'rope', 'model.d_model': 98}, "model.positions='rope' needs an even head dimension: "
                                                        'model.d_model=98 / model.num_heads=2 = 49'),
     ({'model.mlp': 'silu'}, "model.mlp='silu': must be one of 'gelu', 'relu', 'swiglu'"),
-    ({'data.seq_len': 300}, 'data.seq_len=300 exceeds the position table: must be <= model.max_len=128'),
+    ({'data.seq_len': 300}, 'data.seq_len=300 exceeds the position table: must be <= model.max_len=256'),
     ({'data.tokenizer': 'wordpiece'}, "data.tokenizer='wordpiece': must be one of 'sentencepiece', 'byte'"),
     ({'data.tokenizer': 'byte', 'model.vocab_size': 200},
      "model.vocab_size=200 must be >= 258 with data.tokenizer='byte'"),

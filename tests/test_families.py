@@ -123,8 +123,10 @@ def test_llama_variants_import_with_transformers_logits(variant, tokenizer, tmp_
 
 def test_what_lm_cannot_represent_is_refused_naming_the_field():
   base = {'max_position_embeddings': 64}
-  with pytest.raises(ConfigError, match=r"rope_parameters.rope_type='yarn' in config.json is not supported"):
-    rope_from_hf(base | {'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0}})
+  with pytest.raises(ConfigError, match=r"rope_parameters.rope_type='longrope' in config.json is not supported"):
+    rope_from_hf(base | {'rope_parameters': {'rope_type': 'longrope', 'factor': 4.0}})
+  with pytest.raises(ConfigError, match=r"rope_parameters.truncate=False in config.json is not supported"):
+    rope_from_hf(base | {'rope_parameters': {'rope_type': 'yarn', 'factor': 4.0, 'truncate': False}})
   assert rope_from_hf(base | {'rope_theta': 5e5, 'rope_scaling': {'type': 'linear', 'factor': 2.0}}) == {
       'model.rope_base': 5e5, 'model.rope_scaling': 'linear', 'model.rope_scaling_factor': 2.0}
   llama = transformers.LlamaConfig(**SHAPE, vocab_size=64).to_dict()

@@ -207,7 +207,7 @@ def _refusal(result) -> str:
     ({'optimizer.lr': 3}, (), 'nearest valid keys: optimizer.'),
     ({'train.steps': 'many'}, (), "--config.train.steps=many"),
     ({'model.d_model': 97}, (), 'model.d_model=97 must be divisible by model.num_heads=2'),
-    ({'data.seq_len': 512}, (), 'data.seq_len=512 exceeds the position table: must be <= model.max_len=128'),
+    ({'data.seq_len': 512}, (), 'data.seq_len=512 exceeds the position table: must be <= model.max_len=256'),
     ({'optimizer.learning_rate': -1.0}, (), 'optimizer.learning_rate=-1.0: must be > 0'),
     ({'data.tokenizer': 'bpe'}, (), "data.tokenizer='bpe': must be one of 'sentencepiece', 'byte'"),
     ({'data.name': 'text_files', 'data.paths': '/nonexistent/corpus.txt'}, (),

@@ -36,7 +36,7 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'data.batch_size': 0}, 'data.batch_size=0: must be >= 1'),
     ({'optimizer.b2': 1.0}, 'optimizer.b2=1.0: must be < 1'),
     ({'optimizer.eps': 0.0}, 'optimizer.eps=0.0: must be > 0'),
-    ({'optimizer.warmup_steps': 2800}, 'optimizer.warmup_steps=2800 must be < train.steps=2800'),
+    ({'optimizer.warmup_steps': 2400}, 'optimizer.warmup_steps=2400 must be < train.steps=2400'),
     ({'optimizer.min_lr_ratio': 1.5}, 'optimizer.min_lr_ratio=1.5: must be <= 1'),
     ({'optimizer.learning_rate': float('nan')}, 'optimizer.learning_rate=nan: must be a finite number'),
     ({'eval.sample_temperature': 0.0}, 'eval.sample_temperature=0.0: must be > 0'),
@@ -80,6 +80,7 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'model.attention_impl': 'cudnn'}, "model.attention_impl='cudnn' needs a GPU (this backend: cpu)"),
 ])
 def test_bad_values_are_refused_naming_the_key(values, message):
+  values = {'data.batch_size': 8} | values  # Rows for the 8 devices (the quickstart itself has 4).
   with pytest.raises(ConfigError) as error:  # Checked as lm.main does, in this order, before any compile.
     train.make_layout(config_lib.validate(_quickstart(**values)), jax.devices())
   assert str(error.value) == message or str(error.value).startswith(message), str(error.value)

@@ -16,8 +16,9 @@ from lm import plan
 
 def _config(**values):
   """The quickstart with AdamW (whose two moments the memory checks count; Muon's orthogonalisation is
-  optimizer work, not model FLOPs)."""
-  values = {'optimizer.name': 'adamw'} | values
+  optimizer work, not model FLOPs), at 8 rows of 128 tokens (rows for 8 devices; one attention block,
+  whose L x L FLOPs the formula counts whole)."""
+  values = {'optimizer.name': 'adamw', 'data.batch_size': 8, 'data.seq_len': 128} | values
   return config_lib.validate(config_lib.override(config_lib.load_experiment(QUICKSTART), values))
 
 
@@ -57,7 +58,7 @@ def _plan(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_plan_command_reports_a_simulated_mesh():
-  result = _plan('--devices=8', '--config.mesh.shape=(2,4,1)')
+  result = _plan('--devices=8', '--config.mesh.shape=(2,4,1)', '--config.data.batch_size=8')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'mesh: data=2 x fsdp=4 x tensor=1 on 8 cpu devices' in result.stdout
   assert 'total' in result.stdout and 'FLOPs per token' in result.stdout

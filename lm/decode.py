@@ -17,9 +17,11 @@ import numpy as np
 
 from lm import kinds, sharding
 from lm.config import ConfigError
+from lm.layers import LowPrecisionKernel
 from lm.model import resize_cache
 
 CHUNK = 32  # Tokens per jitted decoding call: stop strings are checked between calls.
+WEIGHTS_DTYPES = ('float32', 'bfloat16', 'int8')
 
 
 class Sampling(NamedTuple):
@@ -199,6 +201,20 @@ def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max
     if all(len(row) < min(drawn, num_new) for row in ids) or (finished is not None and np.all(finished(ids))):
       break
   return ids
+
+
+def cast_weights(params, weights_dtype: str):
+  """The parameters to generate with: as stored ('float32'), or with every projection's kernel
+  (attention, MLP, an untied output layer) in 'bfloat16' or 'int8' (lm.layers.LowPrecisionKernel);
+  embeddings, norms and biases stay as they are."""
+  if weights_dtype == 'float32':
+    return params
+
+  def cast(tree):
+    return {k: LowPrecisionKernel.of(v, weights_dtype) if k == 'kernel' and getattr(v, 'ndim', 0) >= 2
+            else cast(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+  return jax.jit(cast)(dict(params))
 
 
 def _as_arrays(s: Sampling) -> Sampling:

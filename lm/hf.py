@@ -85,27 +85,17 @@ class Tensors:
     return tensor.float().numpy()
 
 
-def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
-              mesh: ml_collections.ConfigDict | dict | None = None,
-              devices: list[jax.Device] | None = None) -> ml_collections.ConfigDict:
-  """Writes a workdir holding the model in hf_dir (of a model_type lm.kinds converts: see
-  lm.kinds.hf_families) as step 0 (parameters only) with its tokenizer; returns its config. Generate
-  from it, evaluate it, or fine-tune it with checkpoint.init_from.
+def read_hf(hf_dir: str | pathlib.Path, mesh: ml_collections.ConfigDict | dict | None = None,
+            devices: list[jax.Device] | None = None) -> saved.SavedRun:
+  """The model in hf_dir (of a model_type lm.kinds converts: see lm.kinds.hf_families) with its
+  tokenizer, in memory as a run of step 0 (what lm.saved.load gives for a workdir).
 
   Tensors stream: each is read from its safetensors file, converted and placed straight into its
   shards on the mesh that `mesh` (mesh.* keys, e.g. {'shape': (1, 8, 1)}) lays over `devices`
   (default: all), so the host holds one tensor at a time and a model larger than one device imports
   onto devices that hold it together. Without `mesh`, one device."""
-  hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-  for name in ('config.json', 'tokenizer.json'):
-    if not (hf_dir / name).is_file():
-      raise ConfigError(f'no {name} in {str(hf_dir)!r}: expected a folder written by save_pretrained '
-                        '(config.json, model.safetensors) with the tokenizer\'s tokenizer.json')
-  if workdirs.has_checkpoints(workdir / 'checkpoints'):
-    raise ConfigError(f'{str(workdir)!r} already holds checkpoints; import into a new --workdir')
-  hf_json = json.loads((hf_dir / 'config.json').read_text())
-  family = kinds.for_hf(hf_json.get('model_type'))
-  config = family.config_from_hf(hf_json)
+  hf_dir = pathlib.Path(hf_dir)
+  family, config = _family_and_config(hf_dir)
   tokenizer = tokenizers.HuggingFaceTokenizer((hf_dir / 'tokenizer.json').read_text(encoding='utf-8'),
                                               _eos_token(hf_dir))
   if tokenizer.vocab_size > config.model.vocab_size:
@@ -115,8 +105,8 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
     config = validate(override(config, {f'mesh.{k}': v for k, v in dict(mesh).items()}))
     layout = train.make_layout(config, devices, check_batches=False)
   else:
-    layout = train.make_layout(override(config, {'mesh.shape': (1, 1, 1)}), list(devices or jax.devices())[:1],
-                               check_batches=False)
+    config = override(config, {'mesh.shape': (1, 1, 1)})
+    layout = train.make_layout(config, list(devices or jax.devices())[:1], check_batches=False)
   tensors = Tensors(hf_dir, getattr(family, 'prefix', ''))
   like = traverse_util.flatten_dict(train.abstract_train_state(layout).params, sep='/')
   params = {}
@@ -127,6 +117,23 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
                                                 lambda index, a=array, t=target: np.asarray(a[index], t.dtype))
     del array  # Only its shards stay, on their devices.
   assert params.keys() == like.keys(), f'{family.model_type} converter left out {sorted(like.keys() - params.keys())}'
+  return saved.SavedRun(config, layout.model, traverse_util.unflatten_dict(params, sep='/'), tokenizer, 0, layout.mesh,
+                        hf_dir)
+
+
+def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
+              mesh: ml_collections.ConfigDict | dict | None = None,
+              devices: list[jax.Device] | None = None) -> ml_collections.ConfigDict:
+  """Writes a workdir holding the model in hf_dir (read by `read_hf`, which see) as step 0
+  (parameters only) with its tokenizer; returns its config. Generate from it, evaluate it, or
+  fine-tune it with checkpoint.init_from."""
+  hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
+  if workdirs.has_checkpoints(workdir / 'checkpoints'):
+    raise ConfigError(f'{str(workdir)!r} already holds checkpoints; import into a new --workdir')
+  run = read_hf(hf_dir, mesh, devices)
+  family, config = _family_and_config(hf_dir)
+  config = run.config if mesh else config  # Without a mesh, the workdir keeps the default mesh.shape.
+  tokenizer = run.tokenizer
   workdir.mkdir(parents=True, exist_ok=True)
   tokenizers.save(tokenizer, workdir / 'tokenizer', {'kind': 'huggingface', 'vocab_size': tokenizer.vocab_size,
                                                      'imported_from': str(hf_dir.absolute())})
@@ -134,9 +141,20 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
   (workdir / workdirs.IMPORTED_FILE).write_text(json.dumps({'imported_from': str(hf_dir.absolute()),
                                                             'model_type': family.model_type}))
   checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
-  checkpointer.save_params(0, traverse_util.unflatten_dict(params, sep='/'))
+  checkpointer.save_params(0, run.params)
   checkpointer.close()
   return config
+
+
+def _family_and_config(hf_dir: pathlib.Path):
+  """The lm.kinds family of a save_pretrained folder and the lm config of its config.json."""
+  for name in ('config.json', 'tokenizer.json'):
+    if not (hf_dir / name).is_file():
+      raise ConfigError(f'no {name} in {str(hf_dir)!r}: expected a folder written by save_pretrained '
+                        '(config.json, model.safetensors) with the tokenizer\'s tokenizer.json')
+  hf_json = json.loads((hf_dir / 'config.json').read_text())
+  family = kinds.for_hf(hf_json.get('model_type'))
+  return family, family.config_from_hf(hf_json)
 
 
 def _eos_token(hf_dir: pathlib.Path) -> str | None:

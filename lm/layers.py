@@ -228,21 +228,24 @@ def compile_platform() -> str:
 def splash_applies(config, length: int) -> bool:
   """Whether splash attention takes `length` tokens: a multiple of 128 and of its block sizes (or
   shorter than them). Others (the harness's length buckets, a prompt) go through `attention`."""
-  return length % 128 == 0 and all(length % min(b, length) == 0 for b in (config.splash_block_q,
-                                                                            config.splash_block_kv))
+  per_device = length // jax.sharding.get_abstract_mesh().shape.get('context', 1)  # Queries per device.
+  return (length % 128 == 0 and length % min(config.splash_block_kv, length) == 0 and per_device % 128 == 0
+          and per_device % min(config.splash_block_q, per_device) == 0)
 
 
-def _splash_kernel(length: int, group: int, window: int, block_q: int, block_kv: int, interpret: bool):
+def _splash_kernel(length: int, group: int, window: int, block_q: int, block_kv: int, q_shards: int,
+                   interpret: bool):
   """The splash kernel of one key-value head and its `group` query heads: causal over `length`
-  tokens, within `window` (0: all earlier tokens)."""
+  tokens, within `window` (0: all earlier tokens), its mask tables cut into `q_shards` stretches of
+  queries (one per device along 'context')."""
   shape = (length, length)
   mask = splash_mask.LocalMask(shape, (window - 1, 0), 0) if window else splash_mask.CausalMask(shape)
-  q, kv = min(block_q, length), min(block_kv, length)
+  q, kv = min(block_q, length // q_shards), min(block_kv, length)
   sizes = splash_kernel.BlockSizes(block_q=q, block_kv=kv, block_kv_compute=kv, block_q_dkv=q, block_kv_dkv=kv,
                                    block_kv_dkv_compute=kv, block_q_dq=q, block_kv_dq=kv)
   # Made afresh in each trace (its mask tables become that trace's constants), never cached across traces.
-  return splash_kernel.make_splash_mqa_single_device(splash_mask.MultiHeadMask([mask] * group), block_sizes=sizes,
-                                                     interpret=interpret)
+  return splash_kernel.make_splash_mqa(splash_mask.MultiHeadMask([mask] * group), block_sizes=sizes,
+                                       head_shards=1, q_seq_shards=q_shards, interpret=interpret)
 
 
 def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, segments_BL: jax.Array | None,
@@ -259,20 +262,28 @@ def splash_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, se
   k_BGSK, v_BGSK = k_BSGK.transpose(0, 2, 1, 3), v_BSGK.transpose(0, 2, 1, 3)
   if segments_BL is None:
     segments_BL = jnp.zeros((batch, length), jnp.int32)
-  kernel = _splash_kernel(length, heads // groups, window, block_q, block_kv, compile_platform() != 'tpu')
-
-  def attend(q_BGRLK, k_BGSK, v_BGSK, segments_BL):
-    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(s, s))
-    return jax.vmap(jax.vmap(one, (0, 0, 0, None)))(q_BGRLK, k_BGSK, v_BGSK, segments_BL.astype(jnp.int32))
-
+  segments_BL = segments_BL.astype(jnp.int32)
   mesh = jax.sharding.get_abstract_mesh()
+  context = 'context' if not mesh.empty and mesh.shape.get('context', 1) > 1 else None
+  kernel = _splash_kernel(length, heads // groups, window, block_q, block_kv, mesh.shape[context] if context else 1,
+                          compile_platform() != 'tpu')
+
+  def attend(kernel, q_BGRLK, k_BGSK, v_BGSK, q_segments_BL, kv_segments_BS):
+    one = lambda q, k, v, qs, ks: kernel(q, k, v, segment_ids=splash_kernel.SegmentIds(qs, ks))
+    return jax.vmap(jax.vmap(one, (0, 0, 0, None, None)))(q_BGRLK, k_BGSK, v_BGSK, q_segments_BL, kv_segments_BS)
+
   if not mesh.empty and mesh.size > 1:
+    # Each device attends its rows and key-value heads; under context parallelism also its stretch of
+    # queries (with its part of the kernel's mask tables) to all the keys and values.
     rows, kv_heads = (_divides(nn.logical_to_mesh_axes((name,))[0], size, mesh)
                       for name, size in (('batch', batch), ('kv_heads', groups)))
-    spec = jax.sharding.PartitionSpec(rows, kv_heads)
-    attend = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(rows)),
-                           out_specs=spec, check_vma=False)
-  out_BGRLK = attend(q_BGRLK, k_BGSK, v_BGSK, segments_BL)
+    P = jax.sharding.PartitionSpec
+    kernel_spec = kernel.manual_sharding_spec(jax.sharding.NamedSharding(mesh, P(None, context)))
+    queries = P(rows, kv_heads, None, context)
+    attend = jax.shard_map(attend, mesh=mesh, in_specs=(kernel_spec, queries, P(rows, kv_heads), P(rows, kv_heads),
+                                                        P(rows, context), P(rows)),
+                           out_specs=queries, check_vma=False)
+  out_BGRLK = attend(kernel, q_BGRLK, k_BGSK, v_BGSK, segments_BL, segments_BL)
   return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
@@ -300,6 +311,61 @@ def fused_attention(q_BLHK: jax.Array, k_BSGK: jax.Array, v_BSGK: jax.Array, mas
                                       local_window_size=(window - 1, 0) if causal and window else None)
 
 
+@jax.tree_util.register_pytree_node_class
+class LowPrecisionKernel:
+  """A projection's kernel stored for generation in bfloat16 or int8 (weight-only: activations stay
+  in the model's dtype). int8 keeps a float32 scale per column of the kernel's trailing axes (the
+  largest magnitude over its first axis / 127): each entry is round(w / scale). `matmul` widens one
+  block of columns at a time to float32, so that the widened copy stays in cache and the full-width
+  weights are read once, in their own bytes (XLA's CPU backend converts whole arrays slowly)."""
+
+  BLOCK = 512  # Columns widened at once.
+
+  def __init__(self, values, scale=None):
+    self.values, self.scale = values, scale  # values has the kernel's shape; scale [1, *shape[1:]] or None.
+
+  @classmethod
+  def of(cls, kernel: jax.Array, dtype: str) -> 'LowPrecisionKernel':
+    kernel = jnp.asarray(kernel, jnp.float32)
+    if dtype == 'bfloat16':
+      return cls(kernel.astype(jnp.bfloat16))
+    scale = jnp.maximum(jnp.max(jnp.abs(kernel), axis=0, keepdims=True), 1e-30) / 127.0
+    return cls(jnp.clip(jnp.round(kernel / scale), -127, 127).astype(jnp.int8), scale)
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.values.shape
+
+  def widened(self, values, scale):
+    if values.dtype == jnp.bfloat16:  # bfloat16 is float32's upper half: a shift, which vectorizes.
+      bits = jax.lax.bitcast_convert_type(values, jnp.uint16).astype(jnp.uint32) << 16
+      return jax.lax.bitcast_convert_type(bits, jnp.float32)
+    return values.astype(jnp.float32) * scale
+
+  def matmul(self, x_NI: jax.Array, size: int) -> jax.Array:
+    """x [N, size] @ the kernel as [size, columns], in float32."""
+    values = self.values.reshape(size, -1)
+    scale = None if self.scale is None else self.scale.reshape(1, -1)
+    columns = values.shape[1]
+    block = next((b for b in range(min(self.BLOCK, columns), 127, -1) if columns % b == 0), columns)
+    x_NI = x_NI.astype(jnp.float32)
+
+    def one(c):
+      v = jax.lax.dynamic_slice_in_dim(values, c * block, block, axis=1)
+      s = None if scale is None else jax.lax.dynamic_slice_in_dim(scale, c * block, block, axis=1)
+      return x_NI @ self.widened(v, s)
+
+    y_CNB = jax.lax.map(one, jnp.arange(columns // block))
+    return y_CNB.transpose(1, 0, 2).reshape(x_NI.shape[0], columns)
+
+  def tree_flatten(self):
+    return (self.values, self.scale), None
+
+  @classmethod
+  def tree_unflatten(cls, aux, children):
+    return cls(*children)
+
+
 class Projection(nn.Module):
   """x @ kernel + bias over named axes, e.g. 'BLD,DHK->BLHK': x's trailing axes contract with the
   kernel's leading ones. The kernel keeps its shape whole, so its logical axes hold at init too."""
@@ -320,7 +386,10 @@ class Projection(nn.Module):
     # One 2-D matmul ([B * L, D] @ [D, H * K]; the reshapes are free): XLA's CPU backend runs the
     # einsum's batched form with extra transposes, 8% slower in the bench's train step.
     size = math.prod(self.kernel_shape[:contracted])
-    y = jnp.dot(x.astype(self.dtype).reshape(-1, size), kernel.astype(self.dtype).reshape(size, -1))
+    if isinstance(kernel, LowPrecisionKernel):  # Generating with bfloat16 or int8 weights (lm.decode.cast_weights).
+      y = kernel.matmul(x.reshape(-1, size), size).astype(self.dtype)
+    else:
+      y = jnp.dot(x.astype(self.dtype).reshape(-1, size), kernel.astype(self.dtype).reshape(size, -1))
     y = y.reshape(x.shape[:-contracted] + tuple(self.kernel_shape[contracted:]))
     if not self.use_bias:
       return y

@@ -13,7 +13,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from lm import mup
-from lm.layers import Block, _init, causal_mask, dropout, dtype_of, norm_layer, same_segment, segment_positions
+from lm.layers import (
+  Block,
+  Projection,
+  _init,
+  causal_mask,
+  dropout,
+  dtype_of,
+  norm_layer,
+  same_segment,
+  segment_positions,
+)
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
 REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.checkpoint_policies.dots_saveable}
@@ -76,9 +86,9 @@ def _position_table(module: nn.Module, name: str) -> jax.Array | None:
   return module.param(name, _init(c.init_std, (None, 'embed')), (c.max_len, c.d_model))
 
 
-def _output_layer(config) -> nn.Dense:
-  return nn.Dense(config.vocab_size, use_bias=False, dtype=dtype_of(config), name='output',
-                  kernel_init=_init(config.init_std, ('embed', 'vocab')))
+def _output_layer(config) -> Projection:
+  return Projection('BLD,DV->BLV', (config.d_model, config.vocab_size), ('embed', 'vocab'), config.init_std,
+                    dtype_of(config), use_bias=False, name='output')
 
 
 def _logits(config, logits_BLV: jax.Array) -> jax.Array:

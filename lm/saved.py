@@ -81,7 +81,14 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
     params = checkpointer.restore_params(step, like)
   finally:
     checkpointer.close()
-  if unroll_layers and config.model.scan_layers:
-    config = override(config, {'model.scan_layers': False})
-    model, params = make_model(config.model, config.data), unstack_layers(params, config.model.num_layers)
-  return SavedRun(config, model, params, tokenizer, step, layout.mesh, workdir)
+  run = SavedRun(config, model, params, tokenizer, step, layout.mesh, workdir)
+  return unrolled(run) if unroll_layers else run
+
+
+def unrolled(run: SavedRun) -> SavedRun:
+  """The run with scanned layers unrolled into block_0 ... block_{n-1} (as it is if not scanned)."""
+  if not run.config.model.scan_layers:
+    return run
+  config = override(run.config, {'model.scan_layers': False})
+  return dataclasses.replace(run, config=config, model=make_model(config.model, config.data),
+                             params=unstack_layers(run.params, config.model.num_layers))

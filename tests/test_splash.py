@@ -1,6 +1,7 @@
 """model.attention_impl='splash': Pallas splash attention (interpreted on CPU) gives the loss and
 gradients of the XLA path, for a RoPE + GQA + sliding-window decoder with packed documents, on one
-device and under jit with the train step's shardings on a (2, 2, 2) mesh."""
+device and under jit with the train step's shardings on a (2, 2, 2) mesh and on (2, 1, 2, 2), whose
+context axis gives each device half of the queries."""
 
 import itertools
 
@@ -40,13 +41,13 @@ def test_splash_gives_the_loss_and_gradients_of_xla(tfds_dir, play_files, tmp_pa
   assert int(batch['segment_ids'].max()) >= 1  # Rows holding more than one document.
   ref_loss, ref_grads = _loss_and_grads(config, jax.devices()[:1], batch)
   splash = override(config, {'model.attention_impl': 'splash'})
-  for devices, mesh in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (2, 2, 2))):
+  for devices, mesh in ((jax.devices()[:1], (1, 1, 1)), (jax.devices(), (2, 2, 2)), (jax.devices(), (2, 1, 2, 2))):
     loss, grads = _loss_and_grads(override(splash, {'mesh.shape': mesh}), devices, batch)
     assert loss == pytest.approx(ref_loss, rel=1e-5), mesh
     for path, ref in jax.tree_util.tree_leaves_with_path(ref_grads):
       got = dict(jax.tree_util.tree_leaves_with_path(grads))[path]
       np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max(), err_msg=str((mesh, path)))
-  assert traced.count((8, 256, 4, 8)) == 4  # Both layers on both meshes went through splash.
+  assert traced.count((8, 256, 4, 8)) == 6  # Both layers on every mesh went through splash.
 
 
 def test_what_splash_cannot_run_is_refused_naming_the_keys(tfds_dir, play_files):
@@ -60,6 +61,8 @@ def test_what_splash_cannot_run_is_refused_naming_the_keys(tfds_dir, play_files)
       **{'data.seq_len': 384, 'model.max_len': 384, 'model.splash_block_q': 256})
   assert 'model.splash_block_kv=200 must be a multiple of 128' in refused(**{'model.splash_block_kv': 200})
   assert "cannot apply model.attention_dropout=0.1" in refused(**{'model.attention_dropout': 0.1})
+  assert ('the 64 tokens per device along the context axis of mesh.shape=(1, 1, 4, 2) to be a multiple of 128'
+          in refused(**{'mesh.shape': (1, 1, 4, 2)}))
   # Sequences shorter than a block are one block.
   one_block = {'model.attention_impl': 'splash', 'model.splash_block_q': 512, 'model.splash_block_kv': 512}
   config = tiny_config(tfds_dir, play_files, **(SPLASH | one_block))

@@ -38,6 +38,7 @@ their metrics. Needs the `eval` and `hf` extras (and accelerate, for the hf back
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
 import itertools
 import json
@@ -63,6 +64,7 @@ from lm.config import ConfigError, load_experiment, override, validate
 from lm.data import pipeline, tokenizers
 from lm.data.builders import SHAKESPEARE_VALIDATION_PLAYS, normalize_text, shakespeare_plays_dir
 from lm.kinds import make_model
+from lm.layers import head_width
 from lm.model import count_params
 from lm.timing import best_of, median
 from lm.tokenize import tokenize
@@ -91,10 +93,46 @@ def _shape(name: str):
   return override(config, _GPT2_LAYOUT) if name == 'quickstart' else config
 
 
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+  """This machine's memory bandwidth in bytes/s: the best of `repeats` of three ways to stream a
+  float32 array of `mib` MiB (far larger than any cache): numpy summing it on every core, XLA summing
+  it (a jitted jnp.sum), and numpy copying it (bytes read + written). 'bandwidth' is the fastest."""
+  array = np.ones(mib * 2**20 // 4, np.float32)
+  parts = np.array_split(array, os.cpu_count() or 1)
+  with concurrent.futures.ThreadPoolExecutor(len(parts)) as pool:  # numpy's sum releases the GIL.
+    numpy_s, _ = best_of(repeats, lambda: list(pool.map(np.sum, parts)))
+  on_device = jax.device_put(array)
+  total = jax.jit(jnp.sum)
+  total(on_device).block_until_ready()
+  xla_s, _ = best_of(repeats, lambda: total(on_device).block_until_ready())
+  copy = np.empty_like(array)
+  copy_s, _ = best_of(repeats, lambda: np.copyto(copy, array))
+  rates = {'numpy_sum': array.nbytes / numpy_s, 'xla_sum': array.nbytes / xla_s, 'copy': 2 * array.nbytes / copy_s}
+  return rates | {'bandwidth': max(rates.values())}
+
+
+def decoding_bytes(config, params, batch: int, prompt_len: int, new_tokens: int) -> dict:
+  """Bytes one decoding step must read, on average over new_tokens steps after a prompt_len prompt:
+  every weight (the embedding tables only in the rows looked up, unless the table is also the output
+  layer), in the dtype it is stored in, and the keys and values of the cache slots in use."""
+  m = config.model
+  weights = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = {getattr(p, 'key', None) for p in path}
+    looked_up = 'position_embedding' in names or ('token_embedding' in names and not m.tie_embeddings)
+    weights += leaf.dtype.itemsize * (batch * leaf.shape[-1] if looked_up else leaf.size)
+  slot = 2 * m.num_layers * (m.num_kv_heads or m.num_heads) * head_width(m) * jnp.dtype(m.dtype).itemsize
+  cache = batch * slot * (prompt_len + (new_tokens - 1) / 2)  # Slots in use, on average over the steps.
+  return {'weight_bytes': weights, 'cache_bytes': cache, 'bytes_per_step': weights + cache}
+
+
 def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torch: bool = True,
-                   repeats: int = 3) -> list[dict]:
-  """One record per batch size: lm's and (with_torch) transformers' new tokens per second, each the
-  best of `repeats` runs after a warm-up."""
+                   repeats: int = 3, weights_dtypes: tuple[str, ...] = ('float32',),
+                   bandwidth: dict | None = None) -> list[dict]:
+  """One record per weights dtype and batch size: lm's and (with_torch) transformers' new tokens per
+  second, each the best of `repeats` runs after a warm-up, with the bytes each decoding step reads
+  (`decoding_bytes`) and the bandwidth that implies, against the machine's (`memory_bandwidth`)."""
+  bandwidth = bandwidth or memory_bandwidth()
   config = _shape(name)
   max_len = max(config.model.max_len, PROMPT_LEN + new_tokens)  # Learned positions for every token.
   # Layers unrolled, as lm.saved.load gives them for generation.
@@ -116,27 +154,42 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
     torch_model.tie_weights()
   records = []
   greedy = decode.Sampling(temperature=0.0)
-  for batch in batch_sizes:
-    prompts = np.random.default_rng(batch).integers(0, config.model.vocab_size, (batch, PROMPT_LEN), np.int32)
-    run = lambda: decode.generate_ids(model, params, list(prompts), max_new_tokens=new_tokens, sampling=greedy,
-                                      rng=jax.random.PRNGKey(0))
-    start = time.perf_counter()
-    run()  # Compiles the prefill and the decoding chunk for this batch size.
-    compile_s = time.perf_counter() - start
-    lm_s, ours = best_of(repeats, lambda: np.stack(run()))
-    record = {'bench': 'generate', 'model': name, 'params': count_params(params), 'batch_size': batch,
-              'prompt_tokens': PROMPT_LEN, 'new_tokens': new_tokens, 'new_tokens_per_s': batch * new_tokens / lm_s,
-              'lm_seconds': lm_s, 'lm_compile_seconds': compile_s}
-    if torch_model is not None:
-      with torch.no_grad():
-        inputs = torch.from_numpy(prompts.astype(np.int64))
-        kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
-                      eos_token_id=None)
-        torch_model.generate(inputs, **(kwargs | {'max_new_tokens': 4, 'min_new_tokens': 4}))  # Warm-up.
-        torch_s, theirs = best_of(repeats, lambda: torch_model.generate(inputs, **kwargs)[:, PROMPT_LEN:].numpy())
-      record |= {'torch_new_tokens_per_s': batch * new_tokens / torch_s, 'torch_seconds': torch_s,
-                 'speedup': torch_s / lm_s, 'same_tokens': float(np.mean(theirs == ours))}
-    records.append(record)
+  for dtype in weights_dtypes:
+    cast = decode.cast_weights(params, dtype)
+    torch_dtype = {'float32': 'float32', 'bfloat16': 'bfloat16'}.get(dtype)  # transformers' GPT-2 has no int8.
+    if torch_model is not None and torch_dtype:
+      torch_model = torch_model.to(getattr(torch, torch_dtype))
+    for batch in batch_sizes:
+      prompts = np.random.default_rng(batch).integers(0, config.model.vocab_size, (batch, PROMPT_LEN), np.int32)
+      run = lambda: decode.generate_ids(model, cast, list(prompts), max_new_tokens=new_tokens, sampling=greedy,
+                                        rng=jax.random.PRNGKey(0))
+      start = time.perf_counter()
+      run()  # Compiles the prefill and the decoding chunk for this batch size.
+      compile_s = time.perf_counter() - start
+      lm_s, ours = best_of(repeats, lambda: np.stack(run()))
+      read = decoding_bytes(config, cast, batch, PROMPT_LEN, new_tokens)
+      record = {'bench': 'generate', 'model': name, 'params': count_params(params), 'batch_size': batch,
+                'weights_dtype': dtype, 'prompt_tokens': PROMPT_LEN, 'new_tokens': new_tokens,
+                'new_tokens_per_s': batch * new_tokens / lm_s, 'lm_seconds': lm_s, 'lm_compile_seconds': compile_s,
+                **read, 'machine_bandwidth': bandwidth['bandwidth'],
+                'implied_bandwidth': read['bytes_per_step'] * new_tokens / lm_s}
+      record['bandwidth_share'] = record['implied_bandwidth'] / bandwidth['bandwidth']
+      if torch_model is not None and torch_dtype:
+        with torch.no_grad():
+          inputs = torch.from_numpy(prompts.astype(np.int64))
+          kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                        eos_token_id=None)
+          torch_model.generate(inputs, **(kwargs | {'max_new_tokens': 4, 'min_new_tokens': 4}))  # Warm-up.
+          torch_s, theirs = best_of(repeats, lambda: torch_model.generate(inputs, **kwargs)[:, PROMPT_LEN:].numpy())
+        torch_read = read['bytes_per_step'] if dtype == 'float32' else decoding_bytes(
+            config, jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), batch, PROMPT_LEN, new_tokens)[
+            'bytes_per_step']  # transformers in bfloat16 holds every weight in it.
+        record |= {'torch_new_tokens_per_s': batch * new_tokens / torch_s, 'torch_seconds': torch_s,
+                   'speedup': torch_s / lm_s, 'same_tokens': float(np.mean(theirs == ours)),
+                   'torch_bandwidth_share': torch_read * new_tokens / torch_s / bandwidth['bandwidth']}
+      records.append(record)
+  if torch_model is not None:
+    torch_model.to(torch.float32)
   return records
 
 
@@ -403,6 +456,8 @@ def _define_flags() -> None:
   flags.DEFINE_list('batch_sizes', ['1', '8'], 'generate: batch sizes to measure.')
   flags.DEFINE_integer('new_tokens', 256, 'generate: new tokens per sequence (after a 16-token prompt).')
   flags.DEFINE_bool('torch', True, 'generate: measure transformers\' generate alongside.')
+  flags.DEFINE_list('weights_dtypes', ['float32'], 'generate: weight dtypes to decode with (float32, bfloat16, '
+                    'int8: lm.decode.cast_weights); transformers runs float32 and bfloat16.')
   # harness
   flags.DEFINE_list('tasks', ['shakespeare'], 'harness: harness task names.')
   flags.DEFINE_integer('limit', 0, 'harness: documents per task (0: all).')
@@ -575,16 +630,23 @@ def main_train(config) -> None:
 
 def main_generate() -> None:
   batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+  bandwidth = memory_bandwidth()
+  if not FLAGS.json:
+    print(f'memory bandwidth: {bandwidth["bandwidth"] / 1e9:.1f} GB/s, the best of streaming 512 MiB by numpy summing '
+          f'on every core {bandwidth["numpy_sum"] / 1e9:.1f}, XLA summing {bandwidth["xla_sum"] / 1e9:.1f}, numpy '
+          f'copying (read + write) {bandwidth["copy"] / 1e9:.1f}', flush=True)
   for name in FLAGS.models:
-    for r in bench_generate(name, batch_sizes, FLAGS.new_tokens, FLAGS.torch, FLAGS.repeats):
+    for r in bench_generate(name, batch_sizes, FLAGS.new_tokens, FLAGS.torch, FLAGS.repeats,
+                            tuple(FLAGS.weights_dtypes), bandwidth):
       if FLAGS.json:
         print(json.dumps(r), flush=True)
         continue
-      line = (f'{r["model"]} ({r["params"]:,} params) batch {r["batch_size"]}: lm {r["new_tokens_per_s"]:,.0f} '
-              f'new tokens/s (compile {r["lm_compile_seconds"]:.1f} s)')
+      line = (f'{r["model"]} ({r["params"]:,} params, {r["weights_dtype"]}) batch {r["batch_size"]}: '
+              f'{r["bytes_per_step"] / 1e6:,.1f} MB per step; lm {r["new_tokens_per_s"]:,.0f} new tokens/s '
+              f'({100 * r["bandwidth_share"]:.0f}% of the bandwidth; compile {r["lm_compile_seconds"]:.1f} s)')
       if 'speedup' in r:
-        line += (f', transformers {r["torch_new_tokens_per_s"]:,.0f} new tokens/s: {r["speedup"]:.1f}x; '
-                 f'same greedy tokens: {100 * r["same_tokens"]:.0f}%')
+        line += (f', transformers {r["torch_new_tokens_per_s"]:,.0f} ({100 * r["torch_bandwidth_share"]:.0f}%): '
+                 f'{r["speedup"]:.2f}x; same greedy tokens: {100 * r["same_tokens"]:.0f}%')
       print(line, flush=True)
 
 

@@ -204,6 +204,29 @@ def attention(q_BLHK: jax.Array, k_BGSK: jax.Array, v_BGSK: jax.Array, mask: jax
   return out_BGRLK.transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
 
 
+def attention_with_cache(q_BLHK: jax.Array, k_BGKS: jax.Array, v_BGSK: jax.Array, cached_BLS: jax.Array,
+                         k_BGLK: jax.Array, v_BGLK: jax.Array, own_BLL: jax.Array,
+                         divisor: float | None = None) -> jax.Array:
+  """`attention` over cached keys [B, G, K, S] and values [B, G, S, K] where cached_BLS, and over the
+  queries' own keys and values [B, G, L, K] where own_BLL: one softmax over both, without joining
+  them into one array (which would copy the cache)."""
+  batch, length, heads, head_dim = q_BLHK.shape
+  groups = k_BGKS.shape[1]
+  scale = divisor or math.sqrt(head_dim)
+  q_BGRLK = q_BLHK.reshape(batch, length, groups, heads // groups, head_dim).transpose(0, 2, 3, 1, 4)
+  lowest = jnp.finfo(jnp.float32).min
+  cached_BGRLS = jnp.where(cached_BLS[:, None, None], jnp.einsum('bgrlk,bgks->bgrls', q_BGRLK, k_BGKS).astype(
+      jnp.float32) / scale, lowest)
+  own_BGRLM = jnp.where(own_BLL[:, None, None], jnp.einsum('bgrlk,bgmk->bgrlm', q_BGRLK, k_BGLK).astype(
+      jnp.float32) / scale, lowest)
+  top_BGRL1 = jnp.maximum(cached_BGRLS.max(-1, keepdims=True), own_BGRLM.max(-1, keepdims=True))
+  cached_BGRLS, own_BGRLM = jnp.exp(cached_BGRLS - top_BGRL1), jnp.exp(own_BGRLM - top_BGRL1)
+  total_BGRL1 = cached_BGRLS.sum(-1, keepdims=True) + own_BGRLM.sum(-1, keepdims=True)
+  out_BGRLK = (jnp.einsum('bgrls,bgsk->bgrlk', cached_BGRLS.astype(v_BGSK.dtype), v_BGSK)
+               + jnp.einsum('bgrlm,bgmk->bgrlk', own_BGRLM.astype(v_BGLK.dtype), v_BGLK)) / total_BGRL1
+  return out_BGRLK.astype(q_BLHK.dtype).transpose(0, 3, 1, 2, 4).reshape(batch, length, heads, head_dim)
+
+
 def attention_implementation(config) -> str:
   """model.attention_impl resolved: 'auto' is 'cudnn' (cuDNN's flash attention) on a GPU in bfloat16
   and 'splash' (Pallas splash attention) on a TPU, both without attention dropout, else 'xla'
@@ -407,34 +430,43 @@ class Attention(nn.Module):
   decode: bool = False  # Self-attention over a KV cache (see `cached_keys`).
   causal: bool = False  # Self-attention under the causal mask (see `attention`'s causal_block).
 
-  def cached_keys(self, k_BGLK: jax.Array, v_BGLK: jax.Array, positions_BL: jax.Array, valid_BL: jax.Array):
-    """Writes this call's keys and values into the 'cache' collection after those of earlier calls;
-    returns all cached keys and values [B, G, S, K] and the mask [B, L, S] of the slots each new
-    query may see: written, valid (not padding), not after it, and within the window. S is the
-    cache's length: max_len as created here, or shorter (lm.kinds.init_cache), so that decoding
-    attends over the slots in use, not all max_len."""
+  def cached_attention(self, q_BLHK: jax.Array, k_BGLK: jax.Array, v_BGLK: jax.Array, positions_BL: jax.Array,
+                       valid_BL: jax.Array) -> jax.Array:
+    """Attention of this call's queries over the 'cache' collection's keys and values (those of earlier
+    calls) and this call's own, which are then written into it after the earlier ones.
+
+    The cache holds keys [B, G, K, S] (slot-minor, as the scores' matmul reads them) and values
+    [B, G, S, K]; S is max_len as created here, or shorter (lm.kinds.init_cache), so that decoding
+    attends over the slots in use, not all max_len. A query sees the cached slots that are written,
+    valid (not padding) and within the window, and this call's tokens up to itself."""
     c = self.config
-    batch, length = k_BGLK.shape[0], k_BGLK.shape[2]
-    shape = (batch, k_BGLK.shape[1], c.max_len, k_BGLK.shape[3])
+    batch, groups, length, head_dim = k_BGLK.shape
     initialised = self.has_variable('cache', 'cached_key')
-    key = self.variable('cache', 'cached_key', jnp.zeros, shape, k_BGLK.dtype)
-    value = self.variable('cache', 'cached_value', jnp.zeros, shape, v_BGLK.dtype)
+    key = self.variable('cache', 'cached_key', jnp.zeros, (batch, groups, head_dim, c.max_len), k_BGLK.dtype)
+    value = self.variable('cache', 'cached_value', jnp.zeros, (batch, groups, c.max_len, head_dim), v_BGLK.dtype)
     slot_positions = self.variable('cache', 'cached_positions', jnp.zeros, (batch, c.max_len), jnp.int32)
     slot_valid = self.variable('cache', 'cached_valid', jnp.zeros, (batch, c.max_len), bool)
     index = self.variable('cache', 'cache_index', lambda: jnp.zeros((), jnp.int32))
+    start = index.value
+    cached_BLS = slot_valid.value[:, None, :] & (jnp.arange(key.value.shape[3]) < start)[None, None, :]
+    own_BLL = valid_BL[:, None, :] & jnp.tril(jnp.ones((length, length), bool))[None]
+    if c.sliding_window:
+      cached_BLS &= positions_BL[:, :, None] - slot_positions.value[:, None, :] < c.sliding_window
+      own_BLL &= positions_BL[:, :, None] - positions_BL[:, None, :] < c.sliding_window
+    out_BLHK = attention_with_cache(q_BLHK, key.value, value.value, cached_BLS, k_BGLK, v_BGLK, own_BLL,
+                                    _score_divisor(c, head_dim))
+    # What is written depends on what was read (plus 0 times it), so XLA orders the writes after the
+    # reads and updates the cache in place; otherwise its CPU backend copied each cache twice a step.
+    anchor_B1L1 = 0.0 * out_BLHK[:, :, :1, :1].transpose(0, 2, 1, 3).astype(k_BGLK.dtype)
+    k_BGLK, v_BGLK = k_BGLK + anchor_B1L1, v_BGLK + anchor_B1L1
     if initialised:  # (At init the cache is only being created.)
-      start = index.value
-      key.value = jax.lax.dynamic_update_slice(key.value, k_BGLK, (0, 0, start, 0))
+      key.value = jax.lax.dynamic_update_slice(key.value, k_BGLK.transpose(0, 1, 3, 2), (0, 0, 0, start))
       value.value = jax.lax.dynamic_update_slice(value.value, v_BGLK, (0, 0, start, 0))
       slot_positions.value = jax.lax.dynamic_update_slice(slot_positions.value, positions_BL.astype(jnp.int32),
                                                           (0, start))
       slot_valid.value = jax.lax.dynamic_update_slice(slot_valid.value, valid_BL, (0, start))
       index.value = start + length
-    slots_L = index.value - length + jnp.arange(length)
-    mask_BLS = slot_valid.value[:, None, :] & (jnp.arange(key.value.shape[2])[None, None, :] <= slots_L[None, :, None])
-    if c.sliding_window:
-      mask_BLS &= positions_BL[:, :, None] - slot_positions.value[:, None, :] < c.sliding_window
-    return key.value, value.value, mask_BLS
+    return out_BLHK
 
   @nn.compact
   def __call__(self, x_BLD: jax.Array, mask: jax.Array | None, context_BSD: jax.Array | None = None,
@@ -496,10 +528,10 @@ class Attention(nn.Module):
     if self.decode:
       if positions_BL is None or valid_BL is None:
         raise ValueError('decoding with a KV cache needs positions_BL and valid_BL')
-      k_BGSK, v_BGSK, mask = self.cached_keys(k_BGSK, v_BGSK, positions_BL, valid_BL)
+      return self.cached_attention(q_BLHK, k_BGSK, v_BGSK, positions_BL, valid_BL)
     # Causal self-attention skips the scores its mask drops; not with attention dropout, whose masks
     # are drawn at the shape of all the scores.
-    blocked = self.causal and not self.decode and not (self.train and c.attention_dropout)
+    blocked = self.causal and not (self.train and c.attention_dropout)
     return attention(q_BLHK, k_BGSK, v_BGSK, mask, lambda p: dropout(self, p, c.attention_dropout, self.train),
                      causal_block=ATTENTION_BLOCK if blocked else 0, window=c.sliding_window,
                      divisor=_score_divisor(c, q_BLHK.shape[-1]))

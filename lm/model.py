@@ -222,11 +222,14 @@ def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train:
                      hidden=hidden, **segments)
 
 
-def vocab_logits(config, params, x_BLD: jax.Array) -> jax.Array:
+def vocab_logits(config, params, x_BLD: jax.Array, readout_DV: jax.Array | None = None) -> jax.Array:
   """The model's output layer on its final hidden states: float32 logits [B, L, V], as the model
-  computes them (the tied embedding transposed, or the separate output matrix, in model.dtype)."""
+  computes them (the tied embedding transposed, or the separate output matrix, in model.dtype), or
+  by readout_DV, that matrix as given."""
   dtype = dtype_of(config)
-  if config.tie_embeddings:
+  if readout_DV is not None:
+    logits_BLV = jnp.dot(x_BLD.astype(dtype), readout_DV.astype(dtype))
+  elif config.tie_embeddings:
     logits_BLV = jnp.einsum('BLD,VD->BLV', x_BLD.astype(dtype), params['token_embedding']['embedding'].astype(dtype))
   else:
     logits_BLV = jnp.einsum('BLD,DV->BLV', x_BLD.astype(dtype), params['output']['kernel'].astype(dtype))
@@ -234,7 +237,7 @@ def vocab_logits(config, params, x_BLD: jax.Array) -> jax.Array:
 
 
 # Each cache variable's slot axis (counted from the end; the scanned layout adds a leading layer axis).
-_CACHE_SLOT_AXIS = {'cached_key': -2, 'cached_value': -2, 'cached_positions': -1, 'cached_valid': -1}
+_CACHE_SLOT_AXIS = {'cached_key': -1, 'cached_value': -2, 'cached_positions': -1, 'cached_valid': -1}
 
 
 def empty_cache(init_shapes: dict, length: int | None = None) -> dict:

@@ -207,6 +207,8 @@ def cast_weights(params, weights_dtype: str):
   """The parameters to generate with: as stored ('float32'), or with every projection's kernel
   (attention, MLP, an untied output layer) in 'bfloat16' or 'int8' (lm.layers.LowPrecisionKernel);
   embeddings, norms and biases stay as they are."""
+  if weights_dtype not in WEIGHTS_DTYPES:
+    raise ConfigError(f'weights_dtype={weights_dtype!r}: must be one of {", ".join(WEIGHTS_DTYPES)}')
   if weights_dtype == 'float32':
     return params
 

@@ -12,6 +12,7 @@ point it elsewhere (any dataset lm.main could train on), read with the run's tok
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -21,7 +22,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from lm import cli, kinds, metrics, saved, sharding, train
+from lm import cli, decode, kinds, metrics, saved, sharding, train
 from lm.config import ConfigError, override
 from lm.data import pipeline
 
@@ -30,13 +31,16 @@ FLAGS = flags.FLAGS
 
 def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split: str | None = None,
              tfds_data_dir: str | None = None, batch_size: int | None = None, num_batches: int = 0,
-             seq_len: int | None = None, by_position: bool = False) -> dict[str, Any]:
+             seq_len: int | None = None, by_position: bool = False, weights_dtype: str = 'float32') -> dict[str, Any]:
   """{'loss', 'perplexity', 'bits_per_byte', 'tokens'} of run (a workdir or an lm.saved.SavedRun)
   on `split` (default: the run's eval split) of `dataset` (default: the run's), num_batches of
   batch_size sequences of seq_len tokens (defaults: all of the split, the run's eval sizes).
   by_position adds 'by_position': the same figures for the predictions made from 1, 2-3, 4-7, ...
-  tokens of context (of their document, under data.document_mask), each with its 'context' range."""
+  tokens of context (of their document, under data.document_mask), each with its 'context' range.
+  weights_dtype: score with the projections' weights as stored, or in 'bfloat16' or 'int8' (what
+  generating with them costs in quality; lm.decode.cast_weights)."""
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
+  run = dataclasses.replace(run, params=decode.cast_weights(run.params, weights_dtype))
   if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError('lm.evaluate scores decoders; an encoder-decoder\'s eval runs with its training')
   changes = {'data.name': dataset, 'data.paths': paths, 'data.eval_split': split,
@@ -101,6 +105,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer('batch_size', None, 'Sequences per batch (default: the run\'s eval.batch_size).')
   flags.DEFINE_integer('num_batches', 0, 'Batches to evaluate (0: the whole split).')
   flags.DEFINE_bool('by_position', False, 'Also the loss by context length (buckets 1, 2-3, 4-7, ...).')
+  flags.DEFINE_enum('weights_dtype', 'float32', ['float32', 'bfloat16', 'int8'],
+                    'Score with the projections\' weights as stored, in bfloat16, or in int8 (per-column scales).')
 
 
 def main(argv: list[str]) -> None:
@@ -109,7 +115,7 @@ def main(argv: list[str]) -> None:
     run = saved.load(FLAGS.workdir, FLAGS.step)
     result = evaluate(run, dataset=FLAGS.dataset, paths=FLAGS.paths, split=FLAGS.split,
                       tfds_data_dir=FLAGS.tfds_data_dir, batch_size=FLAGS.batch_size, num_batches=FLAGS.num_batches,
-                      seq_len=FLAGS.seq_len, by_position=FLAGS.by_position)
+                      seq_len=FLAGS.seq_len, by_position=FLAGS.by_position, weights_dtype=FLAGS.weights_dtype)
   except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')
   print(json.dumps({'workdir': FLAGS.workdir, 'step': run.step} | result))

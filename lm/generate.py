@@ -34,7 +34,7 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
 def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = None, max_length: int | None = None,
              num_return_sequences: int = 1, greedy: bool = False, temperature: float = 1.0, top_k: int = 0,
              top_p: float = 1.0, repetition_penalty: float = 1.0, stop: Sequence[str] = (),
-             stop_at_end: bool = True, seed: int = 0) -> list[list[str]]:
+             stop_at_end: bool = True, seed: int = 0, weights_dtype: str = 'float32') -> list[list[str]]:
   """num_return_sequences continuations (text after the prompt) of each prompt.
 
   run: a workdir (str or path) or an lm.saved.SavedRun (load once, generate many times).
@@ -45,6 +45,8 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   from the top_k most likely tokens (0: all) and the top_p nucleus, after a repetition penalty.
   stop: strings that end a continuation (cut before them); stop_at_end: so does the end-of-text
   (document-start) token. seed: the same seed, prompts and settings give the same text.
+  weights_dtype: 'float32' (as stored), or the projections' weights in 'bfloat16' or 'int8'
+  (lm.decode.cast_weights).
   """
   if isinstance(prompts, str):
     prompts = [prompts]
@@ -56,6 +58,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: generation here is for decoders '
                       '(its samples come with training, see samples/)')
+  params = decode.cast_weights(run.params, weights_dtype)
   tokenizer = run.tokenizer
   sampling = decode.Sampling(0.0 if greedy else temperature, top_k, top_p, repetition_penalty)
   decode.check_sampling(sampling)
@@ -70,7 +73,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   if stop:
     finished = lambda out: np.array([_cut_at_stop(tokenizer.decode(r), stop)[1] for r in out])
   with sharding.activate(run.mesh, sharding.logical_axis_rules(run.config.mesh)):
-    out = decode.generate_ids(run.model, run.params, rows, max_new_tokens=max_new_tokens, sampling=sampling,
+    out = decode.generate_ids(run.model, params, rows, max_new_tokens=max_new_tokens, sampling=sampling,
                               rng=jax.random.PRNGKey(seed), end_id=tokenizer.eos_id if stop_at_end else -1,
                               finished=finished, mesh=run.mesh)
   texts = [_cut_at_stop(tokenizer.decode(r), stop)[0] for r in out]
@@ -97,6 +100,8 @@ def _define_flags() -> None:
   flags.DEFINE_float('repetition_penalty', 1.0, 'Above 1, tokens already seen become less likely.')
   flags.DEFINE_multi_string('stop', [], 'A string that ends a continuation (repeatable; \\n means a newline).')
   flags.DEFINE_integer('seed', 0, 'Random seed of the sampling.')
+  flags.DEFINE_enum('weights_dtype', 'float32', ['float32', 'bfloat16', 'int8'],
+                    'The projections\' weights as stored, in bfloat16, or in int8 with per-column scales.')
   flags.DEFINE_bool('json', False, 'Print one JSON line per prompt: {"prompt": ..., "continuations": [...]}.')
 
 
@@ -116,7 +121,7 @@ def main(argv: list[str]) -> None:
                        num_return_sequences=FLAGS.num_return_sequences, greedy=FLAGS.greedy,
                        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p,
                        repetition_penalty=FLAGS.repetition_penalty,
-                       stop=[_unescape(s) for s in FLAGS.stop], seed=FLAGS.seed)
+                       stop=[_unescape(s) for s in FLAGS.stop], seed=FLAGS.seed, weights_dtype=FLAGS.weights_dtype)
   except ConfigError as e:
     sys.exit(f'error: {e}')
   for prompt, continuations in zip(prompts, outputs):

@@ -368,7 +368,8 @@ class LowPrecisionKernel:
   def matmul(self, x_NI: jax.Array, size: int) -> jax.Array:
     """x [N, size] @ the kernel as [size, columns], in float32."""
     values = self.values.reshape(size, -1)
-    scale = None if self.scale is None else self.scale.reshape(1, -1)
+    # A scale per (trailing axes) entry, so per row of values too where the product contracts two axes.
+    scale = None if self.scale is None else jnp.broadcast_to(self.scale, self.values.shape).reshape(size, -1)
     columns = values.shape[1]
     block = next((b for b in range(min(self.BLOCK, columns), 127, -1) if columns % b == 0), columns)
     x_NI = x_NI.astype(jnp.float32)

@@ -154,8 +154,7 @@ def pipeline(task: str, model: str | os.PathLike, *, weights_dtype: str = 'float
   (see the module doc); weights_dtype 'float32' (as stored), 'bfloat16' or 'int8' (lm.decode.cast_weights)."""
   if task not in TASKS:
     raise ConfigError(f'Unknown task {task!r}, available tasks are {list(TASKS)}')
-  if weights_dtype not in decode.WEIGHTS_DTYPES:
-    raise ConfigError(f'weights_dtype={weights_dtype!r}: must be one of {", ".join(decode.WEIGHTS_DTYPES)}')
+  decode.cast_weights({}, weights_dtype)  # Refuses an unknown dtype before anything loads.
   kind, path = _resolve(model)
   if kind == 'workdir':
     run = saved.load(path)

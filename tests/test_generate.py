@@ -14,8 +14,10 @@ import pytest
 from conftest import ROOT, tiny_config
 from lm import checkpoint, decode, loop, results, saved
 from lm.config import ConfigError, flatten, override
+from lm.data.builders import normalize_text, shakespeare_plays_dir
 from lm.evaluate import evaluate
 from lm.generate import generate
+from lm.layers import LowPrecisionKernel
 from lm.model import stack_layers
 from test_decode import _decoder, greedy_full
 
@@ -155,6 +157,34 @@ def test_evaluate_reproduces_the_final_eval_and_splits_it_by_context(workdir):
   assert sum(b['tokens'] for b in buckets) == result['tokens']
   assert sum(b['loss'] * b['tokens'] for b in buckets) / result['tokens'] == pytest.approx(result['loss'], rel=1e-5)
   assert results.plot_by_position({'run': result}).get_lines()[0].get_xdata().tolist() == [1, 3, 7, 15, 31, 32]
+
+
+def test_bfloat16_and_int8_weights_score_and_predict_as_float32_does(workdir):
+  path, _ = workdir
+  run = saved.load(path, devices=jax.devices()[:1])
+  kernel = np.asarray(run.params['block_0']['mlp']['up']['kernel'])
+  quantized = jax.device_get(LowPrecisionKernel.of(kernel, 'int8'))
+  assert quantized.values.dtype == np.int8 and np.abs(quantized.values).max() == 127
+  # Each weight is its column's nearest multiple of that column's scale (its largest magnitude / 127).
+  np.testing.assert_allclose(quantized.scale[0], np.abs(kernel).max(axis=0) / 127, rtol=1e-6)
+  assert np.all(np.abs(quantized.values * quantized.scale - kernel) <= quantized.scale / 2 * (1 + 1e-5))
+  reference = evaluate(run)
+  play = shakespeare_plays_dir() / 'tragedies' / 'hamlet.md'
+  tokens = run.tokenizer.encode(normalize_text(play.read_text(encoding='utf-8'))[:20_000])[:16 * 32].reshape(16, 32)
+  logits = lambda params: np.asarray(run.model.apply({'params': params}, tokens))
+  for dtype in ('bfloat16', 'int8'):
+    cast = decode.cast_weights(run.params, dtype)
+    # The same logits as float32 weights holding the rounded values (the attention's output projection
+    # contracts two axes: its scales must follow both).
+    rounded = jax.tree.map(lambda k: k.widened(k.values, k.scale) if isinstance(k, LowPrecisionKernel) else k, cast,
+                           is_leaf=lambda k: isinstance(k, LowPrecisionKernel))
+    np.testing.assert_allclose(logits(cast), logits(rounded), rtol=1e-4, atol=1e-4)
+    scored = evaluate(run, weights_dtype=dtype)
+    assert scored['perplexity'] == pytest.approx(reference['perplexity'], rel=0.02), dtype
+    assert scored['perplexity'] != reference['perplexity']  # The weights did change.
+  agreement = np.mean(logits(decode.cast_weights(run.params, 'bfloat16')).argmax(-1) == logits(run.params).argmax(-1))
+  assert agreement >= 0.95
+  assert len(generate(run, ['Ham'], max_new_tokens=8, greedy=True, weights_dtype='int8')[0][0]) > 0
 
 
 @pytest.mark.slow

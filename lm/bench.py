@@ -128,10 +128,11 @@ def decoding_bytes(config, params, batch: int, prompt_len: int, new_tokens: int)
 
 def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torch: bool = True,
                    repeats: int = 3, weights_dtypes: tuple[str, ...] = ('float32',),
-                   bandwidth: dict | None = None) -> list[dict]:
+                   bandwidth: dict | None = None, profile_dir: str | None = None) -> list[dict]:
   """One record per weights dtype and batch size: lm's and (with_torch) transformers' new tokens per
   second, each the best of `repeats` runs after a warm-up, with the bytes each decoding step reads
-  (`decoding_bytes`) and the bandwidth that implies, against the machine's (`memory_bandwidth`)."""
+  (`decoding_bytes`) and the bandwidth that implies, against the machine's (`memory_bandwidth`).
+  profile_dir: a jax.profiler trace of one more lm run per record, in a folder per record there."""
   bandwidth = bandwidth or memory_bandwidth()
   config = _shape(name)
   max_len = max(config.model.max_len, PROMPT_LEN + new_tokens)  # Learned positions for every token.
@@ -167,6 +168,9 @@ def bench_generate(name: str, batch_sizes: list[int], new_tokens: int, with_torc
       run()  # Compiles the prefill and the decoding chunk for this batch size.
       compile_s = time.perf_counter() - start
       lm_s, ours = best_of(repeats, lambda: np.stack(run()))
+      if profile_dir:
+        with jax.profiler.trace(str(pathlib.Path(profile_dir) / f'{name}-{dtype}-batch{batch}')):
+          run()
       read = decoding_bytes(config, cast, batch, PROMPT_LEN, new_tokens)
       record = {'bench': 'generate', 'model': name, 'params': count_params(params), 'batch_size': batch,
                 'weights_dtype': dtype, 'prompt_tokens': PROMPT_LEN, 'new_tokens': new_tokens,
@@ -469,7 +473,8 @@ def _define_flags() -> None:
   flags.DEFINE_enum('compare', 'none', ['none', 'torch', 'torch_eager'],
                     'train: also train transformers\' GPT-2 in PyTorch (torch: eager and torch.compile).')
   flags.DEFINE_string('workdir', 'runs/bench', 'train: where the tokenizer is kept between runs.')
-  flags.DEFINE_string('profile_dir', None, 'train: write a jax.profiler trace of the last timed window here.')
+  flags.DEFINE_string('profile_dir', None, 'train: write a jax.profiler trace of the last timed window here; '
+                      'generate: of one more run of each model, dtype and batch size.')
   flags.DEFINE_list('matmul_sizes', [], 'train: square matmul sizes for the measured peak; default 1024,2048,4096 '
                     'on CPU, 8192 on accelerators.')
   flags.DEFINE_list('depths', ['6', '48'], 'compile: model.num_layers values to compile the train step at.')
@@ -637,7 +642,7 @@ def main_generate() -> None:
           f'copying (read + write) {bandwidth["copy"] / 1e9:.1f}', flush=True)
   for name in FLAGS.models:
     for r in bench_generate(name, batch_sizes, FLAGS.new_tokens, FLAGS.torch, FLAGS.repeats,
-                            tuple(FLAGS.weights_dtypes), bandwidth):
+                            tuple(FLAGS.weights_dtypes), bandwidth, FLAGS.profile_dir):
       if FLAGS.json:
         print(json.dumps(r), flush=True)
         continue

@@ -138,3 +138,26 @@ def test_data_bench_measures_each_source_kind_against_training(tfds_dir, play_fi
   text_bytes = sum(len(s[i]['text']) for s in (corpus.train_source, corpus.eval_source) for i in range(len(s)))
   assert r['tokenize_text_mb'] == pytest.approx(text_bytes / 1e6)
   assert r['tokenize_mb_per_s_per_core'] == pytest.approx(r['tokenize_text_mb'] / r['tokenize_worker_s'])
+
+
+def test_generate_bench_counts_the_bytes_a_step_reads():
+  bandwidth = bench.memory_bandwidth(mib=64, repeats=2)
+  assert bandwidth['bandwidth'] == max(bandwidth['numpy_sum'], bandwidth['xla_sum'], bandwidth['copy']) > 1e8
+  f32, int8 = bench.bench_generate('quickstart', [2], new_tokens=8, repeats=1, weights_dtypes=('float32', 'int8'),
+                                   bandwidth=bandwidth)
+  m = load_experiment(str(QUICKSTART)).model  # Read as GPT-2 (tied, learned positions) at width 96.
+  layers, width = m.num_layers, 96
+  mlp = 4 * width
+  kernels = layers * (4 * width * width + 2 * width * mlp)  # Attention's four and the MLP's two matrices.
+  rest = f32["params"] - kernels - max(m.max_len, bench.PROMPT_LEN + 8) * width  # Less the position table...
+  assert f32['weight_bytes'] == 4 * (kernels + rest + 2 * width)  # ...of which two rows are read.
+  # One per output of q, k, v, up and down; the output projection's per (head width, output) pair.
+  scales = layers * (4 * width + mlp + width // m.num_heads * width)
+  assert int8['weight_bytes'] == kernels + 4 * (scales + rest + 2 * width)
+  cache = 2 * 2 * layers * width * 4 * (bench.PROMPT_LEN + 3.5)  # Rows x (keys, values) x slots in use.
+  assert f32['cache_bytes'] == pytest.approx(cache)
+  for r in (f32, int8):
+    assert r['implied_bandwidth'] == pytest.approx(r['bytes_per_step'] * 8 / r['lm_seconds'])
+    assert r['bandwidth_share'] == pytest.approx(r['implied_bandwidth'] / bandwidth['bandwidth'])
+  assert f32['same_tokens'] == 1.0 and f32['speedup'] == pytest.approx(f32['torch_seconds'] / f32['lm_seconds'])
+  assert 'speedup' not in int8  # transformers' GPT-2 has no int8 weights.

@@ -140,6 +140,7 @@ def test_data_bench_measures_each_source_kind_against_training(tfds_dir, play_fi
   assert r['tokenize_mb_per_s_per_core'] == pytest.approx(r['tokenize_text_mb'] / r['tokenize_worker_s'])
 
 
+@pytest.mark.slow
 def test_generate_bench_counts_the_bytes_a_step_reads():
   bandwidth = bench.memory_bandwidth(mib=64, repeats=2)
   assert bandwidth['bandwidth'] == max(bandwidth['numpy_sum'], bandwidth['xla_sum'], bandwidth['copy']) > 1e8

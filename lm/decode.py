@@ -2,7 +2,7 @@
 token per step, in jitted chunks that take the cache donated. An encoder-decoder encodes its input
 once; its decoder then reads its own tokens through the cache (lm.kinds: each kind's decode_step).
 Draws are greedy or sampled with temperature, top-k, top-p (nucleus) and a repetition penalty, all
-traced values: changing them never recompiles.
+traced values: changing them never recompiles (greedy and sampled decoding compile once each).
 """
 
 from __future__ import annotations
@@ -50,12 +50,7 @@ def filter_logits(logits_NV: jax.Array, seen_NV: jax.Array, s: Sampling) -> jax.
   The penalty divides positive logits of seen tokens and multiplies negative ones (as in CTRL);
   top-p then keeps the most likely tokens until the mass before the next one reaches top_p.
   """
-  def penalise(logits_NV):
-    penalised = jnp.where(logits_NV > 0, logits_NV / s.repetition_penalty, logits_NV * s.repetition_penalty)
-    return jnp.where(seen_NV, penalised, logits_NV)
-
-  logits_NV = jax.lax.cond(s.repetition_penalty != 1, penalise, lambda x: x, logits_NV)
-  logits_NV = logits_NV / jnp.maximum(s.temperature, 1e-6)
+  logits_NV = _penalised(logits_NV, seen_NV, s) / jnp.maximum(s.temperature, 1e-6)
   vocab = logits_NV.shape[-1]
 
   def restrict(logits_NV):
@@ -71,6 +66,14 @@ def filter_logits(logits_NV: jax.Array, seen_NV: jax.Array, s: Sampling) -> jax.
   return jax.lax.cond((s.top_k > 0) | (s.top_p < 1), restrict, lambda x: x, logits_NV)
 
 
+def _penalised(logits_NV: jax.Array, seen_NV: jax.Array, s: Sampling) -> jax.Array:
+  def penalise(logits_NV):
+    penalised = jnp.where(logits_NV > 0, logits_NV / s.repetition_penalty, logits_NV * s.repetition_penalty)
+    return jnp.where(seen_NV, penalised, logits_NV)
+
+  return jax.lax.cond(s.repetition_penalty != 1, penalise, lambda x: x, logits_NV)
+
+
 def _categorical(rng: jax.Array, logits_NV: jax.Array) -> jax.Array:
   """A draw per row from softmax(logits) by inverting its CDF: one uniform number per row, where
   jax.random.categorical's Gumbel trick needs one per vocabulary entry (slow on CPU)."""
@@ -79,11 +82,17 @@ def _categorical(rng: jax.Array, logits_NV: jax.Array) -> jax.Array:
   return jnp.argmax(cdf_NV > u_N1, axis=-1)  # The first token whose CDF passes u (never a zero-probability one).
 
 
-def next_token(logits_NV: jax.Array, seen_NV: jax.Array, rng: jax.Array, s: Sampling) -> jax.Array:
-  """A token per row: the argmax of the filtered logits at temperature 0, else a draw from them."""
-  filtered_NV = filter_logits(logits_NV, seen_NV, s)
-  return jax.lax.cond(s.temperature > 0, lambda: _categorical(rng, filtered_NV),
-                      lambda: jnp.argmax(filtered_NV, axis=-1)).astype(jnp.int32)
+def next_token(logits_NV: jax.Array, seen_NV: jax.Array, rng: jax.Array, s: Sampling,
+               greedy: bool | None = None) -> jax.Array:
+  """A token per row: the argmax of the filtered logits at temperature 0, else a draw from them.
+  greedy=True (False) traces only the argmax (the draw); None decides by s.temperature when run.
+  The argmax skips the temperature, top-k and top-p, which never move it."""
+  if greedy is None:
+    return jax.lax.cond(s.temperature > 0, lambda: next_token(logits_NV, seen_NV, rng, s, False),
+                        lambda: next_token(logits_NV, seen_NV, rng, s, True))
+  if greedy:
+    return jnp.argmax(_penalised(logits_NV, seen_NV, s), axis=-1).astype(jnp.int32)
+  return _categorical(rng, filter_logits(logits_NV, seen_NV, s)).astype(jnp.int32)
 
 
 class DecodeState(NamedTuple):
@@ -116,15 +125,17 @@ def prefill(params, prompt_NP: jax.Array, valid_NP: jax.Array, inputs_NS: jax.Ar
                      jnp.zeros(prompt_NP.shape[0], bool), jnp.int32(0))
 
 
-@functools.partial(jax.jit, static_argnames=('model', 'chunk'), donate_argnames=('state',))
+@functools.partial(jax.jit, static_argnames=('model', 'chunk', 'greedy'), donate_argnames=('state',))
 def decode_chunk(params, state: DecodeState, rng: jax.Array, sampling: Sampling, end_id: jax.Array,
-                 num_steps: jax.Array, *, model: nn.Module, chunk: int = CHUNK) -> tuple[DecodeState, jax.Array]:
+                 num_steps: jax.Array, *, model: nn.Module, chunk: int = CHUNK,
+                 greedy: bool | None = None) -> tuple[DecodeState, jax.Array]:
   """Draws up to min(num_steps, chunk) tokens per row, stopping early once every row has drawn
-  end_id (-1: none). Returns the new state and [N, chunk] tokens, -1 where none was drawn."""
+  end_id (-1: none). Returns the new state and [N, chunk] tokens, -1 where none was drawn. greedy:
+  as in `next_token` (a compile of its own: XLA's CPU backend ran both sides of a traced choice)."""
 
   def body(carry):
     i, state, out_NC = carry
-    token_N = next_token(state.logits_NV, state.seen_NV, jax.random.fold_in(rng, state.step), sampling)
+    token_N = next_token(state.logits_NV, state.seen_NV, jax.random.fold_in(rng, state.step), sampling, greedy)
     token_N = jnp.where(state.done_N, jnp.maximum(end_id, 0), token_N)
     out_NC = out_NC.at[:, i].set(jnp.where(state.done_N, -1, token_N))
     logits_N1V, cache = kinds.of_model(model).decode_step(
@@ -186,7 +197,8 @@ def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max
   cache_len = cache_bucket(width + min(CHUNK, num_new), max_len)
   state = prefill(params, *sharding.replicated(mesh, (prompt_NP, valid_NP, inputs_NS)), model=model,
                   cache_len=cache_len)
-  rng, sampling, end = sharding.replicated(mesh, (rng, _as_arrays(sampling), np.int32(end_id)))
+  greedy = sampling.temperature == 0
+  rng, sampling_arrays, end = sharding.replicated(mesh, (rng, _as_arrays(sampling), np.int32(end_id)))
   chunks, drawn, ids = [], 0, [np.zeros(0, np.int32)] * len(prompts)
   while drawn < num_new:
     needed = cache_bucket(width + drawn + min(CHUNK, num_new - drawn), max_len)
@@ -194,7 +206,7 @@ def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max
       cache_len = needed
       state = state._replace(cache=resize_cache(state.cache, cache_len))
     remaining = sharding.replicated(mesh, np.int32(num_new - drawn))
-    state, out_NC = decode_chunk(params, state, rng, sampling, end, remaining, model=model)
+    state, out_NC = decode_chunk(params, state, rng, sampling_arrays, end, remaining, model=model, greedy=greedy)
     chunks.append(sharding.to_host(out_NC))
     drawn += CHUNK
     ids = _trim(np.concatenate(chunks, axis=1)[:, :num_new], end_id)

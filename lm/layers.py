@@ -339,8 +339,9 @@ class LowPrecisionKernel:
   """A projection's kernel stored for generation in bfloat16 or int8 (weight-only: activations stay
   in the model's dtype). int8 keeps a float32 scale per column of the kernel's trailing axes (the
   largest magnitude over its first axis / 127): each entry is round(w / scale). `matmul` widens one
-  block of columns at a time to float32, so that the widened copy stays in cache and the full-width
-  weights are read once, in their own bytes (XLA's CPU backend converts whole arrays slowly)."""
+  block of columns at a time to float32 on a CPU, so that the widened copy stays in cache and the
+  full-width weights are read once, in their own bytes (XLA's CPU backend converts whole arrays
+  slowly); GPU and TPU compilers fuse the widening into the matmul themselves."""
 
   BLOCK = 512  # Columns widened at once.
 
@@ -371,8 +372,10 @@ class LowPrecisionKernel:
     # A scale per (trailing axes) entry, so per row of values too where the product contracts two axes.
     scale = None if self.scale is None else jnp.broadcast_to(self.scale, self.values.shape).reshape(size, -1)
     columns = values.shape[1]
-    block = next((b for b in range(min(self.BLOCK, columns), 127, -1) if columns % b == 0), columns)
     x_NI = x_NI.astype(jnp.float32)
+    if compile_platform() != 'cpu':  # GPU and TPU compilers fuse the widening into the matmul.
+      return x_NI @ self.widened(values, scale)
+    block = next((b for b in range(min(self.BLOCK, columns), 127, -1) if columns % b == 0), columns)
 
     def one(c):
       v = jax.lax.dynamic_slice_in_dim(values, c * block, block, axis=1)

@@ -369,18 +369,22 @@ class LowPrecisionKernel:
   def matmul(self, x_NI: jax.Array, size: int) -> jax.Array:
     """x [N, size] @ the kernel as [size, columns], in float32."""
     values = self.values.reshape(size, -1)
-    # A scale per (trailing axes) entry, so per row of values too where the product contracts two axes.
-    scale = None if self.scale is None else jnp.broadcast_to(self.scale, self.values.shape).reshape(size, -1)
     columns = values.shape[1]
     x_NI = x_NI.astype(jnp.float32)
+    # The scales as [R, columns]: R = 1, or where the product contracts two axes (attention's output
+    # projection) one row per entry of the second, each repeated for every entry of the first.
+    scale = None if self.scale is None else self.scale.reshape(-1, columns)
     if compile_platform() != 'cpu':  # GPU and TPU compilers fuse the widening into the matmul.
+      scale = None if scale is None else jnp.tile(scale, (size // scale.shape[0], 1))
       return x_NI @ self.widened(values, scale)
     block = next((b for b in range(min(self.BLOCK, columns), 127, -1) if columns % b == 0), columns)
 
     def one(c):
       v = jax.lax.dynamic_slice_in_dim(values, c * block, block, axis=1)
-      s = None if scale is None else jax.lax.dynamic_slice_in_dim(scale, c * block, block, axis=1)
-      return x_NI @ self.widened(v, s)
+      if scale is None:
+        return x_NI @ self.widened(v, None)
+      s = jax.lax.dynamic_slice_in_dim(scale, c * block, block, axis=1)
+      return x_NI @ self.widened(v.reshape(-1, s.shape[0], block), s[None]).reshape(size, block)
 
     y_CNB = jax.lax.map(one, jnp.arange(columns // block))
     return y_CNB.transpose(1, 0, 2).reshape(x_NI.shape[0], columns)

@@ -1,10 +1,14 @@
-"""Orbax checkpoints of the train state together with the Grain data iterator state."""
+"""Orbax checkpoints of the train state together with the Grain data iterator state and the
+checksums of the state's arrays (lm.checksums), checked on every restore."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
+import re
 import shutil
+import sys
 import time
 from typing import Any, Callable
 
@@ -15,7 +19,54 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm import checksums
 from lm.config import Checkpoint, ConfigError
+
+CHECKSUMS = 'checksums'  # The item holding {array name: checksum} beside 'state' and 'data'.
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a quota, a vanished mount)."""
+
+
+class ChecksumError(ValueError):
+  """A restored array differs from the checksum saved with it: the checkpoint is damaged."""
+
+
+class _OrbaxNoise(logging.Filter):
+  """Drops orbax log records that would read as failures: its warning that a step's metadata file does
+  not exist (on restores of checkpoints whose save wrote that file last), and the tracebacks that its
+  background threads log when a save fails, which Checkpointer reports itself in one line
+  (CheckpointWriteError) and restore_latest as a warning."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.getMessage().startswith('Metadata file does not exist'):
+      return False
+    return not (record.levelno >= logging.ERROR and (record.exc_info or record.threadName != 'MainThread'))
+
+
+class _AbandonedWrites(logging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' for the other writes of a failed save."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not ('exception was never retrieved' in message and '.orbax-checkpoint-tmp' in message)
+
+
+def _unraisable_but_closed_loops(hook: Callable) -> Callable:
+  """sys.unraisablehook less 'Event loop is closed': when an orbax save fails, tensorstore's callbacks
+  for the writes it abandoned reach the event loop orbax has closed, one traceback per array."""
+  def unraisable(info) -> None:
+    if not (isinstance(info.exc_value, RuntimeError) and str(info.exc_value) == 'Event loop is closed'):
+      hook(info)
+  return unraisable
+
+
+sys.unraisablehook = _unraisable_but_closed_loops(sys.unraisablehook)
+logging.getLogger('absl').addFilter(_OrbaxNoise())
+logging.getLogger('asyncio').addFilter(_AbandonedWrites())
 
 
 def _abstract(like: Any) -> Any:
@@ -33,18 +84,47 @@ class Checkpointer:
                                            create=True, cleanup_tmp_directories=True)
     self.directory = directory
     self._manager = ocp.CheckpointManager(directory.absolute(), options=options,
-                                          item_names=('state', 'data'))
+                                          item_names=('state', 'data', CHECKSUMS))
+    self._writing: int | None = None  # The step of the save in flight (written in the background).
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)))
+    self._save(step, state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator),
+               **{CHECKSUMS: ocp.args.JsonSave(checksums.checksums(state))})
 
   def save_params(self, step: int, params: Any) -> None:
     """Parameters alone (no optimizer or data state): what restore_params reads, e.g. imported weights."""
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({'params': params})))
+    self._save(step, state=ocp.args.StandardSave({'params': params}),
+               **{CHECKSUMS: ocp.args.JsonSave(checksums.checksums({'params': params}))})
+
+  def _save(self, step: int, **items) -> None:
+    self.wait()
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # Tensorstore's, orbax's or the OS's error: a write that failed.
+      raise self._write_error(step, e) from e
+    self._writing = step
+
+  def wait(self) -> None:
+    """Waits for the save in flight; a CheckpointWriteError if it failed."""
+    step, self._writing = self._writing, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int | None, error: Exception) -> CheckpointWriteError:
+    message = str(error).strip()
+    os_error = re.search(r"([^:\"]+) \[os_error_code='?(\d+)'?\]", message)  # Tensorstore's form.
+    why = (f'{os_error[1].strip()}, errno {os_error[2]}' if os_error else
+           message.splitlines()[0][:300] if message else type(error).__name__)
+    kept = [s for s in self._manager.all_steps() if s != step]
+    after = (f'the checkpoints before it are kept ({", ".join(map(str, sorted(kept)))}): free space and run the same '
+             f'command to resume from step {max(kept)}') if kept else 'no earlier checkpoint exists'
+    return CheckpointWriteError(f'checkpoint {step} could not be written in {self.directory} '
+                                f'({why}); {after}')
 
   def restore(self, step: int, like: Any, data_iterator: grain.DatasetIterator) -> Any:
     """The state at `step`, shaped, typed and placed like `like`; data_iterator is moved to where
@@ -58,11 +138,23 @@ class Checkpointer:
       abstract = {f.name: getattr(abstract, f.name) for f in dataclasses.fields(like) if f.name not in missing}
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract), **other_items)).state
+    self._verify(step, restored)
     if not missing:
       return restored
     zeros = {name: jnp.zeros(getattr(like, name).shape, getattr(like, name).dtype,
                              device=getattr(like, name).sharding) for name in missing}
     return dataclasses.replace(like, **restored, **zeros)
+
+  def _verify(self, step: int, restored: Any) -> None:
+    """Raises ChecksumError when an array restored from `step` differs from its checksum (checkpoints
+    written before checksums were kept restore unchecked)."""
+    if not (self.directory / str(step) / CHECKSUMS).exists():
+      return
+    saved = self._manager.restore(step, args=ocp.args.Composite(**{CHECKSUMS: ocp.args.JsonRestore()}))[CHECKSUMS]
+    wrong = checksums.mismatches(saved, restored)
+    if wrong:
+      raise ChecksumError(f'{len(wrong)} array(s) differ from their checksums: {", ".join(wrong[:3])}'
+                       + (' ...' if len(wrong) > 3 else ''))
 
   def _fields_missing(self, step: int, like: Any) -> list[str]:
     """The fields of dataclass `like` that the checkpoint at `step` has no arrays for."""
@@ -123,8 +215,12 @@ class Checkpointer:
     item = {'params': _abstract(like_params)}
     restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    self._verify(step, restored.state)
     return restored.state['params']
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for the save in flight (a CheckpointWriteError if it failed) and closes."""
+    try:
+      self.wait()
+    finally:
+      self._manager.close()

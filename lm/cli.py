@@ -3,10 +3,13 @@ in one line. Each command ends with `cli.run(main)`."""
 
 from __future__ import annotations
 
+import glob
 import importlib
 from importlib import metadata
 import os
+import pathlib
 import sys
+import traceback
 from typing import Any, Callable
 
 from absl import app, flags, logging
@@ -44,13 +47,46 @@ def mesh_flag() -> flags.FlagHolder:
   return _config_flag
 
 
+def _last_line(error: BaseException) -> str:
+  lines = [line for line in str(error).strip().splitlines() if line.strip()]
+  return lines[-1].strip() if lines else ''
+
+
+def config_file_error(error: BaseException, path: str | None) -> str | None:
+  """'--config: PATH line N in FUNCTION: Type: message' for an error the config file's own code raised
+  (the deepest line of it in the traceback: where get_config, or a helper of it, failed), or a
+  SyntaxError in it; None for any other error."""
+  if path is None:
+    return None
+  real = os.path.realpath(path)
+  if isinstance(error, SyntaxError) and error.filename and os.path.realpath(error.filename) == real:
+    return f'--config: {path} line {error.lineno}: {type(error).__name__}: {error.msg}'
+  chain = [error]  # config_flags re-raises a TypeError or ValueError as a new one: the first is the user's.
+  while (chain[-1].__cause__ or chain[-1].__context__) and len(chain) < 16:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  for error in reversed(chain):
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if os.path.realpath(f.filename) == real]
+    if frames:
+      break
+  else:
+    return None
+  where = f'{path} line {frames[-1].lineno}' + (f' in {frames[-1].name}' if frames[-1].name != '<module>' else '')
+  message = _last_line(error)
+  return f'--config: {where}: {type(error).__name__}' + (f': {message}' if message else '')
+
+
+def _refusal(error: BaseException, config_path: str | None) -> str:
+  return f'error: {config_file_error(error, config_path) or _last_line(error) or type(error).__name__}'
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with every mistake reported in one line instead of a traceback."""
+  config_path = None
   for arg in argv[1:] if _config_flag is not None else ():
     if _mesh_only:
       continue
     if arg.startswith('--config='):
-      path = arg.split('=', 1)[1].split(':', 1)[0]
+      path = config_path = arg.split('=', 1)[1].split(':', 1)[0]
       if not os.path.isfile(path):
         sys.exit(f'error: --config: no such file {path!r}')
     elif arg.startswith('--config.'):
@@ -60,9 +96,10 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     argv = flags.FLAGS(argv)
   except Exception as e:  # A flag, or the user's config file, is broken.
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    sys.exit(f'error: {lines[-1].strip() if lines else type(e).__name__}')
+    sys.exit(_refusal(e, config_path))
   value = _config_flag.value if _config_flag is not None else None
+  if type(value).__name__ == '_ErrorConfig':  # config_flags keeps get_config's OSError for later: report it now.
+    sys.exit(_refusal(object.__getattribute__(value, '_error'), config_path))
   if value is not None and not isinstance(value, ml_collections.ConfigDict):
     sys.exit(f'error: --config: get_config() must return an ml_collections.ConfigDict, not {type(value).__name__}')
   return argv
@@ -89,6 +126,42 @@ def set_default_xla_flags(environ: dict | None = None) -> None:
     environ['XLA_FLAGS'] = f'{current} {CPU_XLA_FLAGS}'.strip()
 
 
+# What shows an accelerator on a Linux host, as JAX's hardware_utils looks for one: TPU chips on the PCI
+# bus (Google's vendor id), TPU device files (/dev/accel*; /dev/vfio groups on v5p and later), NVIDIA's
+# and AMD's device files, and the variables that configure a TPU host by hand.
+ACCELERATOR_FILES = ('dev/accel*', 'dev/vfio/[0-9]*', 'dev/nvidia[0-9]*', 'dev/nvidiactl', 'dev/dxg', 'dev/kfd')
+TPU_VARIABLES = ('TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'TPU_NAME')
+GOOGLE_PCI_VENDOR = '0x1ae0'
+
+
+def accelerator_present(root: str = '/', environ: dict | None = None) -> bool:
+  """Whether this host shows a TPU or GPU (a glance at device files, microseconds; no JAX)."""
+  environ = os.environ if environ is None else environ
+  if any(environ.get(name) for name in TPU_VARIABLES):
+    return True
+  if any(glob.glob(os.path.join(root, pattern)) for pattern in ACCELERATOR_FILES):
+    return True
+  for vendor in glob.glob(os.path.join(root, 'sys/bus/pci/devices/*/vendor')):
+    try:
+      if pathlib.Path(vendor).read_text().strip() == GOOGLE_PCI_VENDOR:
+        return True
+    except OSError:
+      continue
+  return False
+
+
+def cpu_without_accelerators() -> None:
+  """Starts JAX on the CPU alone where it is imported, nothing chose its platforms (JAX_PLATFORMS,
+  jax.config) and this Linux host has no accelerator. Else JAX tries each plugin it has, and libtpu (the
+  tpu extra) prints that it could not determine the TPU type, and an INVALID_ARGUMENT error, before
+  JAX falls back to the CPU. Set in this process's JAX config only, not in the environment: a job this
+  command submits elsewhere (lm.sweep on Slurm) looks for its own accelerators."""
+  jax = sys.modules.get('jax')
+  if jax is None or jax.config.jax_platforms or sys.platform != 'linux' or accelerator_present():
+    return
+  jax.config.update('jax_platforms', 'cpu')
+
+
 def start(argv: list[str], required: tuple[str, ...], example: str) -> None:
   """What a command checks first: no stray arguments, and the flags in `required` given (else one line
   with an example command line); then absl's logging is kept to warnings."""
@@ -105,10 +178,14 @@ def call(target: str, *args, **kwargs) -> Any:
   way, once their flags and config are checked, so a mistake is reported at once rather than after
   the seconds that importing JAX, Flax and orbax takes."""
   module, _, function = target.partition(':')
-  return getattr(importlib.import_module(module), function)(*args, **kwargs)
+  function = getattr(importlib.import_module(module), function)
+  cpu_without_accelerators()  # JAX is imported now, and not started yet.
+  return function(*args, **kwargs)
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-  """A command's entry: lm's XLA flags, then absl's app.run with one-line flag errors."""
+  """A command's entry: lm's XLA flags, the CPU alone on a host without accelerators, then absl's app.run
+  with one-line flag errors."""
   set_default_xla_flags()
+  cpu_without_accelerators()
   app.run(main, flags_parser=parse_flags)

@@ -4,8 +4,9 @@
   python -m lm.generate --workdir=runs/qs --prompts_file=prompts.txt --greedy --max_new_tokens=64
 
 Or from Python: `from lm.generate import generate; generate('runs/qs', ['**HAMLET**'], top_k=40)`.
-Each prompt starts a document (the tokenizer's document-start token goes first); prompts of
-different lengths are left-padded into one batch.
+Each prompt starts as the run's tokenizer starts a text (lm.data.tokenizers.prompt_ids): lm's own
+tokenizers and Llama's put the document-start token first, GPT-2's and Qwen's add none (as
+transformers' tokenizer(text) does). Prompts of different lengths are left-padded into one batch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from lm import cli, decode, kinds, saved, sharding
 from lm.config import ConfigError
+from lm.data import tokenizers
 
 FLAGS = flags.FLAGS
 
@@ -29,6 +31,21 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
   """text up to (not including) the first of the stop strings in it, and whether one was."""
   cuts = [text.index(s) for s in stop if s in text]
   return (text[:min(cuts)], True) if cuts else (text, False)
+
+
+def check_request(max_new_tokens: int | None, num_return_sequences: int, greedy: bool, temperature: float,
+                  flag: str = '') -> None:
+  """A ConfigError in one line for a request no model can answer; flag='--' names the command's flags."""
+  if max_new_tokens is not None and max_new_tokens < 1:
+    raise ConfigError(f'{flag}max_new_tokens={max_new_tokens}: must be >= 1 (default 128; or give {flag}max_length, '
+                      'prompt plus new tokens)')
+  if num_return_sequences < 1:
+    raise ConfigError(f'{flag}num_return_sequences={num_return_sequences}: must be >= 1')
+  if num_return_sequences > 1 and (greedy or temperature == 0):
+    name, fix = (('--num_return_sequences', 'leave out --greedy and give a --temperature above 0') if flag else
+                 ('`num_return_sequences`', 'pass greedy=False and a temperature above 0'))
+    raise ConfigError(f'Greedy methods without beam search do not support {name} different than 1 '
+                      f'(got {num_return_sequences}): {fix}')
 
 
 def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = None, max_length: int | None = None,
@@ -41,8 +58,9 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   max_new_tokens: tokens to add (default 128); or max_length: prompt tokens plus new tokens, as
   in `transformers` (max_new_tokens wins when both are given). Either way at most what fits in
   model.max_len after the longest prompt.
-  greedy (or temperature 0): the most likely token each step; otherwise a draw at `temperature`
-  from the top_k most likely tokens (0: all) and the top_p nucleus, after a repetition penalty.
+  greedy (or temperature 0): the most likely token each step (then num_return_sequences must be 1);
+  otherwise a draw at `temperature` from the top_k most likely tokens (0: all) and the top_p nucleus,
+  after a repetition penalty.
   stop: strings that end a continuation (cut before them); stop_at_end: so does the end-of-text
   (document-start) token. seed: the same seed, prompts and settings give the same text.
   weights_dtype: 'float32' (as stored), or the projections' weights in 'bfloat16' or 'int8'
@@ -52,8 +70,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
     prompts = [prompts]
   if not prompts:
     raise ConfigError('no prompts given')
-  if num_return_sequences < 1:
-    raise ConfigError(f'num_return_sequences={num_return_sequences}: must be >= 1')
+  check_request(max_new_tokens, num_return_sequences, greedy, temperature)
   run = run if isinstance(run, saved.SavedRun) else saved.load(run)
   if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: generation here is for decoders '
@@ -62,7 +79,11 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   tokenizer = run.tokenizer
   sampling = decode.Sampling(0.0 if greedy else temperature, top_k, top_p, repetition_penalty)
   decode.check_sampling(sampling)
-  ids = [np.concatenate([[tokenizer.bos_id], tokenizer.encode(p)]).astype(np.int32) for p in prompts]
+  ids = [tokenizers.prompt_ids(tokenizer, p) for p in prompts]
+  if min(len(i) for i in ids) == 0:
+    end = f' (its end-of-text token {tokenizer.token(tokenizer.eos_id)!r} starts from nothing)' \
+        if hasattr(tokenizer, 'token') else ''
+    raise ConfigError(f'an empty prompt: this tokenizer starts no text with a token of its own; give text{end}')
   longest = max(len(i) for i in ids)
   if max_new_tokens is None:
     max_new_tokens = 128 if max_length is None else max_length - longest
@@ -116,6 +137,7 @@ def main(argv: list[str]) -> None:
   if not prompts:
     sys.exit('error: give --prompt or --prompts_file')
   try:
+    check_request(FLAGS.max_new_tokens, FLAGS.num_return_sequences, FLAGS.greedy, FLAGS.temperature, flag='--')
     run = saved.load(FLAGS.workdir, FLAGS.step)
     outputs = generate(run, prompts, max_new_tokens=FLAGS.max_new_tokens, max_length=FLAGS.max_length,
                        num_return_sequences=FLAGS.num_return_sequences, greedy=FLAGS.greedy,

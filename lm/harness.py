@@ -21,6 +21,7 @@ import difflib
 import functools
 import json
 import logging
+import os
 import pathlib
 import sys
 from typing import Any, Sequence
@@ -32,6 +33,7 @@ import numpy as np
 
 from lm import cli, decode, kinds, saved, sharding
 from lm.config import ConfigError
+from lm.data import tokenizers
 from lm.model import apply_model
 
 try:  # Optional: the `eval` extra.
@@ -45,6 +47,11 @@ except ImportError:
   lm_eval = None
   TemplateLM = object
   register_model = lambda name: (lambda cls: cls)
+
+# The harness bootstraps perplexities' standard errors in a multiprocessing pool: a fork of this process,
+# which JAX's threads make unsafe (JAX warns 'os.fork() was called ... will likely lead to a deadlock').
+# Its single-process path draws the same resamples (each chunk of 1000 seeded by its index).
+os.environ.setdefault('DISABLE_MULTIPROC', '1')
 
 FLAGS = flags.FLAGS
 TASKS_DIR = pathlib.Path(__file__).parent / 'harness_tasks'
@@ -120,12 +127,13 @@ class HarnessModel(TemplateLM):
     return token(token_id) if token is not None else None
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **unused) -> list[int]:
-    ids = self.text_tokenizer.encode(string).tolist()
-    add = self.text_tokenizer.adds_bos and add_special_tokens is not False
+    """The text's ids, started as lm.generate starts a prompt (tokenizers.prompt_ids) unless
+    add_special_tokens=False or the text already starts with its BOS (as the hf backend checks)."""
     bos_text = self._special_text(self.prefix_token_id)
-    if add_special_tokens is None and bos_text and string.startswith(bos_text):
-      add = False  # The text already starts with it (as the hf backend checks).
-    return [self.prefix_token_id] + ids if add else ids
+    add = add_special_tokens is not False and not (add_special_tokens is None and bos_text and
+                                                   string.startswith(bos_text))
+    tok = self.text_tokenizer
+    return (tokenizers.prompt_ids(tok, string) if add else tok.encode(string)).tolist()
 
   def tok_decode(self, ids: Sequence[int]) -> str:
     return self.text_tokenizer.decode(ids)
@@ -272,6 +280,8 @@ def main(argv: list[str]) -> None:
       print('\n'.join(sorted(task_manager(FLAGS.include_path).all_tasks)))
       return
     cli.start(argv, ('workdir', 'tasks'), 'python -m lm.harness --workdir=runs/qs --tasks=shakespeare')
+    if FLAGS.limit is not None and not FLAGS.limit > 0:
+      raise ConfigError(f'--limit={FLAGS.limit:g}: must be > 0 (documents per task; below 1, a fraction of them)')
     manager = task_manager(FLAGS.include_path)
     check_tasks(FLAGS.tasks, manager)
     model = HarnessModel(FLAGS.workdir, FLAGS.step, batch_size=FLAGS.batch_size)

@@ -4,7 +4,8 @@ mistral, mixtral, qwen2, qwen3. Needs the `hf` extra: pip install -e '.[hf]'.
 
   python -m lm.hf import --hf_dir=path/to/gpt2 --workdir=runs/gpt2    # then lm.generate, lm.evaluate,
                                                                       # or checkpoint.init_from=runs/gpt2
-  python -m lm.hf export --workdir=runs/x --hf_dir=out/x              # transformers can load out/x
+  python -m lm.hf export --workdir=runs/x --hf_dir=out/x              # transformers can load out/x (a new
+                                                                      # or empty folder; else --overwrite)
   python -m lm.hf import --hf_dir=DIR --workdir=W --config.mesh.shape=1,8,1   # straight into FSDP shards
 
 Only files on disk are read: nothing is downloaded.
@@ -13,6 +14,7 @@ Only files on disk are read: nothing is downloaded.
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import sys
 from typing import Iterable
@@ -23,7 +25,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, cli, kinds, saved, train, workdirs
+from lm import checkpoint, cli, kinds, lock, saved, train, workdirs
 from lm.config import ConfigError, flatten, override, validate
 from lm.data import tokenizers
 
@@ -55,6 +57,9 @@ class Tensors:
     else:
       raise ConfigError(f'no model.safetensors or model.safetensors.index.json in {str(hf_dir)!r}: expected a '
                         'folder written by save_pretrained')
+    for file_name in files:
+      if (hf_dir / file_name).is_file():
+        check_safetensors(hf_dir / file_name)
     self._dir = hf_dir
     # Names as the family spells them: some checkpoints leave its prefix out (GPT-2's 'transformer.').
     self._where = {}
@@ -83,6 +88,44 @@ class Tensors:
     if tuple(tensor.shape) != tuple(shape):
       raise ConfigError(f'{name} in {where[0]} is {tuple(tensor.shape)}, config.json implies {tuple(shape)}')
     return tensor.float().numpy()
+
+
+SAFETENSORS_DTYPE_BYTES = {'BOOL': 1, 'U8': 1, 'I8': 1, 'F8_E4M3': 1, 'F8_E5M2': 1, 'I16': 2, 'U16': 2, 'F16': 2,
+                           'BF16': 2, 'I32': 4, 'U32': 4, 'F32': 4, 'I64': 8, 'U64': 8, 'F64': 8}
+
+
+def check_safetensors(path: pathlib.Path) -> None:
+  """Refuses, in one line naming the file, a safetensors file that is cut short or malformed: its
+  8-byte header length, its JSON header, and each tensor's data_offsets (within the file, of the size
+  its shape and dtype take) are checked before anything is memory-mapped."""
+  where, size = repr(str(path)), path.stat().st_size
+  with open(path, 'rb') as f:
+    length = int.from_bytes(f.read(8), 'little')
+    if size < 8 or 8 + length > size:
+      raise ConfigError(f'{where} is truncated: its safetensors header ends at byte {8 + length if size >= 8 else 8}, '
+                        f'but the file holds {size}')
+    try:
+      header = json.loads(f.read(length))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise ConfigError(f'{where} is not a safetensors file: its header is not JSON ({e})') from None
+  if not isinstance(header, dict):
+    raise ConfigError(f'{where} is not a safetensors file: its header is not a JSON object')
+  data_bytes = size - 8 - length
+  for name, entry in header.items():
+    if name == '__metadata__':
+      continue
+    try:
+      begin, end = entry['data_offsets']
+      shape, itemsize = entry['shape'], SAFETENSORS_DTYPE_BYTES.get(entry['dtype'])
+    except (TypeError, KeyError, ValueError):
+      raise ConfigError(f'{where} is not a safetensors file: tensor {name!r} has no dtype, shape and '
+                        'data_offsets') from None
+    if end > data_bytes:
+      raise ConfigError(f'{where} is truncated: tensor {name!r} ends at byte {8 + length + end}, but the '
+                        f'file holds {size}')
+    if itemsize and end - begin != itemsize * np.prod(shape, dtype=np.int64):
+      raise ConfigError(f'{where} is not a safetensors file: tensor {name!r} of shape {tuple(shape)} '
+                        f'{entry["dtype"]} takes {end - begin} bytes')
 
 
 def read_hf(hf_dir: str | pathlib.Path, mesh: ml_collections.ConfigDict | dict | None = None,
@@ -128,22 +171,23 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path,
   (parameters only) with its tokenizer; returns its config. Generate from it, evaluate it, or
   fine-tune it with checkpoint.init_from."""
   hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir)
-  if workdirs.has_checkpoints(workdir / 'checkpoints'):
-    raise ConfigError(f'{str(workdir)!r} already holds checkpoints; import into a new --workdir')
-  run = read_hf(hf_dir, mesh, devices)
-  family, config = _family_and_config(hf_dir)
-  config = run.config if mesh else config  # Without a mesh, the workdir keeps the default mesh.shape.
-  tokenizer = run.tokenizer
-  workdir.mkdir(parents=True, exist_ok=True)
-  tokenizers.save(tokenizer, workdir / 'tokenizer', {'kind': 'huggingface', 'vocab_size': tokenizer.vocab_size,
-                                                     'imported_from': str(hf_dir.absolute())})
-  (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
-  (workdir / workdirs.IMPORTED_FILE).write_text(json.dumps({'imported_from': str(hf_dir.absolute()),
-                                                            'model_type': family.model_type}))
-  checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
-  checkpointer.save_params(0, run.params)
-  checkpointer.close()
-  return config
+  with lock.acquire(workdir):  # One writer: refused at once while another holds the workdir.
+    if workdirs.has_checkpoints(workdir / 'checkpoints'):
+      raise ConfigError(f'{str(workdir)!r} already holds checkpoints; import into a new --workdir')
+    run = read_hf(hf_dir, mesh, devices)
+    family, config = _family_and_config(hf_dir)
+    config = run.config if mesh else config  # Without a mesh, the workdir keeps the default mesh.shape.
+    tokenizer = run.tokenizer
+    workdir.mkdir(parents=True, exist_ok=True)
+    tokenizers.save(tokenizer, workdir / 'tokenizer', {'kind': 'huggingface', 'vocab_size': tokenizer.vocab_size,
+                                                       'imported_from': str(hf_dir.absolute())})
+    (workdir / 'config.json').write_text(json.dumps(flatten(config), indent=1, sort_keys=True))
+    (workdir / workdirs.IMPORTED_FILE).write_text(json.dumps({'imported_from': str(hf_dir.absolute()),
+                                                              'model_type': family.model_type}))
+    checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
+    checkpointer.save_params(0, run.params)
+    checkpointer.close()
+    return config
 
 
 def _family_and_config(hf_dir: pathlib.Path):
@@ -190,6 +234,8 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], hf_dir: pathlib
       size = 0
     shard[name], size = array, size + array.nbytes
   flush()
+  for path, _, _ in written:  # safetensors writes 0600, as a temporary file; the rest are the usual 0666 - umask.
+    path.chmod(_usual_mode())
   if len(written) == 1:
     written[0][0].rename(hf_dir / 'model.safetensors')
     return ['model.safetensors']
@@ -203,34 +249,47 @@ def write_safetensors(tensors: Iterable[tuple[str, np.ndarray]], hf_dir: pathlib
   return names
 
 
+def _usual_mode() -> int:
+  """The mode a new file gets from open(): 0666 less the process's umask (0644 under the default)."""
+  umask = os.umask(0o022)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def export_hf(workdir: str | pathlib.Path, hf_dir: str | pathlib.Path, step: int | None = None,
               model_type: str | None = None, mesh: ml_collections.ConfigDict | dict | None = None,
-              devices: list[jax.Device] | None = None, max_shard_bytes: int = SHARD_BYTES) -> pathlib.Path:
+              devices: list[jax.Device] | None = None, max_shard_bytes: int = SHARD_BYTES,
+              overwrite: bool = False) -> pathlib.Path:
   """Writes the run's parameters at `step` (default: latest) as a transformers folder of model_type
   (default: the most specific family that expresses the model, see lm.kinds.hf_family_of), with its
   tokenizer.json if the run uses a Hugging Face tokenizer. The parameters are restored onto the mesh
   that `mesh` (mesh.* keys) lays over `devices` (default: one device) and come to the host one tensor
-  at a time, written in shards of at most max_shard_bytes."""
+  at a time, written in shards of at most max_shard_bytes. A folder that holds anything is refused
+  unless `overwrite` (then the files of the same names are replaced)."""
   workdir, hf_dir = pathlib.Path(workdir), pathlib.Path(hf_dir)
-  require('safetensors')
-  mesh_shape = tuple(dict(mesh)['shape']) if mesh and 'shape' in dict(mesh) else None
-  run = saved.load(workdir, step, devices=devices if mesh_shape else list(devices or jax.devices())[:1],
-                   mesh_shape=mesh_shape or (1, 1, 1))
-  family = kinds.hf_family_of(run.config.model, model_type)
-  hf_dir.mkdir(parents=True, exist_ok=True)
-  write_safetensors(family.params_to_hf(run.params, run.config.model), hf_dir, max_shard_bytes)
-  tokenizer = run.tokenizer
-  config = family.hf_config(run.config.model, tokenizer.bos_id, tokenizer.eos_id)
-  (hf_dir / 'config.json').write_text(json.dumps(config, indent=2))
-  if isinstance(tokenizer, tokenizers.HuggingFaceTokenizer):
-    (hf_dir / 'tokenizer.json').write_text(tokenizer.json_text, encoding='utf-8')
-    bos, eos = tokenizer.token(tokenizer.bos_id), tokenizer.token(tokenizer.eos_id)
-    (hf_dir / 'tokenizer_config.json').write_text(json.dumps({
-        'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos, 'unk_token': eos,
-        'pad_token': eos, 'model_max_length': run.config.model.max_len}, indent=2))
-    (hf_dir / 'generation_config.json').write_text(json.dumps({
-        'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id}))
-  return hf_dir
+  with lock.acquire(hf_dir):  # Refuses a file, or a folder another writer holds.
+    if not overwrite and hf_dir.is_dir() and any(p.name != lock.LOCK_FILE for p in hf_dir.iterdir()):
+      raise ConfigError(f'{str(hf_dir)!r} is not empty; export into a new --hf_dir, or give --overwrite to replace '
+                        'its files')
+    require('safetensors')
+    mesh_shape = tuple(dict(mesh)['shape']) if mesh and 'shape' in dict(mesh) else None
+    run = saved.load(workdir, step, devices=devices if mesh_shape else list(devices or jax.devices())[:1],
+                     mesh_shape=mesh_shape or (1, 1, 1))
+    family = kinds.hf_family_of(run.config.model, model_type)
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    write_safetensors(family.params_to_hf(run.params, run.config.model), hf_dir, max_shard_bytes)
+    tokenizer = run.tokenizer
+    config = family.hf_config(run.config.model, tokenizer.bos_id, tokenizer.eos_id)
+    (hf_dir / 'config.json').write_text(json.dumps(config, indent=2))
+    if isinstance(tokenizer, tokenizers.HuggingFaceTokenizer):
+      (hf_dir / 'tokenizer.json').write_text(tokenizer.json_text, encoding='utf-8')
+      bos, eos = tokenizer.token(tokenizer.bos_id), tokenizer.token(tokenizer.eos_id)
+      (hf_dir / 'tokenizer_config.json').write_text(json.dumps({
+          'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': bos, 'eos_token': eos, 'unk_token': eos,
+          'pad_token': eos, 'model_max_length': run.config.model.max_len}, indent=2))
+      (hf_dir / 'generation_config.json').write_text(json.dumps({
+          'bos_token_id': tokenizer.bos_id, 'eos_token_id': tokenizer.eos_id, 'pad_token_id': tokenizer.pad_id}))
+    return hf_dir
 
 
 def _define_flags() -> None:
@@ -241,6 +300,8 @@ def _define_flags() -> None:
   flags.DEFINE_string('model_type', None, "export: the family to write (default: the most specific that "
                       "expresses the model), e.g. 'mistral' for a Llama-shaped run.")
   flags.DEFINE_float('max_shard_gb', SHARD_BYTES / 2**30, 'export: the largest safetensors file, in GiB.')
+  flags.DEFINE_bool('overwrite', False, 'export: write into a --hf_dir that holds files, replacing those of the '
+                    'same names.')
   cli.mesh_flag()
 
 
@@ -253,7 +314,8 @@ def _mesh_flags() -> dict | None:
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in ('import', 'export') or not FLAGS.hf_dir or not FLAGS.workdir:
     sys.exit('usage: python -m lm.hf import --hf_dir=DIR --workdir=runs/NAME [--config.mesh.shape=D,F,T] | '
-             'python -m lm.hf export --workdir=runs/NAME --hf_dir=DIR [--config.mesh.shape=D,F,T] [--max_shard_gb=G]')
+             'python -m lm.hf export --workdir=runs/NAME --hf_dir=DIR [--config.mesh.shape=D,F,T] [--max_shard_gb=G] '
+             '[--overwrite]')
   logging.set_verbosity(logging.WARNING)
   try:
     if argv[1] == 'import':
@@ -264,7 +326,7 @@ def main(argv: list[str]) -> None:
             f'{FLAGS.workdir}/ (step 0)')
     else:
       hf_dir = export_hf(FLAGS.workdir, FLAGS.hf_dir, FLAGS.step, FLAGS.model_type, mesh=_mesh_flags(),
-                         max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
+                         max_shard_bytes=int(FLAGS.max_shard_gb * 2**30), overwrite=FLAGS.overwrite)
       print(f'exported to {hf_dir}/')
   except (ConfigError, OSError) as e:
     sys.exit(f'error: {e}')

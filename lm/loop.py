@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import pathlib
+import secrets
 import signal
 import threading
 import time
@@ -15,9 +16,9 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, decode, hooks, kinds, metrics, sharding, workdirs
+from lm import checkpoint, decode, hooks, kinds, lock, metrics, sharding, workdirs
 from lm.config import ConfigError
-from lm.data import pipeline
+from lm.data import pipeline, tokenizers
 from lm.model import count_embedding_params, count_params
 from lm.train import (
   abstract_train_state,
@@ -94,7 +95,11 @@ class Trainer:
                devices: list[jax.Device] | None = None):
     self.config = config
     self.workdir = pathlib.Path(workdir)
+    lock.check_free(self.workdir)  # lm.main holds the lock; a Trainer of its own must not write beside it.
     self.workdir.mkdir(parents=True, exist_ok=True)
+    self.writer: metrics.MetricWriter | None = None  # Open while run() runs.
+    self.last_eval: dict[str, float] = {}
+    self.stopped_by: str | None = None  # The signal that stopped run() early.
     layout = make_layout(config, devices)
     self.mesh, self.rules, self.batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
     self.model = layout.model
@@ -190,13 +195,13 @@ class Trainer:
     if not e.num_samples:
       return []
     rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, step), 1)
-    prompt, input_ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(e.sample_prompt)]), None
-    kind = kinds.of(self.config.model)
-    if kind.prompt_is_input:  # The decoder starts afresh.
-      seq_len = self.config.data.seq_len
-      input_ids = np.pad(prompt[1:seq_len + 1], (0, max(0, seq_len - len(prompt) + 1)),
-                         constant_values=tokenizer.pad_id)
-      prompt = prompt[:1]
+    kind, input_ids = kinds.of(self.config.model), None
+    prompt = tokenizers.prompt_ids(tokenizer, e.sample_prompt)  # As lm.generate starts it.
+    if kind.prompt_is_input or not len(prompt):  # The decoder starts afresh (as a text without a prompt).
+      seq_len, text = self.config.data.seq_len, np.asarray(tokenizer.encode(e.sample_prompt), np.int32)
+      if kind.prompt_is_input:
+        input_ids = np.pad(text[:seq_len], (0, max(0, seq_len - len(text))), constant_values=tokenizer.pad_id)
+      prompt = np.array([tokenizer.bos_id], np.int32)
     new = decode.sample(self.model, self.state.params, prompt, num_samples=e.num_samples,
                         num_tokens=min(e.sample_tokens, kind.target_positions(self.config.data)),
                         temperature=e.sample_temperature, rng=rng, mesh=self.mesh, input_ids=input_ids)
@@ -227,7 +232,7 @@ class Trainer:
                 f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; mesh: '
                 + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items() if k != 'context' or v > 1)
                 + f' over {self.mesh.size} {jax.devices()[0].platform} devices, {jax.process_count()} process(es)')
-    self.last_eval = {}
+    self.last_eval, self.stopped_by = {}, None
     if step >= end:
       limit = 'train.steps' if end == c.train.steps else '--stop_after'
       metrics.say(f'{self.workdir} is already at step {step}: nothing to do ({limit}={end})')
@@ -248,7 +253,6 @@ class Trainer:
     built_in = [log, hooks.NonFiniteGuard(), hooks.Progress(self), checkpointer, hooks.Evaluate()]
     built_in += [self._harness] if self._harness else []
     self.hooks[:0] = built_in
-    self.stopped_by = None
     try:
       with StopSignals() as signals:
         while step < end:
@@ -302,6 +306,35 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     raise SystemExit(f'error: jax.distributed.initialize failed: {str(e).strip().splitlines()[0]}') from e
 
 
+def hold_workdir(workdir: str | pathlib.Path) -> lock.Lock | None:
+  """The workdir's lock, taken by process 0 for the whole job (the others hold None once they have
+  checked that it names their job); FolderInUse on every process when another writer holds it."""
+  if jax.process_count() == 1:
+    return lock.acquire(workdir)
+  job = f'{int(multihost_utils.broadcast_one_to_all(np.int32(secrets.randbits(31)))):08x}'
+  held, problem = None, ''
+
+  def agree() -> None:  # Every process goes on, or every process stops with a reason.
+    if not np.asarray(multihost_utils.process_allgather(np.int32(problem == ''))).all():
+      if held is not None:
+        held.release()
+      raise lock.FolderInUse(problem or f'{workdir}: another process of this job could not take or share the lock')
+
+  try:
+    if jax.process_index() == 0:
+      held = lock.acquire(workdir, job=job)
+  except ConfigError as e:
+    problem = str(e)
+  agree()
+  try:
+    if jax.process_index() != 0:
+      lock.check_job(workdir, job)
+  except ConfigError as e:
+    problem = str(e)
+  agree()
+  return held
+
+
 def train_command(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, stop_after: int | None = None,
                   distributed: tuple | None = None) -> str | None:
   """python -m lm.main once its config is valid: joins the other processes (distributed: the
@@ -309,11 +342,16 @@ def train_command(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
   stopped the run early (None: it reached its end); a refusal is a SystemExit with one line."""
   if distributed is not None:
     initialize_distributed(*distributed)
+  held = None
   try:
+    held = hold_workdir(workdir)
     trainer = Trainer(config, workdir)
     result = trainer.run(stop_after=stop_after)
   except (ConfigError, OSError, NonFiniteError) as e:  # OSError: an unusable workdir, a full disk, ...
     raise SystemExit(f'error: {e}') from e
+  finally:
+    if held is not None:
+      held.release()
   if result and not trainer.stopped_by:
     metrics.say(f'done: validation loss {result["loss"]:.4f}, perplexity {result["perplexity"]:.2f}, '
                 f'bits per byte {result["bits_per_byte"]:.4f}; outputs in {workdir}/')

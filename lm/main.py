@@ -11,7 +11,7 @@ import sys
 
 from absl import flags
 
-from lm import cli
+from lm import cli, lock
 from lm.config import ConfigError, validate
 
 _CONFIG = cli.config_flag()
@@ -50,11 +50,13 @@ def distributed_args() -> tuple | None:
 
 def main(argv: list[str]) -> None:
   cli.start(argv, ('config', 'workdir'), 'python -m lm.main --config=experiments/quickstart.py --workdir=runs/qs')
+  distributed = distributed_args()
   try:
     config = validate(_CONFIG.value)
+    if distributed is None:  # Refused at once; the training half takes the lock (process 0 of a job).
+      lock.check_free(_WORKDIR.value)
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  distributed = distributed_args()
   # JAX, Flax and orbax are imported only now, so the mistakes above are reported at once.
   cli.call('lm.loop:train_command', config, _WORKDIR.value, _STOP_AFTER.value, distributed)
 

@@ -7,6 +7,8 @@ scaling-law fit.
   results.report('runs/ablations/positions')  # the table, the loss curves and the ranking at once
 
 A workdir is a run (it holds config.json) or a folder of runs, such as a sweep's (lm/sweep.py).
+DataFrames and plots need the notebooks extra (pandas, matplotlib): without it this module still
+imports, the scaling-law fit works, and what needs them says `pip install 'lm[notebooks]'`.
 """
 
 from __future__ import annotations
@@ -17,19 +19,36 @@ import math
 import pathlib
 from typing import Sequence
 
-from IPython import display
-from matplotlib import ticker
-import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
-import pandas as pd
 import scipy.optimize
 
 from lm import sweep
 from lm.metrics import tokens_per_example
 from lm.workdirs import read_metrics
 
+# Optional: the `notebooks` extra. IPython only shows report's table in a notebook (else it prints).
+try:
+  import pandas as pd
+except ImportError:
+  pd = None
+try:
+  from matplotlib import ticker
+  import matplotlib.pyplot as plt
+except ImportError:
+  plt = ticker = None
+try:
+  from IPython import display
+except ImportError:
+  display = None
+
 FINAL_METRICS = ('eval/loss', 'eval/bits_per_byte', 'eval/perplexity')
+
+
+def _require(module, name: str, what: str) -> None:
+  """One clear error where `what` needs a package of the notebooks extra that is not installed."""
+  if module is None:
+    raise ModuleNotFoundError(f"lm.results.{what} needs {name}: pip install 'lm[notebooks]'", name=name)
 
 
 def run_dirs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -75,6 +94,7 @@ def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:
   last harness run's ('harness/TASK/METRIC', with eval.harness_tasks), the last 'train/loss', the
   median 'train/tokens_per_second' and 'seconds' spent compiling, training and evaluating.
   `.attrs['swept']` lists the keys the sweep varied."""
+  _require(pd, 'pandas', 'load_runs')
   rows = []
   for run_dir in run_dirs(workdir):
     config = json.loads((run_dir / 'config.json').read_text())
@@ -152,6 +172,7 @@ def plot_curves(curves: pd.DataFrame, metric: str = 'eval/loss', x: str = 'step'
                 logx: bool = False, logy: bool = False, label: str | None = None):
   """One line per run of metric against x ('step' or 'tokens'), labelled by its run name (or by
   the column `label`); returns the matplotlib Axes."""
+  _require(plt, 'matplotlib', 'plot_curves')
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 4))
   for name, run in curves.dropna(subset=[metric]).groupby('run', sort=False):
@@ -167,6 +188,7 @@ def plot_final(runs: pd.DataFrame, x: str, metric: str = 'eval/bits_per_byte', a
                by: str | None = None):
   """metric of each run's last eval against the config key or column x, one line per value of the
   column `by` if given (labelled with it); returns the Axes."""
+  _require(plt, 'matplotlib', 'plot_final')
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 4))
   for value, group in runs.groupby(by, sort=False) if by else [(None, runs)]:
@@ -186,6 +208,7 @@ def plot_by_position(results: dict[str, dict], metric: str = 'bits_per_byte', ax
   """metric by tokens of context, from lm.evaluate's by_position results ({label: evaluate(...,
   by_position=True)}): one line per label, each bucket at its last context length (log2 axis);
   returns the Axes. A line that keeps falling to the right is a model that uses its context."""
+  _require(plt, 'matplotlib', 'plot_by_position')
   if ax is None:
     _, ax = plt.subplots(figsize=(6, 4))
   for label, result in results.items():
@@ -214,6 +237,7 @@ def launch_ablation(experiment: str | pathlib.Path, workdir: str | pathlib.Path,
 
 def plot_losses(curves: pd.DataFrame):
   """Side by side, each run's validation bits per byte and training loss against step; returns the Figure."""
+  _require(plt, 'matplotlib', 'plot_losses')
   fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
   plot_curves(curves, 'eval/bits_per_byte', ax=left)
   plot_curves(curves, 'train/loss', ax=right)
@@ -235,8 +259,9 @@ def ranking(runs: pd.DataFrame) -> str:
 def report(workdir: str | pathlib.Path) -> None:
   """What an ablation notebook shows of the runs in workdir, in order: the table of their final
   metrics (rounded to 4 decimals), their loss curves (plot_losses) and their ranking."""
+  _require(plt, 'matplotlib', 'report')
   runs = load_runs(workdir)
-  display.display(table(runs).round(4))
+  (display.display if display is not None else print)(table(runs).round(4))
   plot_losses(load_curves(workdir))
   plt.show()
   print(ranking(runs))

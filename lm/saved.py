@@ -79,6 +79,16 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
   checkpointer = checkpoint.Checkpointer(workdir / 'checkpoints', config.checkpoint)
   try:
     params = checkpointer.restore_params(step, like)
+  except checkpoint.ChecksumError as e:
+    raise ConfigError(f'checkpoint {step} of {str(workdir)!r} is damaged: {e}; read another with --step '
+                      f'({", ".join(map(str, steps))})') from None
+  except Exception:
+    if (workdir / 'checkpoints' / str(step)).exists():
+      raise
+    now = workdirs.checkpoint_steps(workdir / 'checkpoints')
+    raise ConfigError(f'checkpoint {step} of {str(workdir)!r} was deleted while it was read (the run writing it '
+                      f'keeps checkpoint.max_to_keep={config.checkpoint.max_to_keep}); read again: the latest now '
+                      f'is {now[-1] if now else "none"}') from None
   finally:
     checkpointer.close()
   run = SavedRun(config, model, params, tokenizer, step, layout.mesh, workdir)

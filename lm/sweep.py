@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 from absl import flags
 import ml_collections
 
-from lm import cli, workdirs
+from lm import cli, lock, workdirs
 from lm.config import ConfigError, flatten, load_module, override, split_spec, validate
 from lm.workdirs import read_metrics
 
@@ -242,7 +242,7 @@ def check_workdir(workdir: pathlib.Path, record: dict[str, Any], runs: list[Run]
     raise ConfigError(f'workdir {str(workdir)!r} holds a training run, not a sweep; use another --workdir')
   path = workdir / MANIFEST
   if not path.exists():
-    if workdir.is_dir() and any(workdir.iterdir()):
+    if workdir.is_dir() and any(p.name != lock.LOCK_FILE for p in workdir.iterdir()):
       raise ConfigError(f'workdir {str(workdir)!r} is not empty and holds no {MANIFEST}; use another --workdir')
     return
   old = json.loads(path.read_text())
@@ -341,83 +341,88 @@ def launch(spec: str, workdir: str | pathlib.Path, overrides: Point | None = Non
   workdir = pathlib.Path(workdir)
   runs = expand(spec, workdir, overrides)
   record = manifest(spec, overrides, runs)
-  check_workdir(workdir, record, runs)
-  before = {r.name: status(r) for r in runs}
-  results = {r.name: {'name': r.name, **r.overrides, 'status': before[r.name]} for r in runs}
-  todo = [r for r in runs if before[r.name] != 'done']
-  for r in runs:
-    step = finished_steps(r.workdir)
-    what = {'done': 'done', 'partial': f'resumes from step {step}', 'new': 'to run'}[before[r.name]]
-    say(f'{r.name:40s} {what}' + (f'\n    {shlex.join(r.command)}' if dry_run else ''))
-  if dry_run:
-    return list(results.values())
-  blocked = [r for r in todo if any(before[a] != 'done' for a in r.after)]
-  if launcher == 'slurm' and blocked:  # Refused before anything is written.
-    raise ConfigError(f'sweep point {blocked[0].name!r} starts from point {blocked[0].after[0]!r}, which is not '
-                      'done: a job array cannot order them; run the sweep with --launcher=local')
-  write_manifest(workdir, record)
-  if launcher == 'slurm':
-    if todo:
-      script = workdir / 'sweep.sbatch'
-      script.write_text(slurm_script(todo, workdir, parallel, sbatch))
-      say(f'{len(todo)} of {len(runs)} points in a job array: sbatch {script}')
-    return list(results.values())
+  held = None if dry_run else lock.acquire(workdir)  # One launcher per sweep folder (each point locks its own).
+  try:
+    check_workdir(workdir, record, runs)
+    before = {r.name: status(r) for r in runs}
+    results = {r.name: {'name': r.name, **r.overrides, 'status': before[r.name]} for r in runs}
+    todo = [r for r in runs if before[r.name] != 'done']
+    for r in runs:
+      step = finished_steps(r.workdir)
+      what = {'done': 'done', 'partial': f'resumes from step {step}', 'new': 'to run'}[before[r.name]]
+      say(f'{r.name:40s} {what}' + (f'\n    {shlex.join(r.command)}' if dry_run else ''))
+    if dry_run:
+      return list(results.values())
+    blocked = [r for r in todo if any(before[a] != 'done' for a in r.after)]
+    if launcher == 'slurm' and blocked:  # Refused before anything is written.
+      raise ConfigError(f'sweep point {blocked[0].name!r} starts from point {blocked[0].after[0]!r}, which is not '
+                        'done: a job array cannot order them; run the sweep with --launcher=local')
+    write_manifest(workdir, record)
+    if launcher == 'slurm':
+      if todo:
+        script = workdir / 'sweep.sbatch'
+        script.write_text(slurm_script(todo, workdir, parallel, sbatch))
+        say(f'{len(todo)} of {len(runs)} points in a job array: sbatch {script}')
+      return list(results.values())
 
-  failed: set[str] = set()
+    failed: set[str] = set()
 
-  def finish(run: Run, returncode: int, seconds: float, log: pathlib.Path | None) -> None:
-    final = final_metrics(run.workdir)
-    results[run.name].update(returncode=returncode, seconds=seconds, **final)
-    if returncode == 0 and status(run) == 'done':
-      say(f'finished {run.name} in {seconds:.0f} s: eval loss {final.get("eval/loss", float("nan")):.4f}, '
-          f'bits/byte {final.get("eval/bits_per_byte", float("nan")):.4f}')
+    def finish(run: Run, returncode: int, seconds: float, log: pathlib.Path | None) -> None:
+      final = final_metrics(run.workdir)
+      results[run.name].update(returncode=returncode, seconds=seconds, **final)
+      if returncode == 0 and status(run) == 'done':
+        say(f'finished {run.name} in {seconds:.0f} s: eval loss {final.get("eval/loss", float("nan")):.4f}, '
+            f'bits/byte {final.get("eval/bits_per_byte", float("nan")):.4f}')
+      else:
+        failed.add(run.name)
+        why = f'; {log}: {_last_line(log)}' if log else ''
+        say(f'FAILED {run.name} (exit {returncode}) after {seconds:.0f} s{why}')
+
+    def skipped(run: Run) -> bool:
+      """Whether run starts from a point that failed (then it fails too, without running)."""
+      parent = next((a for a in run.after if a in failed), None)
+      if parent:
+        failed.add(run.name)
+        results[run.name].update(returncode=1, seconds=0.0)
+        say(f'FAILED {run.name}: not run, it starts from {parent}, which failed')
+      return parent is not None
+
+    parallel = parallel or 1
+    at_once = f', {parallel} at a time' if launcher == 'local' else ''
+    say(f'{len(todo)} of {len(runs)} points to run, {launcher}{at_once}')
+    if launcher == 'inline':
+      for run in todo:
+        if not skipped(run):
+          start = time.perf_counter()
+          finish(run, _run_inline(run), time.perf_counter() - start, None)
     else:
-      failed.add(run.name)
-      why = f'; {log}: {_last_line(log)}' if log else ''
-      say(f'FAILED {run.name} (exit {returncode}) after {seconds:.0f} s{why}')
+      queue, running = list(todo), {}
+      try:
+        while queue or running:
+          queue = [r for r in queue if not skipped(r)]
+          while len(running) < parallel:
+            waiting = {r.name for r in queue} | set(running)
+            run = next((r for r in queue if not set(r.after) & waiting), None)
+            if run is None:
+              break
+            queue.remove(run)
+            log = run.workdir / 'train.log'
+            running[run.name] = (run, _start(run, log), time.perf_counter(), log)
+            say(f'started {run.name}')
+          for name, (run, proc, start, log) in list(running.items()):
+            if proc.poll() is not None:
+              del running[name]
+              finish(run, proc.returncode, time.perf_counter() - start, log)
+          time.sleep(0.2)
+      finally:  # Interrupted: stop the points still training; their checkpoints stay for the next launch.
+        for run, proc, _, _ in running.values():
+          proc.terminate()
+          proc.wait()
+    return list(results.values())
 
-  def skipped(run: Run) -> bool:
-    """Whether run starts from a point that failed (then it fails too, without running)."""
-    parent = next((a for a in run.after if a in failed), None)
-    if parent:
-      failed.add(run.name)
-      results[run.name].update(returncode=1, seconds=0.0)
-      say(f'FAILED {run.name}: not run, it starts from {parent}, which failed')
-    return parent is not None
-
-  parallel = parallel or 1
-  at_once = f', {parallel} at a time' if launcher == 'local' else ''
-  say(f'{len(todo)} of {len(runs)} points to run, {launcher}{at_once}')
-  if launcher == 'inline':
-    for run in todo:
-      if not skipped(run):
-        start = time.perf_counter()
-        finish(run, _run_inline(run), time.perf_counter() - start, None)
-  else:
-    queue, running = list(todo), {}
-    try:
-      while queue or running:
-        queue = [r for r in queue if not skipped(r)]
-        while len(running) < parallel:
-          waiting = {r.name for r in queue} | set(running)
-          run = next((r for r in queue if not set(r.after) & waiting), None)
-          if run is None:
-            break
-          queue.remove(run)
-          log = run.workdir / 'train.log'
-          running[run.name] = (run, _start(run, log), time.perf_counter(), log)
-          say(f'started {run.name}')
-        for name, (run, proc, start, log) in list(running.items()):
-          if proc.poll() is not None:
-            del running[name]
-            finish(run, proc.returncode, time.perf_counter() - start, log)
-        time.sleep(0.2)
-    finally:  # Interrupted: stop the points still training; their checkpoints stay for the next launch.
-      for run, proc, _, _ in running.values():
-        proc.terminate()
-        proc.wait()
-  return list(results.values())
-
+  finally:
+    if held is not None:
+      held.release()
 
 def _define_flags():
   flags.DEFINE_string('workdir', None, 'Directory of the sweep: one sub-workdir per point, and sweep.json.')

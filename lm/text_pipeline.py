@@ -10,8 +10,9 @@ memory), or a Hub name already in the local Hugging Face cache: nothing is downl
 transformers' arguments and give its answers: a string gives [{'generated_text': ...}, ...] (one per
 return sequence), a list of strings a list of those. Defaults are transformers' (5.x): the folder's
 generation_config.json, then the pipeline's own (sample at temperature 0.7, 256 new tokens), then
-generate's (top_k 50, max_length 20). Prompts are tokenized as transformers does for a Hugging Face
-tokenizer; for a run trained here each prompt starts a document, as in lm.generate.
+generate's (top_k 50, max_length 20). Prompts start as the tokenizer starts a text
+(lm.data.tokenizers.prompt_ids, as lm.generate does): as transformers' tokenizer(text) for a Hugging
+Face tokenizer; for a run trained here with a document-start token.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _resolve(model: str | os.PathLike) -> tuple[str, pathlib.Path]:
       return 'hf', pathlib.Path(hub.snapshot_download(str(model), local_files_only=True))
     except Exception:  # Not in the cache (huggingface_hub's errors differ between versions).
       raise ConfigError(f"model {str(model)!r}: not an lm workdir or a folder, and not in the local Hugging Face "
-                        'cache (nothing is downloaded here; fetch it first, e.g. huggingface-cli download '
+                        'cache (nothing is downloaded here; fetch it first, e.g. hf download '
                         f'{model})') from None
   raise ConfigError(f'model {str(model)!r}: expected an lm workdir (python -m lm.main) or a save_pretrained folder '
                     '(config.json, model.safetensors, tokenizer.json)')
@@ -78,10 +79,9 @@ def _generation_config(kind: str, path: pathlib.Path) -> dict[str, Any]:
 class TextGenerationPipeline:
   """Continues prompts like transformers' TextGenerationPipeline (see the module doc)."""
 
-  def __init__(self, run: saved.SavedRun, folder_settings: dict[str, Any], hf_tokenization: bool,
-               clean_up_spaces: bool, weights_dtype: str):
-    self.run, self.folder_settings = run, folder_settings
-    self.hf_tokenization, self.clean_up_spaces = hf_tokenization, clean_up_spaces
+  def __init__(self, run: saved.SavedRun, folder_settings: dict[str, Any], clean_up_spaces: bool,
+               weights_dtype: str):
+    self.run, self.folder_settings, self.clean_up_spaces = run, folder_settings, clean_up_spaces
     self.params = decode.cast_weights(run.params, weights_dtype)
 
   def settings(self, given: dict[str, Any]) -> dict[str, Any]:
@@ -92,12 +92,6 @@ class TextGenerationPipeline:
     if not {**chosen, **added}.get('do_sample'):
       added = {k: v for k, v in added.items() if k not in SAMPLING_KEYS}
     return {**GENERATE_DEFAULTS, **added, **chosen}
-
-  def _encode(self, text: str) -> np.ndarray:
-    tok = self.run.tokenizer
-    ids = tok.encode(text)
-    starts = not self.hf_tokenization or getattr(tok, 'adds_bos', False)  # A document's first token.
-    return np.concatenate([[tok.bos_id], ids]).astype(np.int32) if starts else np.asarray(ids, np.int32)
 
   def _decode(self, ids: np.ndarray) -> str:
     text = self.run.tokenizer.decode(ids)
@@ -124,7 +118,7 @@ class TextGenerationPipeline:
     if num_return_sequences > 1 and not s['do_sample']:
       raise ConfigError('Greedy methods without beam search do not support `num_return_sequences` different than 1 '
                         f'(got {num_return_sequences}): pass do_sample=True')
-    ids = [self._encode(p) for p in prompts]
+    ids = [tokenizers.prompt_ids(self.run.tokenizer, p) for p in prompts]
     if min(len(i) for i in ids) == 0:
       raise ConfigError('text-generation: an empty prompt (this tokenizer starts no text with a token of its own)')
     if s['max_new_tokens'] is not None:
@@ -160,10 +154,9 @@ def pipeline(task: str, model: str | os.PathLike, *, weights_dtype: str = 'float
     run = saved.load(path)
   else:
     run = saved.unrolled(hf.read_hf(path))
-  hf_tokenization = isinstance(run.tokenizer, tokenizers.HuggingFaceTokenizer)
   config_file = path / 'tokenizer_config.json'
   clean_up = kind == 'hf' and config_file.is_file() and bool(
       json.loads(config_file.read_text()).get('clean_up_tokenization_spaces', False))
   if run.config.model.kind != 'decoder':
     raise ConfigError(f'model {str(model)!r} is an encoder-decoder: text-generation continues decoders\' prompts')
-  return TextGenerationPipeline(run, _generation_config(kind, path), hf_tokenization, clean_up, weights_dtype)
+  return TextGenerationPipeline(run, _generation_config(kind, path), clean_up, weights_dtype)

@@ -24,7 +24,7 @@ import time
 from absl import flags
 import tqdm
 
-from lm import cli
+from lm import cli, lock
 from lm.config import ConfigError, reserved_ids, validate
 from lm.data import builders, pipeline, tokenized, tokenizers
 
@@ -43,8 +43,8 @@ _worker = {}  # In each worker process: the opened splits and the tokenizer (see
 
 
 def _start_worker(d, tokenizer_dir: str) -> None:
-  builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
-                                     (d.input_key, d.target_key), d.text_key)
+  where = builders.data_dir(d.name, d.tfds_data_dir, pathlib.Path(tokenizer_dir).parent / 'data')
+  builder = builders.prepare_builder(d.name, where, d.paths, d.val_fraction, (d.input_key, d.target_key), d.text_key)
   tokenizer = tokenizers.load(d.tokenizer, pathlib.Path(tokenizer_dir))
   _worker.update(builder=builder, sources={}, tokenize=pipeline.Tokenize(tokenizer, (d.text_key,)),
                  text_key=d.text_key, dtype=tokenized.token_dtype(tokenizer.vocab_size))
@@ -76,9 +76,14 @@ def _write_json(path: pathlib.Path, value: dict) -> None:
 def tokenize(d, vocab_size: int, out: str, *, workers: int | None = None, shard_docs: int = 4096,
              init_from: str = '', progress: bool = True) -> dict:
   """Tokenizes data section d's train and eval splits into `out` (see the module docstring); returns
-  the manifest. Already finished: returns it as it is."""
+  the manifest. Already finished: returns it as it is. Holds the folder's lock meanwhile."""
   folder = pathlib.Path(os.path.expanduser(out))
-  folder.mkdir(parents=True, exist_ok=True)
+  with lock.acquire(folder):
+    return _tokenize(d, vocab_size, out, folder, workers, shard_docs, init_from, progress)
+
+
+def _tokenize(d, vocab_size: int, out: str, folder: pathlib.Path, workers: int | None, shard_docs: int,
+              init_from: str, progress: bool) -> dict:
   earlier = next((json.loads((folder / n).read_text()) for n in (tokenized.MANIFEST, tokenized.PLAN)
                   if (folder / n).exists()), None)
   tokenizer = None

@@ -36,6 +36,11 @@ def _changed_keys(saved: dict[str, Any], config: ml_collections.ConfigDict) -> d
   return {k: (old[k], v) for k, v in current.items() if old[k] != v}
 
 
+def _differences(changed: dict[str, tuple], keys: list[str]) -> str:
+  """'model.d_model is 32 there, 64 here, ...': every key that differs, so one try sees them all."""
+  return ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in keys)
+
+
 def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> dict[str, tuple]:
   """Refuses to resume a workdir whose checkpoints come from another model or data config.
 
@@ -53,10 +58,8 @@ def check_workdir(workdir: pathlib.Path, config: ml_collections.ConfigDict) -> d
   changed = _changed_keys(json.loads(saved_path.read_text()), config)
   clashes = [k for k in changed if must_match(k)]
   if clashes:
-    detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
-    more = f' (and {len(clashes) - 3} more)' if len(clashes) > 3 else ''
     raise ConfigError(f'workdir {str(workdir)!r} holds checkpoints of a different model, data or optimizer config: '
-                      f'{detail}{more}; use a new --workdir or the same config')
+                      f'{_differences(changed, clashes)}; use a new --workdir or the same config')
   return changed
 
 
@@ -81,7 +84,7 @@ def check_init_from(source: pathlib.Path, config: ml_collections.ConfigDict) -> 
   if not full and config.model.positions != 'learned':  # Only a learned position table has max_len rows.
     clashes = [k for k in clashes if k != 'model.max_len']  # A longer context starts from a shorter one's weights.
   if clashes:
-    detail = ', '.join(f'{k} is {changed[k][0]!r} there, {changed[k][1]!r} here' for k in clashes[:3])
+    detail = _differences(changed, clashes)
     what = "a different model, data or optimizer config (init_mode='full' continues it)" if full else \
         'a differently shaped model'
     raise ConfigError(f'{where} holds {what}: {detail}')

@@ -1,7 +1,11 @@
+import os
+import subprocess
+import sys
+
 import jax
 import pytest
 
-from conftest import QUICKSTART
+from conftest import QUICKSTART, ROOT
 from lm import config as config_lib
 from lm import train
 from lm.config import ConfigError
@@ -96,3 +100,25 @@ def test_unknown_keys_name_the_nearest_valid_ones():
   config.train.epochs = 3  # An experiment file that adds a key.
   with pytest.raises(ConfigError, match="unknown config key 'train.epochs'"):
     config_lib.validate(config)
+
+
+def test_a_broken_experiment_file_is_refused_naming_its_line(tmp_path):
+  """lm.main's one line names the file and the line of it where the error was raised, whichever way
+  config_flags hands the error on (as raised; a ValueError re-raised as a new one; an OSError kept)."""
+  bodies = {
+      'def helper():\n  return 1 / 0\n\n\ndef get_config():\n  return helper()\n':
+          'line 2 in helper: ZeroDivisionError: division by zero',
+      'def get_config():\n  raise ValueError("bad preset name")\n': 'line 2 in get_config: ValueError: bad preset name',
+      'def get_config():\n  return open("/nonexistent/x").read()\n':
+          "line 2 in get_config: FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/x'",
+      'import ml_collections\nSIZES = {}["xl"]\n': "line 2: KeyError: 'xl'",
+      'def get_config(:\n': 'line 1: SyntaxError: invalid syntax',
+  }
+  for i, (body, where) in enumerate(bodies.items()):
+    path = tmp_path / f'x{i}.py'
+    path.write_text(body)
+    done = subprocess.run([sys.executable, '-m', 'lm.main', f'--config={path}', f'--workdir={tmp_path / "run"}'],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (done.returncode, done.stderr, done.stdout) == (1, f'error: --config: {path} {where}\n', ''), body
+  assert not (tmp_path / 'run').exists()

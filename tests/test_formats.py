@@ -85,8 +85,10 @@ def test_a_single_text_file_is_cut_where_it_always_was(tmp_path):
                                                      "it has 'body'"),
     ('bad.jsonl', b'{"text": "a"}\n["text"]\n', "'bad.jsonl' row 2 has no 'text' field"),
     ('bad.jsonl', b'{"text": "a"}\n{"text": "\xff"}\n', "'bad.jsonl' row 2 is not UTF-8 (byte 0xff at column 11)"),
-    ('bad.jsonl.gz', gzip.compress(b''.join(b'{"text": "row %d"}\n' % i for i in range(3000)))[:4000],
-     "'bad.jsonl.gz' cannot be read after row"),
+    ('bad.jsonl.gz', gzip.compress(b''.join(b'{"text": "row %d"}\n' % i for i in range(3000)), mtime=0)[:4000],
+     "'bad.jsonl.gz' is truncated after row"),
+    ('bad.jsonl.gz', gzip.compress(b'{"text": "a"}\n', mtime=0)[:12] + b'not deflate',
+     "'bad.jsonl.gz' cannot be read after row 0"),
     ('bad.jsonl.zst', b'not zstd at all', "'bad.jsonl.zst' cannot be read after row 0"),
     ('bad.parquet', b'not parquet', "'bad.parquet' is not a Parquet file"),
 ])
@@ -95,6 +97,13 @@ def test_malformed_rows_are_refused_naming_file_and_row(tmp_path, name, content,
   with pytest.raises(ConfigError, match=re.escape(message.lstrip("'"))) as e:
     builders.prepare_builder('text_files', str(tmp_path / 'tfds'), str(tmp_path / name), 0.1)
   assert '\n' not in str(e.value)
+
+
+def test_a_zstd_file_of_several_frames_reads_them_all(tmp_path):
+  """As pzstd and concatenated .zst files write them: every frame's rows, in order."""
+  frames = [_write(tmp_path / f'{i}.jsonl.zst', ROWS[i * 20:(i + 1) * 20]).read_bytes() for i in range(2)]
+  (tmp_path / 'both.jsonl.zst').write_bytes(b''.join(frames))
+  assert list(builders.read_rows(tmp_path / 'both.jsonl.zst', 'text')) == ROWS
 
 
 def test_parquet_columns_are_checked(tmp_path):

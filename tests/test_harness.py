@@ -136,6 +136,14 @@ def test_unknown_tasks_missing_data_and_missing_folders_are_refused_in_one_line(
   assert done.returncode == 1 and done.stderr.startswith('error:') and len(done.stderr.strip().splitlines()) == 1
 
 
+def test_a_limit_of_no_documents_is_refused_in_one_line():
+  for limit in ('-3', '0'):  # (Below 1 and above 0 it is a fraction of each task's documents.)
+    done = subprocess.run([sys.executable, '-m', 'lm.harness', '--workdir=/nonexistent', '--tasks=shakespeare',
+                           f'--limit={limit}'], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr, done.stdout) == (
+        1, f'error: --limit={limit}: must be > 0 (documents per task; below 1, a fraction of them)\n', '')
+
+
 def test_the_shipped_task_files_are_what_build_writes(tmp_path):
   for path in build.build(tmp_path):
     shipped = pathlib.Path(harness.TASKS_DIR / path.name)

@@ -2,6 +2,7 @@
 into lm with the same logits, and lm's export loads back into transformers with them again."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -65,13 +66,24 @@ def test_import_then_export_keeps_the_logits(hf_gpt2, tmp_path):
   np.testing.assert_allclose(_torch_logits(reloaded, ids), ours, atol=1e-4, rtol=1e-4)
   hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / 'exported')
   assert hf_tokenizer.encode(TEXT) == list(ids)
+  umask = os.umask(0o022)
+  os.umask(umask)
+  modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / 'exported').iterdir()}
+  assert modes == dict.fromkeys(['config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json',
+                                 'generation_config.json'], oct(0o666 & ~umask))  # Not safetensors' 0600.
+
+  with pytest.raises(ConfigError, match=f"^'{tmp_path / 'exported'}' is not empty; export into a new --hf_dir, or "
+                                        'give --overwrite to replace its files$'):
+    hf.export_hf(tmp_path / 'imported', tmp_path / 'exported')
+  hf.export_hf(tmp_path / 'imported', tmp_path / 'exported', overwrite=True)
+  assert sorted(modes) == sorted(p.name for p in (tmp_path / 'exported').iterdir())
 
 
 def test_greedy_generation_matches_transformers(hf_gpt2, tmp_path):
   folder, torch_model, tokenizer = hf_gpt2
   hf.import_hf(folder, tmp_path / 'imported')
   end = tokenizer.token_to_id('<|endoftext|>')
-  prompt = [end] + tokenizer.encode('To be').ids  # lm starts each prompt as a document.
+  prompt = tokenizer.encode('To be').ids  # As GPT-2's tokenizer starts a text: no BOS (tests/test_prompts.py).
   with torch.no_grad():
     theirs = torch_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
                                   pad_token_id=end)[0, len(prompt):].tolist()

@@ -5,8 +5,10 @@ import math
 import os
 import pathlib
 import random
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -185,6 +187,9 @@ def test_sigkill_at_random_points_loses_nothing(straight_and_resumed, tfds_dir, 
   assert len(kills) >= 3, (kills, misses)
   final = run_main(workdir, overrides, compile_cache=compile_cache)
   assert 'resumed from step' in log.read_text() + final.stdout + final.stderr, kills
+  # Each kill after start-up left the lock of a dead pid, taken over by the next run with a warning.
+  taken_over = (log.read_text() + final.stdout).count(f'warning: {workdir}: took over the lock of an earlier writer')
+  assert taken_over >= len(kills) - 1 and not (workdir / 'lock').exists(), kills
   assert _steps(workdir)[-1] == 8 and not (workdir / 'corrupt_checkpoints').exists(), kills
   a, b = _restore(workdir, 8), _restore(straight, 8)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -192,6 +197,78 @@ def test_sigkill_at_random_points_loses_nothing(straight_and_resumed, tfds_dir, 
   evals = [[r['eval/loss'] for r in read_metrics(w) if 'eval/loss' in r][-1] for w in (workdir, straight)]
   assert evals[0] == evals[1]
   print('kills:', '; '.join(kills), '| missed:', misses)
+
+
+def _env(compile_cache: str | None = None, **extra) -> dict:
+  env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+  if compile_cache:
+    env |= {'JAX_COMPILATION_CACHE_DIR': compile_cache, 'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+            'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '-1'}
+  return env
+
+
+def _computed(workdir: pathlib.Path) -> list[dict]:
+  return [{k: v for k, v in r.items() if k not in TIMINGS} for r in read_metrics(workdir)]
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_workdir_is_refused_and_the_first_is_untouched(straight_and_resumed, tfds_dir,
+                                                                              play_files, tmp_path, compile_cache):
+  straight, workdir = straight_and_resumed[0], tmp_path / 'busy'
+  overrides = tiny_overrides(tfds_dir, play_files, **DROPOUT)
+  first = subprocess.Popen([sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}']
+                           + [f'--config.{k}={v}' for k, v in overrides.items()], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, env=_env(compile_cache), cwd=ROOT)
+  deadline, held = time.monotonic() + 120, None
+  while held is None:
+    assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()
+    try:
+      held = json.loads((workdir / 'lock').read_text())
+    except (OSError, ValueError):  # Not there yet, or being written.
+      time.sleep(0.05)
+  second = run_main(workdir, overrides | {'optimizer.learning_rate': 0.01}, check=False)
+  still_running = first.poll() is None
+  output, _ = first.communicate(timeout=300)
+  assert first.returncode == 0 and still_running, output[-3000:]
+  since = time.strftime('%Y-%m-%d %H:%M', time.localtime(held['started']))
+  assert _refusal(second) == (f'error: {workdir} is in use by pid {first.pid} on {socket.gethostname()} since {since} '
+                              f'(lm.main); one writer at a time: wait for it to finish, or use another folder; if no '
+                              f'process uses it, delete {workdir / "lock"}')
+  assert not (workdir / 'lock').exists() and 'config_changes.jsonl' not in os.listdir(workdir)
+  assert _computed(workdir) == _computed(straight)
+  for x, y in zip(jax.tree.leaves(_restore(straight, 8)), jax.tree.leaves(_restore(workdir, 8))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _no_bigger_files(limit: int):
+  """In the child: a disk that is full for files over `limit` bytes (writes past it fail with EFBIG)."""
+  def apply():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+  return apply
+
+
+@pytest.mark.slow
+def test_a_disk_that_fills_during_a_save_stops_the_run_and_loses_nothing(straight_and_resumed, tfds_dir, play_files,
+                                                                         tmp_path, compile_cache):
+  straight, workdir = straight_and_resumed[0], tmp_path / 'full'
+  overrides = tiny_overrides(tfds_dir, play_files, **DROPOUT)
+  run_main(workdir, overrides, '--stop_after=4', compile_cache=compile_cache)
+  args = [sys.executable, '-m', 'lm.main', f'--config={QUICKSTART}', f'--workdir={workdir}']
+  args += [f'--config.{k}={v}' for k, v in overrides.items()]
+  full = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600,
+                        preexec_fn=_no_bigger_files(64 << 10))  # The checkpoint's array file is ~400 KB.
+  assert full.returncode == 1, full.stderr[-3000:]
+  line = _refusal(full)
+  assert line.startswith(f'error: checkpoint 8 could not be written in {workdir / "checkpoints"} (')
+  assert line.endswith('; the checkpoints before it are kept (4): free space and run the same command to resume '
+                       'from step 4'), line
+  assert 'File too large' in line and 'Traceback' not in full.stdout + full.stderr
+  assert _steps(workdir) == [4] and not (workdir / 'lock').exists()
+  resumed = run_main(workdir, overrides, compile_cache=compile_cache)  # Space again: resumes from 4.
+  assert 'resumed from step 4' in resumed.stdout and _steps(workdir) == [4, 8]
+  for x, y in zip(jax.tree.leaves(_restore(straight, 8)), jax.tree.leaves(_restore(workdir, 8))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _refusal(result) -> str:

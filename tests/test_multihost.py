@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -43,8 +45,15 @@ def test_two_processes_match_one(tfds_dir, play_files, tmp_path):
        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
       + [f'--config.{k}={v}' for k, v in overrides.items()],
       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT) for i in range(2)]
+  held = None
+  while held is None and any(p.poll() is None for p in procs):  # One lock, process 0's, naming the job.
+    try:
+      held = json.loads((workdir / 'lock').read_text())
+    except (OSError, ValueError):  # Not there yet, or being written.
+      time.sleep(0.05)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-3000:] for o in outputs)
+  assert held['pid'] == procs[0].pid and len(held['job']) == 8 and not (workdir / 'lock').exists()
   assert 'over 8 cpu devices, 2 process(es)' in outputs[0]
   assert (workdir / 'checkpoints' / '4' / 'data' / 'process_1-of-2.json').exists()
 

@@ -1,8 +1,14 @@
 """Losing nothing: non-finite steps, corrupt checkpoints, records cut short (kills: test_main.py)."""
 
 import functools
+import json
+import math
 import pathlib
 import shutil
+import socket
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import one_device_layout, tiny_config
-from lm import loop, train
+from lm import checkpoint, evaluate, generate, lock, loop, saved, train
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
@@ -112,12 +118,26 @@ def _truncate(step_dir):
   big.write_bytes(big.read_bytes()[:big.stat().st_size // 2])
 
 
+def _flip_a_bit(step_dir):
+  """One bit of one parameter flipped, the array written back as orbax writes it: every file reads,
+  only the checksum kept beside the checkpoint can tell."""
+  state_dir = (step_dir / 'state').absolute()
+  with ocp.StandardCheckpointer() as io:
+    state = io.restore(state_dir)
+    kernel = np.array(state['params']['block_0']['mlp']['up']['kernel'])
+    kernel.view(np.uint32)[3, 5] ^= 1 << 9
+    state['params']['block_0']['mlp']['up']['kernel'] = kernel
+    shutil.rmtree(state_dir)
+    io.save(state_dir, state)
+
+
 CORRUPTIONS = {
     'truncated array file': _truncate,
     'missing array file': lambda step_dir: _largest_file(step_dir / 'state').unlink(),
     'garbled metadata': lambda step_dir: (step_dir / 'state' / '_METADATA').write_text('{"tree_metadata": '),
     'empty manifest': lambda step_dir: (step_dir / 'state' / 'manifest.ocdbt').write_bytes(b''),
     'missing data iterator state': lambda step_dir: shutil.rmtree(step_dir / 'data'),
+    'flipped bit in an array': _flip_a_bit,
 }
 
 
@@ -142,9 +162,56 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(checkpointed, tmp_
   out = capsys.readouterr().out
   warning = [line for line in out.splitlines() if line.startswith('warning: checkpoint 4 is unreadable (')]
   assert len(warning) == 1 and warning[0].endswith(f'; moved to {workdir / "corrupt_checkpoints" / "4"}'), out
+  if corruption == 'flipped bit in an array':
+    assert '(ChecksumError: 1 array(s) differ from their checksums: params/block_0/mlp/up/kernel)' in warning[0]
   assert (workdir / 'corrupt_checkpoints' / '4').is_dir() and _steps(workdir) == [2]
   _assert_same_state(jax.device_get(trainer.state.params), _restore(pristine, 2)['params'])
   trainer.checkpointer.close()
+
+
+def test_a_reader_is_told_in_one_line_of_a_damaged_or_deleted_checkpoint(checkpointed, tmp_path, monkeypatch):
+  pristine, _ = checkpointed
+  workdir = tmp_path / 'run'
+  shutil.copytree(pristine, workdir)
+  _flip_a_bit(workdir / 'checkpoints' / '4')
+  with pytest.raises(ConfigError) as e:
+    saved.load(workdir, devices=jax.devices()[:1])
+  assert str(e.value) == (f"checkpoint 4 of {str(workdir)!r} is damaged: 1 array(s) differ from their checksums: "
+                          'params/block_0/mlp/up/kernel; read another with --step (2, 4)')
+  assert saved.load(workdir, 2, devices=jax.devices()[:1]).step == 2
+
+  restore_params = checkpoint.Checkpointer.restore_params
+
+  def deleted_first(self, step, like):  # As a training run's max_to_keep deletes it under the reader.
+    shutil.rmtree(self.directory / str(step))
+    return restore_params(self, step, like)
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'restore_params', deleted_first)
+  with pytest.raises(ConfigError) as e:
+    saved.load(workdir, 2, devices=jax.devices()[:1])
+  assert str(e.value) == (f"checkpoint 2 of {str(workdir)!r} was deleted while it was read (the run writing it "
+                          'keeps checkpoint.max_to_keep=3); read again: the latest now is 4')
+
+
+def test_readers_work_beside_the_writer_that_holds_the_workdir(checkpointed, tmp_path):
+  pristine, _ = checkpointed
+  workdir = tmp_path / 'run'
+  shutil.copytree(pristine, workdir)
+  writer = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])  # A training run, alive.
+  try:
+    (workdir / 'lock').write_text(json.dumps({
+        'host': socket.gethostname(), 'pid': writer.pid, 'pid_start': lock._process_start(writer.pid),
+        'command': 'lm.main', 'started': time.time(), 'heartbeat': time.time(), 'token': 'the-writer'}))
+    held = (workdir / 'lock').read_bytes()
+    with pytest.raises(lock.FolderInUse):  # A writer is refused ...
+      lock.acquire(workdir)
+    run = saved.load(workdir, devices=jax.devices()[:1])  # ... readers are not.
+    scores = evaluate.evaluate(run, num_batches=1)
+    texts = generate.generate(run, 'To be', max_new_tokens=4, greedy=True)
+  finally:
+    writer.kill()
+  assert run.step == 4 and math.isfinite(scores['loss']) and len(texts[0]) == 1
+  assert (workdir / 'lock').read_bytes() == held
 
 
 @pytest.mark.slow

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -127,4 +130,31 @@ def test_plot_final_draws_one_line_per_group_in_x_order(tmp_path):
   grouped = results.plot_final(runs, 'optimizer.learning_rate', logx=True, by='group')
   assert [line.get_label() for line in grouped.lines] == ['group=a', 'group=b']
   np.testing.assert_allclose(grouped.lines[1].get_ydata(), [3.25, 3.375])
+  plt.close('all')
+
+
+def test_it_imports_without_the_notebooks_extra_and_says_what_to_install(tmp_path, monkeypatch, capsys):
+  script = ("import sys\n"
+            "for name in ('IPython', 'pandas', 'matplotlib', 'matplotlib.pyplot'):\n"
+            "  sys.modules[name] = None  # As if not installed.\n"
+            "from lm import results\n"
+            "fit = results.fit_scaling_law([1e4, 2e4, 4e4, 8e4], [1e5] * 4, [3.0, 2.8, 2.7, 2.65], bootstraps=0)\n"
+            "print(round(fit.E, 3))\n"
+            "for call in (lambda: results.load_runs('.'), lambda: results.plot_by_position({})):\n"
+            "  try:\n"
+            "    call()\n"
+            "  except ModuleNotFoundError as e:\n"
+            "    print(e)\n")
+  done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  assert (done.returncode, done.stderr) == (0, '')
+  assert done.stdout.splitlines() == ['2.596', "lm.results.load_runs needs pandas: pip install 'lm[notebooks]'",
+                                      "lm.results.plot_by_position needs matplotlib: pip install 'lm[notebooks]'"]
+  # Without IPython, report prints its table instead of displaying it.
+  workdir = _fake_sweep(tmp_path)
+  monkeypatch.setattr(results, 'display', None)
+  monkeypatch.setattr(results.plt, 'show', lambda: None)
+  results.report(workdir)
+  runs = results.load_runs(workdir)
+  assert capsys.readouterr().out == f'{results.table(runs).round(4)}\n{results.ranking(runs)}\n'
   plt.close('all')

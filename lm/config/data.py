@@ -23,7 +23,9 @@ class Data:
   paths: str = key('', string(), MATCH, 'text_files / text_pairs: comma-separated files or globs (text_files: '
                    'text, or one document per row in .jsonl, .jsonl.gz, .jsonl.zst, .parquet; pairs: .tsv '
                    'input<TAB>target, or .jsonl); tokenized: the lm.tokenize --out folder.')
-  tfds_data_dir: str = key('', string(), FREE, "'' = TFDS default ($TFDS_DATA_DIR or ~/tensorflow_datasets).")
+  tfds_data_dir: str = key('', string(), FREE, "Where datasets are prepared and read. '': text_files and "
+                           "text_pairs under the workdir (WORKDIR/data), other datasets in TFDS's default "
+                           '($TFDS_DATA_DIR or ~/tensorflow_datasets); set it to share prepared files between runs.')
   train_split: str = key('train', string(nonempty=True), MATCH, 'The split training reads.')
   eval_split: str = key('validation', string(nonempty=True), FREE, 'The split evaluation reads.')
   text_key: str = key('text', string(nonempty=True), MATCH, 'Feature holding the text in each example (text_files: '

@@ -10,6 +10,7 @@ both sides (except a lone file, which is cut once at a line boundary or row). Te
 from __future__ import annotations
 
 import codecs
+import contextlib
 import glob
 import gzip
 import hashlib
@@ -17,12 +18,15 @@ import importlib.util
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
 import resource
+import shutil
 import types
 from typing import Iterable, Iterator
+import zlib
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -115,6 +119,9 @@ def shakespeare_plays_dir() -> pathlib.Path:
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / 'plays'
 
 
+SPLITS = ('train', 'validation')  # Those of each builder here.
+
+
 class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """What our builders share: version 1.0.0, examples of text features (by default {'text', 'doc'}),
   and a train and a validation split, each the examples of what `_splits` puts on its side."""
@@ -135,7 +142,15 @@ class _Builder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   def _split_generators(self, dl_manager):
     del dl_manager
     train, val = self._splits()
-    return {'train': self._generate_examples(train), 'validation': self._generate_examples(val)}
+    return dict(zip(SPLITS, (self._generate_examples(train), self._generate_examples(val))))
+
+  # TFDS prints 'Downloading and preparing dataset Unknown size ...' and '... downloaded and prepared'
+  # to stdout for every dataset it prepares: about a download that ours, read from local files, never make.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
 
 
 class Shakespeare(_Builder):
@@ -209,14 +224,61 @@ def _check_utf8_text(path: pathlib.Path, block: int = 1 << 20) -> None:
     raise ConfigError(f'data.paths: {str(path)!r} is empty')
 
 
+class _ZstdReader(io.RawIOBase):
+  """The decompressed bytes of a .zst file, frame after frame. A file that ends inside a frame raises
+  EOFError where its data stops (zstandard's stream_reader ends there as if the data were whole)."""
+
+  def __init__(self, path: pathlib.Path, chunk: int = 1 << 16):
+    self._file, self._chunk = open(path, 'rb'), chunk
+    self._frame, self._in_frame = zstandard.ZstdDecompressor().decompressobj(), False
+    self._out, self._at = b'', 0
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    while self._at == len(self._out):
+      raw = self._file.read(self._chunk)
+      if not raw:
+        if self._in_frame:
+          raise EOFError('the file ends inside a zstd frame')
+        return 0
+      self._out, self._at = self._decompress(raw), 0
+    n = min(len(buffer), len(self._out) - self._at)
+    buffer[:n] = memoryview(self._out)[self._at:self._at + n]
+    self._at += n
+    return n
+
+  def _decompress(self, raw: bytes) -> bytes:
+    out = []
+    while raw:
+      out.append(self._frame.decompress(raw))
+      self._in_frame = not self._frame.eof
+      if self._in_frame:
+        break
+      raw = self._frame.unused_data  # The next frame's first bytes.
+      self._frame = zstandard.ZstdDecompressor().decompressobj()
+    return b''.join(out)
+
+  def close(self) -> None:
+    self._file.close()
+    super().close()
+
+
 def _open_rows(path: pathlib.Path):
-  """A binary file object over the (decompressed) bytes of a JSONL file."""
+  """A binary file object over the (decompressed) bytes of a JSONL file; reading a compressed one cut
+  short raises EOFError (before the bytes of its last, partial row)."""
   name = path.name.lower()
   if name.endswith('.gz'):
     return gzip.open(path, 'rb')
   if name.endswith('.zst'):
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, 'rb'), closefd=True))
+    return io.BufferedReader(_ZstdReader(path))
   return open(path, 'rb')
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+  """'Expecting value at column 9' of a one-line document (some of json's messages end in 'at' already)."""
+  return f'{e.msg}{"" if e.msg.endswith(" at") else " at"} column {e.pos + 1}'
 
 
 def read_rows(path: pathlib.Path, text_key: str, start: int = 0, stop: int | None = None) -> Iterator[str]:
@@ -254,14 +316,16 @@ def _jsonl_rows(path: pathlib.Path, text_key: str, parse: bool = True) -> Iterat
           raise ConfigError(f'{where} row {number} is not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})'
                             ) from None
         except json.JSONDecodeError as e:
-          raise ConfigError(f'{where} row {number} is not JSON ({e.msg} at column {e.pos + 1})') from None
+          raise ConfigError(f'{where} row {number} is not JSON ({_json_error(e)})') from None
         if not isinstance(record, dict) or text_key not in record:
           fields = f'; it has {", ".join(map(repr, record))}' if isinstance(record, dict) else ''
           raise ConfigError(f'{where} row {number} has no {text_key!r} field (data.text_key){fields}')
         if not isinstance(record[text_key], str):
           raise ConfigError(f'{where} row {number}: {text_key!r} is {type(record[text_key]).__name__}, not text')
         yield record[text_key]
-  except (OSError, EOFError, zstandard.ZstdError) as e:  # Truncated or corrupt compressed data.
+  except EOFError:  # A compressed file cut short (a partial last row is never read).
+    raise ConfigError(f'{where} is truncated after row {number}') from None
+  except (OSError, zlib.error, zstandard.ZstdError) as e:  # Corrupt compressed data.
     raise ConfigError(f'{where} cannot be read after row {number}: {str(e).strip() or type(e).__name__}') from None
 
 
@@ -270,6 +334,9 @@ def _parquet_column(path: pathlib.Path, text_key: str) -> pq.ParquetFile:
   try:
     parquet = pq.ParquetFile(path)
   except (pa.ArrowException, OSError) as e:
+    if _cut_parquet(path):
+      raise ConfigError(f'{where} is truncated: it starts as a Parquet file but lacks the footer that ends '
+                        'one') from None
     raise ConfigError(f'{where} is not a Parquet file ({str(e).strip().splitlines()[0]})') from None
   schema = parquet.schema_arrow
   if text_key not in schema.names:
@@ -278,6 +345,14 @@ def _parquet_column(path: pathlib.Path, text_key: str) -> pq.ParquetFile:
   if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
     raise ConfigError(f'{where} column {text_key!r} holds {kind}, not text (data.text_key)')
   return parquet
+
+
+def _cut_parquet(path: pathlib.Path) -> bool:
+  """Whether a file opens with Parquet's magic bytes but does not end with them."""
+  with open(path, 'rb') as f:
+    head = f.read(4)
+    f.seek(max(0, path.stat().st_size - 4))
+    return head == b'PAR1' and f.read(4) != b'PAR1'
 
 
 def _parquet_rows(path: pathlib.Path, text_key: str, batch_rows: int = 1024) -> Iterator[str]:
@@ -394,7 +469,7 @@ def read_pairs(path: pathlib.Path, keys: tuple[str, str]) -> Iterator[tuple[str,
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ConfigError(f'{where} is not JSON ({e.msg})') from None
+        raise ConfigError(f'{where} is not JSON ({_json_error(e)})') from None
       missing = [k for k in keys if not isinstance(record, dict) or k not in record]
       if missing:
         raise ConfigError(f'{where} has no {missing[0]!r} field (data.input_key / data.target_key)')
@@ -427,23 +502,94 @@ class TextPairs(_Builder):
       yield f'{i:09d}', {self.builder_config.keys[0]: source, self.builder_config.keys[1]: target}
 
 
+FILE_DATASETS = ('text_files', 'text_pairs')  # Prepared from the user's files (data.paths).
+
+
+def data_dir(name: str, tfds_data_dir: str, files_dir: pathlib.Path | None) -> str | None:
+  """Where the dataset `name` is prepared or read: data.tfds_data_dir when set (to share one between
+  runs); else one prepared from the user's files under files_dir (a workdir's data/); else TFDS's
+  default ($TFDS_DATA_DIR or ~/tensorflow_datasets)."""
+  if tfds_data_dir:
+    return tfds_data_dir
+  return str(files_dir) if name in FILE_DATASETS and files_dir is not None else None
+
+
+class _Unwanted(logging.Filter):
+  """Drops the warnings TFDS logs (through absl) about every builder of ours: the custom builder config
+  each user's files get, and the variant folder not yet prepared that it looks into first."""
+
+  MESSAGES = ('Using custom data configuration: %s', 'Variant folder %s has no %s')
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.msg not in self.MESSAGES
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  logger, unwanted = logging.getLogger('absl'), _Unwanted()
+  logger.addFilter(unwanted)
+  try:
+    yield
+  finally:
+    logger.removeFilter(unwanted)
+
+
+def make_builder(name: str, data_dir: str | None, paths: str = '', val_fraction: float = 0.1,
+                 pair_keys: tuple[str, str] = ('input', 'target'), text_key: str = 'text'
+                 ) -> tfds.core.DatasetBuilder:
+  """The builder for a dataset (ours not yet prepared: see `prepare`; another TFDS one, prepared)."""
+  with _quiet_tfds():
+    if name == 'shakespeare':
+      return Shakespeare(data_dir=data_dir, file_format='array_record')
+    if name == 'text_files':
+      config = TextFilesConfig(files=resolve_text_files(paths), val_fraction=val_fraction, text_key=text_key)
+      return TextFiles(config=config, data_dir=data_dir, file_format='array_record')
+    if name == 'text_pairs':
+      config = TextPairsConfig(files=resolve_text_files(paths), val_fraction=val_fraction, keys=pair_keys)
+      return TextPairs(config=config, data_dir=data_dir, file_format='array_record')
+  return _prepared_tfds_builder(name, data_dir)
+
+
+def prepare(builder: tfds.core.DatasetBuilder) -> bool:
+  """Prepares a builder of ours, in array_record format, unless it is; returns whether it did. One
+  that fails (a bad row) leaves nothing behind: TFDS writes into a temporary folder that it removes,
+  and the folders made to hold it are removed here (as is the empty downloads/ folder TFDS makes,
+  failing or not: ours download nothing)."""
+  with _quiet_tfds():
+    if builder.is_prepared():
+      return False
+    root, version_dir = pathlib.Path(builder.data_dir_root), pathlib.Path(builder.data_path)
+    downloads = [root / 'downloads' / 'extracted', root / 'downloads']
+    made = [p for p in [*downloads, version_dir, *version_dir.parents] if not p.exists()]  # Deepest first.
+    tfds.disable_progress_bar()
+    failed = True
+    try:
+      builder.download_and_prepare()
+      failed = False
+    finally:
+      for folder in made:
+        if failed or folder in downloads:
+          with contextlib.suppress(OSError):  # Not there, or holding something not ours.
+            folder.rmdir()
+  return True
+
+
+def unprepare(builder: tfds.core.DatasetBuilder) -> None:
+  """Removes the prepared files of a builder of ours, and the folders up to its data_dir left empty."""
+  root, version_dir = pathlib.Path(builder.data_dir_root), pathlib.Path(builder.data_path)
+  shutil.rmtree(version_dir, ignore_errors=True)
+  for folder in itertools.takewhile(lambda p: p != root.parent, version_dir.parents):
+    with contextlib.suppress(OSError):  # Holding something else.
+      folder.rmdir()
+
+
 def prepare_builder(name: str, data_dir: str | None, paths: str = '', val_fraction: float = 0.1,
                     pair_keys: tuple[str, str] = ('input', 'target'), text_key: str = 'text'
                     ) -> tfds.core.DatasetBuilder:
   """The builder for a dataset, prepared in array_record format (built here for our three)."""
-  if name == 'shakespeare':
-    builder = Shakespeare(data_dir=data_dir, file_format='array_record')
-  elif name == 'text_files':
-    config = TextFilesConfig(files=resolve_text_files(paths), val_fraction=val_fraction, text_key=text_key)
-    builder = TextFiles(config=config, data_dir=data_dir, file_format='array_record')
-  elif name == 'text_pairs':
-    config = TextPairsConfig(files=resolve_text_files(paths), val_fraction=val_fraction, keys=pair_keys)
-    builder = TextPairs(config=config, data_dir=data_dir, file_format='array_record')
-  else:
-    return _prepared_tfds_builder(name, data_dir)
-  if not builder.is_prepared():
-    tfds.disable_progress_bar()
-    builder.download_and_prepare()
+  builder = make_builder(name, data_dir, paths, val_fraction, pair_keys, text_key)
+  if name in ('shakespeare', *FILE_DATASETS):
+    prepare(builder)
   return builder
 
 

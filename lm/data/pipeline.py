@@ -20,6 +20,7 @@ import dataclasses
 import itertools
 import os
 import pathlib
+import shutil
 from typing import Any, Iterator
 
 import grain
@@ -52,18 +53,22 @@ class Mixture:
   vocab_size: int
 
 
-def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
-  splits = list(builder.info.splits)
+def _check_names(builder, splits, features, split: str, key: str, text_keys: tuple[str, ...]) -> None:
+  """Refuses a split or text feature of data section keys that the dataset (of those splits and features) lacks."""
   if split not in splits:
     raise ConfigError(f'{key}={split!r} is not a split of {builder.name!r}; it has {", ".join(sorted(splits))}')
-  source = builder.as_data_source(split)
-  if len(source) == 0:
-    raise ConfigError(f'{key}={split!r} of {builder.name!r} holds no examples')
   for text_key, config_key in zip(text_keys, ('data.input_key', 'data.target_key') if len(text_keys) == 2
                                   else ('data.text_key',)):
-    if text_key not in source[0]:
+    if text_key not in features:
       raise ConfigError(f'{config_key}={text_key!r} is not a feature of {builder.name!r}; '
-                        f'it has {", ".join(sorted(source[0]))}')
+                        f'it has {", ".join(sorted(features))}')
+
+
+def _split_source(builder, split: str, key: str, text_keys: tuple[str, ...]):
+  source = builder.as_data_source(split) if split in builder.info.splits else None
+  if source is not None and len(source) == 0:
+    raise ConfigError(f'{key}={split!r} of {builder.name!r} holds no examples')
+  _check_names(builder, list(builder.info.splits), source[0] if source is not None else (), split, key, text_keys)
   return source
 
 
@@ -73,22 +78,46 @@ def example_text(example: dict, text_key: str) -> str:
 
 
 def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None = None,
-                tokenizer: tokenizers.Tokenizer | None = None, init_from: str = '') -> Corpus:
+                tokenizer: tokenizers.Tokenizer | None = None, init_from: str = '',
+                files_dir: pathlib.Path | None = None) -> Corpus:
   """Prepares the dataset of the data section `d` if it is ours, opens both splits, loads or trains
   the tokenizer for a model of vocab_size ids (or takes that of the run in init_from, as
   checkpoint.init_from does; or uses the one given).
 
-  With expected_dataset (what a workdir's checkpoints were trained on), refuses other data.
+  A dataset made from the user's files (text_files, text_pairs) is prepared in files_dir (default:
+  data/ beside tokenizer_dir, in a workdir), unless data.tfds_data_dir says where (see builders.data_dir).
+  With expected_dataset (what a workdir's checkpoints were trained on), refuses other data before
+  preparing any.
   """
+  files_dir = pathlib.Path(tokenizer_dir).parent / 'data' if files_dir is None else files_dir
   if d.mixture.strip():
-    return _load_mixture(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from)
+    return _load_mixture(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from, files_dir)
   if d.name == 'tokenized':
     return _load_tokenized(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from)
-  builder = builders.prepare_builder(d.name, d.tfds_data_dir or None, d.paths, d.val_fraction,
-                                     (d.input_key, d.target_key), d.text_key)
+  where = builders.data_dir(d.name, d.tfds_data_dir, files_dir)
+  builder = builders.make_builder(d.name, where, d.paths, d.val_fraction, (d.input_key, d.target_key), d.text_key)
   dataset = f'{builder.info.full_name}:{d.train_split}'  # What training reads; the eval split may change.
   _check_same_data(expected_dataset, dataset)
   text_keys = (d.input_key, d.target_key) if d.objective == 'seq2seq' else (d.text_key,)
+  prepared_here = False  # By this call, under files_dir: what a refusal below takes back, with a new tokenizer.
+  if d.name in ('shakespeare', *builders.FILE_DATASETS):
+    for split, key in ((d.train_split, 'data.train_split'), (d.eval_split, 'data.eval_split')):
+      _check_names(builder, builders.SPLITS, builder.info.features, split, key, text_keys)
+    prepared_here = builders.prepare(builder) and where == str(files_dir)
+  new_tokenizer_dir = not tokenizer_dir.exists()
+  try:
+    return _open_corpus(d, vocab_size, tokenizer_dir, builder, dataset, text_keys, tokenizer, init_from)
+  except ConfigError:  # A refused run leaves its workdir as it was.
+    if prepared_here:
+      builders.unprepare(builder)
+    if new_tokenizer_dir:
+      shutil.rmtree(tokenizer_dir, ignore_errors=True)
+    raise
+
+
+def _open_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, builder, dataset: str,
+                 text_keys: tuple[str, ...], tokenizer: tokenizers.Tokenizer | None, init_from: str) -> Corpus:
+  """load_corpus's second half: the splits of a prepared builder, the tokenizer, and their checks."""
   train = _split_source(builder, d.train_split, 'data.train_split', text_keys)
   evaluation = _split_source(builder, d.eval_split, 'data.eval_split', text_keys)
   texts = (example_text(train[i], key) for i in range(len(train)) for key in text_keys)
@@ -114,7 +143,7 @@ def _source_section(d: Data, source: MixtureSource):
 
 
 def _load_mixture(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
-                  tokenizer: tokenizers.Tokenizer | None, init_from: str) -> Mixture:
+                  tokenizer: tokenizers.Tokenizer | None, init_from: str, files_dir: pathlib.Path) -> Mixture:
   """Each source of data.mixture, all with one tokenizer: that of the tokenized sources (which must
   agree), or one trained on the text sources' train splits taken in turn (or given, or init_from's)."""
   sources = mixture_sources(d)
@@ -136,8 +165,8 @@ def _load_mixture(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expecte
     builders_ = {}
     for s in sources:
       try:
-        builders_[s.label] = builders.prepare_builder(s.name, d.tfds_data_dir or None, s.paths, d.val_fraction,
-                                                      text_key=d.text_key)
+        builders_[s.label] = builders.prepare_builder(s.name, builders.data_dir(s.name, d.tfds_data_dir, files_dir),
+                                                      s.paths, d.val_fraction, text_key=d.text_key)
       except ConfigError as e:
         raise refused(s.label, e) from None
     trains = [_split_source(b, d.train_split, 'data.train_split', (d.text_key,)) for b in builders_.values()]
@@ -150,7 +179,7 @@ def _load_mixture(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expecte
   for s in sources:
     try:
       corpora[s.label] = load_corpus(sections[s.label], vocab_size, tokenizer_dir, tokenizer=tokenizer,
-                                     init_from=init_from)
+                                     init_from=init_from, files_dir=files_dir)
     except ConfigError as e:
       raise refused(s.label, e) from None
     tokenizer = tokenizer or corpora[s.label].tokenizer  # The first source's (init_from's, or the byte one).

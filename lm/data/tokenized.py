@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import math
 import os
 import pathlib
 from typing import Any
@@ -71,11 +72,34 @@ def tokenizer_fingerprint(tokenizer_dir: pathlib.Path, kind: str) -> str:
   return digest.hexdigest()[:16]
 
 
+def check_npy(path: pathlib.Path) -> None:
+  """Refuses, in one line naming it, a missing .npy file or one whose bytes are fewer or more than its
+  header's shape and dtype say (a copy cut short), before it is read or memory-mapped."""
+  where = f'data.paths: {str(path)!r}'
+  if not path.is_file():
+    raise ConfigError(f'{where} is missing: tokenize again')
+  with open(path, 'rb') as f:
+    try:
+      version = np.lib.format.read_magic(f)
+      read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+      shape, _, dtype = read_header(f)
+    except (ValueError, EOFError) as e:
+      raise ConfigError(f'{where} is not a .npy file ({str(e).strip().splitlines()[0]}): tokenize again') from None
+    expected = f.tell() + math.prod(shape) * dtype.itemsize
+  actual = path.stat().st_size
+  if actual != expected:
+    what = 'truncated' if actual < expected else 'longer than its header says'
+    raise ConfigError(f'{where} is {what}: {actual} bytes, expected {expected}; tokenize again')
+
+
 class TokenizedSource:
   """A split's documents as int32 token arrays, by index (a Grain random-access source): the shards'
-  tokens are memory-mapped, nothing is read until asked for."""
+  tokens are memory-mapped, nothing is read until asked for. Each file's size is checked first."""
 
   def __init__(self, split_dir: pathlib.Path, num_shards: int):
+    for i in range(num_shards):
+      for path in shard_files(split_dir, i):
+        check_npy(path)
     self._tokens = [np.load(shard_files(split_dir, i)[0], mmap_mode='r') for i in range(num_shards)]
     self._offsets = [np.load(shard_files(split_dir, i)[1]) for i in range(num_shards)]
     self._starts = list(np.cumsum([0] + [len(o) - 1 for o in self._offsets]))

@@ -39,6 +39,14 @@ class Tokenizer(Protocol):
   def decode(self, ids: Iterable[int]) -> str: ...
 
 
+def prompt_ids(tokenizer: Tokenizer, text: str) -> np.ndarray:
+  """int32 ids of a text generation or scoring starts from, as the tokenizer starts a text: with bos_id
+  first where it adds_bos (lm's own tokenizers, whose documents start so; Llama's), else its tokens alone
+  (GPT-2, Qwen), as transformers' tokenizer(text) gives. The one rule for every prompt lm reads."""
+  ids = np.asarray(tokenizer.encode(text), np.int32)
+  return np.concatenate([np.array([tokenizer.bos_id], np.int32), ids]) if tokenizer.adds_bos else ids
+
+
 class ByteTokenizer:
   """Ids 0..255 are the bytes themselves; 256 pads and 257 starts a document."""
 

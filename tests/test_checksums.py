@@ -3,7 +3,8 @@ mesh (a checkpoint restored onto other shardings checks against the numbers save
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 

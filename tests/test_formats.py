@@ -143,3 +143,27 @@ def test_a_corpus_over_the_memory_buffer_spills_to_disk_without_tensorflow(tmp_p
   assert len(spilled) == len(in_memory) == 180
   assert [spilled[i] for i in range(180)] == [in_memory[i] for i in range(180)]
   assert not list((tmp_path / 'b').rglob('bucket_*'))  # The buckets are gone.
+
+
+def test_a_dataset_of_your_files_is_prepared_in_the_workdir_unless_told_where(tmp_path, monkeypatch):
+  monkeypatch.setenv('TFDS_DATA_DIR', str(tmp_path / 'shared'))  # TFDS's default: nothing may land there.
+  path = _write(tmp_path / 'rows.jsonl', ROWS)
+  config = tiny_config('', str(path), **{'data.tokenizer': 'byte'})
+  workdir = tmp_path / 'run'
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, workdir / 'tokenizer')
+  assert len(corpus.train_source) + len(corpus.eval_source) == len(ROWS)
+  assert [p.name for p in workdir.iterdir() if p.name != 'tokenizer'] == ['data']
+  assert [p.name for p in (workdir / 'data').iterdir()] == ['text_files']  # No empty downloads/ beside it.
+  assert not (tmp_path / 'shared').exists()
+  told = tiny_config(str(tmp_path / 'shared'), str(path), **{'data.tokenizer': 'byte'})
+  pipeline.load_corpus(told.data, told.model.vocab_size, tmp_path / 'other' / 'tokenizer')
+  assert (tmp_path / 'shared' / 'text_files').is_dir() and not (tmp_path / 'other' / 'data').exists()
+
+
+def test_a_prepare_that_fails_leaves_nothing_behind(tmp_path):
+  _write(tmp_path / 'a.jsonl', ROWS)
+  (tmp_path / 'b.jsonl').write_bytes(b'{"text": "fine"}\n{"text": "cut')
+  config = tiny_config('', str(tmp_path / '*.jsonl'), **{'data.tokenizer': 'byte'})
+  with pytest.raises(ConfigError, match=r"b.jsonl' row 2 is not JSON \(Unterminated string starting at column 10\)"):
+    pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'run' / 'tokenizer')
+  assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').rglob('*'))

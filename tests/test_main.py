@@ -199,6 +199,18 @@ def test_sigkill_at_random_points_loses_nothing(straight_and_resumed, tfds_dir, 
   print('kills:', '; '.join(kills), '| missed:', misses)
 
 
+@pytest.mark.slow
+def test_running_a_finished_workdir_again_does_nothing_and_exits_0(straight_and_resumed, tfds_dir, play_files,
+                                                                  tmp_path):
+  workdir = tmp_path / 'done'
+  shutil.copytree(straight_and_resumed[0], workdir)
+  before = {str(p): p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  again = run_main(workdir, tiny_overrides(tfds_dir, play_files, **DROPOUT), check=False)
+  assert again.returncode == 0 and 'Traceback' not in again.stderr, again.stderr[-3000:]
+  assert f'{workdir} is already at step 8: nothing to do (train.steps=8)' in again.stdout
+  assert {str(p): p.read_bytes() for p in workdir.rglob('*') if p.is_file()} == before
+
+
 def _env(compile_cache: str | None = None, **extra) -> dict:
   env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
   if compile_cache:

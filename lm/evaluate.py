@@ -53,7 +53,7 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
   batch_sharding = sharding.batch_sharding(run.mesh, rules)
   sharding.check_batch('eval.batch_size', config.eval.batch_size, run.mesh, rules)
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, run.workdir / 'tokenizer',
-                                tokenizer=run.tokenizer)
+                                tokenizer=run.tokenizer, files_dir=run.workdir / 'data')
   step = train.jit_eval_step(run.model, _shardings(run.params), batch_sharding)
   token_bytes_V = train.padded_token_bytes(run.tokenizer, config.model.vocab_size)
   with sharding.activate(run.mesh, rules):

@@ -121,7 +121,7 @@ class Trainer:
     trained_on = workdirs.checkpointed_dataset(init_from if branch else self.workdir)
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
         config.data, config.model.vocab_size, self.workdir / 'tokenizer', trained_on,
-        init_from=config.checkpoint.init_from))
+        init_from=config.checkpoint.init_from, files_dir=self.workdir / 'data'))
     self._train_step = jit_train_step(layout, config.train)
     self._eval_step = jit_eval_step(self.model, layout.shardings.params, self.batch_sharding)
     self._token_bytes = padded_token_bytes(self.corpus.tokenizer, config.model.vocab_size)
@@ -227,7 +227,6 @@ class Trainer:
     c = self.config
     end = c.train.steps if stop_after is None else min(stop_after, c.train.steps)
     step = self.start_step
-    self.writer = metrics.MetricWriter(self.workdir, step, c)
     metrics.say(f'model: {count_params(self.state.params):,} parameters; '
                 f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; mesh: '
                 + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items() if k != 'context' or v > 1)
@@ -236,9 +235,9 @@ class Trainer:
     if step >= end:
       limit = 'train.steps' if end == c.train.steps else '--stop_after'
       metrics.say(f'{self.workdir} is already at step {step}: nothing to do ({limit}={end})')
-      self.writer.close()
       self.checkpointer.close()
       return self.last_eval
+    self.writer = metrics.MetricWriter(self.workdir, step, c)
     batch = self.next_batch()
     start = time.perf_counter()
     with self.activate():

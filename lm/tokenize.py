@@ -94,7 +94,8 @@ def _tokenize(d, vocab_size: int, out: str, folder: pathlib.Path, workers: int |
                         f'{made_with.get("requested_vocab_size")} ids; this config asks for {d.tokenizer!r} with '
                         f'{vocab_size - reserved_ids(d)}: use a new --out')
     tokenizer = tokenizers.load(d.tokenizer, folder / 'tokenizer')
-  corpus = pipeline.load_corpus(d, vocab_size, folder / 'tokenizer', tokenizer=tokenizer, init_from=init_from)
+  corpus = pipeline.load_corpus(d, vocab_size, folder / 'tokenizer', tokenizer=tokenizer, init_from=init_from,
+                                files_dir=folder / 'data')
   splits = {d.train_split: corpus.train_source, d.eval_split: corpus.eval_source}
   plan = {'format': tokenized.FORMAT,
           'source': {'dataset': corpus.dataset, 'name': d.name, 'paths': d.paths, 'text_key': d.text_key,

@@ -150,13 +150,14 @@ def test_a_dataset_of_your_files_is_prepared_in_the_workdir_unless_told_where(tm
   path = _write(tmp_path / 'rows.jsonl', ROWS)
   config = tiny_config('', str(path), **{'data.tokenizer': 'byte'})
   workdir = tmp_path / 'run'
-  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, workdir / 'tokenizer')
+  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, workdir / 'tokenizer', files_dir=workdir / 'data')
   assert len(corpus.train_source) + len(corpus.eval_source) == len(ROWS)
   assert [p.name for p in workdir.iterdir() if p.name != 'tokenizer'] == ['data']
   assert [p.name for p in (workdir / 'data').iterdir()] == ['text_files']  # No empty downloads/ beside it.
   assert not (tmp_path / 'shared').exists()
   told = tiny_config(str(tmp_path / 'shared'), str(path), **{'data.tokenizer': 'byte'})
-  pipeline.load_corpus(told.data, told.model.vocab_size, tmp_path / 'other' / 'tokenizer')
+  pipeline.load_corpus(told.data, told.model.vocab_size, tmp_path / 'other' / 'tokenizer',
+                       files_dir=tmp_path / 'other' / 'data')
   assert (tmp_path / 'shared' / 'text_files').is_dir() and not (tmp_path / 'other' / 'data').exists()
 
 
@@ -165,5 +166,6 @@ def test_a_prepare_that_fails_leaves_nothing_behind(tmp_path):
   (tmp_path / 'b.jsonl').write_bytes(b'{"text": "fine"}\n{"text": "cut')
   config = tiny_config('', str(tmp_path / '*.jsonl'), **{'data.tokenizer': 'byte'})
   with pytest.raises(ConfigError, match=r"b.jsonl' row 2 is not JSON \(Unterminated string starting at column 10\)"):
-    pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'run' / 'tokenizer')
+    pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'run' / 'tokenizer',
+                         files_dir=tmp_path / 'run' / 'data')
   assert not (tmp_path / 'run').exists() or not any((tmp_path / 'run').rglob('*'))

@@ -84,12 +84,12 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
   the tokenizer for a model of vocab_size ids (or takes that of the run in init_from, as
   checkpoint.init_from does; or uses the one given).
 
-  A dataset made from the user's files (text_files, text_pairs) is prepared in files_dir (default:
-  data/ beside tokenizer_dir, in a workdir), unless data.tfds_data_dir says where (see builders.data_dir).
+  A dataset made from the user's files (text_files, text_pairs) is prepared in files_dir (a workdir's
+  data/; None: TFDS's default folder), unless data.tfds_data_dir says where (see builders.data_dir).
   With expected_dataset (what a workdir's checkpoints were trained on), refuses other data before
   preparing any.
   """
-  files_dir = pathlib.Path(tokenizer_dir).parent / 'data' if files_dir is None else files_dir
+  tokenizer_dir = pathlib.Path(tokenizer_dir)
   if d.mixture.strip():
     return _load_mixture(d, vocab_size, tokenizer_dir, expected_dataset, tokenizer, init_from, files_dir)
   if d.name == 'tokenized':

@@ -119,6 +119,7 @@ def test_the_command_prints_a_table_and_writes_the_same_json_twice(llama, tmp_pa
   assert results['n-samples']['shakespeare_next_line']['effective'] == 4
 
 
+@pytest.mark.slow
 def test_unknown_tasks_missing_data_and_missing_folders_are_refused_in_one_line(tmp_path):
   (tmp_path / 'lost.yaml').write_text(f'task: lost\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
                                       f'    test: {tmp_path / "gone.jsonl"}\ntest_split: test\n'

@@ -64,6 +64,7 @@ def test_prompts_start_as_the_tokenizer_starts_a_text(hf_gpt2, hf_llama, tmp_pat
     assert ours.adds_bos is adds and tokenizers.prompt_ids(ours, PROMPT).tolist() == theirs(PROMPT).input_ids
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_transformers_with_and_without_bos(hf_gpt2, hf_llama, tmp_path):  # noqa: F811
   gpt2_folder, gpt2_model, bpe = hf_gpt2
   texts = {}

@@ -4,13 +4,12 @@ in one line. Each command ends with `cli.run(main)`."""
 from __future__ import annotations
 
 import glob
-import importlib
 from importlib import metadata
 import os
 import pathlib
 import sys
 import traceback
-from typing import Any, Callable
+from typing import Callable
 
 from absl import app, flags, logging
 import ml_collections
@@ -171,16 +170,6 @@ def start(argv: list[str], required: tuple[str, ...], example: str) -> None:
     names = ' and '.join(f'--{name}' for name in required)
     sys.exit(f'error: {names} {"is" if len(required) == 1 else "are"} required, e.g. {example}')
   logging.set_verbosity(logging.WARNING)
-
-
-def call(target: str, *args, **kwargs) -> Any:
-  """Calls 'module:function', importing the module now. Commands import their JAX-heavy half this
-  way, once their flags and config are checked, so a mistake is reported at once rather than after
-  the seconds that importing JAX, Flax and orbax takes."""
-  module, _, function = target.partition(':')
-  function = getattr(importlib.import_module(module), function)
-  cpu_without_accelerators()  # JAX is imported now, and not started yet.
-  return function(*args, **kwargs)
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -7,7 +7,7 @@
 By default the data is the run's own (data.* of its config.json); --dataset, --paths and --split
 point it elsewhere (any dataset lm.main could train on), read with the run's tokenizer.
 --by_position adds the loss by how many tokens of context each prediction had, in buckets 1, 2-3,
-4-7, ... (does the model use its context?); lm.results.plot_by_position draws it.
+4-7, ... (does the model use its context?); lm.analysis.results.plot_by_position draws it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,13 @@ from absl import flags
 import jax
 import numpy as np
 
-from lm import cli, decode, kinds, metrics, saved, sharding, train
+from lm import cli, kinds
 from lm.config import ConfigError, override
 from lm.data import pipeline
+from lm.inference import decode
+from lm.inference.run import SavedRun
+from lm.parallel import sharding
+from lm.training import metrics, saved, train
 
 FLAGS = flags.FLAGS
 
@@ -32,14 +36,14 @@ FLAGS = flags.FLAGS
 def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split: str | None = None,
              tfds_data_dir: str | None = None, batch_size: int | None = None, num_batches: int = 0,
              seq_len: int | None = None, by_position: bool = False, weights_dtype: str = 'float32') -> dict[str, Any]:
-  """{'loss', 'perplexity', 'bits_per_byte', 'tokens'} of run (a workdir or an lm.saved.SavedRun)
+  """{'loss', 'perplexity', 'bits_per_byte', 'tokens'} of run (a workdir or an lm.training.SavedRun)
   on `split` (default: the run's eval split) of `dataset` (default: the run's), num_batches of
   batch_size sequences of seq_len tokens (defaults: all of the split, the run's eval sizes).
   by_position adds 'by_position': the same figures for the predictions made from 1, 2-3, 4-7, ...
   tokens of context (of their document, under data.document_mask), each with its 'context' range.
   weights_dtype: score with the projections' weights as stored, or in 'bfloat16' or 'int8' (what
-  generating with them costs in quality; lm.decode.cast_weights)."""
-  run = run if isinstance(run, saved.SavedRun) else saved.load(run)
+  generating with them costs in quality; lm.inference.decode.cast_weights)."""
+  run = run if isinstance(run, SavedRun) else saved.load(run)
   run = dataclasses.replace(run, params=decode.cast_weights(run.params, weights_dtype))
   if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError('lm.evaluate scores decoders; an encoder-decoder\'s eval runs with its training')

@@ -20,9 +20,13 @@ from absl import flags
 import jax
 import numpy as np
 
-from lm import cli, decode, kinds, saved, sharding
+from lm import cli, kinds
 from lm.config import ConfigError
 from lm.data import tokenizers
+from lm.inference import decode
+from lm.inference.run import SavedRun
+from lm.parallel import sharding
+from lm.training import saved
 
 FLAGS = flags.FLAGS
 
@@ -54,7 +58,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
              stop_at_end: bool = True, seed: int = 0, weights_dtype: str = 'float32') -> list[list[str]]:
   """num_return_sequences continuations (text after the prompt) of each prompt.
 
-  run: a workdir (str or path) or an lm.saved.SavedRun (load once, generate many times).
+  run: a workdir (str or path) or an lm.training.SavedRun (load once, generate many times).
   max_new_tokens: tokens to add (default 128); or max_length: prompt tokens plus new tokens, as
   in `transformers` (max_new_tokens wins when both are given). Either way at most what fits in
   model.max_len after the longest prompt.
@@ -64,14 +68,14 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
   stop: strings that end a continuation (cut before them); stop_at_end: so does the end-of-text
   (document-start) token. seed: the same seed, prompts and settings give the same text.
   weights_dtype: 'float32' (as stored), or the projections' weights in 'bfloat16' or 'int8'
-  (lm.decode.cast_weights).
+  (lm.inference.decode.cast_weights).
   """
   if isinstance(prompts, str):
     prompts = [prompts]
   if not prompts:
     raise ConfigError('no prompts given')
   check_request(max_new_tokens, num_return_sequences, greedy, temperature)
-  run = run if isinstance(run, saved.SavedRun) else saved.load(run)
+  run = run if isinstance(run, SavedRun) else saved.load(run)
   if kinds.of(run.config.model).prompt_is_input:
     raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: generation here is for decoders '
                       '(its samples come with training, see samples/)')

@@ -25,9 +25,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, cli, kinds, lock, saved, train, workdirs
+from lm import cli, kinds
 from lm.config import ConfigError, flatten, override, validate
 from lm.data import tokenizers
+from lm.inference.run import SavedRun
+from lm.training import checkpoint, lock, saved, train, workdirs
 
 FLAGS = flags.FLAGS
 
@@ -129,9 +131,9 @@ def check_safetensors(path: pathlib.Path) -> None:
 
 
 def read_hf(hf_dir: str | pathlib.Path, mesh: ml_collections.ConfigDict | dict | None = None,
-            devices: list[jax.Device] | None = None) -> saved.SavedRun:
+            devices: list[jax.Device] | None = None) -> SavedRun:
   """The model in hf_dir (of a model_type lm.kinds converts: see lm.kinds.hf_families) with its
-  tokenizer, in memory as a run of step 0 (what lm.saved.load gives for a workdir).
+  tokenizer, in memory as a run of step 0 (what lm.training.saved.load gives for a workdir).
 
   Tensors stream: each is read from its safetensors file, converted and placed straight into its
   shards on the mesh that `mesh` (mesh.* keys, e.g. {'shape': (1, 8, 1)}) lays over `devices`
@@ -160,7 +162,7 @@ def read_hf(hf_dir: str | pathlib.Path, mesh: ml_collections.ConfigDict | dict |
                                                 lambda index, a=array, t=target: np.asarray(a[index], t.dtype))
     del array  # Only its shards stay, on their devices.
   assert params.keys() == like.keys(), f'{family.model_type} converter left out {sorted(like.keys() - params.keys())}'
-  return saved.SavedRun(config, layout.model, traverse_util.unflatten_dict(params, sep='/'), tokenizer, 0, layout.mesh,
+  return SavedRun(config, layout.model, traverse_util.unflatten_dict(params, sep='/'), tokenizer, 0, layout.mesh,
                         hf_dir)
 
 

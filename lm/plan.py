@@ -20,17 +20,23 @@ import jax
 from jax.experimental import topologies
 import numpy as np
 
-from lm import cli, kinds, metrics, sharding, train
+from lm import cli, kinds
 from lm.config import MESH_AXES, ConfigError, validate
-from lm.layers import mlp_width
-from lm.model import count_params
+from lm.nn.layers import mlp_width
+from lm.nn.model import count_params
+from lm.parallel import sharding
+from lm.training import metrics, train
 
-CONFIG = cli.config_flag()
+FLAGS = flags.FLAGS
 
-_DEVICES = flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices instead of using the '
-                                'devices present.')
-_TOPOLOGY = flags.DEFINE_string('topology', None, "Compile for a TPU slice by name, e.g. 'v5e:16x16', "
-                                "'v4:4x4x4', 'v5p:8x8x8' (needs the libtpu wheel: pip install 'lm[tpu]').")
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program)."""
+  cli.config_flag()
+  flags.DEFINE_integer('devices', None, 'Simulate this many CPU devices instead of using the devices present.')
+  flags.DEFINE_string('topology', None, "Compile for a TPU slice by name, e.g. 'v5e:16x16', 'v4:4x4x4', "
+                      "'v5p:8x8x8' (needs the libtpu wheel: pip install 'lm[tpu]').")
+
 
 GIB = 2**30
 
@@ -54,14 +60,14 @@ def _out_of_memory(error: Exception, where: str, params_bytes: int, optimizer_by
 
 
 def _devices(config):
-  if _TOPOLOGY.value:
+  if FLAGS.topology:
     os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')  # No slice to ask: this host alone.
     os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
     try:
-      return list(topologies.get_topology_desc(_TOPOLOGY.value, 'tpu').devices)
+      return list(topologies.get_topology_desc(FLAGS.topology, 'tpu').devices)
     except Exception as e:  # No libtpu, or an unknown topology name.
       first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ConfigError(f'--topology={_TOPOLOGY.value}: {first} (is libtpu installed? pip install \'lm[tpu]\')')
+      raise ConfigError(f'--topology={FLAGS.topology}: {first} (is libtpu installed? pip install \'lm[tpu]\')')
   return jax.devices()
 
 
@@ -123,7 +129,7 @@ def report(config, devices, where: str = '') -> dict[str, float]:
 
 
 def _print(config, devices, f: dict[str, float]) -> None:
-  where = _TOPOLOGY.value or f'{len(devices)} {devices[0].platform} devices'
+  where = FLAGS.topology or f'{len(devices)} {devices[0].platform} devices'
   mesh = ' x '.join(f'{k}={v}' for k, v in zip(MESH_AXES, f['mesh_shape']) if k != 'context' or v > 1)
   m = config.model
   print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {mlp_width(m)}, '
@@ -149,22 +155,23 @@ def _print(config, devices, f: dict[str, float]) -> None:
 def main(argv: list[str]) -> None:
   cli.start(argv, ('config',), 'python -m lm.plan --config=experiments/gpt2.py:small')
   try:
-    config = validate(CONFIG.value)
+    config = validate(FLAGS.config)
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  if _DEVICES.value and not _TOPOLOGY.value:
+  if FLAGS.devices and not FLAGS.topology:
     jax.config.update('jax_platforms', 'cpu')  # Before any JAX op: simulated devices.
-    jax.config.update('jax_num_cpu_devices', _DEVICES.value)
+    jax.config.update('jax_num_cpu_devices', FLAGS.devices)
   try:
     devices = _devices(config)
-    figures = report(config, devices, _TOPOLOGY.value or '')
+    figures = report(config, devices, FLAGS.topology or '')
   except DoesNotFit as e:
     sys.exit(str(e))
   except ConfigError as e:
-    hint = '' if _DEVICES.value or _TOPOLOGY.value else ' (simulate devices with --devices=N)'
+    hint = '' if FLAGS.devices or FLAGS.topology else ' (simulate devices with --devices=N)'
     sys.exit(f'error: {e}{hint}')
   _print(config, devices, figures)
 
 
 if __name__ == '__main__':
+  _define_flags()
   cli.run(main)

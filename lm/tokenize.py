@@ -24,9 +24,10 @@ import time
 from absl import flags
 import tqdm
 
-from lm import cli, lock
+from lm import cli
 from lm.config import ConfigError, reserved_ids, validate
 from lm.data import builders, pipeline, tokenized, tokenizers
+from lm.training import lock
 
 FLAGS = flags.FLAGS
 

@@ -43,7 +43,7 @@ OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': 
 # %%
 import matplotlib.pyplot as plt
 
-from lm import results
+from lm.analysis import results
 
 launched = results.launch_ablation('../experiments/ablations/downstream.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 runs = results.load_runs(WORKDIR)

@@ -44,7 +44,7 @@ OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': 
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from lm import results
+from lm.analysis import results
 
 launched = results.launch_ablation('../experiments/ablations/mup.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 runs = results.load_runs(WORKDIR)
@@ -82,15 +82,15 @@ results.table(runs).round(4)
 # ## The coordinate check
 #
 # Mean |x| of each block's output on one batch after 3 AdamW steps at learning rate 1e-2 (no warmup,
-# no clipping), from widths 64 to 512 (base width 64; `lm.coordinates`, as `tests/test_mup.py`
+# no clipping), from widths 64 to 512 (base width 64; `lm.analysis.coordinates`, as `tests/test_mup.py`
 # checks). Under muP it keeps its size as the model widens; under SP the updates grow with the
 # width, and so do the activations.
 
 # %%
 import tempfile
 
+from lm.analysis.coordinates import block_output_sizes
 from lm.config import load_experiment, override
-from lm.coordinates import block_output_sizes
 from lm.data import pipeline
 
 widths = [32, 64] if SMOKE else [64, 128, 256, 512]

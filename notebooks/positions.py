@@ -37,7 +37,7 @@ WORKDIR = '../runs/ablations/positions'
 OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': '/data/tfds'}.
 
 # %%
-from lm import results
+from lm.analysis import results
 
 launched = results.launch_ablation('../experiments/ablations/positions.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 

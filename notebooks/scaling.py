@@ -42,7 +42,7 @@ OVERRIDES = {}  # Config overrides for every point, e.g. {'data.tfds_data_dir': 
 import matplotlib.pyplot as plt
 import numpy as np
 
-from lm import results
+from lm.analysis import results
 
 launched = results.launch_ablation('../experiments/ablations/scaling.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 
@@ -51,7 +51,7 @@ runs = results.load_runs(WORKDIR)
 runs['N'] = (runs['model/params'] - runs['model/embedding_params']).astype(int)
 curves = results.load_curves(WORKDIR)
 evals = curves.dropna(subset=['eval/loss'])[['run', 'step', 'tokens', 'eval/loss']].merge(runs[['run', 'N']], on='run')
-evals['compute'] = 6 * evals['N'] * evals['tokens']  # The C = 6ND of the fit; lm.metrics counts attention too.
+evals['compute'] = 6 * evals['N'] * evals['tokens']  # The C = 6ND of the fit; lm.training.metrics counts attention too.
 results.table(runs, metrics=('eval/loss', 'eval/bits_per_byte')).join(runs.set_index(runs.attrs['swept'])['N']).round(4)
 
 # %% [markdown]

@@ -26,9 +26,17 @@ os.environ.setdefault('LM_CACHE_DIR', tempfile.mkdtemp(prefix='lm-cache-'))
 # device build their mesh over jax.devices()[:1]; subprocesses (lm.main) see a single device.
 jax.config.update('jax_num_cpu_devices', 8)
 
+# One JAX compilation cache for every command a test starts (lm.main, lm.generate, the notebooks'
+# kernels, ...), shared by the pytest-xdist workers (they inherit this process's environment): the
+# same tiny programs compile once per test session instead of once per process, about a quarter of a
+# tiny run's time. Set after JAX started here, so in-process tests (some time compiles) compile afresh.
+XLA_CACHE = os.environ.setdefault('LM_TEST_XLA_CACHE', tempfile.mkdtemp(prefix='lm-xla-cache-'))
+os.environ.update(JAX_COMPILATION_CACHE_DIR=XLA_CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                  JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+
 from lm import config as config_lib
-from lm import train
 from lm.data.builders import normalize_text, shakespeare_plays_dir
+from lm.training import train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / 'experiments' / 'quickstart.py'
@@ -74,8 +82,9 @@ def tiny_config(tfds_dir: str, play_files: str, **extra):
 
 @pytest.fixture(scope='session')
 def compile_cache(tmp_path_factory) -> str:
-  """A JAX compilation cache for the lm.main processes of one test session (see run_main)."""
-  return str(tmp_path_factory.mktemp('xla_cache'))
+  """The JAX compilation cache of the commands tests start (XLA_CACHE; see run_main)."""
+  del tmp_path_factory
+  return XLA_CACHE
 
 
 def run_main(workdir, overrides: dict, *extra_args: str, check: bool = True,

@@ -27,4 +27,5 @@ async def _commit_slowly(self):
 atomicity.AtomicRenameTemporaryPath.finalize = _commit_slowly
 
 if __name__ == '__main__':
+  main._define_flags()
   cli.run(main.main)

@@ -31,9 +31,9 @@ import zstandard
 
 from conftest import QUICKSTART, ROOT, TINY
 from lm import config as config_lib
-from lm import workdirs
 from lm.data import builders
 from lm.data.tokenizers import train_byte_level_bpe
+from lm.training import workdirs
 
 pytestmark = pytest.mark.slow  # About a minute: 25 commands, each starting JAX.
 

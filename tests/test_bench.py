@@ -12,12 +12,16 @@ import numpy as np
 import pytest
 
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
-from lm import bench, matmuls, metrics
+from lm.bench import data as bench_data
+from lm.bench import generate as bench_generate
+from lm.bench import matmuls
+from lm.bench import train as bench_train
 from lm.config import load_experiment
 from lm.data import pipeline
 from lm.kinds import make_model
-from lm.layers import ATTENTION_BLOCK
-from lm.model import count_params
+from lm.nn.attention import ATTENTION_BLOCK
+from lm.nn.model import count_params
+from lm.training import metrics
 
 
 @pytest.mark.slow
@@ -58,14 +62,14 @@ def test_train_bench_reports_consistent_figures_and_the_torch_ratio(tfds_dir, pl
 def test_compile_bench_program_is_flat_in_depth_only_when_scanned(tfds_dir, play_files):
   for scan, (low, high) in [(True, (0.98, 1.02)), (False, (2.5, 4.5))]:
     config = tiny_config(tfds_dir, play_files, **{'model.scan_layers': scan, 'data.batch_size': 8})  # 8 devices.
-    shallow, deep = bench.bench_compile(config, [1, 4])
+    shallow, deep = bench_train.bench_compile(config, [1, 4])
     assert low < deep['program_chars'] / shallow['program_chars'] < high, (scan, shallow, deep)
 
 
 def test_the_train_steps_matmuls_do_exactly_the_flops_of_the_formula(tfds_dir, play_files):
-  """lm.matmuls counts the products in a train step's jaxpr; metrics.flops_per_example, which MFU divides
+  """lm.bench.matmuls counts the products in a train step's jaxpr; metrics.flops_per_example, which MFU divides
   by, must be their FLOPs exactly, wherever the step computes each product once."""
-  step_flops = lambda c: matmuls.flops(bench.train_step_matmuls(c))
+  step_flops = lambda c: matmuls.flops(bench_train.train_step_matmuls(c))
   model_flops = lambda c: metrics.flops_per_example(c.model, c.data) * c.data.batch_size
   for knobs in [{}, {'model.scan_layers': True, 'model.tie_embeddings': False, 'model.mlp': 'swiglu',
                      'model.num_kv_heads': 1}, {'train.microbatches': 2},
@@ -98,11 +102,11 @@ def test_a_matmuls_einsum_is_its_dot_general():
 
 
 def test_the_torch_child_trains_the_same_gpt2(tfds_dir, play_files):
-  """lm.bench_torch, in its own process as --compare=torch runs it: transformers' GPT-2 of the config's
+  """lm.bench.torch_side, in its own process as --compare=torch runs it: transformers' GPT-2 of the config's
   shape has lm's parameter count, starts at the loss of a uniform guess, and times what it reports."""
   config = tiny_config(tfds_dir, play_files)
   product = matmuls.Matmul((4, 8), (8, 16), ((1,), (0,)), ((), ()), 'float32', 'float32', 'float32')
-  r = bench.compare_torch(config, ['eager'], steps=2, repeats=3, products={product: 3}, timeout_s=300)['eager']
+  r = bench_train.compare_torch(config, ['eager'], steps=2, repeats=3, products={product: 3}, timeout_s=300)['eager']
   assert 'error' not in r, r
   model = make_model(config.model, config.data)
   shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params']
@@ -115,7 +119,7 @@ def test_the_torch_child_trains_the_same_gpt2(tfds_dir, play_files):
 
 def test_optimizer_bench_times_each_in_turn_against_the_first(tfds_dir, play_files, tmp_path):
   config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8})  # 8 devices.
-  records = bench.bench_optimizers(config, ['adamw', 'muon'], tmp_path / 'tok', steps=2, repeats=3)
+  records = bench_train.bench_optimizers(config, ['adamw', 'muon'], tmp_path / 'tok', steps=2, repeats=3)
   assert [r['optimizer'] for r in records] == ['adamw', 'muon']
   tokens_per_step = config.data.batch_size * config.data.seq_len
   for r in records:
@@ -129,11 +133,11 @@ def test_optimizer_bench_times_each_in_turn_against_the_first(tfds_dir, play_fil
 def test_data_bench_measures_each_source_kind_against_training(tfds_dir, play_files, tmp_path):
   # 8 devices; a window of 1024 rows, as by default (Grain's window shuffle is slow on small windows).
   config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8, 'data.shuffle_window': 1024})
-  r = bench.bench_data(config, tmp_path, data_batches=20, steps=2, repeats=3)
+  r = bench_data.bench_data(config, tmp_path, data_batches=20, steps=2, repeats=3)
   assert r['train_tokens_per_s'] == pytest.approx(8 * 32 / r['train_step_s'])
-  for kind in bench.DATA_KINDS:
+  for kind in bench_data.DATA_KINDS:
     assert r[f'{kind}_to_train_ratio'] == pytest.approx(r[f'{kind}_tokens_per_s'] / r['train_tokens_per_s'])
-  assert min(r[f'{kind}_tokens_per_s'] for kind in bench.DATA_KINDS) > 0
+  assert min(r[f'{kind}_tokens_per_s'] for kind in bench_data.DATA_KINDS) > 0
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'tok')
   text_bytes = sum(len(s[i]['text']) for s in (corpus.train_source, corpus.eval_source) for i in range(len(s)))
   assert r['tokenize_text_mb'] == pytest.approx(text_bytes / 1e6)
@@ -142,20 +146,20 @@ def test_data_bench_measures_each_source_kind_against_training(tfds_dir, play_fi
 
 @pytest.mark.slow
 def test_generate_bench_counts_the_bytes_a_step_reads():
-  bandwidth = bench.memory_bandwidth(mib=64, repeats=2)
+  bandwidth = bench_generate.memory_bandwidth(mib=64, repeats=2)
   assert bandwidth['bandwidth'] == max(bandwidth['numpy_sum'], bandwidth['xla_sum'], bandwidth['copy']) > 1e8
-  f32, int8 = bench.bench_generate('quickstart', [2], new_tokens=8, repeats=1, weights_dtypes=('float32', 'int8'),
-                                   bandwidth=bandwidth)
+  f32, int8 = bench_generate.bench_generate('quickstart', [2], new_tokens=8, repeats=1,
+                                            weights_dtypes=('float32', 'int8'), bandwidth=bandwidth)
   m = load_experiment(str(QUICKSTART)).model  # Read as GPT-2 (tied, learned positions) at width 96.
   layers, width = m.num_layers, 96
   mlp = 4 * width
   kernels = layers * (4 * width * width + 2 * width * mlp)  # Attention's four and the MLP's two matrices.
-  rest = f32["params"] - kernels - max(m.max_len, bench.PROMPT_LEN + 8) * width  # Less the position table...
+  rest = f32["params"] - kernels - max(m.max_len, bench_generate.PROMPT_LEN + 8) * width  # Less the position table...
   assert f32['weight_bytes'] == 4 * (kernels + rest + 2 * width)  # ...of which two rows are read.
   # One per output of q, k, v, up and down; the output projection's per (head width, output) pair.
   scales = layers * (4 * width + mlp + width // m.num_heads * width)
   assert int8['weight_bytes'] == kernels + 4 * (scales + rest + 2 * width)
-  cache = 2 * 2 * layers * width * 4 * (bench.PROMPT_LEN + 3.5)  # Rows x (keys, values) x slots in use.
+  cache = 2 * 2 * layers * width * 4 * (bench_generate.PROMPT_LEN + 3.5)  # Rows x (keys, values) x slots in use.
   assert f32['cache_bytes'] == pytest.approx(cache)
   for r in (f32, int8):
     assert r['implied_bandwidth'] == pytest.approx(r['bytes_per_step'] * 8 / r['lm_seconds'])

@@ -8,7 +8,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from lm import checksums
+from lm.training import checksums
 
 
 def _flipped(x: np.ndarray, word: int, bit: int) -> np.ndarray:

@@ -7,8 +7,8 @@ import pytest
 
 from conftest import QUICKSTART, ROOT
 from lm import config as config_lib
-from lm import train
 from lm.config import ConfigError
+from lm.training import train
 
 
 def _quickstart(**values):

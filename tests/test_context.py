@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lm import decode, sharding, train
 from lm.config import ConfigError, override
 from lm.data import pipeline
+from lm.inference import decode
 from lm.kinds import make_model
+from lm.parallel import sharding
+from lm.training import train
 from test_sharding import SHARDABLE, train_on
 
 LONG = {'model.positions': 'rope', 'model.mlp': 'swiglu', 'model.num_kv_heads': 2, 'model.sliding_window': 12,

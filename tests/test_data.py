@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lm import checkpoint
 from lm.config import ConfigError
-from lm.data import builders, pipeline, tokenizers
+from lm.data import builders, files, pipeline, tokenizers
 from lm.data.packing import PackIterDataset
+from lm.training import checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -69,7 +69,7 @@ def test_bad_text_files_are_refused_in_one_line(tmp_path, content, message):
   if content is not None:
     path.write_bytes(content)
   with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
-    builders.resolve_text_files(str(path) + ('*' if content is None else ''))
+    files.resolve_text_files(str(path) + ('*' if content is None else ''))
 
 
 @pytest.mark.parametrize('kind', ['byte', 'sentencepiece'])

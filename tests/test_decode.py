@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import decode
+from lm.inference import decode
 from lm.kinds import init_cache, make_model
 
 _DECODERS = {}

@@ -18,7 +18,7 @@ from lm.data import pipeline, spans
 from lm.data.builders import normalize_text, shakespeare_plays_dir
 from lm.data.packing import PackIterDataset
 from lm.kinds import make_model
-from lm.layers import attention, causal_mask, fused_attention, same_segment, segment_positions
+from lm.nn.attention import attention, causal_mask, fused_attention, same_segment, segment_positions
 from test_sharding import SHARDABLE, train_on
 
 BOS = 9

@@ -12,10 +12,13 @@ import pytest
 
 from conftest import tiny_config
 from lm import config as config_lib
-from lm import decode, kinds, loop, sharding, train
+from lm import kinds
 from lm.config import DEFAULT_LOGICAL_AXIS_RULES
 from lm.data import pipeline, spans
+from lm.inference import decode
 from lm.kinds import make_model
+from lm.parallel import sharding
+from lm.training import loop, train
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 from test_train import overfit
 

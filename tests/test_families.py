@@ -14,14 +14,15 @@ import torch
 import transformers
 
 from conftest import tiny_overrides
-from lm import hf, kinds, loop, saved
+from lm import hf, kinds
 from lm.config import ConfigError, override, validate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
 from lm.data.pipeline import Tokenize
-from lm.decode import Sampling, generate_ids
 from lm.evaluate import evaluate
 from lm.generate import generate
+from lm.inference.decode import Sampling, generate_ids
 from lm.kinds.llama import rope_from_hf
+from lm.training import loop, saved
 from test_hf import _byte_level_bpe
 
 SHAPE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

@@ -17,7 +17,7 @@ import zstandard
 
 from conftest import tiny_config
 from lm.config import ConfigError
-from lm.data import builders, pipeline
+from lm.data import builders, files, pipeline
 
 ROWS = [f'Document {i}.\nIts second line, {"x" * (i % 7)}\n\n' for i in range(40)]
 
@@ -103,7 +103,7 @@ def test_a_zstd_file_of_several_frames_reads_them_all(tmp_path):
   """As pzstd and concatenated .zst files write them: every frame's rows, in order."""
   frames = [_write(tmp_path / f'{i}.jsonl.zst', ROWS[i * 20:(i + 1) * 20]).read_bytes() for i in range(2)]
   (tmp_path / 'both.jsonl.zst').write_bytes(b''.join(frames))
-  assert list(builders.read_rows(tmp_path / 'both.jsonl.zst', 'text')) == ROWS
+  assert list(files.read_rows(tmp_path / 'both.jsonl.zst', 'text')) == ROWS
 
 
 def test_parquet_columns_are_checked(tmp_path):

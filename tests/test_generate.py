@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_config
-from lm import checkpoint, decode, loop, results, saved
+from lm.analysis import results
 from lm.config import ConfigError, flatten, override
 from lm.data.builders import normalize_text, shakespeare_plays_dir
 from lm.evaluate import evaluate
 from lm.generate import generate
-from lm.layers import LowPrecisionKernel
-from lm.model import stack_layers
+from lm.inference import decode
+from lm.nn.layers import LowPrecisionKernel
+from lm.nn.model import stack_layers
+from lm.training import checkpoint, loop, saved
 from test_decode import _decoder, greedy_full
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])

@@ -14,10 +14,12 @@ import pytest
 import torch
 import transformers
 
-from lm import harness, hf, saved
+from lm import harness, hf
 from lm.config import ConfigError
 from lm.data.builders import normalize_text, shakespeare_plays_dir
 from lm.harness_tasks import build
+from lm.inference import harness as harness_lib
+from lm.training import saved
 from test_families import SHAPE, _llama3_style
 
 TASKS = ['shakespeare_next_line', 'shakespeare_last_word', 'shakespeare_scenes', 'shakespeare_speaker']
@@ -87,13 +89,13 @@ def test_lm_gives_the_hf_backends_numbers_on_the_same_weights(llama, tmp_path):
 
   # Exact match on a task whose targets are the hf backend's generations for every other document
   # (a task under include_path): both backends score 0.5.
-  docs = [json.loads(line) for line in (harness.TASKS_DIR / 'shakespeare_speaker.jsonl').open()][:LIMIT]
+  docs = [json.loads(line) for line in (harness_lib.TASKS_DIR / 'shakespeare_speaker.jsonl').open()][:LIMIT]
   include = tmp_path / 'tasks'
   include.mkdir()
   rows = [{'context': d['context'], 'target': g[0] if i % 2 == 0 else 'NOBODY'}
           for i, (d, g) in enumerate(zip(docs, generations))]
   (include / 'echo.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  (include / 'echo.yaml').write_text((harness.TASKS_DIR / 'shakespeare_speaker.yaml').read_text().replace(
+  (include / 'echo.yaml').write_text((harness_lib.TASKS_DIR / 'shakespeare_speaker.yaml').read_text().replace(
       'task: shakespeare_speaker', 'task: echo_speaker').replace('tag: shakespeare', 'tag: echo').replace(
       'custom_dataset: !function utils.speaker\n', f'dataset_path: json\ndataset_kwargs:\n  data_files:\n'
       f'    test: {include / "echo.jsonl"}\n'))
@@ -137,17 +139,9 @@ def test_unknown_tasks_missing_data_and_missing_folders_are_refused_in_one_line(
   assert done.returncode == 1 and done.stderr.startswith('error:') and len(done.stderr.strip().splitlines()) == 1
 
 
-def test_a_limit_of_no_documents_is_refused_in_one_line():
-  for limit in ('-3', '0'):  # (Below 1 and above 0 it is a fraction of each task's documents.)
-    done = subprocess.run([sys.executable, '-m', 'lm.harness', '--workdir=/nonexistent', '--tasks=shakespeare',
-                           f'--limit={limit}'], capture_output=True, text=True, timeout=120)
-    assert (done.returncode, done.stderr, done.stdout) == (
-        1, f'error: --limit={limit}: must be > 0 (documents per task; below 1, a fraction of them)\n', '')
-
-
 def test_the_shipped_task_files_are_what_build_writes(tmp_path):
   for path in build.build(tmp_path):
-    shipped = pathlib.Path(harness.TASKS_DIR / path.name)
+    shipped = pathlib.Path(harness_lib.TASKS_DIR / path.name)
     assert path.read_bytes() == shipped.read_bytes(), path.name
   next_line = [json.loads(line) for line in (tmp_path / 'shakespeare_next_line.jsonl').open()]
   assert len(next_line) == build.DOCS_PER_TASK and all(len(d['choices']) == 4 for d in next_line)

@@ -12,12 +12,13 @@ import torch
 import transformers
 
 from conftest import tiny_overrides
-from lm import hf, loop, saved
+from lm import hf
 from lm.config import ConfigError, override, validate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
 from lm.data.tokenizers import train_byte_level_bpe
 from lm.evaluate import evaluate
 from lm.generate import generate
+from lm.training import loop, saved
 
 TEXT = 'To be, or not to be, that is the question:\nWhether \'tis nobler in the mind to suffer'
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lm import hooks, loop
-from lm.workdirs import read_metrics
+from lm.training import hooks, loop
+from lm.training.workdirs import read_metrics
 
 
 def test_user_hooks_run_on_their_cadence_and_change_no_number(tmp_path, tfds_dir, play_files):

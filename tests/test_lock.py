@@ -1,4 +1,4 @@
-"""One writer per folder (lm/lock.py): taken, refused, taken over only from a holder provably gone."""
+"""One writer per folder (lm/training/lock.py): taken, refused, taken over only from a holder provably gone."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from lm import lock
+from lm.training import lock
 
 
 def _write_lock(folder, **fields):

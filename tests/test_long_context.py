@@ -6,8 +6,8 @@ import pytest
 
 from conftest import tiny_config
 from lm.config import ConfigError
-from lm.loop import Trainer
-from lm.workdirs import read_metrics
+from lm.training.loop import Trainer
+from lm.training.workdirs import read_metrics
 
 ROPE = {'model.positions': 'rope', 'eval.num_samples': 0, 'train.log_every': 1}
 

@@ -8,8 +8,9 @@ import pytest
 
 from lm import config as config_lib
 from lm.kinds import make_model
-from lm.layers import attention, causal_mask, dropout, fused_attention, norm_layer, rotary
-from lm.model import count_params
+from lm.nn.attention import attention, causal_mask, fused_attention
+from lm.nn.layers import dropout, norm_layer, rotary
+from lm.nn.model import count_params
 
 
 @pytest.fixture(scope='module')

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from lm import config as config_lib
-from lm import train
 from lm.kinds import make_model
-from lm.layers import MoeMlp, balance_loss, route
-from lm.optim import weight_decay_mask
+from lm.nn.moe import MoeMlp, balance_loss, route
+from lm.training import train
+from lm.training.optim import weight_decay_mask
 
 
 def _moe_config(**knobs):

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 from conftest import QUICKSTART, ROOT, tiny_config, tiny_overrides
-from lm import checkpoint, train, workdirs
 from lm.config import ConfigError
 from lm.data import pipeline
-from lm.workdirs import read_metrics
+from lm.training import checkpoint, train, workdirs
+from lm.training.workdirs import read_metrics
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 
 

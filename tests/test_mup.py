@@ -13,10 +13,12 @@ import pytest
 
 from conftest import tiny_config
 from lm import config as config_lib
-from lm import coordinates, kinds, train
+from lm import kinds
+from lm.analysis import coordinates
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
+from lm.training import train
 
 HIDDEN = {'query', 'key', 'value', 'out', 'up', 'gate', 'down', 'up_kernel', 'gate_kernel', 'down_kernel'}
 LLAMA_MOE = {'model.positions': 'rope', 'model.norm': 'rmsnorm', 'model.mlp': 'swiglu', 'model.num_heads': 4,

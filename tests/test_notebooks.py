@@ -13,7 +13,8 @@ import nbformat
 import pytest
 
 from conftest import ROOT
-from lm import results, sweep
+from lm.analysis import results
+from lm.sweeps import runs as sweep_runs
 
 NOTEBOOKS = ROOT / 'notebooks'
 NAMES = sorted(p.stem for p in NOTEBOOKS.glob('*.ipynb'))
@@ -63,12 +64,12 @@ def run_smoke(name: str, tfds_dir: str, compile_cache: str, tmp_path: pathlib.Pa
   client.execute()  # Raises CellExecutionError, naming the cell, if any cell fails.
 
   experiment = str(ROOT / 'experiments' / 'ablations' / f'{name}.py')
-  points = sweep.expand(f'{experiment}:smoke', workdir, overrides)
+  points = sweep_runs.expand(f'{experiment}:smoke', workdir, overrides)
   runs = results.load_runs(workdir)
   assert list(runs['run']) == [p.name for p in points] and set(runs['status']) == {'done'}
   assert (runs['step'] == runs['train.steps']).all() and runs['train.steps'].max() == 4
   assert runs['eval/bits_per_byte'].notna().all()
   outputs = [o for c in notebook.cells if c.cell_type == 'code' for o in c.outputs]
   assert any('image/png' in o.get('data', {}) for o in outputs), 'no figure drawn'
-  manifest = json.loads((workdir / sweep.MANIFEST).read_text())
+  manifest = json.loads((workdir / sweep_runs.MANIFEST).read_text())
   assert manifest['arg'] == 'smoke' and manifest['overrides'] == overrides

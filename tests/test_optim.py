@@ -8,9 +8,10 @@ from optax.contrib import MuonDimensionNumbers
 import pytest
 
 from lm import config as config_lib
-from lm import kinds, train
+from lm import kinds
 from lm.kinds import make_model
-from lm.optim import learning_rate_schedule, make_optimizer, muon_dimension_numbers, weight_decay_mask
+from lm.training import train
+from lm.training.optim import learning_rate_schedule, make_optimizer, muon_dimension_numbers, weight_decay_mask
 
 
 def _config(**optimizer):
@@ -21,7 +22,7 @@ def _config(**optimizer):
 
 
 def _section(**optimizer):
-  """The optimizer section and train.steps, as lm.optim takes them."""
+  """The optimizer section and train.steps, as lm.training.optim takes them."""
   config = _config(**optimizer)
   return config_lib.section(config, 'optimizer'), config.train.steps
 

@@ -9,8 +9,8 @@ from conftest import ROOT
 from lm import config as config_lib
 from lm import kinds
 from lm.kinds import make_model
-from lm.layers import head_width, mlp_width
-from lm.model import count_params
+from lm.nn.layers import head_width, mlp_width
+from lm.nn.model import count_params
 
 
 def _preset(name: str, arg: str, **overrides):

@@ -17,13 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import one_device_layout, tiny_config
-from lm import checkpoint, evaluate, generate, lock, loop, saved, train
+from lm import evaluate, generate
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
-from lm.metrics import MetricWriter
-from lm.optim import learning_rate_schedule, make_optimizer
-from lm.workdirs import read_metrics
+from lm.training import checkpoint, lock, loop, saved, train
+from lm.training.metrics import MetricWriter
+from lm.training.optim import learning_rate_schedule, make_optimizer
+from lm.training.workdirs import read_metrics
 
 
 def _steps(workdir: pathlib.Path) -> list[int]:

@@ -15,8 +15,9 @@ import numpy as np
 import scipy.optimize
 
 from conftest import ROOT
-from lm import results, sweep
+from lm.analysis import results
 from lm.config import base_config, flatten, load_module, override
+from lm.sweeps import runs as sweep_runs
 
 TRUE = dict(E=1.6, A=60.0, alpha=0.4, B=400.0, beta=0.35)
 
@@ -77,7 +78,7 @@ def _fake_sweep(root: pathlib.Path) -> pathlib.Path:
                {'step': 4, 'eval/loss': bits * math.log(2), 'eval/bits_per_byte': bits, 'eval/seconds': 1.0}]
     (run_dir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
     names.append(run_dir.name)
-  (workdir / sweep.MANIFEST).write_text(json.dumps({'points': [{'name': n, 'overrides': {'model.mlp': n[4:]}}
+  (workdir / sweep_runs.MANIFEST).write_text(json.dumps({'points': [{'name': n, 'overrides': {'model.mlp': n[4:]}}
                                                                for n in names]}))
   return workdir
 
@@ -111,7 +112,8 @@ def test_report_shows_the_table_then_the_curves_then_the_ranking(tmp_path, monke
 def test_launch_ablation_runs_the_smoke_preset_inline(monkeypatch, tmp_path):
   experiment = ROOT / 'experiments' / 'ablations' / 'mlp.py'
   calls = []
-  monkeypatch.setattr(results.sweep, 'launch', lambda *args, **kwargs: calls.append((args, kwargs)) or ['records'])
+  monkeypatch.setattr(results.sweep_launch, 'launch',
+                      lambda *args, **kwargs: calls.append((args, kwargs)) or ['records'])
   assert results.launch_ablation(experiment, tmp_path, {'data.tfds_data_dir': '/tfds'}) == ['records']
   assert results.launch_ablation(experiment, tmp_path, {'data.tfds_data_dir': '/tfds'}, smoke=True) == ['records']
   assert calls == [((str(experiment), tmp_path, {'data.tfds_data_dir': '/tfds'}), {'launcher': 'inline'}),
@@ -137,7 +139,7 @@ def test_it_imports_without_the_notebooks_extra_and_says_what_to_install(tmp_pat
   script = ("import sys\n"
             "for name in ('IPython', 'pandas', 'matplotlib', 'matplotlib.pyplot'):\n"
             "  sys.modules[name] = None  # As if not installed.\n"
-            "from lm import results\n"
+            "from lm.analysis import results\n"
             "fit = results.fit_scaling_law([1e4, 2e4, 4e4, 8e4], [1e5] * 4, [3.0, 2.8, 2.7, 2.65], bootstraps=0)\n"
             "print(round(fit.E, 3))\n"
             "for call in (lambda: results.load_runs('.'), lambda: results.plot_by_position({})):\n"
@@ -148,8 +150,9 @@ def test_it_imports_without_the_notebooks_extra_and_says_what_to_install(tmp_pat
   done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, cwd=ROOT, timeout=120,
                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
   assert (done.returncode, done.stderr) == (0, '')
-  assert done.stdout.splitlines() == ['2.596', "lm.results.load_runs needs pandas: pip install 'lm[notebooks]'",
-                                      "lm.results.plot_by_position needs matplotlib: pip install 'lm[notebooks]'"]
+  assert done.stdout.splitlines() == [
+      '2.596', "lm.analysis.results.load_runs needs pandas: pip install 'lm[notebooks]'",
+      "lm.analysis.results.plot_by_position needs matplotlib: pip install 'lm[notebooks]'"]
   # Without IPython, report prints its table instead of displaying it.
   workdir = _fake_sweep(tmp_path)
   monkeypatch.setattr(results, 'display', None)

@@ -12,8 +12,9 @@ import pytest
 
 from conftest import QUICKSTART, ROOT
 from lm import config as config_lib
-from lm import kinds, workdirs
+from lm import kinds
 from lm.config import ConfigError, schema
+from lm.training import workdirs
 
 
 def test_every_key_has_a_default_check_doc_and_resume_rule():

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lm import checkpoint, sharding, train
 from lm.config import ConfigError, flatten
 from lm.data import pipeline
-from lm.model import stack_layers
-from lm.optim import make_optimizer
+from lm.nn.model import stack_layers
+from lm.parallel import sharding
+from lm.training import checkpoint, train
+from lm.training.optim import make_optimizer
 
 # Sizes that split over every mesh below: 4 heads, widths and vocab divisible by 8, 8 rows per batch.
 SHARDABLE = {'model.num_heads': 4, 'data.batch_size': 8, 'train.steps': 20}

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lm import layers, sharding, train
 from lm.config import ConfigError, override
 from lm.data import pipeline
-from lm.layers import splash_attention
+from lm.nn import attention as attention_module
+from lm.nn.attention import splash_attention
+from lm.parallel import sharding
+from lm.training import train
 
 SPLASH = {'model.positions': 'rope', 'model.mlp': 'swiglu', 'model.num_heads': 4, 'model.num_kv_heads': 2,
           'model.sliding_window': 96, 'model.max_len': 256, 'data.seq_len': 256, 'data.batch_size': 8,
@@ -34,7 +36,7 @@ def _loss_and_grads(config, devices, batch):
 def test_splash_gives_the_loss_and_gradients_of_xla(tfds_dir, play_files, tmp_path, monkeypatch):
   traced = []
   counted = lambda *args, **kwargs: traced.append(args[0].shape) or splash_attention(*args, **kwargs)
-  monkeypatch.setattr(layers, 'splash_attention', counted)
+  monkeypatch.setattr(attention_module, 'splash_attention', counted)
   config = tiny_config(tfds_dir, play_files, **SPLASH, **{'model.attention_impl': 'xla'})
   corpus = pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path / 'tok')
   batch = next(itertools.islice(iter(pipeline.train_dataset(config.data, corpus, config.seed)), 1))

@@ -18,8 +18,13 @@ import pytest
 
 from conftest import ROOT, tiny_overrides
 from lm import config as config_lib
-from lm import loop, results, sweep
+from lm import sweep
+from lm.analysis import results
 from lm.config import ConfigError, flatten
+from lm.sweeps import grid as sweep_grid
+from lm.sweeps import launch as sweep_launch
+from lm.sweeps import runs as sweep_runs
+from lm.training import loop
 
 ABLATIONS = ROOT / 'experiments' / 'ablations'
 ABLATION_FILES = sorted(p.stem for p in ABLATIONS.glob('*.py') if p.stem != 'base')
@@ -49,15 +54,16 @@ def test_axis_product_zip_chain():
 
 def test_point_names():
   keys = ['model.positions', 'optimizer.learning_rate']
-  assert sweep.point_name({'model.positions': 'rope', 'optimizer.learning_rate': 3e-3}, keys) == \
+  assert sweep_grid.point_name({'model.positions': 'rope', 'optimizer.learning_rate': 3e-3}, keys) == \
       'positions=rope,learning_rate=0.003'
-  assert sweep.point_name({'optimizer.learning_rate': 1e-5}, keys) == 'learning_rate=1e-05'
-  assert sweep.point_name({}, keys) == 'base'
+  assert sweep_grid.point_name({'optimizer.learning_rate': 1e-5}, keys) == 'learning_rate=1e-05'
+  assert sweep_grid.point_name({}, keys) == 'base'
   # Two swept keys with the same last part are named in full.
   both = ['data.batch_size', 'eval.batch_size']
-  assert sweep.point_name({'data.batch_size': 8, 'eval.batch_size': 16}, both) == 'data.batch_size=8,eval.batch_size=16'
+  assert (sweep_grid.point_name({'data.batch_size': 8, 'eval.batch_size': 16}, both)
+          == 'data.batch_size=8,eval.batch_size=16')
   point = {'mesh.shape': (1, 2, 4), 'eval.sample_prompt': 'To be / not'}
-  assert sweep.point_name(point, ['mesh.shape', 'eval.sample_prompt']) == 'shape=1-2-4,sample_prompt=To-be-not'
+  assert sweep_grid.point_name(point, ['mesh.shape', 'eval.sample_prompt']) == 'shape=1-2-4,sample_prompt=To-be-not'
 
 
 def _parsed(command: list[str]):
@@ -72,7 +78,7 @@ def _parsed(command: list[str]):
 @pytest.mark.parametrize('name', ABLATION_FILES)
 def test_ablation_sweeps_expand_and_command_lines_rebuild_each_config(name, tmp_path):
   spec = str(ABLATIONS / f'{name}.py')
-  runs = sweep.expand(spec, tmp_path / name)
+  runs = sweep_runs.expand(spec, tmp_path / name)
   assert len(runs) >= 2 and len({r.name for r in runs}) == len(runs)
   for run in runs:
     assert run.workdir == tmp_path / name / run.name
@@ -80,7 +86,7 @@ def test_ablation_sweeps_expand_and_command_lines_rebuild_each_config(name, tmp_
     assert flatten(_parsed(run.command)) == flatten(run.config)  # The command line gives this very config.
     for key, value in run.overrides.items():
       assert flatten(run.config)[key] == value
-  for run in sweep.expand(spec + ':gpu', tmp_path / 'gpu'):  # The GPU preset validates too.
+  for run in sweep_runs.expand(spec + ':gpu', tmp_path / 'gpu'):  # The GPU preset validates too.
     assert run.config.model.d_model >= 384 and run.config.data.name == 'lm1b'
   assert not (tmp_path / name).exists()  # Expanding writes nothing.
 
@@ -134,15 +140,15 @@ def test_bad_sweeps_are_refused_before_anything_runs(tmp_path):
   for i, (points, message) in enumerate(cases.items()):
     spec = _write_experiment(tmp_path / f'e{i}.py', points)
     with pytest.raises(ConfigError) as info:
-      sweep.launch(spec, workdir)
+      sweep_launch.launch(spec, workdir)
     assert message.split('nearest')[0] in str(info.value), (points, str(info.value))
   spec = _write_experiment(tmp_path / 'ok.py', "sweep.axis('model.d_model', [64, 128])")
   with pytest.raises(ConfigError, match=r'--config.model.d_model sets a key the sweep varies'):
-    sweep.launch(spec, workdir, {'model.d_model': 32})
+    sweep_launch.launch(spec, workdir, {'model.d_model': 32})
   with pytest.raises(ConfigError, match=r"model.num_layers='4': must be an integer"):
-    sweep.launch(spec, workdir, {'model.num_layers': '4'})
+    sweep_launch.launch(spec, workdir, {'model.num_layers': '4'})
   with pytest.raises(ConfigError, match='defines no get_sweep'):
-    sweep.launch(str(ROOT / 'experiments' / 'quickstart.py'), workdir)
+    sweep_launch.launch(str(ROOT / 'experiments' / 'quickstart.py'), workdir)
   assert not workdir.exists()
 
 
@@ -150,31 +156,31 @@ def test_workdirs_of_other_experiments_are_refused_and_kept(tmp_path):
   spec = _write_experiment(tmp_path / 'a.py', "sweep.axis('model.d_model', [64, 128])")
   other = _write_experiment(tmp_path / 'b.py', "sweep.axis('model.d_model', [64, 128])")
   workdir = tmp_path / 'sweep'
-  sweep.launch(spec, workdir, {'train.steps': 200}, launcher='slurm')
+  sweep_launch.launch(spec, workdir, {'train.steps': 200}, launcher='slurm')
   manifest = (workdir / 'sweep.json').read_text()
   script = (workdir / 'sweep.sbatch').read_text()
   with pytest.raises(ConfigError, match=r"holds a sweep of another experiment \('.*a.py', not '.*b.py'\)"):
-    sweep.launch(other, workdir)
+    sweep_launch.launch(other, workdir)
   with pytest.raises(ConfigError,
                      match=r'holds a sweep run with --config.train.steps=200, not --config.train.steps=300'):
-    sweep.launch(spec, workdir, {'train.steps': 300})
+    sweep_launch.launch(spec, workdir, {'train.steps': 300})
   assert (workdir / 'sweep.json').read_text() == manifest and (workdir / 'sweep.sbatch').read_text() == script
   run = tmp_path / 'run'
   run.mkdir()
   (run / 'config.json').write_text('{}')
   with pytest.raises(ConfigError, match='holds a training run, not a sweep'):
-    sweep.launch(spec, run)
+    sweep_launch.launch(spec, run)
   (tmp_path / 'stuff').mkdir()
   (tmp_path / 'stuff' / 'notes.txt').write_text('mine')
   with pytest.raises(ConfigError, match='is not empty and holds no sweep.json'):
-    sweep.launch(spec, tmp_path / 'stuff')
+    sweep_launch.launch(spec, tmp_path / 'stuff')
   assert (tmp_path / 'stuff' / 'notes.txt').read_text() == 'mine'
 
 
 def test_slurm_script_runs_each_points_command_line(tmp_path):
   spec = str(ABLATIONS / 'learning_rate.py')
   workdir = tmp_path / 'lr sweep'  # A space: the script must quote.
-  sweep.launch(spec, workdir, {'train.steps': 400, 'eval.sample_prompt': "O'er the hill"}, launcher='slurm',
+  sweep_launch.launch(spec, workdir, {'train.steps': 400, 'eval.sample_prompt': "O'er the hill"}, launcher='slurm',
                parallel=2, sbatch=['--partition=gpu', '--gres=gpu:1'])
   script = (workdir / 'sweep.sbatch').read_text()
   header = [line for line in script.splitlines() if line.startswith('#SBATCH')]
@@ -233,28 +239,28 @@ def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, 
   overrides = tiny_overrides(tfds_dir, play_files, **{'data.tokenizer': 'byte', 'model.mlp_dim': 0,
                                                        'eval.num_samples': 0, 'eval.final_num_batches': 2})
   del overrides['model.mlp']  # The sweep's own axis.
-  gelu, swiglu = sweep.expand(spec, workdir, overrides)
+  gelu, swiglu = sweep_runs.expand(spec, workdir, overrides)
   # A sweep killed half way through its first point: the manifest written, the point checkpointed at step 4 of 8.
-  sweep.write_manifest(workdir, sweep.manifest(spec, overrides, [gelu, swiglu]))
+  sweep_runs.write_manifest(workdir, sweep_runs.manifest(spec, overrides, [gelu, swiglu]))
   loop.Trainer(gelu.config, gelu.workdir, devices=jax.devices()[:1]).run(stop_after=4)
-  assert sweep.status(gelu) == 'partial' and sweep.status(swiglu) == 'new'
+  assert sweep_runs.status(gelu) == 'partial' and sweep_runs.status(swiglu) == 'new'
 
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   first = subprocess.run([sys.executable, '-m', 'lm.sweep', f'--config={spec}', f'--workdir={workdir}', '--parallel=2',
-                          *[f'--config.{k}={sweep.flag_value(v)}' for k, v in overrides.items()]],
+                          *[f'--config.{k}={sweep_grid.flag_value(v)}' for k, v in overrides.items()]],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
   assert first.returncode == 0, first.stdout + first.stderr
   assert re.search(r'^mlp=gelu +resumes from step 4$', first.stdout, re.M)
   assert re.search(r'^mlp=swiglu +to run$', first.stdout, re.M)
   assert f'resumed from step 4 in {gelu.workdir}' in (gelu.workdir / 'train.log').read_text()
   assert 'resumed' not in (swiglu.workdir / 'train.log').read_text()
-  assert sweep.status(gelu) == sweep.status(swiglu) == 'done'
+  assert sweep_runs.status(gelu) == sweep_runs.status(swiglu) == 'done'
 
   runs = results.load_runs(workdir)
   assert list(runs['run']) == ['mlp=gelu', 'mlp=swiglu'] and runs.attrs['swept'] == ['model.mlp']
   assert list(runs['model.mlp']) == ['gelu', 'swiglu'] and set(runs['status']) == {'done'}
   for _, row in runs.iterrows():
-    final = sweep.final_metrics(pathlib.Path(row['path']))
+    final = sweep_runs.final_metrics(pathlib.Path(row['path']))
     assert final['step'] == row['step'] == 8 and row['eval/loss'] == final['eval/loss']
     assert row['tokens'] == 8 * 4 * 32 and row['model/params'] > row['model/embedding_params'] > 0
   curves = results.load_curves(workdir)
@@ -264,14 +270,14 @@ def test_partly_finished_sweep_skips_done_points_and_resumes_the_rest(tfds_dir, 
 
   # Everything done: a second launch starts nothing and changes nothing.
   logs = {r.name: (r.workdir / 'train.log').read_text() for r in (gelu, swiglu)}
-  again = sweep.launch(spec, workdir, overrides, parallel=2, say=lambda _: None)
+  again = sweep_launch.launch(spec, workdir, overrides, parallel=2, say=lambda _: None)
   assert [r['status'] for r in again] == ['done', 'done'] and not any('returncode' in r for r in again)
   assert {r.name: (r.workdir / 'train.log').read_text() for r in (gelu, swiglu)} == logs
 
 
 def test_points_that_start_from_earlier_points_wait_for_them(tmp_path, monkeypatch):
   spec = str(ABLATIONS / 'wsd.py')
-  runs = sweep.expand(spec, tmp_path / 'wsd')
+  runs = sweep_runs.expand(spec, tmp_path / 'wsd')
   by_name = {r.name: r for r in runs}
   cooldown = by_name['schedule=wsd,steps=250,init_step=200,init_mode=full']
   assert cooldown.after == ('schedule=wsd',) and by_name['schedule=cosine,steps=250'].after == ()
@@ -279,13 +285,13 @@ def test_points_that_start_from_earlier_points_wait_for_them(tmp_path, monkeypat
   assert (cooldown.config.train.steps, cooldown.config.checkpoint.init_step) == (250, 200)
   assert f'--config.checkpoint.init_from={tmp_path}/wsd/schedule=wsd' in cooldown.command
   with pytest.raises(ConfigError, match="starts from point 'schedule=wsd', which is not done: a job array"):
-    sweep.launch(spec, tmp_path / 'wsd', launcher='slurm')
+    sweep_launch.launch(spec, tmp_path / 'wsd', launcher='slurm')
   assert not (tmp_path / 'wsd').exists()
   later = _write_experiment(tmp_path / 'later.py', "[{'checkpoint.init_from': '{sweep}/d_model=64', "
                                                    "'train.steps': 300}, {'model.d_model': 64}]")
   with pytest.raises(ConfigError, match=r"sweep point 'steps=300': checkpoint.init_from='\{sweep\}/d_model=64' names "
                                         r"'d_model=64', which is not an earlier point of this sweep \(one of: none\)"):
-    sweep.expand(later, tmp_path / 'later')
+    sweep_runs.expand(later, tmp_path / 'later')
 
   # The local launcher, two at a time, with each point's process faked: a cooldown starts only once
   # the stable run has finished, later points going ahead meanwhile; when it fails, its cooldowns
@@ -307,11 +313,11 @@ def test_points_that_start_from_earlier_points_wait_for_them(tmp_path, monkeypat
         events.append(('end', self.run.name))
         return self.returncode
 
-    monkeypatch.setattr(sweep, '_start', lambda run, log: events.append(('start', run.name)) or Process(run))
-    monkeypatch.setattr(sweep, 'status', lambda run: 'done' if run.name in done else 'new')
-    monkeypatch.setattr(sweep.time, 'sleep', lambda _: None)
+    monkeypatch.setattr(sweep_launch, '_start', lambda run, log: events.append(('start', run.name)) or Process(run))
+    monkeypatch.setattr(sweep_launch, 'status', lambda run: 'done' if run.name in done else 'new')
+    monkeypatch.setattr(sweep_launch.time, 'sleep', lambda _: None)
     said = []
-    records = sweep.launch(spec, tmp_path / f'local{stable_fails}', parallel=2, say=said.append)
+    records = sweep_launch.launch(spec, tmp_path / f'local{stable_fails}', parallel=2, say=said.append)
     starts = [name for what, name in events if what == 'start']
     stable_end = events.index(('end', 'schedule=wsd'))
     cooldowns = [r.name for r in runs if r.after]

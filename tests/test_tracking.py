@@ -10,10 +10,12 @@ import pytest
 from wandb.proto import wandb_internal_pb2
 
 from conftest import tiny_config
-from lm import harness, results, saved
+from lm import harness
+from lm.analysis import results
 from lm.config import ConfigError
-from lm.loop import Trainer
-from lm.workdirs import read_metrics
+from lm.training import saved
+from lm.training.loop import Trainer
+from lm.training.workdirs import read_metrics
 
 TASKS = ['shakespeare_next_line', 'shakespeare_scenes']
 

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from conftest import one_device_layout, tiny_config
-from lm import train
 from lm.data import pipeline
 from lm.kinds import make_model
-from lm.optim import learning_rate_schedule, make_optimizer
+from lm.training import train
+from lm.training.optim import learning_rate_schedule, make_optimizer
 
 
 @pytest.fixture(scope='module')

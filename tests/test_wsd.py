@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from lm import loop
 from lm.config import ConfigError
-from lm.workdirs import read_metrics
+from lm.training import loop
+from lm.training.workdirs import read_metrics
 
 WSD = {'optimizer.schedule': 'wsd', 'optimizer.decay_fraction': 0.25, 'optimizer.learning_rate': 1e-2,
        'checkpoint.every': 4, 'checkpoint.max_to_keep': 10, 'eval.num_samples': 0, 'eval.every': 100}

@@ -11,7 +11,7 @@
 
 Bytes, not a trained tokenizer, so that every ablation is scored in bits per byte of the same text
 and no point spends time training sentencepiece. The ablation files next to this one load it and
-each sweep one knob (see lm/sweep.py), their get_config and get_sweep built by ablation_config and
+each sweep one knob (see lm.sweep), their get_config and get_sweep built by ablation_config and
 ablation_sweep below.
 """
 

@@ -3,7 +3,7 @@
 The sections live beside this file (`model.py`, `data.py`, `run.py`), each key a `schema.key(...)`
 field of a frozen dataclass. From them come `base_config()` (the `ml_collections.ConfigDict` that
 experiments start from), `validate()` (each key's check, then the cross-key rules, one line per
-problem naming the key), the resume rule `lm.checkpoint` applies, and the key reference that
+problem naming the key), the resume rule `lm.training.checkpoint` applies, and the key reference that
 `python -m lm.config --keys` prints. Nothing else in `lm` is imported here.
 """
 

@@ -155,7 +155,8 @@ class Mesh:
                      'Devices along (data, fsdp, context, tensor), or (data, fsdp, tensor) with context 1; one '
                      'entry may be -1: all remaining devices.')
   logical_axis_rules: tuple = key(DEFAULT_LOGICAL_AXIS_RULES, Check(_logical_axis_rules, '(logical axis, mesh axes) '
-                                  'pairs'), FREE, "How the model's logical axes map onto the mesh (lm/sharding.py).")
+                                  'pairs'), FREE,
+                                  "How the model's logical axes map onto the mesh (lm/parallel/sharding.py).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,7 +67,7 @@ def string(nonempty: bool = False) -> Check:
 
 BOOLEAN = Check(lambda v: None if isinstance(v, bool) else 'must be True or False', 'True, False')
 
-# Whether a key may change when a workdir resumes (lm.checkpoint reads these).
+# Whether a key may change when a workdir resumes (lm.training.checkpoint reads these).
 FREE = 'free'  # May change on resume and between a run and its checkpoint.init_from source.
 MATCH = 'match'  # Must equal the checkpoint's on resume: it shapes the data stream or what the steps compute.
 SHAPE = 'shape'  # Shapes the parameters (or the tokens they index): must match on resume and for init_from.

@@ -10,8 +10,8 @@ import ml_collections
 import numpy as np
 
 from lm.config import ConfigError
-from lm.layers import head_width, mlp_width
-from lm.model import is_moe_layer
+from lm.nn.layers import head_width, mlp_width
+from lm.nn.model import is_moe_layer
 
 
 class Kind:
@@ -39,7 +39,7 @@ class Kind:
     raise NotImplementedError
 
   def flops_per_example(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> float:
-    """Training FLOPs of one row (see lm.metrics.flops_per_example)."""
+    """Training FLOPs of one row (see lm.training.metrics.flops_per_example)."""
     raise NotImplementedError
 
   def decoding_context(self, model: nn.Module, params, inputs_NS: jax.Array | None) -> Any:

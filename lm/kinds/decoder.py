@@ -1,4 +1,4 @@
-"""model.kind='decoder': the GPT-style decoder (lm.model.GPT); its Hugging Face families are in
+"""model.kind='decoder': the GPT-style decoder (lm.nn.model.GPT); its Hugging Face families are in
 lm/kinds/gpt2.py and lm/kinds/llama.py."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import ml_collections
 from lm.kinds.base import Kind, self_attention_stack_flops
 from lm.kinds.gpt2 import GPT2
 from lm.kinds.llama import LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3
-from lm.model import GPT, empty_cache, vocab_logits
+from lm.nn.model import GPT, empty_cache, vocab_logits
 
 
 class Decoder(Kind):

@@ -1,4 +1,4 @@
-"""model.kind='encoder_decoder': the original Transformer layout (lm.model.EncoderDecoder)."""
+"""model.kind='encoder_decoder': the original Transformer layout (lm.nn.model.EncoderDecoder)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import ml_collections
 
 from lm.config import PAD_IDS, target_len
 from lm.kinds.base import Kind, attention_widths, self_attention_stack_flops
-from lm.layers import head_width
-from lm.model import EncoderDecoder, empty_cache
+from lm.nn.layers import head_width
+from lm.nn.model import EncoderDecoder, empty_cache
 
 
 class EncoderDecoderKind(Kind):

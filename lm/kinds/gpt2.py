@@ -10,8 +10,8 @@ import numpy as np
 
 from lm.config import base_config, override, validate
 from lm.kinds.base import HfFamily, hf_value
-from lm.layers import mlp_width
-from lm.model import unstack_layers
+from lm.nn.layers import mlp_width
+from lm.nn.model import unstack_layers
 
 # GPT-2's tanh-approximated GELU names: what model.mlp='gelu' computes (flax's approximate GELU).
 _GELUS = ('gelu_new', 'gelu_pytorch_tanh', 'gelu_fast')

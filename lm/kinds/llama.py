@@ -2,7 +2,7 @@
 (sparse MoE), Qwen2 (q/k/v biases) and Qwen3 (per-head qk-norm, free head_dim). All are pre-RMSNorm
 decoders with RoPE, SwiGLU and grouped-query attention; weights are torch Linear [out, in].
 
-transformers rotates the pairs (x_i, x_{i + K/2}) (rotate_half), as lm.layers.rotary does, so the
+transformers rotates the pairs (x_i, x_{i + K/2}) (rotate_half), as lm.nn.layers.rotary does, so the
 query and key weights need no permutation (Meta's original checkpoints interleave the pairs instead;
 their conversion to this format already permuted them)."""
 
@@ -17,8 +17,8 @@ import numpy as np
 from lm.config import ConfigError, base_config, override, validate
 from lm.kinds.base import HfFamily, hf_value
 from lm.kinds.gpt2 import host
-from lm.layers import head_width, mlp_width
-from lm.model import is_moe_layer, unstack_layers
+from lm.nn.layers import head_width, mlp_width
+from lm.nn.model import is_moe_layer, unstack_layers
 
 # transformers' rope_type -> model.rope_scaling.
 _ROPE_TYPES = {'default': 'none', 'linear': 'linear', 'dynamic': 'dynamic', 'llama3': 'llama3', 'yarn': 'yarn'}

@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm import sharding, train
 from lm.data import pipeline
-from lm.layers import Block
+from lm.nn.block import Block
+from lm.parallel import sharding
+from lm.training import train
 
 
 def train_from_scratch(config: ml_collections.ConfigDict, corpus: pipeline.Corpus, steps: int):

@@ -1,4 +1,4 @@
-"""Timers shared by python -m lm.bench and its PyTorch child, lm.bench_torch (which imports no JAX)."""
+"""Timers shared by python -m lm.bench and its PyTorch child, lm.bench.torch_side (which imports no JAX)."""
 
 from __future__ import annotations
 

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import jax
 import tqdm
 
-from lm import metrics, saved, sharding
+from lm.inference.run import SavedRun
+from lm.parallel import sharding
+from lm.training import metrics
 
 if TYPE_CHECKING:  # The Trainer runs the hooks; they only read and write its state.
-  from lm.loop import Trainer
+  from lm.training.loop import Trainer
 
 
 class NonFiniteError(RuntimeError):
@@ -195,7 +197,7 @@ class Harness(Hook):
   waits = True
 
   def __init__(self, harness, manager, tasks: list[str]):
-    self.harness, self.manager, self.tasks = harness, manager, tasks  # harness: the lm.harness module.
+    self.harness, self.manager, self.tasks = harness, manager, tasks  # harness: the lm.inference.harness module.
 
   def due(self, trainer, info):
     every = trainer.config.eval.harness_every
@@ -204,9 +206,9 @@ class Harness(Hook):
   def __call__(self, trainer, info):
     e = trainer.config.eval
     start = time.perf_counter()
-    run = saved.SavedRun(trainer.config, trainer.model, trainer.state.params, trainer.corpus.tokenizer, info.step,
+    run = SavedRun(trainer.config, trainer.model, trainer.state.params, trainer.corpus.tokenizer, info.step,
                          trainer.mesh, trainer.workdir)
-    model = self.harness.HarnessModel(run=run, batch_size=e.batch_size)
+    model = self.harness.RunModel(run, batch_size=e.batch_size)
     results = self.harness.evaluate(model, self.tasks, limit=e.harness_limit or None, manager=self.manager,
                                     bootstrap_iters=0, check=False)
     scores = {f'harness/{k}': v for k, v in self.harness.flat_metrics(results).items()}

@@ -6,7 +6,7 @@ object-store mounts do not make it atomic, and there the heartbeat is what a sec
 It holds JSON: host, pid, command, start time, heartbeat (refreshed every HEARTBEAT_SECONDS by a
 thread of the holder), and a random token. A lock whose holder is provably gone is taken over with a
 warning: on this host when its pid is dead (or is another process now), from another host when its
-heartbeat is older than STALE_SECONDS. Readers (lm.generate, lm.evaluate, lm.harness, lm.results)
+heartbeat is older than STALE_SECONDS. Readers (lm.generate, lm.evaluate, lm.harness, lm.analysis.results)
 take none. Written without JAX, so a command can refuse before it imports anything heavy.
 """
 

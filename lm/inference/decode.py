@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import kinds, sharding
+from lm import kinds
 from lm.config import ConfigError
-from lm.layers import LowPrecisionKernel
-from lm.model import resize_cache
+from lm.nn.layers import LowPrecisionKernel
+from lm.nn.model import resize_cache
+from lm.parallel import sharding
 
 CHUNK = 32  # Tokens per jitted decoding call: stop strings are checked between calls.
 WEIGHTS_DTYPES = ('float32', 'bfloat16', 'int8')
@@ -217,7 +218,7 @@ def generate_ids(model: nn.Module, params, prompts: Sequence[np.ndarray], *, max
 
 def cast_weights(params, weights_dtype: str):
   """The parameters to generate with: as stored ('float32'), or with every projection's kernel
-  (attention, MLP, an untied output layer) in 'bfloat16' or 'int8' (lm.layers.LowPrecisionKernel);
+  (attention, MLP, an untied output layer) in 'bfloat16' or 'int8' (lm.nn.layers.LowPrecisionKernel);
   embeddings, norms and biases stay as they are."""
   if weights_dtype not in WEIGHTS_DTYPES:
     raise ConfigError(f'weights_dtype={weights_dtype!r}: must be one of {", ".join(WEIGHTS_DTYPES)}')

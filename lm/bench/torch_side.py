@@ -1,7 +1,7 @@
 """The PyTorch side of python -m lm.bench --compare=torch, run by lm.bench.compare_torch as a child
 process, one per mode, so that PyTorch and JAX never share a process:
 
-  python -m lm.bench_torch SPEC_JSON    # prints one JSON line: torch_peer(SPEC)
+  python -m lm.bench.torch_side SPEC_JSON    # prints one JSON line: torch_peer(SPEC)
 
 Imports no JAX. Needs the `hf` extra.
 """
@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from lm.timing import best_of, median
+from lm.bench.timing import best_of, median
 
 try:
   import torch
@@ -61,7 +61,7 @@ def torch_peer(spec: dict) -> dict:
       loss = step(forward)
     windows.append((time.perf_counter() - start) / spec['steps'])
   step_s = median(windows)
-  floor_s = 0.0  # lm's train step's matmuls (lm.matmuls), each timed alone, as bench_train times them for lm.
+  floor_s = 0.0  # lm's train step's matmuls (lm.bench.matmuls), each timed alone, as bench_train times them for lm.
   with torch.no_grad():
     for lhs_shape, rhs_shape, spec_, times in spec['matmuls']:
       lhs, rhs = torch.randn(lhs_shape), torch.randn(rhs_shape)
@@ -79,5 +79,5 @@ def torch_peer(spec: dict) -> dict:
 
 if __name__ == '__main__':
   if len(sys.argv) != 2:
-    sys.exit('usage: python -m lm.bench_torch SPEC_JSON  (run by python -m lm.bench --compare=torch)')
+    sys.exit('usage: python -m lm.bench.torch_side SPEC_JSON  (run by python -m lm.bench --compare=torch)')
   print(json.dumps(torch_peer(json.loads(sys.argv[1]))), flush=True)

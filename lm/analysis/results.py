@@ -6,7 +6,7 @@ scaling-law fit.
   results.plot_curves(curves, 'eval/loss'); results.table(runs)
   results.report('runs/ablations/positions')  # the table, the loss curves and the ranking at once
 
-A workdir is a run (it holds config.json) or a folder of runs, such as a sweep's (lm/sweep.py).
+A workdir is a run (it holds config.json) or a folder of runs, such as a sweep's (lm.sweep).
 DataFrames and plots need the notebooks extra (pandas, matplotlib): without it this module still
 imports, the scaling-law fit works, and what needs them says `pip install 'lm[notebooks]'`.
 """
@@ -23,9 +23,9 @@ import ml_collections
 import numpy as np
 import scipy.optimize
 
-from lm import sweep
-from lm.metrics import tokens_per_example
-from lm.workdirs import read_metrics
+from lm.sweeps import launch as sweep_launch
+from lm.sweeps import runs as sweep_runs
+from lm.training.workdirs import read_metrics
 
 # Optional: the `notebooks` extra. IPython only shows report's table in a notebook (else it prints).
 try:
@@ -48,7 +48,7 @@ FINAL_METRICS = ('eval/loss', 'eval/bits_per_byte', 'eval/perplexity')
 def _require(module, name: str, what: str) -> None:
   """One clear error where `what` needs a package of the notebooks extra that is not installed."""
   if module is None:
-    raise ModuleNotFoundError(f"lm.results.{what} needs {name}: pip install 'lm[notebooks]'", name=name)
+    raise ModuleNotFoundError(f"lm.analysis.results.{what} needs {name}: pip install 'lm[notebooks]'", name=name)
 
 
 def run_dirs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
@@ -57,8 +57,8 @@ def run_dirs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
   if (workdir / 'config.json').exists():
     return [workdir]
   found = sorted(p for p in workdir.iterdir() if (p / 'config.json').exists()) if workdir.is_dir() else []
-  if (workdir / sweep.MANIFEST).exists():
-    order = [p['name'] for p in json.loads((workdir / sweep.MANIFEST).read_text())['points']]
+  if (workdir / sweep_runs.MANIFEST).exists():
+    order = [p['name'] for p in json.loads((workdir / sweep_runs.MANIFEST).read_text())['points']]
     found.sort(key=lambda p: order.index(p.name) if p.name in order else len(order))
   if not found:
     raise FileNotFoundError(f'{workdir} holds no runs (no config.json in it or its sub-folders)')
@@ -67,7 +67,7 @@ def run_dirs(workdir: str | pathlib.Path) -> list[pathlib.Path]:
 
 def swept_keys(workdir: str | pathlib.Path, runs: pd.DataFrame | None = None) -> list[str]:
   """The config keys a sweep varied (from its sweep.json), else those that differ between the runs."""
-  manifest = pathlib.Path(workdir) / sweep.MANIFEST
+  manifest = pathlib.Path(workdir) / sweep_runs.MANIFEST
   if manifest.exists():
     points = json.loads(manifest.read_text())['points']
     return list(dict.fromkeys(k for p in points for k in p['overrides']))
@@ -78,6 +78,8 @@ def swept_keys(workdir: str | pathlib.Path, runs: pd.DataFrame | None = None) ->
 
 
 def _tokens_per_step(config: dict) -> int:
+  # Imported here, as runs are read: the model kinds bring in JAX and Flax, which importing this module must not.
+  from lm.training.metrics import tokens_per_example  # noqa: PLC0415
   nested = ml_collections.ConfigDict()
   for key, value in config.items():
     group, leaf = key.split('.', 1) if '.' in key else ('', key)
@@ -104,9 +106,9 @@ def load_runs(workdir: str | pathlib.Path) -> pd.DataFrame:
     harness_runs = [r for r in records if 'harness/seconds' in r]
     trains = [r for r in records if 'train/loss' in r]
     model = next((r for r in reversed(records) if 'model/params' in r), {})
-    done = sweep.finished_steps(run_dir) >= config['train.steps']
+    done = sweep_runs.finished_steps(run_dir) >= config['train.steps']
     row = {'run': run_dir.name, 'path': str(run_dir),
-           'status': 'done' if done else 'partial' if sweep.finished_steps(run_dir) else 'new',
+           'status': 'done' if done else 'partial' if sweep_runs.finished_steps(run_dir) else 'new',
            **{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()},
            'step': step, 'tokens': step * _tokens_per_step(config),
            'model/params': model.get('model/params', math.nan),
@@ -227,12 +229,12 @@ def plot_by_position(results: dict[str, dict], metric: str = 'bits_per_byte', ax
 def launch_ablation(experiment: str | pathlib.Path, workdir: str | pathlib.Path, overrides: dict | None = None,
                     smoke: bool = False) -> list[dict]:
   """Trains every point of the sweep in experiment that is not done yet into workdir, one after
-  another in this process (lm.sweep.launch, launcher='inline'), each with overrides; returns
+  another in this process (lm.sweeps.launch.launch, launcher='inline'), each with overrides; returns
   launch's records. smoke=True runs the sweep at its 'smoke' preset (experiment:smoke, as the
   ablations in experiments/ablations/ define it): a few steps of a tiny model, to prove that a
   notebook runs, not the science."""
   spec = f'{experiment}:smoke' if smoke else str(experiment)
-  return sweep.launch(spec, workdir, dict(overrides or {}), launcher='inline')
+  return sweep_launch.launch(spec, workdir, dict(overrides or {}), launcher='inline')
 
 
 def plot_losses(curves: pd.DataFrame):

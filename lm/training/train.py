@@ -1,4 +1,4 @@
-"""The train state, its layout on the devices, and the pure train and eval steps (the loop: lm/loop.py)."""
+"""The train state, its layout on the devices, and the pure train and eval steps (the loop: lm/training/loop.py)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from lm import kinds, metrics, mup, sharding
+from lm import kinds
 from lm.config import ConfigError
 from lm.data import pipeline
 from lm.kinds import make_model
-from lm.layers import attention_implementation, segment_positions
-from lm.model import apply_model, vocab_logits
-from lm.optim import learning_rate_schedule, make_optimizer
+from lm.nn import mup
+from lm.nn.attention import attention_implementation, segment_positions
+from lm.nn.model import apply_model, vocab_logits
+from lm.parallel import sharding
+from lm.training import metrics
+from lm.training.optim import learning_rate_schedule, make_optimizer
 
 
 @struct.dataclass

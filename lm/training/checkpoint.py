@@ -1,5 +1,5 @@
 """Orbax checkpoints of the train state together with the Grain data iterator state and the
-checksums of the state's arrays (lm.checksums), checked on every restore."""
+checksums of the state's arrays (lm.training.checksums), checked on every restore."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import checksums
 from lm.config import Checkpoint, ConfigError
+from lm.training import checksums
 
 CHECKSUMS = 'checksums'  # The item holding {array name: checksum} beside 'state' and 'data'.
 

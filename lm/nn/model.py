@@ -1,5 +1,5 @@
 """The models: a GPT-style decoder (token ids -> next-token logits) and an encoder-decoder
-Transformer (input ids, target ids -> next-target-token logits), both stacks of lm/layers.Block.
+Transformer (input ids, target ids -> next-target-token logits), both stacks of lm.nn.block.Block.
 
 `model.kind` picks one; every other model key applies to both where it makes sense (the encoder
 is bidirectional, so it takes no sliding window).
@@ -12,18 +12,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm import mup
-from lm.layers import (
-  Block,
-  Projection,
-  _init,
-  causal_mask,
-  dropout,
-  dtype_of,
-  norm_layer,
-  same_segment,
-  segment_positions,
-)
+from lm.nn import mup
+from lm.nn.attention import causal_mask, same_segment, segment_positions
+from lm.nn.block import Block
+from lm.nn.layers import Projection, dropout, dtype_of, norm_layer, param_init
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
 REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.checkpoint_policies.dots_saveable}
@@ -75,7 +67,7 @@ def _embed(module: nn.Module, embedding: nn.Embed, tokens_BL: jax.Array, table_P
 
 def _token_embedding(config) -> nn.Embed:
   return nn.Embed(config.vocab_size, config.d_model, dtype=dtype_of(config), name='token_embedding',
-                  embedding_init=_init(config.init_std, ('vocab', 'embed')))
+                  embedding_init=param_init(config.init_std, ('vocab', 'embed')))
 
 
 def _position_table(module: nn.Module, name: str) -> jax.Array | None:
@@ -83,7 +75,7 @@ def _position_table(module: nn.Module, name: str) -> jax.Array | None:
   c = module.config
   if c.positions != 'learned':
     return None
-  return module.param(name, _init(c.init_std, (None, 'embed')), (c.max_len, c.d_model))
+  return module.param(name, param_init(c.init_std, (None, 'embed')), (c.max_len, c.d_model))
 
 
 def _output_layer(config) -> Projection:

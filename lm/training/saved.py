@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
-from typing import Any
 
 import jax
 import ml_collections
 
-from lm import checkpoint, train, workdirs
 from lm.config import ConfigError, base_config, override, validate
 from lm.data import tokenizers
-from lm.kinds import make_model
-from lm.model import unstack_layers
-
-
-@dataclasses.dataclass
-class SavedRun:
-  config: ml_collections.ConfigDict
-  model: Any  # The flax module.
-  params: Any  # Placed on `mesh` as the config's logical axis rules say.
-  tokenizer: tokenizers.Tokenizer
-  step: int
-  mesh: jax.sharding.Mesh
-  workdir: pathlib.Path
+from lm.inference.run import SavedRun, unrolled
+from lm.training import checkpoint, train, workdirs
 
 
 def _tuples(value):
@@ -93,12 +79,3 @@ def load(workdir: str | pathlib.Path, step: int | None = None, devices: list[jax
     checkpointer.close()
   run = SavedRun(config, model, params, tokenizer, step, layout.mesh, workdir)
   return unrolled(run) if unroll_layers else run
-
-
-def unrolled(run: SavedRun) -> SavedRun:
-  """The run with scanned layers unrolled into block_0 ... block_{n-1} (as it is if not scanned)."""
-  if not run.config.model.scan_layers:
-    return run
-  config = override(run.config, {'model.scan_layers': False})
-  return dataclasses.replace(run, config=config, model=make_model(config.model, config.data),
-                             params=unstack_layers(run.params, config.model.num_layers))

@@ -3,7 +3,6 @@ samples; stopping on signals, divergence or a step limit."""
 
 from __future__ import annotations
 
-import importlib
 import pathlib
 import secrets
 import signal
@@ -16,11 +15,14 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from lm import checkpoint, decode, hooks, kinds, lock, metrics, sharding, workdirs
+from lm import kinds
 from lm.config import ConfigError
 from lm.data import pipeline, tokenizers
-from lm.model import count_embedding_params, count_params
-from lm.train import (
+from lm.inference import decode
+from lm.nn.model import count_embedding_params, count_params
+from lm.parallel import sharding
+from lm.training import checkpoint, hooks, lock, metrics, workdirs
+from lm.training.train import (
   abstract_train_state,
   all_finite,
   evaluate_params,
@@ -159,7 +161,7 @@ class Trainer:
     tasks = [t.strip() for t in names.split(',') if t.strip()]
     if not tasks:
       return None
-    harness = importlib.import_module('lm.harness')  # Only here: it brings in the harness, torch and datasets.
+    from lm.inference import harness  # noqa: PLC0415 (only here: it brings in lm-eval, torch and datasets)
     manager = harness.task_manager()
     harness.check_tasks(tasks, manager)
     return hooks.Harness(harness, manager, tasks)

@@ -21,7 +21,7 @@ import tqdm
 
 from lm import kinds
 from lm.config import ConfigError, flatten
-from lm.workdirs import read_metrics
+from lm.training.workdirs import read_metrics
 
 
 def say(message: str) -> None:

@@ -25,9 +25,13 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from lm import decode, hf, saved, sharding, workdirs
+from lm import hf
 from lm.config import ConfigError
 from lm.data import tokenizers
+from lm.inference import decode
+from lm.inference.run import SavedRun, unrolled
+from lm.parallel import sharding
+from lm.training import saved, workdirs
 
 TASKS = ('text-generation',)
 # GenerationConfig's global defaults, under the text-generation pipeline's own (transformers 5).
@@ -79,7 +83,7 @@ def _generation_config(kind: str, path: pathlib.Path) -> dict[str, Any]:
 class TextGenerationPipeline:
   """Continues prompts like transformers' TextGenerationPipeline (see the module doc)."""
 
-  def __init__(self, run: saved.SavedRun, folder_settings: dict[str, Any], clean_up_spaces: bool,
+  def __init__(self, run: SavedRun, folder_settings: dict[str, Any], clean_up_spaces: bool,
                weights_dtype: str):
     self.run, self.folder_settings, self.clean_up_spaces = run, folder_settings, clean_up_spaces
     self.params = decode.cast_weights(run.params, weights_dtype)
@@ -145,7 +149,7 @@ class TextGenerationPipeline:
 
 def pipeline(task: str, model: str | os.PathLike, *, weights_dtype: str = 'float32') -> TextGenerationPipeline:
   """A text-generation pipeline over an lm workdir, a save_pretrained folder, or a cached Hub name
-  (see the module doc); weights_dtype 'float32' (as stored), 'bfloat16' or 'int8' (lm.decode.cast_weights)."""
+  (see the module doc); weights_dtype 'float32' (as stored), 'bfloat16' or 'int8' (lm.inference.decode.cast_weights)."""
   if task not in TASKS:
     raise ConfigError(f'Unknown task {task!r}, available tasks are {list(TASKS)}')
   decode.cast_weights({}, weights_dtype)  # Refuses an unknown dtype before anything loads.
@@ -153,7 +157,7 @@ def pipeline(task: str, model: str | os.PathLike, *, weights_dtype: str = 'float
   if kind == 'workdir':
     run = saved.load(path)
   else:
-    run = saved.unrolled(hf.read_hf(path))
+    run = unrolled(hf.read_hf(path))
   config_file = path / 'tokenizer_config.json'
   clean_up = kind == 'hf' and config_file.is_file() and bool(
       json.loads(config_file.read_text()).get('clean_up_tokenization_spaces', False))

@@ -1,0 +1,1 @@
+"""Token generation: KV-cache prefill and decoding, sampling, lower-precision weights."""

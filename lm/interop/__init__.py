@@ -1,0 +1,1 @@
+"""Other libraries' calls on lm's models: transformers' text-generation pipeline."""

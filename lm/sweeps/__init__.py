@@ -1,0 +1,1 @@
+"""Sweeps declared beside experiments (python -m lm.sweep): points, runs, launching."""

@@ -298,8 +298,6 @@ def _refusal(result) -> str:
     ({'data.seq_len': 512}, (), 'data.seq_len=512 exceeds the position table: must be <= model.max_len=256'),
     ({'optimizer.learning_rate': -1.0}, (), 'optimizer.learning_rate=-1.0: must be > 0'),
     ({'data.tokenizer': 'bpe'}, (), "data.tokenizer='bpe': must be one of 'sentencepiece', 'byte'"),
-    ({'data.name': 'text_files', 'data.paths': '/nonexistent/corpus.txt'}, (),
-     "data.paths: '/nonexistent/corpus.txt' is not a file"),
     ({'data.name': 'lm1b_not_a_dataset'}, (), "data.name='lm1b_not_a_dataset' is not a TFDS dataset"),
     ({}, ('--config=experiments/nope.py',), "--config: no such file 'experiments/nope.py'"),
     ({'mesh.shape': (2, 1, 1)}, (), 'mesh.shape=(2, 1, 1) uses 2 devices but there are 1'),
@@ -311,7 +309,6 @@ def test_bad_input_is_refused_in_one_line(tfds_dir, tmp_path, overrides, args, e
 
 
 @pytest.mark.parametrize('body, expected', [
-    ('def get_config():\n  raise ValueError("bad preset name")\n', 'bad preset name'),
     ('def get_config(:\n', 'SyntaxError'),
     ('def get_config():\n  return {"model": 1}\n', 'get_config() must return an ml_collections.ConfigDict'),
 ])
@@ -320,19 +317,6 @@ def test_broken_experiment_file_is_refused_in_one_line(tmp_path, body, expected)
   path.write_text(body)
   result = run_main(tmp_path / 'run', {}, f'--config={path}', check=False)
   assert expected in _refusal(result) or 'invalid syntax' in _refusal(result)
-
-
-def test_empty_corpus_file_is_refused(tfds_dir, tmp_path):
-  (tmp_path / 'empty.txt').write_text('')
-  result = run_main(tmp_path / 'run', {'data.tfds_data_dir': tfds_dir, 'data.name': 'text_files',
-                                       'data.paths': tmp_path / 'empty.txt'}, check=False)
-  assert f"data.paths: '{tmp_path / 'empty.txt'}' is empty" in _refusal(result)
-
-
-def test_missing_tfds_dataset_says_how_to_prepare(tfds_dir, tmp_path):
-  result = run_main(tmp_path / 'run', {'data.tfds_data_dir': str(tmp_path / 'empty_tfds'), 'data.name': 'lm1b',
-                                       'data.eval_split': 'test'}, check=False)
-  assert 'tfds build lm1b --file_format=array_record' in _refusal(result)
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def mesh_flag() -> flags.FlagHolder:
     if arg.startswith('--config.') and key not in KEYS:
       sys.exit(f'error: --config.{key}: {unknown_key_message(key)}')
   _config_flag, _mesh_only = config_flags.DEFINE_config_dict(
-      'config', ml_collections.ConfigDict({'mesh': base_config().mesh.to_dict()})), True
+      'config', ml_collections.ConfigDict({'mesh': base_config().mesh})), True
   return _config_flag
 
 

@@ -21,7 +21,7 @@ from jax.experimental import topologies
 import numpy as np
 
 from lm import cli, kinds
-from lm.config import MESH_AXES, ConfigError, validate
+from lm.config import ConfigError, named_mesh, validate
 from lm.nn.layers import mlp_width
 from lm.nn.model import count_params
 from lm.parallel import sharding
@@ -104,7 +104,8 @@ def report(config, devices, where: str = '') -> dict[str, float]:
   memory = compiled.memory_analysis()
   per_token = metrics.flops_per_token(config.model, config.data)
   figures = {
-      'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'parameters': count_params(state.params),
+      'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'mesh': named_mesh(mesh.shape.values()),
+      'parameters': count_params(state.params),
       'flops_per_token': per_token, 'compile_seconds': compile_s,
       'flops_per_step_per_device': metrics.flops_per_example(config.model, config.data) * b / mesh.size,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
@@ -130,12 +131,11 @@ def report(config, devices, where: str = '') -> dict[str, float]:
 
 def _print(config, devices, f: dict[str, float]) -> None:
   where = FLAGS.topology or f'{len(devices)} {devices[0].platform} devices'
-  mesh = ' x '.join(f'{k}={v}' for k, v in zip(MESH_AXES, f['mesh_shape']) if k != 'context' or v > 1)
   m = config.model
   print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {mlp_width(m)}, '
         f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters; dtype {m.dtype}, '
         f'remat {m.remat}, scan_layers {m.scan_layers}, microbatches {config.train.microbatches}')
-  print(f'mesh: {mesh} on {where}; batch {config.data.batch_size} x {config.data.seq_len} tokens')
+  print(f'mesh: {f["mesh"]} on {where}; batch {config.data.batch_size} x {config.data.seq_len} tokens')
   print(f'compiled the train step in {f["compile_seconds"]:.1f} s')
   print(f'FLOPs per token: {f["flops_per_token"]:.3e} (6 x weights + attention); '
         f'per step per device: {f["flops_per_step_per_device"]:.3e}')

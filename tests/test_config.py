@@ -62,6 +62,11 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'train.max_nonfinite_steps': -1}, 'train.max_nonfinite_steps=-1: must be >= 0'),
     ({'model.dtype': 'float16'}, "model.dtype='float16': must be one of 'float32', 'bfloat16'"),
     ({'mesh.shape': (-1, -1, 1)}, 'mesh.shape=(-1, -1, 1): entries must be >= 1, with at most one -1'),
+    ({'mesh.shape': 'fsdp=-1,expert=2'}, "mesh.shape='fsdp=-1,expert=2': unknown mesh axis 'expert'; mesh axes: "
+                                         'data, fsdp, context, tensor'),
+    ({'mesh.shape': 'data=-1,fsdp=-1'}, "mesh.shape='data=-1,fsdp=-1': entries must be >= 1, with at most one -1"),
+    ({'mesh.shape': 'fsdp=2,fsdp=4'}, "mesh.shape='fsdp=2,fsdp=4': mesh axis 'fsdp' is named twice"),
+    ({'mesh.shape': 'fsdp'}, "mesh.shape='fsdp': must name its axes (NAME=SIZE) or give sizes as integers"),
     # Keys that contradict each other, across model, data, optimizer and training.
     ({'model.kind': 'encoder_decoder'}, "model.kind='encoder_decoder' needs data.objective='span_corruption' or "
                                         "'seq2seq' (data.objective='lm')"),
@@ -89,6 +94,36 @@ def test_bad_values_are_refused_naming_the_key(values, message):
     train.make_layout(config_lib.validate(_quickstart(**values)), jax.devices())
   assert str(error.value) == message or str(error.value).startswith(message), str(error.value)
   assert '\n' not in str(error.value)
+
+
+@pytest.mark.parametrize('shape, sizes', [
+    ((1, -1, 2), (1, 4, 1, 2)), ((1, -1, 1, 2), (1, 4, 1, 2)), ('1,-1,1,2', (1, 4, 1, 2)),
+    ('fsdp=-1,tensor=2', (1, 4, 1, 2)), ('tensor=2, fsdp=-1', (1, 4, 1, 2)), ('tensor=2,fsdp=4', (1, 4, 1, 2)),
+    ('data=2,fsdp=-1,context=2', (2, 2, 2, 1)), ('data=-1', (8, 1, 1, 1)),
+])
+def test_mesh_shape_takes_sizes_in_order_or_names_in_any_order(shape, sizes):
+  """The mesh's devices are laid out in the declared axis order whichever form names them."""
+  layout = train.make_layout(config_lib.validate(_quickstart(**{'mesh.shape': shape, 'data.batch_size': 8})),
+                             jax.devices())
+  assert tuple(layout.mesh.shape.values()) == sizes and tuple(layout.mesh.shape) == config_lib.MESH_AXES
+  reference = train.make_layout(config_lib.validate(_quickstart(**{'mesh.shape': sizes, 'data.batch_size': 8})),
+                                jax.devices())
+  assert (layout.mesh.devices == reference.mesh.devices).all()
+  assert config_lib.named_mesh(sizes) == ','.join(f'{a}={n}' for a, n in zip(config_lib.MESH_AXES, sizes) if n > 1)
+
+
+def test_two_forms_of_mesh_shape_are_the_same_when_their_sizes_are():
+  assert config_lib.same_mesh([-1, 1, 1], 'data=8') and config_lib.same_mesh('fsdp=-1,tensor=2', (1, 4, 1, 2))
+  assert config_lib.same_mesh((1, 1, 1), 'data=1') and config_lib.same_mesh('fsdp=-1', (1, -1, 1))
+  assert not config_lib.same_mesh('fsdp=8', (-1, 1, 1)) and not config_lib.same_mesh('data=2,fsdp=4', 'fsdp=8')
+  assert not config_lib.same_mesh((2, 2, 1), 'data=8')
+
+
+def test_default_logical_rules_come_from_the_declared_mesh_axes():
+  rules = dict(config_lib.DEFAULT_LOGICAL_AXIS_RULES)
+  assert rules['batch'] == ('data', 'fsdp') and rules['embed'] == 'fsdp' and rules['length'] == 'context'
+  assert all(rules[n] == 'tensor' for n in ('vocab', 'heads', 'kv_heads', 'mlp'))
+  assert rules['expert'] is None and set(rules) == set(config_lib.LOGICAL_AXES)
 
 
 def test_unknown_keys_name_the_nearest_valid_ones():

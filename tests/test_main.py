@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import QUICKSTART, ROOT, run_main, tiny_overrides
+from conftest import QUICKSTART, ROOT, TINY, run_main, tiny_overrides
 from lm import config as config_lib
 from lm.training.metrics import flops_per_token
 from lm.training.workdirs import read_metrics
@@ -317,6 +317,29 @@ def test_broken_experiment_file_is_refused_in_one_line(tmp_path, body, expected)
   path.write_text(body)
   result = run_main(tmp_path / 'run', {}, f'--config={path}', check=False)
   assert expected in _refusal(result) or 'invalid syntax' in _refusal(result)
+
+
+@pytest.mark.slow
+def test_a_workdir_written_before_the_rehousing_resumes_exactly(tfds_dir, tmp_path):
+  """tests/data/workdir_v1/run was stopped at step 4 of 8 by lm at commit 839c73f (a flat lm/, mesh.shape a
+  tuple): today's lm resumes it, with mesh.shape named, to the records that commit's lm logged resuming it.
+  (No shared compile cache: the executable is compiled here, as it was there.)"""
+  fixture = ROOT / 'tests' / 'data' / 'workdir_v1'
+  workdir = tmp_path / 'run'
+  shutil.copytree(fixture / 'run', workdir)
+  overrides = TINY | {'data.tfds_data_dir': tfds_dir, 'checkpoint.max_to_keep': 1, 'mesh.shape': 'data=1'}
+  result = run_main(workdir, overrides)
+  assert 'resumed from step 4' in result.stdout + result.stderr
+  assert 'mesh: data=1 over 1 cpu devices' in result.stdout + result.stderr
+  then = [json.loads(line) for line in (fixture / 'resumed_metrics.jsonl').read_text().splitlines()]
+  now = read_metrics(workdir)
+  keep = lambda r: {k: v for k, v in r.items() if k not in TIMINGS and k != 'time'}
+  assert [keep(r) for r in now] == [keep(r) for r in then]
+  assert [r['step'] for r in now if 'train/loss' in r] == [2, 4, 6, 8]
+  # [-1, 1, 1] there and 'data=1' here resolve to the same mesh: not a change (the data's folder is).
+  changes = json.loads((workdir / 'config_changes.jsonl').read_text())['changes']
+  assert list(changes) == ['data.tfds_data_dir']
+  assert json.loads((workdir / 'config.json').read_text())['mesh.shape'] == 'data=1'
 
 
 @pytest.mark.slow

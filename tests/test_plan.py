@@ -58,9 +58,9 @@ def _plan(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_plan_command_reports_a_simulated_mesh():
-  result = _plan('--devices=8', '--config.mesh.shape=(2,4,1)', '--config.data.batch_size=8')
+  result = _plan('--devices=8', '--config.mesh.shape=fsdp=4,data=2', '--config.data.batch_size=8')
   assert result.returncode == 0, result.stderr[-3000:]
-  assert 'mesh: data=2 x fsdp=4 x tensor=1 on 8 cpu devices' in result.stdout
+  assert 'mesh: data=2,fsdp=4 on 8 cpu devices' in result.stdout
   assert 'total' in result.stdout and 'FLOPs per token' in result.stdout
 
 

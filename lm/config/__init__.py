@@ -9,6 +9,7 @@ problem naming the key), the resume rule `lm.training.checkpoint` applies, and t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import importlib.util
@@ -30,18 +31,23 @@ from lm.config.data import (
   span_lengths,
   target_len,
 )
-from lm.config.model import Model
-from lm.config.run import (
+from lm.config.mesh import (
   DEFAULT_LOGICAL_AXIS_RULES,
   LOGICAL_AXES,
   MESH_AXES,
+  mesh_sizes,
+  named_mesh,
+  resolve_mesh_shape,
+  same_mesh,
+)
+from lm.config.model import Model
+from lm.config.run import (
   MESH_LAYOUTS,
   Checkpoint,
   Eval,
   Mesh,
   Optimizer,
   Train,
-  mesh_dims,
   preset_arg,
 )
 from lm.config.schema import MATCH, RESUME_RULES, SHAPE, ConfigError, Key, keys_of
@@ -49,8 +55,8 @@ from lm.config.schema import MATCH, RESUME_RULES, SHAPE, ConfigError, Key, keys_
 __all__ = [  # What other modules import from here (besides the section modules).
     'BYTE_VOCAB_SIZE', 'DEFAULT_LOGICAL_AXIS_RULES', 'FILE_SOURCES', 'KEYS', 'LOGICAL_AXES', 'MESH_AXES',
     'MESH_LAYOUTS', 'MIN_SENTENCEPIECE_VOCAB', 'PAD_IDS', 'SECTIONS', 'ConfigError', 'Key', 'MixtureSource',
-    'base_config', 'flatten', 'load_experiment', 'load_module', 'mesh_dims', 'mixture_sources', 'must_match',
-    'override',
+    'base_config', 'flatten', 'load_experiment', 'load_module', 'mesh_sizes', 'mixture_sources', 'must_match',
+    'named_mesh', 'override', 'resolve_mesh_shape', 'same_mesh',
     'preset_arg', 'reserved_ids',
     'section', 'span_lengths', 'split_spec', 'target_len', 'unknown_key_message', 'validate',
     # The sections' typed dataclasses.
@@ -77,7 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
       if group not in node:
         node[group] = ml_collections.ConfigDict()
       node = node[group]
-    node[leaf] = k.default
+    node[leaf] = ml_collections.FieldReference(k.default, field_type=object) if k.mixed else k.default
   return c
 
 
@@ -146,7 +152,8 @@ def _problem(name: str, value: Any) -> str | None:
 
 def override(config: ml_collections.ConfigDict, values: dict[str, Any]) -> ml_collections.ConfigDict:
   """A copy of config with {'group.key': value} set, as --config.group.key=value would."""
-  config = ml_collections.ConfigDict(config.to_dict())
+  config = copy.deepcopy(config)
+  config.unlock()
   for name, value in values.items():
     if name not in KEYS:
       raise ConfigError(unknown_key_message(name))

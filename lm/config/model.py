@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lm.config.run import mesh_dims
+from lm.config.mesh import mesh_sizes
 from lm.config.schema import BOOLEAN, FREE, MATCH, SHAPE, choice, integer, key, number
 
 
@@ -124,12 +124,12 @@ def splash_problems(c) -> list[str]:
       errors.append(f"model.attention_impl='splash' needs data.seq_len={length} to be a multiple of 128 and of "
                     f'model.{name}={m[name]} (or shorter than it)')
       break
-  context = mesh_dims(c.mesh.shape)[2]
+  context = mesh_sizes(c.mesh.shape)[2]
   per_device = length // context if context > 1 else length
   if not errors and (per_device % 128 or per_device % min(m.splash_block_q, per_device)):
     # Each device's stretch of queries is a whole number of query blocks.
     errors.append(f"model.attention_impl='splash' needs the {per_device} tokens per device along the context axis "
-                  f'of mesh.shape={tuple(c.mesh.shape)} to be a multiple of 128 and of '
+                  f'of mesh.shape={c.mesh.shape!r} to be a multiple of 128 and of '
                   f'model.splash_block_q={m.splash_block_q} (or shorter than it)')
   return errors
 

@@ -4,37 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from lm.config.mesh import DEFAULT_LOGICAL_AXIS_RULES, LOGICAL_AXES, MESH_AXES, mesh_sizes, shape_problem
 from lm.config.schema import BOOLEAN, FREE, MATCH, Check, choice, integer, key, number, string
 
-MESH_AXES = ('data', 'fsdp', 'context', 'tensor')
-
-
-def mesh_dims(shape) -> tuple[int, ...]:
-  """mesh.shape as one entry per MESH_AXES: three entries (data, fsdp, tensor) mean context = 1."""
-  shape = tuple(shape)
-  return shape[:2] + (1,) + shape[2:] if len(shape) == 3 else shape
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd')
-LOGICAL_AXES = ('batch', 'length', 'vocab', 'embed', 'heads', 'kv_heads', 'kv', 'mlp', 'expert', 'layers')
-
-# Logical axis -> mesh axes, highest priority first. One rule set serves every layout: with the
-# default mesh (-1, 1, 1) it is pure data parallelism; a larger fsdp axis shards parameters and
-# optimizer state along `embed` (and the batch further); a tensor axis splits heads, MLP and vocab.
-# A mesh axis is used once per array: activations [batch, length, embed] take fsdp for the batch,
-# so their embed dimension stays whole.
-DEFAULT_LOGICAL_AXIS_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('vocab', 'tensor'),
-    ('heads', 'tensor'),
-    ('kv_heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('expert', None),  # Expert parallelism: put ('expert', 'data') first, so experts (not the batch) take data.
-    ('embed', 'fsdp'),
-    ('kv', None),
-    ('length', 'context'),  # Context parallelism: activations split along the sequence.
-    ('layers', None),
-)
-
 # Named mesh.shape layouts for presets (--config=experiments/gpt2.py:SIZE,LAYOUT); see the README.
 MESH_LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
 
@@ -47,16 +21,6 @@ def preset_arg(experiment: str, arg: str, sizes) -> tuple[str, str]:
     raise ValueError(f'{experiment}:{arg}: expected SIZE[,LAYOUT] with SIZE one of {", ".join(sizes)} '
                      f'and LAYOUT one of {", ".join(MESH_LAYOUTS)}')
   return size, layout
-
-
-def _mesh_shape(v):
-  if not isinstance(v, (tuple, list)) or len(v) not in (3, 4) or not all(
-      isinstance(n, int) and not isinstance(n, bool) for n in v):
-    return ('must be 4 integers, devices along (data, fsdp, context, tensor), or 3 along (data, fsdp, tensor) '
-            '(context 1), e.g. (-1, 1, 1)')
-  if any(n == 0 or n < -1 for n in v) or list(v).count(-1) > 1:
-    return 'entries must be >= 1, with at most one -1 (all remaining devices)'
-  return None
 
 
 def _logical_axis_rules(v):
@@ -151,9 +115,10 @@ class Train:
 
 @dataclasses.dataclass(frozen=True)
 class Mesh:
-  shape: tuple = key((-1, 1, 1), Check(_mesh_shape, '3 or 4 integers >= 1, at most one -1'), FREE,
-                     'Devices along (data, fsdp, context, tensor), or (data, fsdp, tensor) with context 1; one '
-                     'entry may be -1: all remaining devices.')
+  shape: tuple | str = key((-1, 1, 1), Check(shape_problem, "sizes or names, e.g. (1, -1, 1, 4) or 'fsdp=-1,tensor=4'"),
+                           FREE, 'Devices along (data, fsdp, context, tensor), or (data, fsdp, tensor) with context 1, '
+                           "or by name: 'fsdp=-1,tensor=4' (unnamed axes 1). One size may be -1: all remaining "
+                           'devices. Resumes compare the sizes it resolves to.')
   logical_axis_rules: tuple = key(DEFAULT_LOGICAL_AXIS_RULES, Check(_logical_axis_rules, '(logical axis, mesh axes) '
                                   'pairs'), FREE,
                                   "How the model's logical axes map onto the mesh (lm/parallel/sharding.py).")
@@ -217,12 +182,12 @@ def rules(c) -> list[str]:
   for name in ('harness_every', 'harness_limit'):
     if c.eval[name] and not c.eval.harness_tasks:
       errors.append(f'eval.{name}={c.eval[name]} needs eval.harness_tasks: the tasks to run')
-  context = mesh_dims(c.mesh.shape)[2]
+  context = mesh_sizes(c.mesh.shape)[2]
   if context > 1 and c.data.seq_len % context:
     errors.append(f'data.seq_len={c.data.seq_len} must be divisible by the context axis of mesh.shape='
-                  f'{tuple(c.mesh.shape)} ({context})')
+                  f'{c.mesh.shape!r} ({context})')
   if context != 1 and c.model.kind != 'decoder':
-    errors.append(f"the context axis of mesh.shape={tuple(c.mesh.shape)} needs model.kind='decoder' "
+    errors.append(f"the context axis of mesh.shape={c.mesh.shape!r} needs model.kind='decoder' "
                   f'(not {c.model.kind!r})')
   if (c.train.wandb_entity or c.train.wandb_run_name) and not c.train.wandb_project:
     errors.append('train.wandb_entity and train.wandb_run_name need train.wandb_project')

@@ -89,6 +89,7 @@ class Key:
   check: Check
   resume: str
   doc: str
+  mixed: bool = False  # Annotated with a union (e.g. `tuple | str`): the ConfigDict takes any of its types.
 
 
 def keys_of(section: type, prefix: str) -> dict[str, Key]:
@@ -98,5 +99,6 @@ def keys_of(section: type, prefix: str) -> dict[str, Key]:
     if set(f.metadata) != {'check', 'resume', 'doc'} or f.default is dataclasses.MISSING or not f.metadata['doc']:
       raise TypeError(f'{section.__name__}.{f.name} must be declared with lm.config.schema.key(...)')
     name = f'{prefix}.{f.name}' if prefix else f.name
-    found[name] = Key(name, f.default, f.metadata['check'], f.metadata['resume'], f.metadata['doc'])
+    found[name] = Key(name, f.default, f.metadata['check'], f.metadata['resume'], f.metadata['doc'],
+                      mixed='|' in str(f.type))
   return found

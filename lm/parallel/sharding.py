@@ -17,7 +17,7 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
-from lm.config import MESH_AXES, ConfigError, mesh_dims
+from lm.config import MESH_AXES, ConfigError, resolve_mesh_shape
 from lm.config import Mesh as MeshSection
 
 # Config keys whose values size each logical axis: named in divisibility errors.
@@ -25,21 +25,6 @@ _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads
                    'kv_heads': 'model.num_kv_heads', 'expert': 'model.moe_experts',
                    'mlp': 'model.mlp_dim', 'kv': 'the head dim (model.head_dim, or model.d_model / model.num_heads)',
                    'layers': 'model.num_layers', 'length': 'model.max_len'}
-
-
-def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-  """mesh.shape with -1 filled in, one entry per MESH_AXES; a ConfigError unless it uses exactly num_devices."""
-  given, shape = tuple(shape), mesh_dims(shape)
-  known = math.prod(n for n in shape if n != -1)
-  if -1 in shape:
-    if num_devices % known:
-      raise ConfigError(f'mesh.shape={given}: {num_devices} devices do not split into '
-                        f'{known} x (the -1 entry)')
-    shape = tuple(num_devices // known if n == -1 else n for n in shape)
-  if math.prod(shape) != num_devices:
-    raise ConfigError(f'mesh.shape={given} uses {math.prod(shape)} devices but there are '
-                      f'{num_devices}; make the product {num_devices} or put -1 on one axis')
-  return tuple(shape)
 
 
 def make_mesh(mesh: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:

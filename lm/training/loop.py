@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from lm import kinds
-from lm.config import ConfigError
+from lm.config import ConfigError, named_mesh, override
 from lm.data import pipeline, tokenizers
 from lm.inference import decode
 from lm.nn.model import count_embedding_params, count_params
@@ -95,7 +95,6 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                devices: list[jax.Device] | None = None):
-    self.config = config
     self.workdir = pathlib.Path(workdir)
     lock.check_free(self.workdir)  # lm.main holds the lock; a Trainer of its own must not write beside it.
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -103,6 +102,8 @@ class Trainer:
     self.last_eval: dict[str, float] = {}
     self.stopped_by: str | None = None  # The signal that stopped run() early.
     layout = make_layout(config, devices)
+    # mesh.shape as the sizes it resolved to, by name: what config.json and resumes compare.
+    self.config = config = override(config, {'mesh.shape': named_mesh(layout.mesh.shape.values())})
     self.mesh, self.rules, self.batch_sharding = layout.mesh, layout.rules, layout.batch_sharding
     self.model = layout.model
     # The denominator of train/mfu: the device's peak from the table, else (CPU) its matmul rate, cached.
@@ -230,9 +231,9 @@ class Trainer:
     end = c.train.steps if stop_after is None else min(stop_after, c.train.steps)
     step = self.start_step
     metrics.say(f'model: {count_params(self.state.params):,} parameters; '
-                f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; mesh: '
-                + ' x '.join(f'{k}={v}' for k, v in self.mesh.shape.items() if k != 'context' or v > 1)
-                + f' over {self.mesh.size} {jax.devices()[0].platform} devices, {jax.process_count()} process(es)')
+                f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; '
+                f'mesh: {c.mesh.shape} over {self.mesh.size} {jax.devices()[0].platform} devices, '
+                f'{jax.process_count()} process(es)')
     self.last_eval, self.stopped_by = {}, None
     if step >= end:
       limit = 'train.steps' if end == c.train.steps else '--stop_after'

@@ -11,7 +11,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.config import KEYS, ConfigError, flatten, must_match
+from lm.config import KEYS, ConfigError, flatten, must_match, same_mesh
 
 IMPORTED_FILE = 'imported.json'  # Marks a workdir of imported parameters (python -m lm.hf import).
 
@@ -33,7 +33,8 @@ def _changed_keys(saved: dict[str, Any], config: ml_collections.ConfigDict) -> d
   current = json.loads(json.dumps(flatten(config)))  # Tuples -> lists, as in the saved file.
   defaults = json.loads(json.dumps({k: KEYS[k].default for k in current}))
   old = {k: saved.get(k, defaults[k]) for k in current}
-  return {k: (old[k], v) for k, v in current.items() if old[k] != v}
+  return {k: (old[k], v) for k, v in current.items()
+          if not (same_mesh(old[k], v) if k == 'mesh.shape' else old[k] == v)}
 
 
 def _differences(changed: dict[str, tuple], keys: list[str]) -> str:

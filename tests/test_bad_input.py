@@ -1,4 +1,4 @@
-"""Every bad input of the README's "When runs fail" (bad data, damaged files, mismatched workdirs),
+"""Every bad input docs/reliability.md lists (bad data, damaged files, mismatched workdirs),
 through the real commands: each is refused in one line starting `error:` that names the file, row or
 key, with a non-zero exit status, no traceback, and every file of the case's folder (its inputs, its
 workdir) as it was. A fresh workdir may be left existing, but empty (lm.main makes it first).

@@ -29,6 +29,7 @@ _HEADING = re.compile(r'^#{1,6}[ \t]+(.+?)[ \t#]*$', re.M)
 _COMMAND = re.compile(r'python3?\s+-m\s+(lm(?:\.\w+)+)')
 _SPAN_COMMAND = re.compile(r'^(lm(?:\.\w+)+)\s+--')  # `lm.generate --weights_dtype=...` in prose.
 _CONFIG_KEY = re.compile(r'--config\.([A-Za-z_][\w.]*)')
+_REPO_PATH = re.compile(r'(?<![\w/~.-])((?:lm|tests|experiments|notebooks)/[\w./*-]*)')  # `lm/nn/block.py`, ...
 _NAMED_KEY = re.compile(r'`((?:model|data|optimizer|train|mesh|eval|checkpoint)\.[a-z_]+)[`=]')
 _END_OF_COMMAND = ('&&', '||', '|', ';', '#')
 _QUOTED_OUTPUT = ('error:', 'warning:')  # Messages the code prints, quoted (they may name a mistyped key).
@@ -221,6 +222,14 @@ def test_config_keys_shown_exist(page):
   named = {k for k in _NAMED_KEY.findall(text) if not k.endswith(('.py', '.safetensors'))}  # File names, not keys.
   unknown = sorted({k.rstrip('.') for k in flagged | named} - set(config_lib.KEYS) - PLACEHOLDER_KEYS)
   assert not unknown, f'{_name(page)} names config keys the schema does not declare: {unknown}'
+
+
+@pytest.mark.parametrize('page', PAGES, ids=_name)
+def test_files_named_exist(page):
+  """Every path into the repository a page shows (`tests/test_main.py`, --config=experiments/gpt2.py:xl) exists."""
+  paths = {m for line in _code_lines(_read(page)) for m in _REPO_PATH.findall(line)}
+  missing = sorted(p for p in paths if not re.search(r'[*]|[A-Z]{3,}', p) and not (ROOT / p.rstrip('.')).exists())
+  assert not missing, f'{_name(page)} names files that do not exist: {missing}'
 
 
 def test_config_reference_is_generated_from_the_schema():

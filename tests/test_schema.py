@@ -58,17 +58,6 @@ def test_sections_come_back_typed():
     model.d_model = 1
 
 
-def test_readme_reference_is_generated_from_the_schema():
-  readme = (ROOT / 'README.md').read_text(encoding='utf-8')
-  block = re.search(r'<!-- keys:begin -->\n(.*?)\n<!-- keys:end -->', readme, re.S)
-  assert block, 'README.md lost its generated key reference'
-  assert block.group(1) == config_lib.key_reference(markdown=True), (
-      'README.md key reference is stale: paste the output of python -m lm.config --keys --markdown')
-  named = {n for n in re.findall(r'`((?:model|data|optimizer|train|mesh|eval|checkpoint)\.[a-z_]+)[`=]', readme)
-           if not n.endswith(('.py', '.safetensors'))}  # File names, not keys.
-  assert named <= set(config_lib.KEYS), sorted(named - set(config_lib.KEYS))  # The prose names real keys.
-
-
 def test_keys_command_prints_every_key():
   out = subprocess.run([sys.executable, '-m', 'lm.config', '--keys'], capture_output=True, text=True, check=True,
                        cwd=ROOT).stdout

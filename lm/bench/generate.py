@@ -27,7 +27,7 @@ EXPERIMENTS = pathlib.Path(__file__).resolve().parents[2] / 'experiments'
 
 
 # The quickstart's sizes in GPT-2's layout (its own RoPE and SwiGLU have no transformers GPT-2 twin), at
-# the width of 96 the README's generation figures were measured with (the quickstart is 160 wide now).
+# the width of 96 the generation figures in docs/speed.md were measured with (the quickstart is 160 wide now).
 _GPT2_LAYOUT = {'model.positions': 'learned', 'model.mlp': 'gelu', 'model.mlp_dim': 0, 'model.d_model': 96}
 
 

@@ -191,7 +191,7 @@ def key_reference(markdown: bool = False) -> str:
     lines = ['| key | default | allowed | on resume | what |', '|---|---|---|---|---|']
     lines += [f'| `{k.name}` | `{k.default!r}` | {k.check.allowed} | {RESUME_RULES[k.resume]} | '
               f'{k.doc.replace("|", "/")} |' for k in KEYS.values() if k.name != 'mesh.logical_axis_rules']
-    lines.append('| `mesh.logical_axis_rules` | see `lm/config/run.py` | (logical axis, mesh axes) pairs | may change '
+    lines.append('| `mesh.logical_axis_rules` | see `lm/config/mesh.py` | (logical axis, mesh axes) pairs | may change '
                  f'| {KEYS["mesh.logical_axis_rules"].doc} |')
     return '\n'.join(lines)
   return '\n'.join(f'{k.name} = {k.default!r}\n    allowed: {k.check.allowed}; on resume: {RESUME_RULES[k.resume]}\n'

@@ -99,7 +99,7 @@ class Model:
                    "Recompute activations in the backward pass: 'none', 'full', or 'dots' (keep matmul outputs).")
   parametrization: str = key('sp', choice('sp', 'mup'), SHAPE,
                              "'sp' (standard) or 'mup': hyperparameters tuned at mup_base_width carry to other "
-                             'widths (Adam-type optimizers; README, muP).')
+                             'widths (Adam-type optimizers; docs/optimizers.md, muP).')
   mup_base_width: int = key(256, integer(1), SHAPE,
                             "parametrization='mup': the d_model at which muP equals SP (where its learning rate "
                             'was tuned).')

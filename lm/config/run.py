@@ -9,7 +9,7 @@ from lm.config.schema import BOOLEAN, FREE, MATCH, Check, choice, integer, key, 
 
 OPTIMIZERS = ('adamw', 'lion', 'adafactor', 'muon', 'sgd')
 SCHEDULES = ('cosine', 'linear', 'constant', 'inverse_sqrt', 'wsd')
-# Named mesh.shape layouts for presets (--config=experiments/gpt2.py:SIZE,LAYOUT); see the README.
+# Named mesh.shape layouts for presets (--config=experiments/gpt2.py:SIZE,LAYOUT); see docs/scaling.md.
 MESH_LAYOUTS = {'dp': (-1, 1, 1), 'fsdp': (1, -1, 1), 'hybrid': (-1, 16, 1), 'fsdp_tensor': (1, -1, 4)}
 
 

@@ -1,27 +1,54 @@
-"""Periodic work of the training loop as hooks: logging, progress, the non-finite guard, checkpoints,
-evaluation with samples, downstream tasks through lm-evaluation-harness, and any a user adds with
+"""Periodic work of the training loop as hooks: progress, the non-finite guard, checkpoints, evaluation
+with samples, downstream tasks through lm-evaluation-harness, and any a user adds with
 `Trainer.add_hook(fn, every=N)`.
 
-After each step the Trainer asks every hook in its list whether it is due, then runs the due ones in
-list order. A hook that `waits` reads what the device computed, so the step has to finish first; the
-time it takes is kept out of the step times the log reports.
+The contract: after each step the loop makes the step's train records (`StepInfo.records`), then asks
+every hook whether it is due and runs the due ones in list order. A hook reads the trainer only
+through `TrainerView` and changes nothing on it; what it produces it returns, as {name: value} (a
+number is logged as a metric at the step, a string as text), and the loop writes it. A hook that
+`waits` reads what the device computed, so the step has to finish first; the time it takes is kept
+out of the step times the records report.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import jax
+import ml_collections
 import tqdm
 
 from lm.inference.run import SavedRun
 from lm.parallel import sharding
 from lm.training import metrics
+from lm.training.checkpoint import Checkpointer
+from lm.training.records import Record
 
-if TYPE_CHECKING:  # The Trainer runs the hooks; they only read and write its state.
-  from lm.training.loop import Trainer
+Produced = Mapping[str, float | str] | None  # What a hook returns: metrics and texts to log at the step.
+
+
+@runtime_checkable
+class TrainerView(Protocol):
+  """What hooks may read of the Trainer (tests/test_hooks.py checks the built-in ones read nothing else)."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  mesh: jax.sharding.Mesh
+  model: Any  # The flax module.
+  state: Any  # The TrainState after the step.
+  corpus: Any  # The data: its tokenizer, splits and dataset name.
+  checkpointer: Checkpointer
+  train_iter: Any  # The data iterator a checkpoint saves.
+  start_step: int
+  last_eval: dict[str, float]  # The last eval's results in this run ({} before the first).
+
+  def evaluate(self, num_batches: int = 0) -> dict[str, float]: ...
+
+  def samples(self, step: int) -> list[str]: ...
+
+  def state_is_finite(self) -> bool: ...
 
 
 class NonFiniteError(RuntimeError):
@@ -30,7 +57,7 @@ class NonFiniteError(RuntimeError):
 
 @dataclasses.dataclass
 class StepInfo:
-  """What the hooks see after a step. `records` is filled by the log hook as it logs steps."""
+  """What the hooks see after a step."""
   step: int
   metrics: dict[str, jax.Array]  # This step's metrics, still on the device.
   final: bool  # The step is train.steps: training ends here.
@@ -38,28 +65,30 @@ class StepInfo:
   stop: str | None  # The signal that stops the run after this step, as all processes agree.
   checkpoint_overdue: bool  # checkpoint.every_minutes has passed since the last save.
   saving: bool = False  # A checkpoint is written at this step (set before any hook runs) ...
-  flush: bool = False  # ... or some due hook waits for the step: the log hook logs it at once.
-  records: list[tuple[int, dict[str, float]]] = dataclasses.field(default_factory=list)  # (step, values) logged now.
+  flush: bool = False  # ... or some due hook waits for the step: its record is made at once.
+  records: list[Record] = dataclasses.field(default_factory=list)  # (step, values) the loop logs after this step.
 
 
 class Hook:
   """One kind of periodic work. Subclasses say when they are due and what they do."""
   waits = True
 
-  def due(self, trainer: Trainer, info: StepInfo) -> bool:
+  def due(self, trainer: TrainerView, info: StepInfo) -> bool:
     raise NotImplementedError
 
-  def __call__(self, trainer: Trainer, info: StepInfo) -> None:
+  def __call__(self, trainer: TrainerView, info: StepInfo) -> Produced:
     raise NotImplementedError
 
-  def close(self, trainer: Trainer) -> None:
+  def close(self, trainer: TrainerView) -> None:
     """At the end of the run, however it ends."""
 
 
 class Every(Hook):
-  """A user's function, run as fn(trainer, info) every `every` steps (and at the run's last step if at_end)."""
+  """A user's function, run as fn(trainer, info) every `every` steps (and at the run's last step if at_end);
+  what it returns ({name: value} or None) is logged at the step."""
 
-  def __init__(self, fn: Callable[[Trainer, StepInfo], Any], every: int, at_end: bool = False, waits: bool = True):
+  def __init__(self, fn: Callable[[TrainerView, StepInfo], Produced], every: int, at_end: bool = False,
+               waits: bool = True):
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
       raise ValueError(f'add_hook: every={every!r} must be an integer >= 1')
     self.fn, self.every, self.at_end, self.waits = fn, every, at_end, waits
@@ -68,62 +97,14 @@ class Every(Hook):
     return info.step % self.every == 0 or (self.at_end and info.last)
 
   def __call__(self, trainer, info):
-    self.fn(trainer, info)
-
-
-class Log(Hook):
-  """Train records every train.log_every steps, fetched one step late so the device never waits for
-  the host; logged at once when a hook that waits for the step runs anyway (timed right then)."""
-  waits = False
-
-  def __init__(self, trainer: Trainer):
-    self.pending: tuple[int, dict[str, jax.Array]] | None = None
-    self.mark = (time.perf_counter(), trainer.start_step)  # When the device had finished which step.
-
-  def due(self, trainer, info):
-    return True
-
-  def __call__(self, trainer, info):
-    if self.pending:  # Fetched one step late, when the device has long finished it: no stall.
-      info.records.append(self._write(trainer, *self.pending))
-      self.pending = None
-    if info.step % trainer.config.train.log_every == 0 or info.last:
-      for value in jax.tree.leaves(info.metrics):
-        value.copy_to_host_async()
-      self.pending = (info.step, info.metrics)
-    if self.pending and info.flush:  # Those wait for the step anyway: log it first, timed right.
-      info.records.append(self._write(trainer, *self.pending))
-      self.pending = None
-
-  def restart_clock(self, step: int) -> None:
-    """Keeps the time since the last mark (eval, saving, a user's hook) out of the step times."""
-    self.mark = (time.perf_counter(), step)
-
-  def _write(self, trainer: Trainer, step: int, step_metrics: dict[str, jax.Array]) -> tuple[int, dict[str, float]]:
-    """Records a log step's metrics, timed from the last mark to when they reached the host.
-
-    As the host runs ahead of the device, their arrival marks when the device finished the step.
-    """
-    c = trainer.config
-    values = {k: float(v) for k, v in sharding.to_host(step_metrics).items()}
-    streak = values.pop('nonfinite_streak')
-    now = time.perf_counter()
-    values['step_seconds'] = (now - self.mark[0]) / (step - self.mark[1])
-    tokens = c.data.batch_size * metrics.tokens_per_example(c.model, c.data)
-    values['tokens_per_second'] = tokens / values['step_seconds']
-    # Model FLOPs utilisation: the share of the devices' peak the model's FLOPs use.
-    values['mfu'] = (metrics.flops_per_token(c.model, c.data) * values['tokens_per_second']
-                     / (trainer.peak_flops * trainer.mesh.size))
-    trainer.writer.write(step, {f'train/{k}': v for k, v in values.items()} | trainer.realised_mixture())
-    self.mark = (now, step)
-    return step, values | {'nonfinite_streak': streak}
+    return self.fn(trainer, info)
 
 
 class Progress(Hook):
   """The progress bar: loss, tokens per second, step time and MFU of each train record (process 0)."""
   waits = False
 
-  def __init__(self, trainer: Trainer):
+  def __init__(self, trainer: TrainerView):
     self.bar = tqdm.tqdm(total=trainer.config.train.steps, initial=trainer.start_step, desc='train', unit='step',
                          dynamic_ncols=True, disable=jax.process_index() != 0, mininterval=1.0)
 
@@ -158,7 +139,7 @@ class NonFiniteGuard(Hook):
         raise NonFiniteError(f'the train state at step {info.step} holds NaN or Inf values: not checkpointed')
 
   @staticmethod
-  def _check_streak(trainer: Trainer, step: int, streak: int) -> None:
+  def _check_streak(trainer: TrainerView, step: int, streak: int) -> None:
     limit = trainer.config.train.max_nonfinite_steps
     if streak > limit:
       last = trainer.checkpointer.latest_step()
@@ -178,7 +159,7 @@ class Checkpoint(Hook):
   def __init__(self):
     self.last_save = time.monotonic()
 
-  def overdue(self, trainer: Trainer) -> bool:
+  def overdue(self, trainer: TrainerView) -> bool:
     minutes = trainer.config.checkpoint.every_minutes
     return bool(minutes) and time.monotonic() - self.last_save >= 60 * minutes
 
@@ -212,8 +193,8 @@ class Harness(Hook):
     results = self.harness.evaluate(model, self.tasks, limit=e.harness_limit or None, manager=self.manager,
                                     bootstrap_iters=0, check=False)
     scores = {f'harness/{k}': v for k, v in self.harness.flat_metrics(results).items()}
-    trainer.writer.write(info.step, scores | {'harness/seconds': time.perf_counter() - start})
     metrics.say(f'step {info.step}: ' + '  '.join(f'{k[len("harness/"):]} {v:.4f}' for k, v in scores.items()))
+    return scores | {'harness/seconds': time.perf_counter() - start}
 
 
 class Evaluate(Hook):
@@ -229,17 +210,15 @@ class Evaluate(Hook):
     start = time.perf_counter()
     num_batches = e.final_num_batches if info.final else e.num_batches
     result = trainer.evaluate(num_batches)
-    trainer.writer.write(info.step, {f'eval/{k}': v for k, v in result.items()}
-                         | {'eval/seconds': time.perf_counter() - start})
+    produced = {f'eval/{k}': v for k, v in result.items()} | {'eval/seconds': time.perf_counter() - start}
     scope = f'{num_batches} batches' if num_batches else 'whole split'
     metrics.say(f'step {info.step}: eval loss {result["loss"]:.4f}  perplexity {result["perplexity"]:.2f}  '
                 f'bits/byte {result["bits_per_byte"]:.4f}  ({scope}, {result["tokens"]:.0f} tokens)')
-    trainer.last_eval = result
     texts = trainer.samples(info.step)
     if texts and jax.process_index() == 0:
       sample_dir = trainer.workdir / 'samples'
       sample_dir.mkdir(exist_ok=True)
-      joined = '\n\n----------\n\n'.join(texts)
-      (sample_dir / f'step_{info.step:07d}.txt').write_text(joined, encoding='utf-8')
-      trainer.writer.write_text(info.step, 'samples', joined)
+      produced['samples'] = '\n\n----------\n\n'.join(texts)
+      (sample_dir / f'step_{info.step:07d}.txt').write_text(produced['samples'], encoding='utf-8')
       metrics.say(f'--- sample at step {info.step} ---\n{texts[0]}\n---')
+    return produced

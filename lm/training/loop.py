@@ -22,11 +22,11 @@ from lm.inference import decode
 from lm.nn.model import count_embedding_params, count_params
 from lm.parallel import sharding
 from lm.training import checkpoint, hooks, lock, metrics, workdirs
+from lm.training.records import TrainRecords
+from lm.training.start import how_to_start, start_state
 from lm.training.train import (
-  abstract_train_state,
   all_finite,
   evaluate_params,
-  init_train_state,
   jit_eval_step,
   jit_train_step,
   make_layout,
@@ -113,15 +113,10 @@ class Trainer:
     self._harness = self._harness_hook(config.eval.harness_tasks)
     if config.train.wandb_project:
       metrics.wandb_module()  # Installed? Refused now, not after the data is read.
-    self._config_changes = workdirs.check_workdir(self.workdir, config)
-    fresh = not workdirs.has_checkpoints(self.workdir / 'checkpoints')
-    init_from = pathlib.Path(config.checkpoint.init_from) if config.checkpoint.init_from and fresh else None
-    init_step = workdirs.check_init_from(init_from, config) if init_from else None
-    # A branch continues another workdir's run (its data stream too: on the same data).
-    branch = init_from is not None and config.checkpoint.init_mode == 'full'
+    self.start = how_to_start(self.workdir, config)
     self.data_shard = sharding.data_shard(self.batch_sharding, config.data.batch_size)
-    workdirs.check_data_shards(init_from if branch else self.workdir, self.data_shard[1])
-    trained_on = workdirs.checkpointed_dataset(init_from if branch else self.workdir)
+    workdirs.check_data_shards(self.start.data_workdir(self.workdir), self.data_shard[1])
+    trained_on = workdirs.checkpointed_dataset(self.start.data_workdir(self.workdir))
     self.corpus = _one_process_first(lambda: pipeline.load_corpus(
         config.data, config.model.vocab_size, self.workdir / 'tokenizer', trained_on,
         init_from=config.checkpoint.init_from, files_dir=self.workdir / 'data'))
@@ -131,28 +126,13 @@ class Trainer:
     self.train_iter = iter(pipeline.train_dataset(config.data, self.corpus, config.seed, *self.data_shard))
     self._drawn = np.zeros(len(getattr(self.corpus, 'weights', ())), np.int64)  # Rows per mixture source.
     self.checkpointer = checkpoint.Checkpointer(self.workdir / 'checkpoints', config.checkpoint)
-    if branch:  # That run's whole state and data position at init_step, continued here.
-      source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)
-      self.state = source.restore(init_step, abstract_train_state(layout), self.train_iter)
-      source.close()
-      metrics.say(f'branched from step {init_step} of {init_from} (parameters, optimizer state and data position)')
-    elif fresh:
-      self.state = init_train_state(layout)
-      if init_from:  # Fine-tuning: that run's parameters, a fresh optimizer and step 0.
-        source = checkpoint.Checkpointer(init_from / 'checkpoints', config.checkpoint)
-        self.state = self.state.replace(params=source.restore_params(init_step, self.state.params))
-        source.close()
-        metrics.say(f'parameters from step {init_step} of {init_from}')
-    else:  # Straight into the shards of this mesh, whatever mesh wrote it.
-      abstract = abstract_train_state(layout)
-      latest, self.state, problems = self.checkpointer.restore_latest(
-          abstract, self.train_iter, _is_finite)
-      for problem in problems:
-        metrics.say(f'warning: {problem}')
-      metrics.say(f'resumed from step {latest} in {self.workdir}')
+    self.state, lines = start_state(self.start, layout, config, self.checkpointer, self.train_iter,
+                                          _is_finite)
+    for line in lines:
+      metrics.say(line)
     self.start_step = int(sharding.to_host(self.state.step))
     if jax.process_index() == 0:
-      workdirs.save_config(self.workdir, config, self._config_changes, self.start_step, self.corpus.dataset,
+      workdirs.save_config(self.workdir, config, self.start.changed, self.start_step, self.corpus.dataset,
                            self.data_shard[1])
 
   @staticmethod
@@ -251,8 +231,8 @@ class Trainer:
                              'model/flops_per_token': metrics.flops_per_token(c.model, c.data),
                              'train/peak_flops_per_device': self.peak_flops})
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
-    log, checkpointer = hooks.Log(self), hooks.Checkpoint()
-    built_in = [log, hooks.NonFiniteGuard(), hooks.Progress(self), checkpointer, hooks.Evaluate()]
+    records, checkpointer = TrainRecords(c, step, self.peak_flops, self.mesh.size), hooks.Checkpoint()
+    built_in = [hooks.NonFiniteGuard(), hooks.Progress(self), checkpointer, hooks.Evaluate()]
     built_in += [self._harness] if self._harness else []
     self.hooks[:0] = built_in
     try:
@@ -266,14 +246,17 @@ class Trainer:
           info = hooks.StepInfo(step, step_metrics, final=step == c.train.steps, last=step == end, stop=stop,
                                 checkpoint_overdue=overdue)
           info.saving = step % c.checkpoint.every == 0 or info.last or bool(stop) or overdue
-          # Whether a hook waits for the step decides how the log hook logs it; the hooks that
-          # follow the log hook see the records it wrote.
+          # Whether a hook waits for the step decides when its record is made: every hook sees it.
           info.flush = any(hook.waits and hook.due(self, info) for hook in self.hooks)
+          info.records = records.after_step(step, step_metrics, info.last, info.flush)
+          for record_step, values in info.records:
+            self.writer.write(record_step, {f'train/{k}': v for k, v in values.items() if k != 'nonfinite_streak'}
+                              | self.realised_mixture())
           for hook in self.hooks:
             if hook.due(self, info):
-              hook(self, info)
+              self._log(step, hook(self, info))
           if info.flush:
-            log.restart_clock(step)  # Keep eval, saving and waiting hooks out of step times.
+            records.restart_clock(step)  # Keep eval, saving and waiting hooks out of step times.
           if stop:
             self.stopped_by = stop
             metrics.say(f'{stop}: stopped at step {step} with a checkpoint; the same command resumes from it')
@@ -285,6 +268,19 @@ class Trainer:
       self.checkpointer.close()
       self.writer.close()
     return self.last_eval
+
+  def _log(self, step: int, produced: hooks.Produced) -> None:
+    """Writes what a hook returned: numbers as metrics, strings as text; eval/ results are the run's last eval."""
+    if not produced:
+      return
+    numbers = {k: v for k, v in produced.items() if not isinstance(v, str)}
+    if numbers:
+      self.writer.write(step, numbers)
+    for tag, text in produced.items():
+      if isinstance(text, str):
+        self.writer.write_text(step, tag, text)
+    if evals := {k[len('eval/'):]: v for k, v in numbers.items() if k.startswith('eval/') and k != 'eval/seconds'}:
+      self.last_eval = evals
 
   def _agree(self, step: int, signal_name: str | None, checkpoint_due: bool) -> tuple[str | None, bool]:
     """(the stop signal, checkpoint due by time) as all processes see them: any process's signal or

@@ -15,28 +15,14 @@ from lm.config import base_config
 
 def get_config() -> ml_collections.ConfigDict:
   config = base_config()
-
-  # GPT-2's layout (learned positions, pre-LayerNorm, GELU MLP 4x wide, biases, tied embeddings).
-  config.model.vocab_size = 4096
-  config.model.max_len = 256
-  config.model.num_layers = 6
-  config.model.num_heads = 6
-  config.model.d_model = 384
-  config.model.mlp_dim = 0  # 4 * d_model.
-  config.model.dtype = 'float32'
-
-  config.data.name = 'shakespeare'
-  config.data.tokenizer = 'sentencepiece'
-  config.data.seq_len = 256
-  config.data.batch_size = 16
-
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 100
-  config.optimizer.weight_decay = 0.1
-
-  config.train.steps = 2000
-  config.train.log_every = 10
-  config.eval.every = 500
-  config.eval.num_batches = 4
+  # GPT-2's layout (learned positions, pre-LayerNorm, GELU MLP 4x wide, biases, tied embeddings: the
+  # defaults) at 6 layers of 384.
+  config.model.update(vocab_size=4096, max_len=256, num_layers=6, num_heads=6, d_model=384,
+                      mlp_dim=0,  # 4 * d_model.
+                      dtype='float32')
+  config.data.update(name='shakespeare', tokenizer='sentencepiece', seq_len=256, batch_size=16)
+  config.optimizer.update(learning_rate=1e-3, warmup_steps=100, weight_decay=0.1)
+  config.train.update(steps=2000, log_every=10)
+  config.eval.update(every=500, num_batches=4)
   config.checkpoint.every = 500
   return config

@@ -45,8 +45,7 @@ def evaluate(run, *, dataset: str | None = None, paths: str | None = None, split
   generating with them costs in quality; lm.inference.decode.cast_weights)."""
   run = run if isinstance(run, SavedRun) else saved.load(run)
   run = dataclasses.replace(run, params=decode.cast_weights(run.params, weights_dtype))
-  if kinds.of(run.config.model).prompt_is_input:
-    raise ConfigError('lm.evaluate scores decoders; an encoder-decoder\'s eval runs with its training')
+  kinds.require_decoder(run.config.model, repr(str(run.workdir)), 'lm.evaluate')
   changes = {'data.name': dataset, 'data.paths': paths, 'data.eval_split': split,
              'data.tfds_data_dir': tfds_data_dir, 'eval.batch_size': batch_size, 'data.seq_len': seq_len}
   config = override(run.config, {k: v for k, v in changes.items() if v is not None})

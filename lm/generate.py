@@ -76,9 +76,7 @@ def generate(run, prompts: str | Sequence[str], *, max_new_tokens: int | None = 
     raise ConfigError('no prompts given')
   check_request(max_new_tokens, num_return_sequences, greedy, temperature)
   run = run if isinstance(run, SavedRun) else saved.load(run)
-  if kinds.of(run.config.model).prompt_is_input:
-    raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: generation here is for decoders '
-                      '(its samples come with training, see samples/)')
+  kinds.require_decoder(run.config.model, repr(str(run.workdir)), 'lm.generate')
   params = decode.cast_weights(run.params, weights_dtype)
   tokenizer = run.tokenizer
   sampling = decode.Sampling(0.0 if greedy else temperature, top_k, top_p, repetition_penalty)

@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -49,7 +49,6 @@ from lm.analysis import results
 
 launched = results.launch_ablation('../experiments/ablations/wsd.py', WORKDIR, OVERRIDES, smoke=SMOKE)
 runs = results.load_runs(WORKDIR)
-curves = results.load_curves(WORKDIR)
 runs['schedule'] = [f'{s}, cooldown from step {n}' if m == 'full' else s for s, m, n in
                     zip(runs['optimizer.schedule'], runs['checkpoint.init_mode'], runs['checkpoint.init_step'])]
 
@@ -64,6 +63,7 @@ full = runs[runs['train.steps'] == runs['train.steps'].max()]
 results.table(full, by=['optimizer.schedule']).round(4)
 
 # %%
+curves = results.load_curves(WORKDIR)
 fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
 results.plot_curves(curves.query('run in @full.run'), 'eval/bits_per_byte', ax=left)
 results.plot_curves(curves.query('run in @full.run'), 'train/learning_rate', ax=right)

@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
+import lm
 from lm import config as config_lib
-from lm import kinds
+from lm import evaluate, generate, kinds
 from lm.config import DEFAULT_LOGICAL_AXIS_RULES
 from lm.data import pipeline, spans
-from lm.inference import decode
+from lm.inference import decode, harness
 from lm.kinds import make_model
 from lm.parallel import sharding
-from lm.training import loop, train
+from lm.training import loop, saved, train
 from test_sharding import SHARDABLE, assert_trees_close, train_on
 from test_train import overfit
 
@@ -201,6 +202,15 @@ def test_span_corruption_pretraining_then_seq2seq_fine_tuning(tfds_dir, play_fil
   assert result['loss'] < 0.4 * np.log(272), result  # Well below the 5.6 nats of a uniform guess.
   sample = (tmp_path / 'finetune' / 'samples' / 'step_0000100.txt').read_text()
   assert sample.startswith('king crown ghost\n=>\n')
+  # What reads text as one sequence refuses it, in the same words (lm.kinds.require_decoder).
+  run = saved.load(tmp_path / 'finetune')
+  calls = {'lm.generate': lambda: generate.generate(run, ['king']), 'lm.evaluate': lambda: evaluate.evaluate(run),
+           'the harness backend': lambda: harness.RunModel(run),
+           "the 'text-generation' pipeline": lambda: lm.pipeline('text-generation', str(tmp_path / 'finetune'))}
+  for task, call in calls.items():
+    with pytest.raises(config_lib.ConfigError, match=f"holds a model.kind='encoder_decoder' model, whose prompt is "
+                                                     f"its encoder's input: {re.escape(task)} takes decoders"):
+      call()
 
 
 def test_bad_encoder_decoder_configs_name_both_keys(tfds_dir, play_files):

@@ -40,7 +40,7 @@ from lm.config.mesh import (
   resolve_mesh_shape,
   same_mesh,
 )
-from lm.config.model import Model
+from lm.config.model import Model, splash_length_misfit
 from lm.config.run import (
   MESH_LAYOUTS,
   Checkpoint,
@@ -58,7 +58,7 @@ __all__ = [  # What other modules import from here (besides the section modules)
     'base_config', 'flatten', 'load_experiment', 'load_module', 'mesh_sizes', 'mixture_sources', 'must_match',
     'named_mesh', 'override', 'resolve_mesh_shape', 'same_mesh',
     'preset_arg', 'reserved_ids',
-    'section', 'span_lengths', 'split_spec', 'target_len', 'unknown_key_message', 'validate',
+    'section', 'span_lengths', 'splash_length_misfit', 'split_spec', 'target_len', 'unknown_key_message', 'validate',
     # The sections' typed dataclasses.
     'Checkpoint', 'Data', 'Eval', 'Mesh', 'Model', 'Optimizer', 'Train',
 ]

@@ -107,6 +107,21 @@ class Model:
                           "nn.scan over the blocks: compile time independent of depth; params get a 'layers' axis.")
 
 
+def splash_length_misfit(m, length: int, context: int = 1) -> tuple[str, int] | None:
+  """Why splash attention does not take `length` tokens of queries split over `context` devices, or
+  None: ('length', the block key it is not a multiple of) or ('per_device', the tokens per device).
+  Lengths must be multiples of 128 and of each block size (or shorter than it), as must each device's
+  stretch of queries. The one rule: the config's check refuses a seq_len by it, and the attention
+  layer sends the other lengths it meets (a prompt, the harness's buckets) to plain attention."""
+  for name in ('splash_block_q', 'splash_block_kv'):
+    if length % 128 or length % min(m[name], length):
+      return 'length', name
+  per_device = length // context
+  if per_device % 128 or per_device % min(m.splash_block_q, per_device):
+    return 'per_device', per_device
+  return None
+
+
 def splash_problems(c) -> list[str]:
   """Why model.attention_impl='splash' cannot run this config, one line each."""
   m, errors = c.model, []
@@ -119,16 +134,12 @@ def splash_problems(c) -> list[str]:
   if m.kind != 'decoder':
     errors.append(f"model.attention_impl='splash' needs model.kind='decoder' (not {m.kind!r})")
   length = c.data.seq_len
-  for name in ('splash_block_q', 'splash_block_kv'):
-    if length % 128 or length % min(m[name], length):
-      errors.append(f"model.attention_impl='splash' needs data.seq_len={length} to be a multiple of 128 and of "
-                    f'model.{name}={m[name]} (or shorter than it)')
-      break
-  context = mesh_sizes(c.mesh.shape)[2]
-  per_device = length // context if context > 1 else length
-  if not errors and (per_device % 128 or per_device % min(m.splash_block_q, per_device)):
-    # Each device's stretch of queries is a whole number of query blocks.
-    errors.append(f"model.attention_impl='splash' needs the {per_device} tokens per device along the context axis "
+  misfit = splash_length_misfit(m, length, mesh_sizes(c.mesh.shape)[2])
+  if misfit and misfit[0] == 'length':
+    errors.append(f"model.attention_impl='splash' needs data.seq_len={length} to be a multiple of 128 and of "
+                  f'model.{misfit[1]}={m[misfit[1]]} (or shorter than it)')
+  elif misfit and not errors:
+    errors.append(f"model.attention_impl='splash' needs the {misfit[1]} tokens per device along the context axis "
                   f'of mesh.shape={c.mesh.shape!r} to be a multiple of 128 and of '
                   f'model.splash_block_q={m.splash_block_q} (or shorter than it)')
   return errors

@@ -25,9 +25,10 @@ from typing import Any, Iterator
 
 import grain
 import ml_collections
+from ml_collections import ConfigDict
 import numpy as np
 
-from lm.config import ConfigError, Data, MixtureSource, mixture_sources, reserved_ids, target_len
+from lm.config import ConfigError, MixtureSource, mixture_sources, reserved_ids, target_len
 from lm.data import builders, spans, tokenized, tokenizers
 from lm.data.packing import PackIterDataset
 
@@ -77,7 +78,7 @@ def example_text(example: dict, text_key: str) -> str:
   return text.decode('utf-8') if isinstance(text, bytes) else str(text)
 
 
-def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None = None,
+def load_corpus(d: ConfigDict, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None = None,
                 tokenizer: tokenizers.Tokenizer | None = None, init_from: str = '',
                 files_dir: pathlib.Path | None = None) -> Corpus:
   """Prepares the dataset of the data section `d` if it is ours, opens both splits, loads or trains
@@ -115,7 +116,7 @@ def load_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_
     raise
 
 
-def _open_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, builder, dataset: str,
+def _open_corpus(d: ConfigDict, vocab_size: int, tokenizer_dir: pathlib.Path, builder, dataset: str,
                  text_keys: tuple[str, ...], tokenizer: tokenizers.Tokenizer | None, init_from: str) -> Corpus:
   """load_corpus's second half: the splits of a prepared builder, the tokenizer, and their checks."""
   train = _split_source(builder, d.train_split, 'data.train_split', text_keys)
@@ -135,14 +136,14 @@ def _open_corpus(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, builder,
   return corpus
 
 
-def _source_section(d: Data, source: MixtureSource):
+def _source_section(d: ConfigDict, source: MixtureSource):
   """The data section of one mixture source: d with its name and paths, and no mixture."""
   section = ml_collections.ConfigDict(dict(d.items()) if hasattr(d, 'items') else dataclasses.asdict(d))
   section.update(name=source.name, paths=source.paths, mixture='')
   return section
 
 
-def _load_mixture(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
+def _load_mixture(d: ConfigDict, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
                   tokenizer: tokenizers.Tokenizer | None, init_from: str, files_dir: pathlib.Path) -> Mixture:
   """Each source of data.mixture, all with one tokenizer: that of the tokenized sources (which must
   agree), or one trained on the text sources' train splits taken in turn (or given, or init_from's)."""
@@ -194,7 +195,7 @@ def _check_same_data(expected_dataset: str | None, dataset: str) -> None:
                       f'({expected_dataset} then, {dataset} now; edited text files?); use a new --workdir')
 
 
-def _load_tokenized(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
+def _load_tokenized(d: ConfigDict, vocab_size: int, tokenizer_dir: pathlib.Path, expected_dataset: str | None,
                     tokenizer: tokenizers.Tokenizer | None, init_from: str) -> Corpus:
   """The shards of python -m lm.tokenize in data.paths, with the tokenizer they were made with."""
   manifest = tokenized.read_manifest(d.paths)
@@ -216,7 +217,7 @@ def _load_tokenized(d: Data, vocab_size: int, tokenizer_dir: pathlib.Path, expec
   return corpus
 
 
-def _check_fills_a_sequence(d: Data, corpus: Corpus) -> None:
+def _check_fills_a_sequence(d: ConfigDict, corpus: Corpus) -> None:
   """Refuses a train split with fewer tokens than one packed training sequence (read until it has them)."""
   need = d.seq_len + 1 if d.objective == 'lm' else _span_corruption(d, corpus).raw_len
   tokenize = (lambda doc: doc) if corpus.pretokenized else Tokenize(corpus.tokenizer, corpus.text_keys).map
@@ -262,13 +263,13 @@ class _TokenizePair(grain.transforms.Map):
             'loss_mask': loss_mask}
 
 
-def _span_corruption(d: Data, corpus: Corpus) -> spans.SpanCorruption:
+def _span_corruption(d: ConfigDict, corpus: Corpus) -> spans.SpanCorruption:
   t = corpus.tokenizer
   return spans.SpanCorruption(d.seq_len, d.noise_density, d.mean_span_length, corpus.vocab_size,
                               start_id=t.bos_id, pad_id=t.pad_id)
 
 
-def _examples(d: Data, corpus: Corpus, seed: int, docs: grain.MapDataset, read: grain.ReadOptions, training: bool,
+def _examples(d: ConfigDict, corpus: Corpus, seed: int, docs: grain.MapDataset, read: grain.ReadOptions, training: bool,
               shard_index: int = 0) -> grain.IterDataset:
   """Documents -> examples of data.objective (a finite eval stream keeps its padded tail for lm)."""
   t = corpus.tokenizer
@@ -291,7 +292,7 @@ _TRAIN_READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=64)
 _EVAL_READ = grain.ReadOptions(num_threads=0)  # No prefetch threads to leave behind on an early stop.
 
 
-def train_dataset(d: Data, corpus: Corpus | Mixture, seed: int, shard_index: int = 0,
+def train_dataset(d: ConfigDict, corpus: Corpus | Mixture, seed: int, shard_index: int = 0,
                   shard_count: int = 1) -> grain.IterDataset:
   """Endless batches of B / shard_count rows (see the module docstring for their keys), shuffled by
   `seed` (the run's).
@@ -326,13 +327,13 @@ class _Tag(grain.transforms.Map):
     return example | {'source': self._index}
 
 
-def eval_dataset(d: Data, corpus: Corpus, seed: int) -> grain.IterDataset:
+def eval_dataset(d: ConfigDict, corpus: Corpus, seed: int) -> grain.IterDataset:
   """The whole eval split in order, made into examples like training (lm: the last window padded;
   span corruption: the tail dropped, the same corruption every time)."""
   return _examples(d, corpus, seed, grain.MapDataset.source(corpus.eval_source), _EVAL_READ, training=False)
 
 
-def eval_batches(d: Data, corpus: Corpus, seed: int, size: int,
+def eval_batches(d: ConfigDict, corpus: Corpus, seed: int, size: int,
                  num_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
   """Batches of exactly `size` (eval.batch_size; padding rows masked out); num_batches=0: the whole split."""
   batches = eval_dataset(d, corpus, seed).batch(size, drop_remainder=False)

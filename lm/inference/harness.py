@@ -81,8 +81,7 @@ class RunModel(TemplateLM):
                seed: int | str = 0, **unused):
     super().__init__()
     require_harness()
-    if kinds.of(run.config.model).prompt_is_input:
-      raise ConfigError(f'{str(run.workdir)!r} holds an encoder-decoder: the harness backend scores decoders')
+    kinds.require_decoder(run.config.model, repr(str(run.workdir)), 'the harness backend')
     self.run = run
     self.text_tokenizer = run.tokenizer
     self.batch_size = 8 if str(batch_size).startswith('auto') else int(batch_size)

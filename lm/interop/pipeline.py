@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from lm import hf
+from lm import hf, kinds
 from lm.config import ConfigError
 from lm.data import tokenizers
 from lm.inference import decode
@@ -161,6 +161,5 @@ def pipeline(task: str, model: str | os.PathLike, *, weights_dtype: str = 'float
   config_file = path / 'tokenizer_config.json'
   clean_up = kind == 'hf' and config_file.is_file() and bool(
       json.loads(config_file.read_text()).get('clean_up_tokenization_spaces', False))
-  if run.config.model.kind != 'decoder':
-    raise ConfigError(f'model {str(model)!r} is an encoder-decoder: text-generation continues decoders\' prompts')
+  kinds.require_decoder(run.config.model, f'model {str(model)!r}', "the 'text-generation' pipeline")
   return TextGenerationPipeline(run, _generation_config(kind, path), clean_up, weights_dtype)

@@ -28,6 +28,14 @@ def of_model(model: nn.Module) -> Kind:
   return KINDS[model.config.kind]
 
 
+def require_decoder(m: ml_collections.ConfigDict, where: str, task: str) -> None:
+  """A ConfigError unless the model reads a prompt as the start of its output (a decoder): what reads
+  text as one sequence (generation, scoring, the harness, the pipeline) refuses the other kinds."""
+  if of(m).prompt_is_input:
+    raise ConfigError(f"{where} holds a model.kind={m.kind!r} model, whose prompt is its encoder's input: {task} "
+                      "takes decoders (an encoder-decoder's eval and samples come with its training)")
+
+
 def make_model(m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> nn.Module:
   """The flax module of a config's model section `m` (and data section `d`: an encoder-decoder
   masks its tokenizer's padding)."""

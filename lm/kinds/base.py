@@ -55,6 +55,16 @@ class Kind:
     """An empty KV cache for batch_size sequences of up to `length` tokens (default: max_len)."""
     raise NotImplementedError
 
+  def sample_request(self, prompt_ids: np.ndarray, text_ids: np.ndarray, bos_id: int, pad_id: int,
+                     d: ml_collections.ConfigDict) -> tuple[np.ndarray, np.ndarray | None]:
+    """(the decoder's prompt, the encoder's input or None) of the samples training draws from a text:
+    its prompt ids (see lm.data.tokenizers.prompt_ids), or a start token alone when it has none."""
+    return (prompt_ids if len(prompt_ids) else np.array([bos_id], np.int32)), None
+
+  def sample_text(self, prompt: str, row: np.ndarray, tokenizer) -> str:
+    """A sample as shown: the text, then what the model made of it (row: the new token ids)."""
+    return prompt + tokenizer.decode(row)
+
   # Hugging Face families this kind converts to and from (python -m lm.hf), most specific first: export
   # writes a config in the first one that expresses it.
   hf_families: tuple['HfFamily', ...] = ()

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from lm.config import PAD_IDS, target_len
 from lm.kinds.base import Kind, attention_widths, self_attention_stack_flops
@@ -55,6 +56,16 @@ class EncoderDecoderKind(Kind):
                                         False, False, True, positions_NL, valid_NL, method=EncoderDecoder.decode,
                                         mutable=['cache'])
     return logits_NLV, variables['cache']
+
+  def sample_request(self, prompt_ids, text_ids, bos_id, pad_id, d):
+    """The text, padded or cut to data.seq_len, is the encoder's input; the decoder starts afresh."""
+    inputs = np.pad(text_ids[:d.seq_len], (0, max(0, d.seq_len - len(text_ids))), constant_values=pad_id)
+    return np.array([bos_id], np.int32), inputs
+
+  def sample_text(self, prompt, row, tokenizer):
+    """The input, then the decoder's output up to its end token."""
+    ends = np.flatnonzero(row == tokenizer.eos_id)
+    return f'{prompt}\n=>\n{tokenizer.decode(row[:ends[0]] if len(ends) else row)}'
 
   def init_cache(self, model, batch_size, length=None, context=None):
     c = model.config

@@ -86,8 +86,13 @@ def rope_to_hf(m: ml_collections.ConfigDict) -> dict[str, Any]:
 
 class Llama(HfFamily):
   model_type = 'llama'
-  architecture = 'LlamaForCausalLM'
   prefix = ''
+
+  @property
+  def architecture(self) -> str:
+    """config.json's architectures entry, named for model_type: 'LlamaForCausalLM', 'Qwen2ForCausalLM', ..."""
+    return f'{self.model_type.capitalize()}ForCausalLM'
+
   # What sets the families apart.
   sliding_window = False  # Mistral, Mixtral: config.json's sliding_window.
   moe = False  # Mixtral.
@@ -268,7 +273,6 @@ def _get(tree: dict, path: str):
 
 class Mistral(Llama):
   model_type = 'mistral'
-  architecture = 'MistralForCausalLM'
   sliding_window = True
   own_biases = False
 
@@ -278,7 +282,6 @@ class Mixtral(Mistral):
   [D, F] under block_sparse_moe, as save_pretrained writes them; transformers 5's fused in-memory
   layout (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D], mlp.experts.down_proj [E, D, F]) imports too."""
   model_type = 'mixtral'
-  architecture = 'MixtralForCausalLM'
   moe = True
 
   def _experts_from_hf(self, get, i: int, m):
@@ -307,14 +310,12 @@ class Mixtral(Mistral):
 
 class Qwen2(Llama):
   model_type = 'qwen2'
-  architecture = 'Qwen2ForCausalLM'
   qkv_bias = True
   own_biases = False
 
 
 class Qwen3(Llama):
   model_type = 'qwen3'
-  architecture = 'Qwen3ForCausalLM'
   qk_norm = True
   own_biases = False
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lm.config import ConfigError
+from lm.config import ConfigError, splash_length_misfit
 from lm.nn import mup
 from lm.nn.layers import (
   Projection,
@@ -129,11 +129,9 @@ def attention_implementation(config) -> str:
 
 
 def splash_applies(config, length: int) -> bool:
-  """Whether splash attention takes `length` tokens: a multiple of 128 and of its block sizes (or
-  shorter than them). Others (the harness's length buckets, a prompt) go through `attention`."""
-  per_device = length // jax.sharding.get_abstract_mesh().shape.get('context', 1)  # Queries per device.
-  return (length % 128 == 0 and length % min(config.splash_block_kv, length) == 0 and per_device % 128 == 0
-          and per_device % min(config.splash_block_q, per_device) == 0)
+  """Whether splash attention takes `length` tokens on the mesh in context (lm.config's one rule,
+  `splash_length_misfit`). Others (the harness's length buckets, a prompt) go through `attention`."""
+  return splash_length_misfit(config, length, jax.sharding.get_abstract_mesh().shape.get('context', 1)) is None
 
 
 def _splash_kernel(length: int, group: int, window: int, block_q: int, block_kv: int, q_shards: int,

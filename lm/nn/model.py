@@ -102,6 +102,12 @@ class GPT(nn.Module):
 
   config: ml_collections.FrozenConfigDict
 
+  @staticmethod
+  def arguments(batch: dict[str, jax.Array]) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
+    """The arguments and keywords of a call predicting batch['tokens'][:, 1:] from the tokens before."""
+    segments = {'segments_BL': batch['segment_ids'][:, :-1]} if 'segment_ids' in batch else {}
+    return (batch['tokens'][:, :-1],), segments
+
   @nn.compact
   def __call__(self, tokens_BL: jax.Array, train: bool = False, decode: bool = False,
                positions_BL: jax.Array | None = None, valid_BL: jax.Array | None = None,
@@ -150,6 +156,17 @@ class EncoderDecoder(nn.Module):
 
   config: ml_collections.FrozenConfigDict
   pad_id: int = 0
+
+  @staticmethod
+  def arguments(batch: dict[str, jax.Array]) -> tuple[tuple[jax.Array, ...], dict[str, jax.Array]]:
+    """The arguments and keywords of a call predicting batch['tokens'][:, 1:] from batch['inputs'] and
+    the tokens before."""
+    segments = {}  # data.document_mask: each token's document, the inputs' too.
+    if 'segment_ids' in batch:
+      segments['segments_BL'] = batch['segment_ids'][:, :-1]
+    if 'input_segment_ids' in batch:
+      segments['input_segments_BS'] = batch['input_segment_ids']
+    return (batch['inputs'], batch['tokens'][:, :-1]), segments
 
   def setup(self):
     c = self.config
@@ -202,16 +219,10 @@ class EncoderDecoder(nn.Module):
 
 def apply_model(model: nn.Module, params, batch: dict[str, jax.Array], *, train: bool = False,
                 rngs: dict | None = None, mutable=False, hidden: bool = False):
-  """Logits predicting batch['tokens'][:, 1:] from the tokens before (and batch['inputs'], if any);
+  """Logits predicting batch['tokens'][:, 1:] from what the model reads of the batch (its `arguments`);
   with hidden=True the final hidden states they come from (see `vocab_logits`)."""
-  args = (batch['inputs'],) if 'inputs' in batch else ()
-  segments = {}
-  if 'segment_ids' in batch:  # data.document_mask: each token's document (the inputs' too, if any).
-    segments['segments_BL'] = batch['segment_ids'][:, :-1]
-  if 'input_segment_ids' in batch:
-    segments['input_segments_BS'] = batch['input_segment_ids']
-  return model.apply({'params': params}, *args, batch['tokens'][:, :-1], train, rngs=rngs, mutable=mutable,
-                     hidden=hidden, **segments)
+  args, segments = model.arguments(batch)
+  return model.apply({'params': params}, *args, train=train, rngs=rngs, mutable=mutable, hidden=hidden, **segments)
 
 
 def vocab_logits(config, params, x_BLD: jax.Array, readout_DV: jax.Array | None = None) -> jax.Array:

@@ -15,10 +15,10 @@ import flax.linen as nn
 import jax
 from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import ml_collections
 import numpy as np
 
 from lm.config import MESH_AXES, ConfigError, resolve_mesh_shape
-from lm.config import Mesh as MeshSection
 
 # Config keys whose values size each logical axis: named in divisibility errors.
 _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads': 'model.num_heads',
@@ -27,7 +27,7 @@ _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads
                    'layers': 'model.num_layers', 'length': 'model.max_len'}
 
 
-def make_mesh(mesh: MeshSection, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A (data, fsdp, context, tensor) mesh of mesh.shape (the mesh section) over `devices` (default: every
   device of every process)."""
   devices = list(jax.devices() if devices is None else devices)
@@ -36,7 +36,7 @@ def make_mesh(mesh: MeshSection, devices: Sequence[jax.Device] | None = None) ->
   return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_axis_rules(mesh: MeshSection) -> tuple[tuple[str, Any], ...]:
+def logical_axis_rules(mesh: ml_collections.ConfigDict) -> tuple[tuple[str, Any], ...]:
   """The mesh section's logical axis rules, as flax takes them (tuples, whatever JSON made of them)."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in mesh.logical_axis_rules)
 

@@ -16,10 +16,11 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm.config import Checkpoint, ConfigError
+from lm.config import ConfigError
 from lm.training import checksums
 
 CHECKSUMS = 'checksums'  # The item holding {array name: checksum} beside 'state' and 'data'.
@@ -77,7 +78,7 @@ def _abstract(like: Any) -> Any:
 class Checkpointer:
   """Keeps the last `max_to_keep` checkpoints of {state, data iterator} under `directory`."""
 
-  def __init__(self, directory: pathlib.Path, c: Checkpoint):
+  def __init__(self, directory: pathlib.Path, c: ml_collections.ConfigDict):
     """`c`: the checkpoint section (lm.config.section(config, 'checkpoint'), or config.checkpoint)."""
     # A save that a killed process left unfinished stays a temporary folder, never a step: remove those.
     options = ocp.CheckpointManagerOptions(max_to_keep=c.max_to_keep, enable_async_checkpointing=c.async_save,

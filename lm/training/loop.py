@@ -55,11 +55,6 @@ def _one_process_first(load: Callable[[], Any]) -> Any:
   return result
 
 
-def _until(ids: np.ndarray, end_id: int) -> np.ndarray:
-  ends = np.flatnonzero(ids == end_id)
-  return ids[:ends[0]] if len(ends) else ids
-
-
 class StopSignals:
   """Within `with`: SIGTERM and SIGINT are recorded instead of killing the process, so the training
   loop can finish its step, checkpoint and return (a second SIGINT interrupts at once). Outside the
@@ -178,19 +173,14 @@ class Trainer:
     if not e.num_samples:
       return []
     rng = jax.random.fold_in(jax.random.fold_in(self.state.rng, step), 1)
-    kind, input_ids = kinds.of(self.config.model), None
-    prompt = tokenizers.prompt_ids(tokenizer, e.sample_prompt)  # As lm.generate starts it.
-    if kind.prompt_is_input or not len(prompt):  # The decoder starts afresh (as a text without a prompt).
-      seq_len, text = self.config.data.seq_len, np.asarray(tokenizer.encode(e.sample_prompt), np.int32)
-      if kind.prompt_is_input:
-        input_ids = np.pad(text[:seq_len], (0, max(0, seq_len - len(text))), constant_values=tokenizer.pad_id)
-      prompt = np.array([tokenizer.bos_id], np.int32)
+    kind = kinds.of(self.config.model)
+    prompt, input_ids = kind.sample_request(
+        tokenizers.prompt_ids(tokenizer, e.sample_prompt),  # As lm.generate starts it.
+        np.asarray(tokenizer.encode(e.sample_prompt), np.int32), tokenizer.bos_id, tokenizer.pad_id, self.config.data)
     new = decode.sample(self.model, self.state.params, prompt, num_samples=e.num_samples,
                         num_tokens=min(e.sample_tokens, kind.target_positions(self.config.data)),
                         temperature=e.sample_temperature, rng=rng, mesh=self.mesh, input_ids=input_ids)
-    if input_ids is not None:  # Shows the input, then what the decoder made of it (up to its end token).
-      return [f'{e.sample_prompt}\n=>\n{tokenizer.decode(_until(row, tokenizer.eos_id))}' for row in new]
-    return [e.sample_prompt + tokenizer.decode(row) for row in new]
+    return [kind.sample_text(e.sample_prompt, row, tokenizer) for row in new]
 
   def add_hook(self, hook: hooks.Hook | Callable[[Trainer, hooks.StepInfo], Any], every: int = 1,
                at_end: bool = False, waits: bool = True) -> hooks.Hook:

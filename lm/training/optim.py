@@ -7,15 +7,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
-from lm.config import Optimizer
 from lm.config.run import decay_start
 
 BATCH_AXES = ('layers', 'expert')  # Logical axes along which a parameter stacks independent matrices.
 
 
-def learning_rate_schedule(o: Optimizer, steps: int) -> optax.Schedule:
+def learning_rate_schedule(o: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
   """0 -> peak (o.learning_rate) over warmup_steps, then o.schedule until `steps` (train.steps):
 
   cosine, linear: down to peak * min_lr_ratio at `steps`; constant: the peak; inverse_sqrt:
@@ -107,7 +107,7 @@ def _scale_muon_update(dimension_numbers, consistent_rms: float) -> optax.Gradie
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
-def _muon(o: Optimizer, schedule: optax.Schedule, adam_schedule: optax.Schedule,
+def _muon(o: ml_collections.ConfigDict, schedule: optax.Schedule, adam_schedule: optax.Schedule,
           param_axes) -> optax.GradientTransformation:
   """Muon on the hidden matrices, AdamW (o.b1, o.b2, o.eps) on the rest; decoupled weight decay on both,
   masked as everywhere."""
@@ -125,7 +125,7 @@ def _muon(o: Optimizer, schedule: optax.Schedule, adam_schedule: optax.Schedule,
   return optax.partition({'muon': muon, 'adam': adam}, labels)
 
 
-def make_optimizer(o: Optimizer, steps: int, param_axes=None,
+def make_optimizer(o: ml_collections.ConfigDict, steps: int, param_axes=None,
                    hidden_learning_rate_scale: float = 1.0) -> optax.GradientTransformation:
   """The optimizer section `o` says, its schedule ending at `steps` (train.steps). param_axes (the
   parameters' logical axes as PartitionSpecs, from the model's boxed init) tell Muon, and muP's

@@ -48,8 +48,7 @@ def _init_functions(seed: int, model: nn.Module, batch: dict[str, jax.Array]
   init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
 
   def init_params():  # Boxed: each parameter carries its logical axis names.
-    args = (batch['inputs'],) if 'inputs' in batch else ()
-    return model.init(init_rng, *args, batch['tokens'][:, :-1])['params']
+    return model.init(init_rng, *model.arguments(batch)[0])['params']
 
   def init(optimizer):
     params = _unbox(init_params())

@@ -276,6 +276,7 @@ def test_cached_decoding_gives_the_full_forward_logits(knobs):
     np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_greedy_sampling_through_the_cache_equals_repeated_argmax(model_and_params):
   model, params = model_and_params
   inputs = _tokens(5, (12,))

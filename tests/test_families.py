@@ -221,6 +221,7 @@ def test_an_imported_model_fine_tunes_on_the_plays_and_resumes_bitwise(tokenizer
   jax.tree.map(np.testing.assert_array_equal, resumed.state.params, straight.state.params)
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_import_streams_into_the_shards_of_a_mesh_and_export_streams_back(tokenizer, tmp_path):
   """A sharded checkpoint imports one tensor at a time into its shards on mesh (1, 8, 1), equal to the
   one-device import; the numpy memory the import holds at its peak is a small part of the parameters.

@@ -120,6 +120,7 @@ def test_generate_api_is_seeded_and_honours_stop_strings(workdir):
     generate(run, 'x' * 200)
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_sharded_generation_equals_one_device(workdir):
   path, _ = workdir
   one = generate(saved.load(path, devices=jax.devices()[:1]), ['Ham', 'So'], max_new_tokens=16, greedy=True)
@@ -161,6 +162,7 @@ def test_evaluate_reproduces_the_final_eval_and_splits_it_by_context(workdir):
   assert results.plot_by_position({'run': result}).get_lines()[0].get_xdata().tolist() == [1, 3, 7, 15, 31, 32]
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_bfloat16_and_int8_weights_score_and_predict_as_float32_does(workdir):
   path, _ = workdir
   run = saved.load(path, devices=jax.devices()[:1])

@@ -109,6 +109,7 @@ def test_bad_checkpoints_are_refused(hf_gpt2, tmp_path):
     hf.import_hf(broken, tmp_path / 'w3')
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_imported_gpt2_fine_tunes_from_its_weights(hf_gpt2, tmp_path, tfds_dir, play_files):
   folder, _, _ = hf_gpt2
   hf.import_hf(folder, tmp_path / 'imported')

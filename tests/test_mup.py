@@ -42,6 +42,7 @@ def corpus(tfds_dir, play_files, tmp_path_factory):
   return pipeline.load_corpus(config.data, config.model.vocab_size, tmp_path_factory.mktemp('tok'))
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 @pytest.mark.parametrize('knobs', [{}, LLAMA_MOE | {'optimizer.name': 'adafactor'}], ids=['gpt2_adamw', 'llama_moe'])
 def test_mup_at_the_base_width_equals_sp_bitwise(tfds_dir, play_files, corpus, knobs):
   runs = {}

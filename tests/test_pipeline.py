@@ -17,6 +17,7 @@ from test_hf import hf_gpt2  # noqa: F401 (the fixture)
 PROMPTS = ['To be, or not to be', 'Now is the winter', 'O']
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_greedy_answers_equal_transformers_pipeline(hf_gpt2, tmp_path):  # noqa: F811
   folder = hf_gpt2[0]
   theirs, ours = transformers.pipeline('text-generation', model=str(folder)), lm.pipeline('text-generation',

@@ -86,6 +86,7 @@ def test_harness_tasks_and_wandb_during_a_run_that_resumes(tfds_dir, play_files,
   assert len(pages) == 1 and html.escape(max(sample.splitlines(), key=len)) in pages[0]
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_an_unknown_harness_task_is_refused_before_training(tfds_dir, play_files, tmp_path):
   config = tiny_config(tfds_dir, play_files, **{'eval.harness_tasks': 'shakespeare,hellaswagg'})
   with pytest.raises(ConfigError, match="unknown harness task 'hellaswagg' \\(nearest: hellaswag"):

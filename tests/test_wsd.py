@@ -45,6 +45,7 @@ def stable_run(tfds_dir, play_files, tmp_path_factory):
                 tmp_path_factory.mktemp('stable'))
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_raising_train_steps_in_the_stable_phase_extends_the_run_exactly(tfds_dir, play_files, stable_run, tmp_path):
   # Stopped at step 6 of a 12-step run (decay from step 9), resumed as a 16-step run (decay from 12).
   _train(_config(tfds_dir, play_files, **{'train.steps': 12}), tmp_path, stop_after=6)
@@ -53,6 +54,7 @@ def test_raising_train_steps_in_the_stable_phase_extends_the_run_exactly(tfds_di
   assert extended.last_eval == stable_run.last_eval
 
 
+@pytest.mark.slow  # Over 9 s on 2 cores: the fast loop stays under 5 minutes.
 def test_a_full_branch_continues_the_run_and_a_cooldown_decays_from_its_step(tfds_dir, play_files, stable_run,
                                                                              tmp_path):
   source = stable_run.workdir

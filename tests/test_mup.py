@@ -115,9 +115,10 @@ def _as_sp(params, m: float):
   return jax.tree_util.tree_map_with_path(scale, params)
 
 
-@pytest.mark.parametrize('knobs', [{}, {'positions': 'rope', 'mlp': 'swiglu', 'num_kv_heads': 2, 'moe_experts': 4,
-                                        'moe_capacity_factor': 0.0, 'tie_embeddings': False, 'scan_layers': True}],
-                         ids=['gpt2', 'llama_moe'])
+@pytest.mark.parametrize('knobs', [{}, pytest.param({'positions': 'rope', 'mlp': 'swiglu', 'num_kv_heads': 2,
+                                                      'moe_experts': 4, 'moe_capacity_factor': 0.0,
+                                                      'tie_embeddings': False, 'scan_layers': True},
+                                                     marks=pytest.mark.slow)], ids=['gpt2', 'llama_moe'])
 def test_mup_divides_logits_router_logits_and_attention_scores(knobs):
   mup_model, params = _init(_model_config(parametrization='mup', mup_base_width=8, **knobs))
   sp_model, _ = _init(_model_config(**knobs))

@@ -227,7 +227,8 @@ def test_unknown_mesh_axis_in_a_rule_is_refused(tfds_dir, play_files):
     tiny_config(tfds_dir, play_files, **{'mesh.logical_axis_rules': rules})
 
 
-@pytest.mark.parametrize('name', ['lion', 'adafactor', pytest.param('muon', marks=pytest.mark.slow), 'sgd'])
+@pytest.mark.parametrize('name', ['lion', pytest.param('adafactor', marks=pytest.mark.slow),
+                                  pytest.param('muon', marks=pytest.mark.slow), 'sgd'])
 def test_each_optimizer_on_fsdp_equals_one_device(tfds_dir, play_files, corpus_and_batches, initial_state, name):
   # AdamW: test_fsdp_and_tensor_parallel_match_one_device. Learning rates each optimizer trains at.
   lr = {'lion': 3e-3, 'adafactor': 1e-2, 'muon': 1e-2, 'sgd': 0.3}[name]

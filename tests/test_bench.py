@@ -131,6 +131,23 @@ def test_optimizer_bench_times_each_in_turn_against_the_first(tfds_dir, play_fil
 
 
 @pytest.mark.slow
+def test_moe_bench_times_mixtures_against_a_dense_model_of_equal_active_flops(tfds_dir, play_files, tmp_path):
+  config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8, 'model.mlp_dim': 64})  # 8 devices.
+  records = bench_train.bench_moe(config, tmp_path / 'tok', experts=8, top_k=2,
+                                  grouped_impls=('blocks', 'ragged_dot'), steps=2, repeats=3)
+  assert [r['impl'] for r in records] == ['dense', 'capacity', 'dropless/blocks', 'dropless/ragged_dot']
+  dense = records[0]
+  assert dense['vs_dense_active'] == 1.0 and dense['experts'] == 0
+  for r in records:
+    assert r['tokens_per_second'] == pytest.approx(8 * 32 / r['step_s'])
+    assert r['vs_dense_active'] == pytest.approx(dense['step_s'] / r['step_s'])
+  # Experts of 64 / 2 = 32 wide, two per token: the dense MLP's FLOPs, plus the router's 2 x 32 x 8 per layer.
+  for r in records[1:]:
+    assert r['experts'] == 8
+    assert r['flops_per_token'] - dense['flops_per_token'] == 6 * 2 * 32 * 8
+
+
+@pytest.mark.slow
 def test_data_bench_measures_each_source_kind_against_training(tfds_dir, play_files, tmp_path):
   # 8 devices; a window of 1024 rows, as by default (Grain's window shuffle is slow on small windows).
   config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8, 'data.shuffle_window': 1024})

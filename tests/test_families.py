@@ -110,6 +110,22 @@ def test_family_imports_exports_and_decodes_as_transformers(family, tokenizer, t
   np.testing.assert_array_equal(np.stack(mine), theirs)
 
 
+@pytest.mark.slow  # An import and two models: over 9 s on 2 cores.
+def test_mixtral_runs_dropless_to_transformers_logits(tokenizer, tmp_path):
+  """model.moe_impl='dropless' on imported Mixtral weights: transformers' logits, and the capacity
+  dispatch's where (as imported, moe_capacity_factor=0) nothing is dropped."""
+  config_class, knobs = FAMILIES['mixtral']
+  folder, torch_model = _hf_folder(tmp_path / 'hf', tokenizer, config_class, **knobs)
+  hf.import_hf(folder, tmp_path / 'imported')
+  run = saved.load(tmp_path / 'imported', devices=jax.devices()[:1])
+  assert run.config.model.moe_capacity_factor == 0
+  dropless = kinds.make_model(override(run.config, {'model.moe_impl': 'dropless'}).model, run.config.data)
+  ids = np.asarray(tokenizer.encode(TEXT).ids)[None]
+  logits = np.asarray(dropless.apply({'params': run.params}, ids))[0]
+  np.testing.assert_allclose(logits, _lm_logits(run, ids[0]), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(logits, _torch_logits(torch_model, ids[0].tolist()), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize('variant', sorted(ROPES))
 def test_llama_variants_import_with_transformers_logits(variant, tokenizer, tmp_path):
   folder, torch_model = _hf_folder(tmp_path / 'hf', tokenizer, transformers.LlamaConfig, **ROPES[variant])

@@ -1,4 +1,4 @@
-"""Mixture of experts: routing, capacity, the balance loss, and the per-layer interval."""
+"""Mixture of experts: routing, capacity, dropless grouped products, the balance loss, and the per-layer interval."""
 
 import flax.linen as nn
 import jax
@@ -9,6 +9,7 @@ import pytest
 
 from lm import config as config_lib
 from lm.kinds import make_model
+from lm.nn import grouped
 from lm.nn.moe import MoeMlp, balance_loss, route
 from lm.training import train
 from lm.training.optim import weight_decay_mask
@@ -44,8 +45,9 @@ def test_capacity_keeps_the_earliest_tokens():
   np.testing.assert_allclose(combine[0, :2, 0].sum(-1), 0.7, rtol=1e-6)  # Top-1: the raw probability.
 
 
-def test_moe_layer_is_the_gate_weighted_sum_of_its_top_k_experts():
-  config = _moe_config()
+@pytest.mark.parametrize('impl', ['capacity', 'dropless'])
+def test_moe_layer_is_the_gate_weighted_sum_of_its_top_k_experts(impl):
+  config = _moe_config(moe_impl=impl)
   layer = MoeMlp(ml_collections.FrozenConfigDict(config.model))
   x = jax.random.normal(jax.random.PRNGKey(1), (2, 6, 16))
   params = nn.meta.unbox(layer.init(jax.random.PRNGKey(2), x)['params'])
@@ -113,3 +115,75 @@ def test_the_task_loss_trains_the_router(top_k):
   grads = jax.grad(lambda p: jnp.sum(layer.apply({'params': p}, x) ** 2))(params)
   ratio = np.abs(grads['router_kernel']).max() / np.abs(grads['up_kernel']).max()
   assert ratio > 1e-2, ratio  # Renormalised top-1 gates would leave it ~1e-6 (rounding).
+
+
+@pytest.mark.parametrize('implementation', grouped.IMPLEMENTATIONS)
+def test_grouped_products_equal_each_groups_own_product_forward_and_backward(implementation):
+  sizes = np.array([5, 0, 9, 1, 0, 17])  # Empty groups, and groups over and under a block.
+  x = jax.random.normal(jax.random.PRNGKey(0), (int(sizes.sum()), 8))
+  w = jax.random.normal(jax.random.PRNGKey(1), (len(sizes), 8, 3))
+  ends = np.cumsum(sizes)
+
+  def reference(x, w):
+    return jnp.concatenate([x[end - n:end] @ w[e] for e, (n, end) in enumerate(zip(sizes, ends))])
+
+  def grouped_product(x, w):
+    return grouped.grouped_matmul(x, w, jnp.asarray(sizes), implementation, block_rows=4)
+
+  np.testing.assert_allclose(grouped_product(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
+  for got, want in zip(jax.grad(loss(grouped_product), (0, 1))(x, w), jax.grad(loss(reference), (0, 1))(x, w)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('implementation, knobs', [('blocks', {}),
+                                                     ('ragged_dot', {'mlp': 'swiglu', 'use_bias': False,
+                                                                     'moe_top_k': 1})])
+def test_dropless_equals_capacity_where_nothing_is_dropped_forward_and_gradients(implementation, knobs):
+  """moe_capacity_factor=0 gives every expert room for every token: the two dispatches compute the same."""
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 16, 16))
+  capacity = MoeMlp(ml_collections.FrozenConfigDict(_moe_config(**knobs).model))
+  dropless = MoeMlp(ml_collections.FrozenConfigDict(_moe_config(
+      moe_impl='dropless', moe_grouped_impl=implementation, **knobs).model))
+  params = nn.meta.unbox(capacity.init(jax.random.PRNGKey(2), x)['params'])
+  same = nn.meta.unbox(dropless.init(jax.random.PRNGKey(2), x)['params'])
+  assert jax.tree.structure(params) == jax.tree.structure(same)  # The same parameters: checkpoints carry over.
+
+  def loss(layer):
+    return lambda params, x: jnp.sum(jnp.tanh(layer.apply({'params': params}, x)) * jnp.arange(16.0))
+
+  np.testing.assert_allclose(dropless.apply({'params': params}, x), capacity.apply({'params': params}, x),
+                             rtol=1e-5, atol=1e-5)
+  got, want = jax.grad(loss(dropless), (0, 1))(params, x), jax.grad(loss(capacity), (0, 1))(params, x)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_dropless_keeps_the_tokens_capacity_drops():
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16))
+  tight = _moe_config(moe_capacity_factor=0.25)  # One slot per expert and sequence: most choices dropped.
+  capacity = MoeMlp(ml_collections.FrozenConfigDict(tight.model))
+  dropless = MoeMlp(ml_collections.FrozenConfigDict(_moe_config(moe_impl='dropless').model))
+  unbounded = MoeMlp(ml_collections.FrozenConfigDict(_moe_config().model))
+  params = nn.meta.unbox(capacity.init(jax.random.PRNGKey(2), x)['params'])
+  kept = unbounded.apply({'params': params}, x)
+  np.testing.assert_allclose(dropless.apply({'params': params}, x), kept, rtol=1e-5, atol=1e-5)
+  changed = np.abs(np.asarray(capacity.apply({'params': params}, x) - kept)).max(-1) > 1e-6
+  assert changed.mean() > 0.5  # Capacity changed most tokens' outputs: it dropped one of their experts.
+
+
+@pytest.mark.slow
+def test_a_scanned_dropless_model_trains_like_the_capacity_one():
+  """The whole model, its layers scanned: dropless and (unbounded) capacity give the same loss and gradients."""
+  batch = {'tokens': jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 97), 'loss_mask': jnp.ones((2, 8), bool)}
+  results = []
+  for impl in ('capacity', 'dropless'):
+    config = _moe_config(moe_impl=impl, scan_layers=True, mlp='swiglu')
+    model = make_model(config.model, config.data)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params'])
+    loss = lambda p: train.loss_sums(p, batch, model, moe_balance_loss=0.01)[0]  # noqa: B023 (used at once)
+    results.append(jax.value_and_grad(loss)(params))
+  (loss_a, grads_a), (loss_b, grads_b) = results
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)

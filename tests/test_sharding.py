@@ -166,6 +166,7 @@ def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, co
   np.testing.assert_allclose(losses, single_device[0][:3], rtol=1e-5, err_msg=f'remat={remat} scan={scan}')
 
 
+@pytest.mark.slow  # 8 s on 2 cores: room in the fast loop for the dropless experts' tests.
 def test_bfloat16_trains_and_keeps_float32_parameters(tfds_dir, play_files, corpus_and_batches, initial_state):
   config = tiny_config(tfds_dir, play_files, **SHARDABLE,
                        **{'mesh.shape': (2, 2, 2), 'model.dtype': 'bfloat16', 'optimizer.learning_rate': 1e-2})

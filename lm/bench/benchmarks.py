@@ -5,6 +5,7 @@
   python -m lm.bench generate [--models=quickstart,gpt2_small] [--batch_sizes=1,8] [--new_tokens=256] [--json]
   python -m lm.bench optimizers --config=experiments/bench.py [--optimizers=adamw,lion,adafactor,muon,sgd]
   python -m lm.bench data --config=experiments/bench.py [--data_batches=50]
+  python -m lm.bench moe --config=experiments/bench.py [--experts=64] [--top_k=8] [--grouped_impls=blocks] [--json]
   python -m lm.bench harness [--models=llama_tiny] [--tasks=shakespeare] [--limit=N] [--batch_size=8]
 
 Training (the default): for the config's model, batch and mesh, the train step's compile time, its
@@ -22,6 +23,11 @@ compile: the train step's compile time at several depths, and its ratio to the f
 optimizers: the config's train step under each optimizer.name, timed in turns (one window of each,
 then the next round, so that drift in the machine's speed falls on all alike) on the same batches;
 tokens per second and the ratio to the first optimizer listed.
+
+moe: a dense model and mixtures of experts of the same active FLOPs per token (each of --experts
+experts 1/--top_k of the dense MLP's width; top_k of them per token), under each model.moe_impl
+(capacity; dropless with each of --grouped_impls), timed in turns on the same batches: tokens per
+second and vs_dense_active, the ratio to the dense model's.
 
 data: tokens per second that each kind of source (text, JSONL, Parquet, lm.tokenize shards, a
 mixture) delivers on one core, against what the config's train step consumes; lm.tokenize's MB/s.
@@ -49,7 +55,14 @@ from lm import cli
 from lm.bench.data import DATA_KINDS, bench_data
 from lm.bench.generate import bench_generate, memory_bandwidth
 from lm.bench.harness import bench_harness
-from lm.bench.train import bench_compile, bench_optimizers, bench_train, compare_torch, train_step_matmuls
+from lm.bench.train import (
+  bench_compile,
+  bench_moe,
+  bench_optimizers,
+  bench_train,
+  compare_torch,
+  train_step_matmuls,
+)
 from lm.config import ConfigError, validate
 from lm.training import metrics
 
@@ -88,6 +101,11 @@ def define_flags() -> None:
   flags.DEFINE_list('depths', ['6', '48'], 'compile: model.num_layers values to compile the train step at.')
   flags.DEFINE_list('optimizers', ['adamw', 'lion', 'adafactor', 'muon', 'sgd'],
                     'optimizers: the optimizer.name values to time; ratios are to the first.')
+  # moe
+  flags.DEFINE_integer('experts', 64, 'moe: experts per MoE layer.')
+  flags.DEFINE_integer('top_k', 8, 'moe: experts per token (each 1/top_k of the dense MLP wide).')
+  flags.DEFINE_list('grouped_impls', ['blocks'], "moe: model.moe_grouped_impl values for 'dropless' "
+                    '(blocks, ragged_dot).')
   # both
   flags.DEFINE_integer('repeats', 3, 'Timed runs per measurement (generate: the fastest counts; train: the median).')
   flags.DEFINE_bool('json', False, 'Print one JSON line per measurement instead of text.')
@@ -193,6 +211,7 @@ USAGE = ('usage: python -m lm.bench --config=experiments/bench.py [--config.a.b=
          '       python -m lm.bench optimizers --config=... [--optimizers=adamw,lion,adafactor,muon,sgd] [--json]\n'
          '       python -m lm.bench data --config=... [--data_batches=50] [--json]\n'
          '       python -m lm.bench generate [--models=...] [--batch_sizes=1,8] [--new_tokens=256] [--json]\n'
+         '       python -m lm.bench moe --config=experiments/bench.py [--experts=64] [--top_k=8] [--json]\n'
          '       python -m lm.bench harness [--models=llama_tiny] [--tasks=shakespeare] [--limit=N] [--json]')
 
 
@@ -220,6 +239,13 @@ def main(argv: list[str]) -> None:
         print(json.dumps(r) if FLAGS.json else
               f'{r["optimizer"]}: {1e3 * r["step_s"]:.1f} ms/step, {r["train_tokens_per_s"]:,.0f} tokens/s, '
               f'{r["ratio_to_first"]:.2f}x {FLAGS.optimizers[0]} (compile {r["compile_s"]:.1f} s)', flush=True)
+    elif argv[1:] == ['moe'] and FLAGS.config is not None:
+      for r in bench_moe(validate(FLAGS.config), pathlib.Path(FLAGS.workdir) / 'tokenizer', FLAGS.experts,
+                         FLAGS.top_k, tuple(FLAGS.grouped_impls), FLAGS.steps, FLAGS.repeats):
+        print(json.dumps(r) if FLAGS.json else
+              f'{r["impl"]}: {1e3 * r["step_s"]:.1f} ms/step, {r["tokens_per_second"]:,.0f} tokens/s, '
+              f'{r["vs_dense_active"]:.2f}x dense of the same active FLOPs (compile {r["compile_s"]:.1f} s)',
+              flush=True)
     elif len(argv) in (3, 4) and argv[1] == 'matmul_peak':  # A child of bench_train.
       sizes = tuple(int(n) for n in argv[3].split(',')) if len(argv) == 4 else None
       print(metrics.measure_matmul_flops(jax.devices()[0], argv[2], sizes), flush=True)

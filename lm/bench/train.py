@@ -14,14 +14,16 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from lm import kinds
 from lm.bench import matmuls
 from lm.bench.timing import best_of, median
 from lm.cli import CPU_XLA_FLAGS
-from lm.config import override, validate
+from lm.config import ConfigError, override, validate
 from lm.data import pipeline
+from lm.nn.layers import mlp_width
 from lm.nn.model import count_params
 from lm.parallel import sharding
 from lm.training import metrics, train
@@ -136,14 +138,15 @@ def bench_train(config, tokenizer_dir: str | pathlib.Path, steps: int = 5, repea
   }
 
 
-def bench_optimizers(config, names: list[str], tokenizer_dir: str | pathlib.Path, steps: int = 5,
-                     repeats: int = 3) -> list[dict]:
-  """Train-step time of config under each optimizer in `names`, in interleaved windows (see the module
-  docstring), on the same pre-loaded batches; ratios are to names[0]."""
-  corpus = pipeline.load_corpus(config.data, config.model.vocab_size, pathlib.Path(tokenizer_dir))
+def _time_variants(configs: dict[str, ml_collections.ConfigDict], tokenizer_dir: str | pathlib.Path, steps: int,
+                   repeats: int) -> dict[str, dict]:
+  """Each config's train step timed in interleaved windows (one window of each, then the next round,
+  so that drift in the machine's speed falls on all alike) on the same pre-loaded batches (the first
+  config's data): {name: {'compile_s', 'step_s' (the median window), 'windows'}}."""
+  first = next(iter(configs.values()))
+  corpus = pipeline.load_corpus(first.data, first.model.vocab_size, pathlib.Path(tokenizer_dir))
   runs = {}
-  for name in names:
-    c = validate(override(config, {'optimizer.name': name}))
+  for name, c in configs.items():
     layout = train.make_layout(c)
     if not runs:
       shard = sharding.data_shard(layout.batch_sharding, c.data.batch_size)
@@ -165,14 +168,49 @@ def bench_optimizers(config, names: list[str], tokenizer_dir: str | pathlib.Path
         run['state'], step_metrics = run['compiled'](run['state'], batch)
       jax.block_until_ready(step_metrics)
       run['windows'].append((time.perf_counter() - start) / steps)
+  return {name: {'compile_s': run['compile_s'], 'step_s': median(run['windows']), 'windows': run['windows']}
+          for name, run in runs.items()}
+
+
+def bench_optimizers(config, names: list[str], tokenizer_dir: str | pathlib.Path, steps: int = 5,
+                     repeats: int = 3) -> list[dict]:
+  """Train-step time of config under each optimizer in `names`, in interleaved windows, on the same
+  batches; ratios are to names[0]."""
+  configs = {name: validate(override(config, {'optimizer.name': name})) for name in names}
+  timed = _time_variants(configs, tokenizer_dir, steps, repeats)
   tokens_per_step = config.data.batch_size * metrics.tokens_per_example(config.model, config.data)
-  records = []
-  for name, run in runs.items():
-    step_s = median(run['windows'])
-    records.append({'bench': 'optimizers', 'optimizer': name, 'compile_s': run['compile_s'], 'step_s': step_s,
-                    'step_s_windows': run['windows'], 'train_tokens_per_s': tokens_per_step / step_s,
-                    'ratio_to_first': median(runs[names[0]]['windows']) / step_s})
-  return records
+  return [{'bench': 'optimizers', 'optimizer': name, 'compile_s': t['compile_s'], 'step_s': t['step_s'],
+           'step_s_windows': t['windows'], 'train_tokens_per_s': tokens_per_step / t['step_s'],
+           'ratio_to_first': timed[names[0]]['step_s'] / t['step_s']} for name, t in timed.items()]
+
+
+def moe_variants(config, experts: int, top_k: int, grouped_impls: list[str]) -> dict[str, ml_collections.ConfigDict]:
+  """A dense model and mixtures of `experts` experts (top_k each) of equal active FLOPs per token: each
+  expert 1/top_k of the dense MLP's width. Keys: 'dense', 'capacity', and 'dropless' (or
+  'dropless/<impl>' for each of several grouped products)."""
+  width = mlp_width(config.model)
+  if width % top_k:
+    raise ConfigError(f'bench moe: the MLP width {width} must split into top_k={top_k} experts\' widths')
+  moe = {'model.moe_experts': experts, 'model.moe_top_k': top_k, 'model.mlp_dim': width // top_k,
+         'model.moe_capacity_factor': 1.25}
+  variants = {'dense': {'model.mlp_dim': width}, 'capacity': moe | {'model.moe_impl': 'capacity'}}
+  for impl in grouped_impls:
+    name = 'dropless' if len(grouped_impls) == 1 else f'dropless/{impl}'
+    variants[name] = moe | {'model.moe_impl': 'dropless', 'model.moe_grouped_impl': impl}
+  return {name: validate(override(config, values)) for name, values in variants.items()}
+
+
+def bench_moe(config, tokenizer_dir: str | pathlib.Path, experts: int = 64, top_k: int = 8,
+              grouped_impls: tuple[str, ...] = ('blocks',), steps: int = 5, repeats: int = 3) -> list[dict]:
+  """Tokens per second of each moe_variants model, timed side by side; vs_dense_active: over the dense model's."""
+  configs = moe_variants(config, experts, top_k, list(grouped_impls))
+  timed = _time_variants(configs, tokenizer_dir, steps, repeats)
+  tokens_per_step = config.data.batch_size * metrics.tokens_per_example(config.model, config.data)
+  dense_s = timed['dense']['step_s']
+  return [{'bench': 'moe', 'impl': name, 'experts': configs[name].model.moe_experts, 'top_k': top_k,
+           'flops_per_token': metrics.flops_per_token(configs[name].model, configs[name].data),
+           'compile_s': t['compile_s'], 'step_s': t['step_s'], 'tokens_per_second': tokens_per_step / t['step_s'],
+           'vs_dense_active': dense_s / t['step_s']} for name, t in timed.items()]
 
 
 def _abstract_train_step(c):

@@ -82,6 +82,12 @@ class Model:
   moe_top_k: int = key(2, integer(1), SHAPE, 'Experts each token is routed to.')
   moe_every: int = key(1, integer(1), SHAPE,
                        'Every this-many-th block (counting from 1) has experts instead of an MLP.')
+  moe_impl: str = key('capacity', choice('capacity', 'dropless'), FREE,
+                      "'capacity': GShard dispatch into moe_capacity_factor slots per expert (overflow dropped); "
+                      "'dropless': tokens sorted by expert, grouped products, none dropped.")
+  moe_grouped_impl: str = key('auto', choice('auto', 'ragged_dot', 'blocks'), FREE,
+                              "moe_impl='dropless': the grouped product: 'ragged_dot' (jax.lax.ragged_dot: GPU, "
+                              "TPU), 'blocks' (groups padded to blocks of rows: CPU), 'auto': the backend's.")
   moe_capacity_factor: float = key(1.25, number(0), FREE,
                                    'Slots per expert = factor * top_k * max_len / experts; overflow is dropped; '
                                    '0 = none.')

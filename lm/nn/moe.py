@@ -12,8 +12,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm.nn import mup
-from lm.nn.layers import activation, dtype_of, hidden_std, mlp_width, param_init, residual_out_std, zeros_init
+from lm.nn import grouped, mup
+from lm.nn.layers import (
+  activation,
+  compile_platform,
+  dtype_of,
+  hidden_std,
+  mlp_width,
+  param_init,
+  residual_out_std,
+  zeros_init,
+)
 
 
 def route(router_probs_BLE: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.Array]:
@@ -60,9 +69,31 @@ def expert_capacity(config, length: int) -> int:
   return min(length, math.ceil(config.moe_capacity_factor * config.moe_top_k * config.max_len / config.moe_experts))
 
 
+def top_k_gates(router_probs_BLE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
+  """(gates_BLk, experts_BLk): each token's top_k experts and their gates, renormalised over the k
+  when k > 1 (as `route` weighs them)."""
+  gates_BLk, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
+  if top_k > 1:
+    gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
+  return gates_BLk, experts_BLk
+
+
+def sort_by_expert(experts_Tk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(order_N, expert_N, sizes_E) of the N = T * k token-expert pairs: the pairs (flat indices into
+  experts_Tk) sorted by expert, stably, so each expert's tokens keep their order; each pair's expert
+  in that order; and how many pairs each expert has."""
+  flat_N = experts_Tk.reshape(-1)
+  order_N = jnp.argsort(flat_N, stable=True)
+  return order_N, flat_N[order_N], jnp.bincount(flat_N, length=num_experts)
+
+
 class MoeMlp(nn.Module):
   """A mixture of experts, each an MLP like `Mlp`: a linear router picks moe_top_k experts per token
-  and the output is their gate-weighted sum. Sows the load-balancing loss into 'aux_loss'."""
+  and the output is their gate-weighted sum. Sows the load-balancing loss into 'aux_loss'.
+
+  model.moe_impl='capacity': GShard's dispatch into moe_capacity_factor slots per expert (dense
+  one-hot products; a token over capacity is dropped). 'dropless': the token-expert pairs sorted by
+  expert and multiplied by grouped products (lm.nn.grouped), none dropped."""
 
   config: ml_collections.FrozenConfigDict
   train: bool = False
@@ -77,27 +108,65 @@ class MoeMlp(nn.Module):
       router_logits_BLE = router_logits_BLE * mup.readout_multiplier(c)
     probs_BLE = jax.nn.softmax(router_logits_BLE, axis=-1)
     self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
+    weights = self._weights(num_experts, width)
+    if c.moe_impl == 'dropless':
+      return self._dropless(x_BLD, probs_BLE, weights, dtype)
     dispatch_BLEC, combine_BLEC = route(probs_BLE, c.moe_top_k, expert_capacity(c, x_BLD.shape[1]))
     x_EBCD = jnp.einsum('BLEC,BLD->EBCD', dispatch_BLEC.astype(dtype), x_BLD.astype(dtype))
     x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
 
     def expert_in(name):
-      kernel = self.param(f'{name}_kernel', param_init(hidden_std(c), ('expert', 'embed', 'mlp')),
-                          (num_experts, c.d_model, width))
-      h_EBCF = jnp.einsum('EBCD,EDF->EBCF', x_EBCD, kernel.astype(dtype))
+      h_EBCF = jnp.einsum('EBCD,EDF->EBCF', x_EBCD, weights[f'{name}_kernel'].astype(dtype))
       if c.use_bias:
-        bias = self.param(f'{name}_bias', zeros_init(('expert', 'mlp')), (num_experts, width))
-        h_EBCF += bias.astype(dtype)[:, None, None]
+        h_EBCF += weights[f'{name}_bias'].astype(dtype)[:, None, None]
       return h_EBCF
 
     h_EBCF = activation(c)(expert_in('gate' if c.mlp == 'swiglu' else 'up'))
     if c.mlp == 'swiglu':
       h_EBCF = h_EBCF * expert_in('up')
     h_EBCF = nn.with_logical_constraint(h_EBCF, ('expert', 'batch', None, 'mlp'))
-    down_EFD = self.param('down_kernel', param_init(residual_out_std(c), ('expert', 'mlp', 'embed')),
-                          (num_experts, width, c.d_model))
-    y_EBCD = jnp.einsum('EBCF,EFD->EBCD', h_EBCF, down_EFD.astype(dtype))
+    y_EBCD = jnp.einsum('EBCF,EFD->EBCD', h_EBCF, weights['down_kernel'].astype(dtype))
     if c.use_bias:
-      down_bias = self.param('down_bias', zeros_init(('expert', 'embed')), (num_experts, c.d_model))
-      y_EBCD += down_bias.astype(dtype)[:, None, None]
+      y_EBCD += weights['down_bias'].astype(dtype)[:, None, None]
     return jnp.einsum('BLEC,EBCD->BLD', combine_BLEC.astype(dtype), y_EBCD)
+
+  def _weights(self, num_experts: int, width: int) -> dict[str, jax.Array]:
+    """The experts' kernels (and biases): [E, D, F] in, [E, F, D] down."""
+    c, weights = self.config, {}
+    for name in ('gate', 'up') if c.mlp == 'swiglu' else ('up',):
+      weights[f'{name}_kernel'] = self.param(f'{name}_kernel', param_init(hidden_std(c), ('expert', 'embed', 'mlp')),
+                                             (num_experts, c.d_model, width))
+      if c.use_bias:
+        weights[f'{name}_bias'] = self.param(f'{name}_bias', zeros_init(('expert', 'mlp')), (num_experts, width))
+    weights['down_kernel'] = self.param('down_kernel', param_init(residual_out_std(c), ('expert', 'mlp', 'embed')),
+                                        (num_experts, width, c.d_model))
+    if c.use_bias:
+      weights['down_bias'] = self.param('down_bias', zeros_init(('expert', 'embed')), (num_experts, c.d_model))
+    return weights
+
+  def _dropless(self, x_BLD: jax.Array, probs_BLE: jax.Array, weights: dict[str, jax.Array], dtype) -> jax.Array:
+    """Every token through each of its top_k experts: the pairs sorted by expert, grouped products."""
+    c = self.config
+    batch, length, d_model = x_BLD.shape
+    gates_BLk, experts_BLk = top_k_gates(probs_BLE, c.moe_top_k)
+    order_N, expert_N, sizes_E = sort_by_expert(experts_BLk.reshape(batch * length, -1), c.moe_experts)
+    token_N = order_N // c.moe_top_k
+    x_ND = x_BLD.reshape(batch * length, d_model).astype(dtype)[token_N]
+    implementation = c.moe_grouped_impl if c.moe_grouped_impl != 'auto' else grouped.default_implementation(
+        compile_platform())
+
+    def expert_in(name):
+      h_NF = grouped.grouped_matmul(x_ND, weights[f'{name}_kernel'].astype(dtype), sizes_E, implementation)
+      if c.use_bias:
+        h_NF += weights[f'{name}_bias'].astype(dtype)[expert_N]
+      return h_NF
+
+    h_NF = activation(c)(expert_in('gate' if c.mlp == 'swiglu' else 'up'))
+    if c.mlp == 'swiglu':
+      h_NF = h_NF * expert_in('up')
+    y_ND = grouped.grouped_matmul(h_NF, weights['down_kernel'].astype(dtype), sizes_E, implementation)
+    if c.use_bias:
+      y_ND += weights['down_bias'].astype(dtype)[expert_N]
+    gate_N = gates_BLk.reshape(-1)[order_N].astype(dtype)
+    y_TD = jnp.zeros((batch * length, d_model), dtype).at[token_N].add(y_ND * gate_N[:, None])
+    return y_TD.reshape(batch, length, d_model)

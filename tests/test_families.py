@@ -163,6 +163,12 @@ def test_what_lm_cannot_represent_is_refused_naming_the_field():
   assert kinds.hf_family_of(windowed.model).model_type == 'mistral'
   with pytest.raises(ConfigError, match="model.sliding_window=4096: a llama checkpoint needs model.sliding_window=0"):
     kinds.hf_family_of(windowed.model, 'llama')
+  # A mixture Mixtral cannot express (a shared expert) is refused for export by name.
+  shared = kinds.for_hf('mixtral').config_from_hf(mixtral)
+  shared.model.moe_shared_experts = 1
+  with pytest.raises(ConfigError, match='model.moe_shared_experts=1: a mixtral checkpoint needs '
+                                        'model.moe_shared_experts=0'):
+    kinds.hf_family_of(shared.model, 'mixtral')
 
 
 def _llama3_style(texts) -> Tokenizer:

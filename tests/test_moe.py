@@ -10,8 +10,9 @@ import pytest
 from lm import config as config_lib
 from lm.kinds import make_model
 from lm.nn import grouped
-from lm.nn.moe import MoeMlp, balance_loss, route
+from lm.nn.moe import MoeMlp, balance_loss, route, top_k_gates
 from lm.training import train
+from lm.training.metrics import flops_per_token
 from lm.training.optim import weight_decay_mask
 
 
@@ -187,3 +188,55 @@ def test_a_scanned_dropless_model_trains_like_the_capacity_one():
   np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_group_limited_routing_chooses_within_the_best_groups_by_their_two_best_scores():
+  # Four groups of two experts: group 1 has the single best expert, but group 0's two scores sum higher.
+  scores = jnp.array([[[0.8, 0.7, 0.95, 0.1, 0.5, 0.5, 0.2, 0.2]]])
+  gates, experts = top_k_gates(scores, top_k=2, normalize=False, groups=4, top_groups=1)
+  assert sorted(np.asarray(experts)[0, 0].tolist()) == [0, 1]
+  np.testing.assert_allclose(np.sort(np.asarray(gates)[0, 0]), [0.7, 0.8], rtol=1e-6)
+  gates, experts = top_k_gates(scores, top_k=3, normalize=True, scale=2.5, groups=4, top_groups=2)
+  assert sorted(np.asarray(experts)[0, 0].tolist()) == [0, 1, 2]  # Groups 0 (1.5) and 1 (1.05).
+  np.testing.assert_allclose(np.asarray(gates).sum(), 2.5, rtol=1e-6)
+  gates, experts = top_k_gates(scores, top_k=1)  # No groups: the best expert, its raw score.
+  assert int(experts[0, 0, 0]) == 2 and float(gates[0, 0, 0]) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize('impl', ['capacity', 'dropless'])
+def test_sigmoid_grouped_routing_with_a_shared_expert_equals_a_per_token_reference(impl):
+  """DeepSeek-V3's recipe: sigmoid scores, group-limited choice, renormalised and scaled gates,
+  fine-grained experts (moe_mlp_dim) and a shared expert, computed token by token by hand."""
+  config = _moe_config(moe_impl=impl, mlp='swiglu', use_bias=False, moe_experts=8, moe_top_k=3, moe_mlp_dim=8,
+                       moe_router_score='sigmoid', moe_groups=4, moe_top_groups=2, moe_routed_scale=2.5,
+                       moe_shared_experts=1)
+  layer = MoeMlp(ml_collections.FrozenConfigDict(config.model))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 5, 16))
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(2), x)['params'])
+  assert params['up_kernel'].shape == (8, 16, 8) and params['shared']['up']['kernel'].shape == (16, 8)
+  out = np.asarray(layer.apply({'params': params}, x))
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  silu = lambda h: h / (1 + np.exp(-h))
+  expert = lambda v, e: (silu(v @ p['gate_kernel'][e]) * (v @ p['up_kernel'][e])) @ p['down_kernel'][e]
+  s = p['shared']
+  for b in range(2):
+    for l in range(5):
+      v = np.asarray(x[b, l], np.float64)
+      scores = 1 / (1 + np.exp(-(v @ p['router_kernel'])))
+      group_scores = [np.sort(scores[2 * g:2 * g + 2]).sum() for g in range(4)]
+      allowed = [e for e in range(8) if e // 2 in np.argsort(group_scores)[-2:]]
+      top = sorted(allowed, key=lambda e: -scores[e])[:3]
+      gates = 2.5 * scores[top] / scores[top].sum()
+      shared = (silu(v @ s['gate']['kernel']) * (v @ s['up']['kernel'])) @ s['down']['kernel']
+      expected = sum(g * expert(v, e) for g, e in zip(gates, top)) + shared
+      np.testing.assert_allclose(out[b, l], expected, rtol=2e-4, atol=2e-5)
+
+
+def test_flops_count_the_active_experts_shared_ones_and_the_router():
+  config = _moe_config(mlp='swiglu', moe_experts=8, moe_top_k=3, moe_mlp_dim=8, moe_shared_experts=2)
+  dense = _moe_config(mlp='swiglu', moe_experts=0)
+  # Per MoE layer and token: 3 routed and 2 shared experts of 3 matrices 16 x 8, and the 16 x 8 router,
+  # where the dense model has one MLP of 3 matrices 16 x 32: 6 FLOPs per weight, two layers.
+  moe_weights, dense_weights = (3 + 2) * 3 * 16 * 8 + 16 * 8, 3 * 16 * 32
+  assert flops_per_token(config.model, config.data) - flops_per_token(dense.model, dense.data) == (
+      6 * 2 * (moe_weights - dense_weights))

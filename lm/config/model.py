@@ -82,6 +82,20 @@ class Model:
   moe_top_k: int = key(2, integer(1), SHAPE, 'Experts each token is routed to.')
   moe_every: int = key(1, integer(1), SHAPE,
                        'Every this-many-th block (counting from 1) has experts instead of an MLP.')
+  moe_mlp_dim: int = key(0, integer(0), SHAPE, "Each expert's hidden width (fine-grained experts: narrower than "
+                         'the dense MLP); 0 = the MLP width (model.mlp_dim or its rule).')
+  moe_shared_experts: int = key(0, integer(0), SHAPE, 'Shared experts every token passes through besides its top_k: '
+                                'one MLP that many experts wide, added to the routed output.')
+  moe_router_score: str = key('softmax', choice('softmax', 'sigmoid'), MATCH,
+                              "Router scores from its logits: 'softmax' over the experts, or 'sigmoid' per expert "
+                              '(DeepSeek-V3).')
+  moe_norm_top_k: bool = key(True, BOOLEAN, MATCH, 'Renormalise the chosen scores to sum to 1 (when top_k > 1: a '
+                             "top-1 gate stays the raw score, so the router learns from the task).")
+  moe_routed_scale: float = key(1.0, number(0, lo_open=True), MATCH, 'Factor on the routed experts\' gates.')
+  moe_groups: int = key(1, integer(1), MATCH, 'Group-limited routing: the experts in this many groups; each token '
+                        'chooses moe_top_groups groups (by the sum of their two best scores), then its top_k experts '
+                        'within them. 1 = no groups.')
+  moe_top_groups: int = key(1, integer(1), MATCH, 'moe_groups > 1: the groups each token chooses from.')
   moe_impl: str = key('capacity', choice('capacity', 'dropless'), FREE,
                       "'capacity': GShard dispatch into moe_capacity_factor slots per expert (overflow dropped); "
                       "'dropless': tokens sorted by expert, grouped products, none dropped.")
@@ -180,6 +194,14 @@ def moe_rules(c) -> list[str]:
   errors = []
   if m.moe_experts and m.moe_top_k > m.moe_experts:
     errors.append(f'model.moe_top_k={m.moe_top_k} must be <= model.moe_experts={m.moe_experts}')
+  if m.moe_experts and m.moe_experts % m.moe_groups:
+    errors.append(f'model.moe_groups={m.moe_groups} must divide model.moe_experts={m.moe_experts}')
+  elif m.moe_experts and m.moe_top_groups > m.moe_groups:
+    errors.append(f'model.moe_top_groups={m.moe_top_groups} must be <= model.moe_groups={m.moe_groups}')
+  elif m.moe_experts and m.moe_groups > 1 and m.moe_top_k > m.moe_top_groups * (m.moe_experts // m.moe_groups):
+    errors.append(f'model.moe_top_k={m.moe_top_k} must be <= the {m.moe_top_groups * (m.moe_experts // m.moe_groups)} '
+                  f'experts in model.moe_top_groups={m.moe_top_groups} groups of '
+                  f'{m.moe_experts // m.moe_groups}')
   if m.moe_experts and m.moe_every > m.num_layers:
     errors.append(f'model.moe_every={m.moe_every} leaves no block with experts: '
                   f'must be <= model.num_layers={m.num_layers}')

@@ -10,7 +10,7 @@ import ml_collections
 import numpy as np
 
 from lm.config import ConfigError
-from lm.nn.layers import head_width, mlp_width
+from lm.nn.layers import expert_width, head_width, mlp_width
 from lm.nn.model import is_moe_layer
 
 
@@ -125,8 +125,9 @@ def self_attention_stack_flops(m, layers: int, length: int) -> float:
   through (attention projections, MLP or the top_k experts and the router), plus 12 * heads * head_dim
   per (query, key) pair of the whole L x L square."""
   q_out, kv = attention_widths(m)
-  dense = (3 if m.mlp == 'swiglu' else 2) * m.d_model * mlp_width(m)
-  moe = m.moe_top_k * dense + m.d_model * m.moe_experts
+  per_width = (3 if m.mlp == 'swiglu' else 2) * m.d_model
+  dense = per_width * mlp_width(m)  # The top_k and the shared experts, and the router:
+  moe = (m.moe_top_k + m.moe_shared_experts) * per_width * expert_width(m) + m.d_model * m.moe_experts
   moe_layers = sum(is_moe_layer(m, i) for i in range(layers))
   mlps = moe_layers * moe + (layers - moe_layers) * dense
   return 6 * length * (layers * (q_out + kv) + mlps) + 12 * layers * m.num_heads * head_width(m) * length**2

@@ -249,6 +249,11 @@ def activation(config):
   return {'gelu': nn.gelu, 'relu': nn.relu, 'swiglu': nn.silu}[config.mlp]
 
 
+def expert_width(config) -> int:
+  """A routed expert's hidden width: model.moe_mlp_dim, or the MLP's."""
+  return config.moe_mlp_dim or mlp_width(config)
+
+
 class Mlp(nn.Module):
   """Dense -> activation -> Dense; with 'swiglu', silu(gate(x)) * up(x) -> Dense."""
 

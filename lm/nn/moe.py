@@ -14,11 +14,12 @@ import ml_collections
 
 from lm.nn import grouped, mup
 from lm.nn.layers import (
+  Mlp,
   activation,
   compile_platform,
   dtype_of,
+  expert_width,
   hidden_std,
-  mlp_width,
   param_init,
   residual_out_std,
   zeros_init,
@@ -26,20 +27,20 @@ from lm.nn.layers import (
 
 
 def route(router_probs_BLE: jax.Array, top_k: int, capacity: int) -> tuple[jax.Array, jax.Array]:
-  """Top-k routing with `capacity` slots per expert and sequence.
+  """Top-k routing with `capacity` slots per expert and sequence: `dispatch` of `top_k_gates`."""
+  return dispatch(*top_k_gates(router_probs_BLE, top_k), router_probs_BLE.shape[-1], capacity)
+
+
+def dispatch(gates_BLk: jax.Array, experts_BLk: jax.Array, num_experts: int,
+             capacity: int) -> tuple[jax.Array, jax.Array]:
+  """Each token's chosen experts and gates into `capacity` slots per expert and sequence.
 
   Returns dispatch_BLEC (bool: token l goes to slot c of expert e) and combine_BLEC (dispatch
-  times the token's gate for that expert: its router probability, renormalised over its top k when
-  k > 1; with k = 1 the raw probability, as in Switch, so the router still gets the task's gradient).
-  Slots fill in sequence order (a token's choices in rank order); a choice that finds its expert
-  full is dropped. Filling by position keeps a decoder causal: whether token l keeps a slot
-  depends only on tokens up to l.
+  times the token's gate for that expert). Slots fill in sequence order (a token's choices in rank
+  order); a choice that finds its expert full is dropped. Filling by position keeps a decoder
+  causal: whether token l keeps a slot depends only on tokens up to l.
   """
-  num_experts = router_probs_BLE.shape[-1]
-  gates_BLk, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
-  if top_k > 1:
-    gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
-  batch, length = experts_BLk.shape[:2]
+  batch, length, top_k = experts_BLk.shape
   chosen_BLkE = jax.nn.one_hot(experts_BLk, num_experts, dtype=jnp.int32)
   # Slot of each choice in its expert: the choices that came before it.
   slot_BLkE = jnp.cumsum(chosen_BLkE.reshape(batch, length * top_k, num_experts), axis=1).reshape(chosen_BLkE.shape) - 1
@@ -69,12 +70,27 @@ def expert_capacity(config, length: int) -> int:
   return min(length, math.ceil(config.moe_capacity_factor * config.moe_top_k * config.max_len / config.moe_experts))
 
 
-def top_k_gates(router_probs_BLE: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-  """(gates_BLk, experts_BLk): each token's top_k experts and their gates, renormalised over the k
-  when k > 1 (as `route` weighs them)."""
-  gates_BLk, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
-  if top_k > 1:
+def top_k_gates(scores_BLE: jax.Array, top_k: int, normalize: bool = True, scale: float = 1.0, groups: int = 1,
+                top_groups: int = 1) -> tuple[jax.Array, jax.Array]:
+  """(gates_BLk, experts_BLk): each token's top_k experts by score and their gates: the scores,
+  renormalised over the k when k > 1 and `normalize` (a top-1 gate stays the raw score, as in Switch,
+  so the router still gets the task's gradient), times `scale`. With groups > 1 the experts form that
+  many groups, and a token chooses within its top_groups groups, ranked by their two best scores."""
+  choice_BLE = scores_BLE
+  if groups > 1:
+    batch, length, num_experts = scores_BLE.shape
+    grouped_BLGe = scores_BLE.reshape(batch, length, groups, num_experts // groups)
+    group_score_BLG = jnp.sum(jax.lax.top_k(grouped_BLGe, min(2, num_experts // groups))[0], axis=-1)
+    _, top_BLg = jax.lax.top_k(group_score_BLG, top_groups)
+    kept_BLG = jnp.sum(jax.nn.one_hot(top_BLg, groups, dtype=jnp.int32), axis=2) > 0
+    choice_BLE = jnp.where(jnp.repeat(kept_BLG, num_experts // groups, axis=-1), scores_BLE, -jnp.inf)
+  gates_BLk, experts_BLk = jax.lax.top_k(choice_BLE, top_k)
+  if groups > 1:
+    gates_BLk = jnp.take_along_axis(scores_BLE, experts_BLk, axis=-1)
+  if normalize and top_k > 1:
     gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
+  if scale != 1.0:
+    gates_BLk = gates_BLk * scale
   return gates_BLk, experts_BLk
 
 
@@ -101,17 +117,36 @@ class MoeMlp(nn.Module):
   @nn.compact
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     c = self.config
-    width, num_experts, dtype = mlp_width(c), c.moe_experts, dtype_of(c)
+    width, num_experts, dtype = expert_width(c), c.moe_experts, dtype_of(c)
     router_DE = self.param('router_kernel', param_init(c.init_std, ('embed', None)), (c.d_model, num_experts))
     router_logits_BLE = jnp.einsum('BLD,DE->BLE', x_BLD.astype(jnp.float32), router_DE)
     if c.parametrization == 'mup':  # A readout: from the width to a fixed number of experts.
       router_logits_BLE = router_logits_BLE * mup.readout_multiplier(c)
-    probs_BLE = jax.nn.softmax(router_logits_BLE, axis=-1)
+    if c.moe_router_score == 'sigmoid':  # Each expert's score on its own; the balance loss takes their shares.
+      scores_BLE = jax.nn.sigmoid(router_logits_BLE)
+      probs_BLE = scores_BLE / jnp.sum(scores_BLE, axis=-1, keepdims=True)
+    else:
+      scores_BLE = probs_BLE = jax.nn.softmax(router_logits_BLE, axis=-1)
     self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
+    gates_BLk, experts_BLk = top_k_gates(scores_BLE, c.moe_top_k, c.moe_norm_top_k, c.moe_routed_scale,
+                                         c.moe_groups, c.moe_top_groups)
     weights = self._weights(num_experts, width)
     if c.moe_impl == 'dropless':
-      return self._dropless(x_BLD, probs_BLE, weights, dtype)
-    dispatch_BLEC, combine_BLEC = route(probs_BLE, c.moe_top_k, expert_capacity(c, x_BLD.shape[1]))
+      routed_BLD = self._dropless(x_BLD, gates_BLk, experts_BLk, weights, dtype)
+    else:
+      routed_BLD = self._capacity(x_BLD, gates_BLk, experts_BLk, weights, dtype)
+    if not c.moe_shared_experts:
+      return routed_BLD
+    shared = c.as_configdict()
+    shared.mlp_dim = c.moe_shared_experts * width
+    return routed_BLD + Mlp(ml_collections.FrozenConfigDict(shared), self.train, name='shared')(x_BLD)
+
+  def _capacity(self, x_BLD: jax.Array, gates_BLk: jax.Array, experts_BLk: jax.Array,
+                weights: dict[str, jax.Array], dtype) -> jax.Array:
+    """GShard's dispatch: moe_capacity_factor slots per expert and sequence, dense one-hot products."""
+    c = self.config
+    dispatch_BLEC, combine_BLEC = dispatch(gates_BLk, experts_BLk, c.moe_experts,
+                                           expert_capacity(c, x_BLD.shape[1]))
     x_EBCD = jnp.einsum('BLEC,BLD->EBCD', dispatch_BLEC.astype(dtype), x_BLD.astype(dtype))
     x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
 
@@ -144,11 +179,11 @@ class MoeMlp(nn.Module):
       weights['down_bias'] = self.param('down_bias', zeros_init(('expert', 'embed')), (num_experts, c.d_model))
     return weights
 
-  def _dropless(self, x_BLD: jax.Array, probs_BLE: jax.Array, weights: dict[str, jax.Array], dtype) -> jax.Array:
+  def _dropless(self, x_BLD: jax.Array, gates_BLk: jax.Array, experts_BLk: jax.Array,
+                weights: dict[str, jax.Array], dtype) -> jax.Array:
     """Every token through each of its top_k experts: the pairs sorted by expert, grouped products."""
     c = self.config
     batch, length, d_model = x_BLD.shape
-    gates_BLk, experts_BLk = top_k_gates(probs_BLE, c.moe_top_k)
     order_N, expert_N, sizes_E = sort_by_expert(experts_BLk.reshape(batch * length, -1), c.moe_experts)
     token_N = order_N // c.moe_top_k
     x_ND = x_BLD.reshape(batch * length, d_model).astype(dtype)[token_N]

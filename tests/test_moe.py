@@ -1,5 +1,7 @@
 """Mixture of experts: routing, capacity, dropless grouped products, the balance loss, and the per-layer interval."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ from lm import config as config_lib
 from lm.kinds import make_model
 from lm.nn import grouped
 from lm.nn.moe import MoeMlp, balance_loss, route, top_k_gates
+from lm.parallel import sharding
 from lm.training import train
 from lm.training.metrics import flops_per_token
 from lm.training.optim import weight_decay_mask
@@ -240,3 +243,26 @@ def test_flops_count_the_active_experts_shared_ones_and_the_router():
   moe_weights, dense_weights = (3 + 2) * 3 * 16 * 8 + 16 * 8, 3 * 16 * 32
   assert flops_per_token(config.model, config.data) - flops_per_token(dense.model, dense.data) == (
       6 * 2 * (moe_weights - dense_weights))
+
+
+@pytest.mark.parametrize('microbatches', [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_the_train_step_reports_the_experts_load_imbalance_and_drops(microbatches):
+  config = _moe_config(moe_capacity_factor=0.5, num_layers=2)  # 0.5 x 2 x 16 / 4 = 4 slots per expert and sequence.
+  config.data.update(seq_len=16, batch_size=4, tokenizer='byte')
+  config.model.vocab_size = 260
+  config.train.microbatches = microbatches
+  layout = train.make_layout(config_lib.validate(config), jax.devices()[:1])
+  state = train.init_train_state(layout)
+  batch = {'tokens': jax.random.randint(jax.random.PRNGKey(1), (4, 17), 0, 97), 'loss_mask': jnp.ones((4, 16), bool)}
+  model = layout.model
+  _, aux = jax.jit(lambda p: model.apply({'params': p}, batch['tokens'][:, :-1], mutable=['moe_stats']))(
+      state.params)
+  sums = train.moe_sums(aux['moe_stats'])
+  load = np.asarray(sums['load'])
+  assert load.shape == (2, 4) and (load.sum(-1) == 4 * 16 * 2).all()  # Every token's two choices, per layer.
+  with sharding.activate(layout.mesh, layout.rules):
+    _, metrics = jax.jit(functools.partial(train.train_step, model=model, optimizer=layout.optimizer,
+                                           schedule=layout.schedule, microbatches=microbatches))(state, batch)
+  np.testing.assert_allclose(metrics['moe/imbalance'], (load.max(-1) / load.mean(-1)).max(), rtol=1e-6)
+  # Each sequence keeps at most 4 slots x 4 experts of its 16 x 2 choices per layer.
+  assert 0.5 <= float(metrics['moe/dropped']) < 1

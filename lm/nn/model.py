@@ -31,7 +31,7 @@ def _block_class(config, num_layers: int) -> type[nn.Module]:
   if config.remat != 'none':
     block = nn.remat(block, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
   if config.scan_layers:
-    block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0, 'cache': 0},
+    block = nn.scan(block, variable_axes={'params': 0, 'aux_loss': 0, 'moe_stats': 0, 'cache': 0},
                     split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * 6, length=num_layers,
                     metadata_params={nn.PARTITION_NAME: 'layers'})
   return block

@@ -105,7 +105,8 @@ def sort_by_expert(experts_Tk: jax.Array, num_experts: int) -> tuple[jax.Array, 
 
 class MoeMlp(nn.Module):
   """A mixture of experts, each an MLP like `Mlp`: a linear router picks moe_top_k experts per token
-  and the output is their gate-weighted sum. Sows the load-balancing loss into 'aux_loss'.
+  and the output is their gate-weighted sum. Sows the load-balancing loss into 'aux_loss', and the
+  pairs each expert got (and, with capacity, how many were dropped) into 'moe_stats'.
 
   model.moe_impl='capacity': GShard's dispatch into moe_capacity_factor slots per expert (dense
   one-hot products; a token over capacity is dropped). 'dropless': the token-expert pairs sorted by
@@ -130,6 +131,8 @@ class MoeMlp(nn.Module):
     self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
     gates_BLk, experts_BLk = top_k_gates(scores_BLE, c.moe_top_k, c.moe_norm_top_k, c.moe_routed_scale,
                                          c.moe_groups, c.moe_top_groups)
+    # What the loop logs of the routing: token-expert pairs per expert, and how many capacity drops.
+    self.sow('moe_stats', 'load', jnp.sum(jax.nn.one_hot(experts_BLk, num_experts), axis=(0, 1, 2)))
     weights = self._weights(num_experts, width)
     if c.moe_impl == 'dropless':
       routed_BLD = self._dropless(x_BLD, gates_BLk, experts_BLk, weights, dtype)
@@ -147,6 +150,7 @@ class MoeMlp(nn.Module):
     c = self.config
     dispatch_BLEC, combine_BLEC = dispatch(gates_BLk, experts_BLk, c.moe_experts,
                                            expert_capacity(c, x_BLD.shape[1]))
+    self.sow('moe_stats', 'dropped', experts_BLk.size - jnp.sum(dispatch_BLEC, dtype=jnp.float32))
     x_EBCD = jnp.einsum('BLEC,BLD->EBCD', dispatch_BLEC.astype(dtype), x_BLD.astype(dtype))
     x_EBCD = nn.with_logical_constraint(x_EBCD, ('expert', 'batch', None, 'embed'))
 

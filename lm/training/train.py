@@ -175,10 +175,34 @@ def chunked_loss_sum(config, params, x_BLD: jax.Array, targets_BL: jax.Array, ma
   return total
 
 
+def moe_sums(stats: dict) -> dict[str, jax.Array]:
+  """The 'moe_stats' a model sowed as sums: 'load' [MoE layers, experts] (token-expert pairs per
+  expert), 'dropped' and 'pairs' (over all layers); {} for a model without experts."""
+  leaves = jax.tree_util.tree_leaves_with_path(stats)
+  loads = [x for path, x in leaves if 'load' in jax.tree_util.keystr(path)]
+  if not loads:
+    return {}
+  load = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in loads])
+  dropped = [jnp.sum(x) for path, x in leaves if 'dropped' in jax.tree_util.keystr(path)]
+  return {'load': load, 'dropped': sum(dropped, jnp.float32(0)), 'pairs': jnp.sum(load)}
+
+
+def moe_metrics(sums: dict[str, jax.Array], drops: bool) -> dict[str, jax.Array]:
+  """train/moe/imbalance (the most loaded expert over the mean, in the worst layer) and, where capacity
+  drops (model.moe_impl='capacity'), train/moe/dropped (the share of token-expert pairs dropped)."""
+  load = sums['load']
+  metrics_ = {'moe/imbalance': jnp.max(jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))}
+  if drops:
+    metrics_['moe/dropped'] = sums['dropped'] / jnp.maximum(sums['pairs'], 1.0)
+  return metrics_
+
+
 def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: float = 0.0,
               label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
-              dropout_rng: jax.Array | None = None, logits_chunk: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(summed loss in nats over unmasked targets, count of those targets, mean MoE balance loss).
+              dropout_rng: jax.Array | None = None, logits_chunk: int = 0,
+              stats: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed loss in nats over unmasked targets, count of those targets, mean MoE balance loss); a
+  `stats` dict receives the experts' moe_sums.
 
   With the defaults the loss is the cross-entropy; training may add label smoothing (a share of
   the target spread over the vocabulary), z-loss (z_loss * logsumexp(logits)^2), and the experts'
@@ -189,7 +213,9 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: 
   targets_BL, mask_BL = batch['tokens'][:, 1:], batch['loss_mask'].astype(jnp.float32)
   chunked = 0 < logits_chunk < targets_BL.shape[1]
   out, aux = apply_model(model, params, batch, train=train, rngs={'dropout': dropout_rng} if train else None,
-                         mutable=['aux_loss'], hidden=chunked)
+                         mutable=['aux_loss', 'moe_stats'], hidden=chunked)
+  if stats is not None:
+    stats.update(moe_sums(aux.get('moe_stats', {})))
   options = {'z_loss': z_loss, 'label_smoothing': label_smoothing}
   if chunked:
     total = chunked_loss_sum(model.config, params, out, targets_BL, mask_BL, logits_chunk, **options)
@@ -220,13 +246,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0)
 
   def loss_fn(params, b, rng):
+    stats = {}
     total, count, balance = loss_sums(params, b, model, z_loss=z_loss, label_smoothing=label_smoothing,
-                                      moe_balance_loss=moe_balance_loss, dropout_rng=rng, logits_chunk=logits_chunk)
-    return total, (count, balance * count)
+                                      moe_balance_loss=moe_balance_loss, dropout_rng=rng, logits_chunk=logits_chunk,
+                                      stats=stats)
+    return total, (count, balance * count, stats)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if microbatches == 1:
-    (total, (count, balance_sum)), grads = grad_fn(state.params, batch, step_rng)
+    (total, (count, balance_sum, stats)), grads = grad_fn(state.params, batch, step_rng)
   else:
     def split(x):
       x = x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
@@ -234,11 +262,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
 
     def accumulate(carry, xs):
       index, microbatch = xs
-      (t, (c, b)), g = grad_fn(state.params, microbatch, jax.random.fold_in(step_rng, index))
-      return jax.tree.map(jnp.add, carry, (t, c, b, g)), None
+      (t, (c, b, s)), g = grad_fn(state.params, microbatch, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, carry, (t, c, b, s, g)), None
 
-    zeros = (jnp.float32(0), jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
-    (total, count, balance_sum, grads), _ = jax.lax.scan(
+    microbatch_stats = jax.eval_shape(lambda: grad_fn(state.params, jax.tree.map(lambda x: split(x)[0], batch),
+                                                      step_rng)[0][1][2])
+    zeros = (jnp.float32(0), jnp.float32(0), jnp.float32(0),
+             jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), microbatch_stats),
+             jax.tree.map(jnp.zeros_like, state.params))
+    (total, count, balance_sum, stats, grads), _ = jax.lax.scan(
         accumulate, zeros, (jnp.arange(microbatches), jax.tree.map(split, batch)))
   scale = 1.0 / jnp.maximum(count, 1.0)
   loss, grads = total * scale, jax.tree.map(lambda g: g * scale, grads)
@@ -258,6 +290,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
               'nonfinite_streak': streak}
   if model.config.moe_experts:
     metrics_['moe_balance_loss'] = balance_sum * scale
+    metrics_ |= moe_metrics(stats, drops=model.config.moe_impl == 'capacity')
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped,
                        nonfinite_streak=streak), metrics_
 

@@ -73,6 +73,10 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'data.objective': 'seq2seq'}, "data.objective='seq2seq' needs model.kind='encoder_decoder'"),
     ({'model.moe_experts': 2, 'model.moe_top_k': 3}, 'model.moe_top_k=3 must be <= model.moe_experts=2'),
     ({'model.moe_experts': 6, 'model.moe_groups': 4}, 'model.moe_groups=4 must divide model.moe_experts=6'),
+    ({'model.moe_experts': 4, 'model.moe_first_dense': 4}, 'model.moe_first_dense=4 leaves no block with experts: '
+                                                           'must be < model.num_layers=4'),
+    ({'model.moe_experts': 4, 'model.moe_first_dense': 1, 'model.scan_layers': True},
+     'model.moe_first_dense=1 mixes MLP and expert blocks, which model.scan_layers=True cannot scan yet'),
     ({'model.moe_experts': 8, 'model.moe_groups': 4, 'model.moe_top_groups': 5},
      'model.moe_top_groups=5 must be <= model.moe_groups=4'),
     ({'model.moe_experts': 8, 'model.moe_groups': 4, 'model.moe_top_k': 3},

@@ -95,6 +95,14 @@ def test_moe_every_places_experts_on_every_nth_block_with_their_own_logical_axis
   decayed = weight_decay_mask(nn.meta.unbox(boxed))['block_1']['moe']
   assert decayed == {'router_kernel': True, 'up_kernel': True, 'up_bias': False, 'down_kernel': True,
                      'down_bias': False}
+  # DeepSeek-V3's layout: dense first blocks, then experts (moe_first_dense; FLOPs count each kind).
+  first_dense = _moe_config(num_layers=4, moe_first_dense=2)
+  boxed = jax.eval_shape(make_model(first_dense.model, first_dense.data).init, jax.random.PRNGKey(0),
+                         jnp.zeros((1, 8), jnp.int32))['params']
+  assert ['moe' in boxed[f'block_{i}'] for i in range(4)] == [False, False, True, True]
+  dense, moe = _moe_config(num_layers=4, moe_experts=0), _moe_config(num_layers=4)
+  per_layer = lambda c: flops_per_token(c.model, c.data) / 4
+  assert flops_per_token(first_dense.model, first_dense.data) == 2 * per_layer(dense) + 2 * per_layer(moe)
 
 
 @pytest.mark.slow

@@ -86,6 +86,8 @@ class Model:
                          'the dense MLP); 0 = the MLP width (model.mlp_dim or its rule).')
   moe_shared_experts: int = key(0, integer(0), SHAPE, 'Shared experts every token passes through besides its top_k: '
                                 'one MLP that many experts wide, added to the routed output.')
+  moe_first_dense: int = key(0, integer(0), SHAPE, 'The first this-many blocks keep a dense MLP (DeepSeek-V3: 3); '
+                             'experts start after them.')
   moe_router_score: str = key('softmax', choice('softmax', 'sigmoid'), MATCH,
                               "Router scores from its logits: 'softmax' over the experts, or 'sigmoid' per expert "
                               '(DeepSeek-V3).')
@@ -208,6 +210,12 @@ def moe_rules(c) -> list[str]:
   if m.moe_experts and m.moe_every > 1 and m.scan_layers:
     errors.append(f'model.moe_every={m.moe_every} mixes MLP and expert blocks, which model.scan_layers=True cannot '
                   'scan: set moe_every=1 or scan_layers=False')
+  if m.moe_experts and m.moe_first_dense and m.scan_layers:
+    errors.append(f'model.moe_first_dense={m.moe_first_dense} mixes MLP and expert blocks, which '
+                  'model.scan_layers=True cannot scan yet: set scan_layers=False')
+  if m.moe_experts and m.moe_first_dense >= m.num_layers:
+    errors.append(f'model.moe_first_dense={m.moe_first_dense} leaves no block with experts: must be < '
+                  f'model.num_layers={m.num_layers}')
   return errors
 
 

@@ -159,7 +159,8 @@ class Llama(HfFamily):
       wanted['moe_experts'] = 0
     else:
       wanted |= {'moe_every': 1, 'moe_capacity_factor': 0.0, 'moe_mlp_dim': 0, 'moe_shared_experts': 0,
-                 'moe_router_score': 'softmax', 'moe_norm_top_k': True, 'moe_routed_scale': 1.0, 'moe_groups': 1}
+                 'moe_router_score': 'softmax', 'moe_norm_top_k': True, 'moe_routed_scale': 1.0, 'moe_groups': 1,
+                 'moe_first_dense': 0}
     for key, value in wanted.items():
       if m[key] != value:
         return f'model.{key}={m[key]!r}: a {self.model_type} checkpoint needs model.{key}={value!r}'

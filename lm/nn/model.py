@@ -22,8 +22,9 @@ REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.
 
 
 def is_moe_layer(config, index: int) -> bool:
-  """Whether block `index` (from 0) holds a mixture of experts: every moe_every-th block."""
-  return bool(config.moe_experts) and (index + 1) % config.moe_every == 0
+  """Whether block `index` (from 0) holds a mixture of experts: every moe_every-th block after the
+  first moe_first_dense."""
+  return bool(config.moe_experts) and index >= config.moe_first_dense and (index + 1) % config.moe_every == 0
 
 
 def _block_class(config, num_layers: int) -> type[nn.Module]:

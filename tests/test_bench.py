@@ -133,9 +133,11 @@ def test_optimizer_bench_times_each_in_turn_against_the_first(tfds_dir, play_fil
 @pytest.mark.slow
 def test_moe_bench_times_mixtures_against_a_dense_model_of_equal_active_flops(tfds_dir, play_files, tmp_path):
   config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 8, 'model.mlp_dim': 64})  # 8 devices.
-  records = bench_train.bench_moe(config, tmp_path / 'tok', experts=8, top_k=2,
-                                  grouped_impls=('blocks', 'ragged_dot'), steps=2, repeats=3)
-  assert [r['impl'] for r in records] == ['dense', 'capacity', 'dropless/blocks', 'dropless/ragged_dot']
+  records = bench_train.bench_moe(config, tmp_path / 'tok', experts=8, top_k=2, steps=2, repeats=3)
+  assert [r['impl'] for r in records] == ['dense', 'capacity', 'dropless']
+  several = bench_train.moe_variants(config, 8, 2, ['blocks', 'ragged_dot'])  # Each grouped product by name.
+  assert list(several) == ['dense', 'capacity', 'dropless/blocks', 'dropless/ragged_dot']
+  assert several['dropless/ragged_dot'].model.moe_grouped_impl == 'ragged_dot'
   dense = records[0]
   assert dense['vs_dense_active'] == 1.0 and dense['experts'] == 0
   for r in records:

@@ -148,7 +148,7 @@ def test_grouped_products_equal_each_groups_own_product_forward_and_backward(imp
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('implementation, knobs', [('blocks', {}),
+@pytest.mark.parametrize('implementation, knobs', [pytest.param('blocks', {}, marks=pytest.mark.slow),
                                                      ('ragged_dot', {'mlp': 'swiglu', 'use_bias': False,
                                                                      'moe_top_k': 1})])
 def test_dropless_equals_capacity_where_nothing_is_dropped_forward_and_gradients(implementation, knobs):
@@ -171,6 +171,7 @@ def test_dropless_equals_capacity_where_nothing_is_dropped_forward_and_gradients
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # 6 s on 2 cores: three layers compiled.
 def test_dropless_keeps_the_tokens_capacity_drops():
   x = jax.random.normal(jax.random.PRNGKey(3), (2, 16, 16))
   tight = _moe_config(moe_capacity_factor=0.25)  # One slot per expert and sequence: most choices dropped.
@@ -253,7 +254,8 @@ def test_flops_count_the_active_experts_shared_ones_and_the_router():
       6 * 2 * (moe_weights - dense_weights))
 
 
-@pytest.mark.parametrize('microbatches', [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 8 s on 2 cores.
+@pytest.mark.parametrize('microbatches', [1, 2])
 def test_the_train_step_reports_the_experts_load_imbalance_and_drops(microbatches):
   config = _moe_config(moe_capacity_factor=0.5, num_layers=2)  # 0.5 x 2 x 16 / 4 = 4 slots per expert and sequence.
   config.data.update(seq_len=16, batch_size=4, tokenizer='byte')

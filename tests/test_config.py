@@ -50,7 +50,8 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'train.steps': '100'}, "train.steps='100': must be an integer"),
     ({'model.use_bias': 1}, 'model.use_bias=1: must be True or False'),
     ({'optimizer.learning_rate': '3e-4'}, "optimizer.learning_rate='3e-4': must be a finite number"),
-    ({'mesh.shape': (8, 1)}, 'mesh.shape=(8, 1): must be 4 integers, devices along (data, fsdp, context, tensor)'),
+    ({'mesh.shape': (8, 1)},
+     'mesh.shape=(8, 1): must be 5 integers, devices along (data, fsdp, context, expert, tensor)'),
     ({'data.paths': 7}, 'data.paths=7: must be a string'),
     # Unknown keys.
     ({'model.dmodel': 64}, "unknown config key 'model.dmodel'; nearest valid keys: model.d_model"),
@@ -62,8 +63,8 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'train.max_nonfinite_steps': -1}, 'train.max_nonfinite_steps=-1: must be >= 0'),
     ({'model.dtype': 'float16'}, "model.dtype='float16': must be one of 'float32', 'bfloat16'"),
     ({'mesh.shape': (-1, -1, 1)}, 'mesh.shape=(-1, -1, 1): entries must be >= 1, with at most one -1'),
-    ({'mesh.shape': 'fsdp=-1,expert=2'}, "mesh.shape='fsdp=-1,expert=2': unknown mesh axis 'expert'; mesh axes: "
-                                         'data, fsdp, context, tensor'),
+    ({'mesh.shape': 'fsdp=-1,stage=2'}, "mesh.shape='fsdp=-1,stage=2': unknown mesh axis 'stage'; mesh axes: "
+                                        'data, fsdp, context, expert, tensor'),
     ({'mesh.shape': 'data=-1,fsdp=-1'}, "mesh.shape='data=-1,fsdp=-1': entries must be >= 1, with at most one -1"),
     ({'mesh.shape': 'fsdp=2,fsdp=4'}, "mesh.shape='fsdp=2,fsdp=4': mesh axis 'fsdp' is named twice"),
     ({'mesh.shape': 'fsdp'}, "mesh.shape='fsdp': must name its axes (NAME=SIZE) or give sizes as integers"),
@@ -75,8 +76,8 @@ def test_quickstart_is_valid_and_every_key_has_a_check():
     ({'model.moe_experts': 6, 'model.moe_groups': 4}, 'model.moe_groups=4 must divide model.moe_experts=6'),
     ({'model.moe_experts': 4, 'model.moe_first_dense': 4}, 'model.moe_first_dense=4 leaves no block with experts: '
                                                            'must be < model.num_layers=4'),
-    ({'model.moe_experts': 4, 'model.moe_first_dense': 1, 'model.scan_layers': True},
-     'model.moe_first_dense=1 mixes MLP and expert blocks, which model.scan_layers=True cannot scan yet'),
+    ({'model.moe_experts': 4, 'model.moe_bias_rate': 0.001},
+     'model.moe_bias_rate=0.001 needs model.moe_experts > 0 and model.moe_router_bias=True'),
     ({'model.moe_experts': 8, 'model.moe_groups': 4, 'model.moe_top_groups': 5},
      'model.moe_top_groups=5 must be <= model.moe_groups=4'),
     ({'model.moe_experts': 8, 'model.moe_groups': 4, 'model.moe_top_k': 3},
@@ -106,9 +107,10 @@ def test_bad_values_are_refused_naming_the_key(values, message):
 
 
 @pytest.mark.parametrize('shape, sizes', [
-    ((1, -1, 2), (1, 4, 1, 2)), ((1, -1, 1, 2), (1, 4, 1, 2)), ('1,-1,1,2', (1, 4, 1, 2)),
-    ('fsdp=-1,tensor=2', (1, 4, 1, 2)), ('tensor=2, fsdp=-1', (1, 4, 1, 2)), ('tensor=2,fsdp=4', (1, 4, 1, 2)),
-    ('data=2,fsdp=-1,context=2', (2, 2, 2, 1)), ('data=-1', (8, 1, 1, 1)),
+    ((1, -1, 2), (1, 4, 1, 1, 2)), ((1, -1, 1, 2), (1, 4, 1, 1, 2)), ('1,-1,1,2', (1, 4, 1, 1, 2)),
+    ('fsdp=-1,tensor=2', (1, 4, 1, 1, 2)), ('tensor=2, fsdp=-1', (1, 4, 1, 1, 2)),
+    ('tensor=2,fsdp=4', (1, 4, 1, 1, 2)), ('data=2,fsdp=-1,context=2', (2, 2, 2, 1, 1)), ('data=-1', (8, 1, 1, 1, 1)),
+    ('expert=4,fsdp=2', (1, 2, 1, 4, 1)), ((1, 2, 1, -1, 1), (1, 2, 1, 4, 1)),
 ])
 def test_mesh_shape_takes_sizes_in_order_or_names_in_any_order(shape, sizes):
   """The mesh's devices are laid out in the declared axis order whichever form names them."""
@@ -130,9 +132,9 @@ def test_two_forms_of_mesh_shape_are_the_same_when_their_sizes_are():
 
 def test_default_logical_rules_come_from_the_declared_mesh_axes():
   rules = dict(config_lib.DEFAULT_LOGICAL_AXIS_RULES)
-  assert rules['batch'] == ('data', 'fsdp') and rules['embed'] == 'fsdp' and rules['length'] == 'context'
+  assert rules['batch'] == ('data', 'fsdp', 'expert') and rules['embed'] == 'fsdp' and rules['length'] == 'context'
   assert all(rules[n] == 'tensor' for n in ('vocab', 'heads', 'kv_heads', 'mlp'))
-  assert rules['expert'] is None and set(rules) == set(config_lib.LOGICAL_AXES)
+  assert rules['expert'] == 'expert' and set(rules) == set(config_lib.LOGICAL_AXES)
 
 
 def test_unknown_keys_name_the_nearest_valid_ones():

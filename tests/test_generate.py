@@ -139,7 +139,7 @@ def test_scanned_runs_generate_unrolled_and_the_same(workdir, tmp_path):
   config = override(run.config, {'model.scan_layers': True})
   (scanned / 'config.json').write_text(json.dumps(flatten(config)))
   checkpointer = checkpoint.Checkpointer(scanned / 'checkpoints', config.checkpoint)
-  checkpointer.save_params(7, jax.device_get(stack_layers(run.params, config.model.num_layers)))
+  checkpointer.save_params(7, jax.device_get(stack_layers(run.params, config.model)))
   checkpointer.close()
   expected = generate(run, ['Ham', 'So'], max_new_tokens=12, greedy=True)
   unrolled = saved.load(scanned, devices=jax.devices()[:1])

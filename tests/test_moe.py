@@ -12,9 +12,10 @@ import pytest
 from lm import config as config_lib
 from lm.kinds import make_model
 from lm.nn import grouped
+from lm.nn.model import stack_layers
 from lm.nn.moe import MoeMlp, balance_loss, route, top_k_gates
 from lm.parallel import sharding
-from lm.training import train
+from lm.training import experts, train
 from lm.training.metrics import flops_per_token
 from lm.training.optim import weight_decay_mask
 
@@ -267,7 +268,7 @@ def test_the_train_step_reports_the_experts_load_imbalance_and_drops(microbatche
   model = layout.model
   _, aux = jax.jit(lambda p: model.apply({'params': p}, batch['tokens'][:, :-1], mutable=['moe_stats']))(
       state.params)
-  sums = train.moe_sums(aux['moe_stats'])
+  sums = experts.moe_sums(aux['moe_stats'])
   load = np.asarray(sums['load'])
   assert load.shape == (2, 4) and (load.sum(-1) == 4 * 16 * 2).all()  # Every token's two choices, per layer.
   with sharding.activate(layout.mesh, layout.rules):
@@ -276,3 +277,79 @@ def test_the_train_step_reports_the_experts_load_imbalance_and_drops(microbatche
   np.testing.assert_allclose(metrics['moe/imbalance'], (load.max(-1) / load.mean(-1)).max(), rtol=1e-6)
   # Each sequence keeps at most 4 slots x 4 experts of its 16 x 2 choices per layer.
   assert 0.5 <= float(metrics['moe/dropped']) < 1
+
+
+@pytest.mark.slow  # 22 s on 2 cores.
+def test_dense_first_blocks_scan_as_their_own_stack_equal_to_the_unscanned_model():
+  batch = {'tokens': jax.random.randint(jax.random.PRNGKey(1), (2, 9), 0, 97), 'loss_mask': jnp.ones((2, 8), bool)}
+  results = []
+  for scan in (False, True):
+    config = _moe_config(num_layers=3, moe_first_dense=1, moe_impl='dropless', scan_layers=scan)
+    model = make_model(config.model, config.data)
+    if not scan:
+      params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))['params'])
+    else:
+      params = stack_layers(params, config.model)  # noqa: F821 (the unscanned params of the first pass)
+      assert params['dense_blocks']['mlp']['up']['kernel'].shape == (1, 16, 32)
+      assert params['blocks']['moe']['up_kernel'].shape == (2, 4, 16, 32)
+    loss = lambda p: train.loss_sums(p, batch, model, moe_balance_loss=0.01)[0]  # noqa: B023 (used at once)
+    results.append(jax.jit(jax.value_and_grad(loss))(params))
+  (loss_a, grads_a), (loss_b, grads_b) = results
+  np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+  grads_a = stack_layers(grads_a, _moe_config(num_layers=3, moe_first_dense=1).model)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b), strict=True):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_the_router_bias_steers_the_choice_but_not_the_gates_and_gets_no_gradient():
+  scores = jnp.array([[[0.9, 0.6, 0.5, 0.1]]])
+  bias = jnp.array([0.0, 0.0, 0.2, 0.0])  # Lifts expert 2 (0.7) above expert 1 (0.6) for the choice.
+  gates, chosen = top_k_gates(scores, top_k=2, normalize=False, bias_E=bias)
+  assert np.asarray(chosen)[0, 0].tolist() == [0, 2]
+  np.testing.assert_allclose(np.asarray(gates)[0, 0], [0.9, 0.5], rtol=1e-6)  # Unbiased scores.
+  grad = jax.grad(lambda b: jnp.sum(top_k_gates(scores, 2, bias_E=b)[0] ** 2))(bias)
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+@pytest.mark.slow  # 8 s on 2 cores.
+def test_bias_balancing_evens_out_a_skewed_router():
+  """DeepSeek-V3's rule repeated on fixed inputs: the overloaded experts' bias falls, the others' rises,
+  until the load is nearly even (a wrong sign would make it worse)."""
+  config = _moe_config(moe_experts=8, moe_top_k=2, moe_router_score='sigmoid', moe_router_bias=True,
+                       moe_bias_rate=0.005, moe_impl='dropless')
+  layer = MoeMlp(ml_collections.FrozenConfigDict(config.model))
+  x = jax.random.normal(jax.random.PRNGKey(1), (8, 64, 16)).at[..., 0].set(1.0)
+  params = nn.meta.unbox(layer.init(jax.random.PRNGKey(2), x)['params'])
+  params['router_kernel'] = params['router_kernel'].at[0, :2].add(1.0)  # Experts 0 and 1 favoured by every token.
+  load_of = jax.jit(lambda p: sum(layer.apply({'params': p}, x, mutable=['moe_stats'])[1]['moe_stats']['load']))
+  balance = jax.jit(lambda p, load: experts.balance_router_bias({'moe': p}, {'moe': load}, 0.005)['moe'])
+  imbalances = []
+  for _ in range(60):
+    load = load_of(params)
+    imbalances.append(float(np.max(load) / np.mean(load)))
+    params = balance(params, load)
+  assert imbalances[0] == 4.0 and max(imbalances[-10:]) < 1.5, imbalances  # Then it oscillates by about the rate.
+  assert params['router_bias'][0] < 0 and params['router_bias'][1] < 0
+
+
+@pytest.mark.slow  # 9 s on 2 cores.
+def test_the_train_step_moves_the_bias_by_the_batch_load_and_the_optimizer_never_does():
+  config = _moe_config(moe_router_score='sigmoid', moe_router_bias=True, moe_bias_rate=0.01, moe_impl='dropless',
+                       scan_layers=True)
+  config.data.update(seq_len=16, batch_size=4, tokenizer='byte')
+  config.model.vocab_size = 260
+  config.train.microbatches = 2
+  config.optimizer.weight_decay = 0.1
+  layout = train.make_layout(config_lib.validate(config), jax.devices()[:1])
+  state = train.init_train_state(layout)
+  batch = {'tokens': jax.random.randint(jax.random.PRNGKey(1), (4, 17), 0, 97), 'loss_mask': jnp.ones((4, 16), bool)}
+  _, aux = jax.jit(lambda p: layout.model.apply({'params': p}, batch['tokens'][:, :-1], mutable=['moe_stats']))(
+      state.params)
+  load = np.asarray(aux['moe_stats']['blocks']['moe']['load'][0])  # [layers, experts] over the whole batch.
+  with sharding.activate(layout.mesh, layout.rules):
+    step = jax.jit(functools.partial(train.train_step, model=layout.model, optimizer=layout.optimizer,
+                                     schedule=layout.schedule, microbatches=2))
+    new, _ = step(state, batch)
+  expected = 0.01 * np.sign(load.mean(-1, keepdims=True) - load)
+  np.testing.assert_allclose(new.params['blocks']['moe']['router_bias'], expected, rtol=1e-6)
+  assert np.abs(expected).sum() > 0

@@ -159,7 +159,7 @@ def test_remat_policies_and_scan_give_the_same_training(tfds_dir, play_files, co
   config = tiny_config(tfds_dir, play_files, **SHARDABLE,
                        **{'mesh.shape': (2, 2, 2), 'model.remat': remat, 'model.scan_layers': scan})
   params = initial_state.params
-  params = stack_layers(params, config.model.num_layers) if scan else params  # Same values, layers stacked.
+  params = stack_layers(params, config.model) if scan else params  # Same values, layers stacked.
   optimizer = make_optimizer(config.optimizer, config.train.steps)
   state = initial_state.replace(params=params, opt_state=optimizer.init(params))
   losses, _ = train_on(config, jax.devices(), corpus_and_batches[1][:3], jax.device_get(state))
@@ -224,7 +224,8 @@ def test_bad_meshes_are_refused_before_compiling(tfds_dir, play_files, overrides
 
 def test_unknown_mesh_axis_in_a_rule_is_refused(tfds_dir, play_files):
   rules = (('batch', ('data', 'pipeline')),)
-  with pytest.raises(ConfigError, match="names unknown mesh axis 'pipeline'; mesh axes: data, fsdp, context, tensor"):
+  axes = 'data, fsdp, context, expert, tensor'
+  with pytest.raises(ConfigError, match=f"names unknown mesh axis 'pipeline'; mesh axes: {axes}"):
     tiny_config(tfds_dir, play_files, **{'mesh.logical_axis_rules': rules})
 
 

@@ -23,6 +23,8 @@ AXES = (
   MeshAxis('fsdp', ('batch', 'embed'), 'fully sharded data parallelism: also splits parameters and optimizer '
            'state along embed'),
   MeshAxis('context', ('length',), 'context parallelism: activations split along the sequence'),
+  MeshAxis('expert', ('batch', 'expert'), "expert parallelism: splits the experts, each device's tokens sent "
+           'all-to-all to the devices holding their experts; a batch axis for everything else'),
   MeshAxis('tensor', ('vocab', 'heads', 'kv_heads', 'mlp'), 'tensor parallelism: splits heads, MLP and vocab'),
 )
 MESH_AXES = tuple(a.name for a in AXES)
@@ -38,8 +40,8 @@ def _default_rule(logical: str):
   return axes if len(axes) > 1 else (axes[0] if axes else None)
 
 
-# Logical axis -> mesh axes. With the default mesh (data=-1) it is pure data parallelism. Expert
-# parallelism: put ('expert', 'data') first, so experts (not the batch) take data.
+# Logical axis -> mesh axes. With the default mesh (data=-1) it is pure data parallelism; the expert axis
+# splits the experts' weights and, like data and fsdp, the batch of everything else.
 DEFAULT_LOGICAL_AXIS_RULES = tuple((name, _default_rule(name)) for name in _RULE_PRIORITY)
 
 _NAMED = re.compile(r'\s*([a-z_]+)\s*=\s*(-?\d+)\s*')
@@ -67,14 +69,17 @@ def _parse(shape) -> tuple[int, ...]:
         shape = tuple(int(p) for p in parts)
       except ValueError:
         raise ValueError('must name its axes (NAME=SIZE) or give sizes as integers') from None
-  if not isinstance(shape, (tuple, list)) or len(shape) not in (3, 4) or not all(
+  if not isinstance(shape, (tuple, list)) or len(shape) not in (3, 4, 5) or not all(
       isinstance(n, int) and not isinstance(n, bool) for n in shape):
-    raise ValueError(f'must be 4 integers, devices along ({", ".join(MESH_AXES)}), or 3 along (data, fsdp, tensor) '
-                     "(context 1), e.g. (-1, 1, 1), or names, e.g. 'fsdp=-1,tensor=4'")
+    raise ValueError(f'must be 5 integers, devices along ({", ".join(MESH_AXES)}), 4 along (data, fsdp, context, '
+                     "tensor) or 3 along (data, fsdp, tensor) (the others 1), e.g. (-1, 1, 1), or names, e.g. "
+                     "'fsdp=-1,tensor=4'")
   shape = tuple(shape)
   if any(n == 0 or n < -1 for n in shape) or shape.count(-1) > 1:
     raise ValueError('entries must be >= 1, with at most one -1 (all remaining devices)')
-  return shape[:2] + (1,) + shape[2:] if len(shape) == 3 else shape
+  if len(shape) == 3:  # (data, fsdp, tensor): the forms before the context and expert axes.
+    return shape[:2] + (1, 1) + shape[2:]
+  return shape[:3] + (1,) + shape[3:] if len(shape) == 4 else shape
 
 
 def shape_problem(shape) -> str | None:

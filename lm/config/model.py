@@ -98,12 +98,22 @@ class Model:
                         'chooses moe_top_groups groups (by the sum of their two best scores), then its top_k experts '
                         'within them. 1 = no groups.')
   moe_top_groups: int = key(1, integer(1), MATCH, 'moe_groups > 1: the groups each token chooses from.')
+  moe_router_bias: bool = key(False, BOOLEAN, SHAPE, "A per-expert bias (a 'router_bias' parameter) added to the "
+                              'scores when choosing experts, not to the gates: DeepSeek-V3\'s load balancing, set by '
+                              'moe_bias_rate (the optimizer never changes it).')
+  moe_bias_rate: float = key(0.0, number(0), FREE, 'moe_router_bias: after each step every expert\'s bias moves '
+                             'this much up if it got fewer than the mean of its layer\'s tokens, down if more '
+                             '(DeepSeek-V3: 0.001); 0 = held where it is.')
   moe_impl: str = key('capacity', choice('capacity', 'dropless'), FREE,
                       "'capacity': GShard dispatch into moe_capacity_factor slots per expert (overflow dropped); "
                       "'dropless': tokens sorted by expert, grouped products, none dropped.")
   moe_grouped_impl: str = key('auto', choice('auto', 'ragged_dot', 'blocks'), FREE,
                               "moe_impl='dropless': the grouped product: 'ragged_dot' (jax.lax.ragged_dot: GPU, "
                               "TPU), 'blocks' (groups padded to blocks of rows: CPU), 'auto': the backend's.")
+  moe_ep_capacity_factor: float = key(0.0, number(0), FREE, "moe_impl='dropless' over an expert mesh axis: rows each "
+                                      'device sends each expert shard = factor x its mean share of token-expert '
+                                      'pairs (overflow dropped, counted in train/moe/dropped); 0 = the worst case, '
+                                      'nothing dropped.')
   moe_capacity_factor: float = key(1.25, number(0), FREE,
                                    'Slots per expert = factor * top_k * max_len / experts; overflow is dropped; '
                                    '0 = none.')
@@ -204,15 +214,15 @@ def moe_rules(c) -> list[str]:
     errors.append(f'model.moe_top_k={m.moe_top_k} must be <= the {m.moe_top_groups * (m.moe_experts // m.moe_groups)} '
                   f'experts in model.moe_top_groups={m.moe_top_groups} groups of '
                   f'{m.moe_experts // m.moe_groups}')
+  if m.moe_bias_rate and not (m.moe_experts and m.moe_router_bias):
+    errors.append(f'model.moe_bias_rate={m.moe_bias_rate} needs model.moe_experts > 0 and model.moe_router_bias=True '
+                  '(the bias it moves)')
   if m.moe_experts and m.moe_every > m.num_layers:
     errors.append(f'model.moe_every={m.moe_every} leaves no block with experts: '
                   f'must be <= model.num_layers={m.num_layers}')
   if m.moe_experts and m.moe_every > 1 and m.scan_layers:
     errors.append(f'model.moe_every={m.moe_every} mixes MLP and expert blocks, which model.scan_layers=True cannot '
                   'scan: set moe_every=1 or scan_layers=False')
-  if m.moe_experts and m.moe_first_dense and m.scan_layers:
-    errors.append(f'model.moe_first_dense={m.moe_first_dense} mixes MLP and expert blocks, which '
-                  'model.scan_layers=True cannot scan yet: set scan_layers=False')
   if m.moe_experts and m.moe_first_dense >= m.num_layers:
     errors.append(f'model.moe_first_dense={m.moe_first_dense} leaves no block with experts: must be < '
                   f'model.num_layers={m.num_layers}')

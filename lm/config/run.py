@@ -116,9 +116,10 @@ class Train:
 @dataclasses.dataclass(frozen=True)
 class Mesh:
   shape: tuple | str = key((-1, 1, 1), Check(shape_problem, "sizes or names, e.g. (1, -1, 1, 4) or 'fsdp=-1,tensor=4'"),
-                           FREE, 'Devices along (data, fsdp, context, tensor), or (data, fsdp, tensor) with context 1, '
-                           "or by name: 'fsdp=-1,tensor=4' (unnamed axes 1). One size may be -1: all remaining "
-                           'devices. Resumes compare the sizes it resolves to.')
+                           FREE, 'Devices along (data, fsdp, context, expert, tensor), (data, fsdp, context, '
+                           "tensor) or (data, fsdp, tensor) with the others 1, or by name: 'fsdp=-1,tensor=4' "
+                           '(unnamed axes 1). One size may be -1: all remaining devices. Resumes compare the sizes '
+                           'it resolves to.')
   logical_axis_rules: tuple = key(DEFAULT_LOGICAL_AXIS_RULES, Check(_logical_axis_rules, '(logical axis, mesh axes) '
                                   'pairs'), FREE,
                                   "How the model's logical axes map onto the mesh (lm/parallel/sharding.py).")

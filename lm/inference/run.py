@@ -34,4 +34,4 @@ def unrolled(run: SavedRun) -> SavedRun:
     return run
   config = override(run.config, {'model.scan_layers': False})
   return dataclasses.replace(run, config=config, model=make_model(config.model, config.data),
-                             params=unstack_layers(run.params, config.model.num_layers))
+                             params=unstack_layers(run.params, run.config.model))

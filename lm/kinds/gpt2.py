@@ -81,7 +81,7 @@ class Gpt2(HfFamily):
 
   def params_to_hf(self, params: dict, m: ml_collections.ConfigDict):
     """A GPT2LMHeadModel state dict, the tied lm_head left out."""
-    params = unstack_layers(params, m.num_layers) if 'blocks' in params else params
+    params = unstack_layers(params, m)
     yield 'transformer.wte.weight', host(params['token_embedding']['embedding'])
     yield 'transformer.wpe.weight', host(params['position_embedding'])
     yield 'transformer.ln_f.weight', host(params['ln_final']['scale'])

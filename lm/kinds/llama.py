@@ -160,7 +160,7 @@ class Llama(HfFamily):
     else:
       wanted |= {'moe_every': 1, 'moe_capacity_factor': 0.0, 'moe_mlp_dim': 0, 'moe_shared_experts': 0,
                  'moe_router_score': 'softmax', 'moe_norm_top_k': True, 'moe_routed_scale': 1.0, 'moe_groups': 1,
-                 'moe_first_dense': 0}
+                 'moe_first_dense': 0, 'moe_router_bias': False}
     for key, value in wanted.items():
       if m[key] != value:
         return f'model.{key}={m[key]!r}: a {self.model_type} checkpoint needs model.{key}={value!r}'
@@ -244,7 +244,7 @@ class Llama(HfFamily):
         yield from ((f'block_{i}/moe/{name}', tensor) for name, tensor in self._experts_from_hf(get, i, m))
 
   def params_to_hf(self, params: dict, m: ml_collections.ConfigDict):
-    params = unstack_layers(params, m.num_layers) if 'blocks' in params else params
+    params = unstack_layers(params, m)
     shapes = self._shapes(m)
     yield 'model.embed_tokens.weight', host(params['token_embedding']['embedding'])
     yield 'model.norm.weight', host(params['ln_final']['scale'])

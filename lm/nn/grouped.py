@@ -23,6 +23,15 @@ def default_implementation(platform: str) -> str:
   return 'blocks' if platform == 'cpu' else 'ragged_dot'
 
 
+def sort_by_expert(experts_Tk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(order_N, expert_N, sizes_E) of the N = T * k token-expert pairs: the pairs (flat indices into
+  experts_Tk) sorted by expert, stably, so each expert's tokens keep their order; each pair's expert
+  in that order; and how many pairs each expert has."""
+  flat_N = experts_Tk.reshape(-1)
+  order_N = jnp.argsort(flat_N, stable=True)
+  return order_N, flat_N[order_N], jnp.bincount(flat_N, length=num_experts)
+
+
 def grouped_matmul(x_ND: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, implementation: str,
                    block_rows: int = BLOCK_ROWS) -> jax.Array:
   """y_NF: x's rows (sorted by group, group_sizes_E of each, summing to N) times their group's matrix."""

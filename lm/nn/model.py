@@ -38,18 +38,29 @@ def _block_class(config, num_layers: int) -> type[nn.Module]:
   return block
 
 
+def scanned_stacks(config, num_layers: int) -> list[tuple[str, range]]:
+  """(name, the blocks it holds) of each scanned stack of num_layers blocks (model.scan_layers): the
+  blocks with a dense MLP before the first expert block (model.moe_first_dense) as 'dense_blocks', the
+  rest as 'blocks' (validation forbids moe_every > 1 here, which would mix the two kinds within it)."""
+  first = min(config.moe_first_dense, num_layers) if config.moe_experts else 0
+  return [(name, layers) for name, layers in (('dense_blocks', range(first)), ('blocks', range(first, num_layers)))
+          if layers]
+
+
 def _stack(config, x_BLD: jax.Array, *, num_layers: int, train: bool, causal: bool = True, cross: bool = False,
            context_BSD=None, self_mask=None, context_mask=None, decode: bool = False, positions_BL=None,
            valid_BL=None, segments_BL=None) -> jax.Array:
-  """num_layers blocks, made in the calling module's compact scope: one scanned `blocks` if
-  model.scan_layers, else block_0 ... block_{n-1}."""
-  block = _block_class(config, num_layers)
-  args = (x_BLD, context_BSD, self_mask, context_mask, positions_BL, valid_BL, segments_BL)
-  if config.scan_layers:  # All blocks alike (validation forbids moe_every > 1 here).
-    x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, 0), decode, name='blocks')(*args)
+  """num_layers blocks, made in the calling module's compact scope: the scanned stacks of
+  `scanned_stacks` if model.scan_layers, else block_0 ... block_{n-1}."""
+  args = (context_BSD, self_mask, context_mask, positions_BL, valid_BL, segments_BL)
+  if config.scan_layers:
+    for name, layers in scanned_stacks(config, num_layers):
+      block = _block_class(config, len(layers))
+      x_BLD, _ = block(config, train, causal, cross, is_moe_layer(config, layers[0]), decode, name=name)(x_BLD, *args)
     return x_BLD
+  block = _block_class(config, num_layers)
   for i in range(num_layers):
-    x_BLD = block(config, train, causal, cross, is_moe_layer(config, i), decode, name=f'block_{i}')(x_BLD, *args[1:])
+    x_BLD = block(config, train, causal, cross, is_moe_layer(config, i), decode, name=f'block_{i}')(x_BLD, *args)
   return x_BLD
 
 
@@ -274,18 +285,23 @@ def count_embedding_params(params) -> int:
   return sum(count_params(v) for k, v in params.items() if 'embedding' in k or k == 'output')
 
 
-def stack_layers(params: dict, num_layers: int) -> dict:
-  """Parameters of the unscanned model (block_0 ... block_{n-1}) in the scanned layout (blocks)."""
+def stack_layers(params: dict, config) -> dict:
+  """Parameters of the unscanned model (block_0 ... block_{n-1}) in the scanned layout of model section
+  `config` (the stacks of `scanned_stacks`)."""
   params = dict(params)
-  blocks = [params.pop(f'block_{i}') for i in range(num_layers)]
-  params['blocks'] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)
+  blocks = [params.pop(f'block_{i}') for i in range(config.num_layers)]
+  for name, layers in scanned_stacks(config, config.num_layers):
+    params[name] = jax.tree.map(lambda *xs: jnp.stack(xs), *blocks[layers.start:layers.stop])
   return params
 
 
-def unstack_layers(params: dict, num_layers: int) -> dict:
-  """The inverse of stack_layers."""
+def unstack_layers(params: dict, config) -> dict:
+  """The inverse of stack_layers (params already unscanned are returned as they are)."""
   params = dict(params)
-  blocks = params.pop('blocks')
-  for i in range(num_layers):
-    params[f'block_{i}'] = jax.tree.map(lambda x, i=i: x[i], blocks)
+  for name, layers in scanned_stacks(config, config.num_layers):
+    if name not in params:
+      continue
+    stacked = params.pop(name)
+    for index, i in enumerate(layers):
+      params[f'block_{i}'] = jax.tree.map(lambda x, index=index: x[index], stacked)
   return params

@@ -5,6 +5,7 @@ Shape suffixes as in lm/nn/layers.py (E experts, C expert capacity).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from lm.nn import grouped, mup
+from lm.nn import expert_parallel, grouped, mup
 from lm.nn.layers import (
   Mlp,
   activation,
@@ -71,36 +72,29 @@ def expert_capacity(config, length: int) -> int:
 
 
 def top_k_gates(scores_BLE: jax.Array, top_k: int, normalize: bool = True, scale: float = 1.0, groups: int = 1,
-                top_groups: int = 1) -> tuple[jax.Array, jax.Array]:
+                top_groups: int = 1, bias_E: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """(gates_BLk, experts_BLk): each token's top_k experts by score and their gates: the scores,
   renormalised over the k when k > 1 and `normalize` (a top-1 gate stays the raw score, as in Switch,
   so the router still gets the task's gradient), times `scale`. With groups > 1 the experts form that
-  many groups, and a token chooses within its top_groups groups, ranked by their two best scores."""
-  choice_BLE = scores_BLE
+  many groups, and a token chooses within its top_groups groups, ranked by their two best scores.
+  A bias_E (DeepSeek-V3's balancing bias) is added to the scores for choosing only: the gates are the
+  unbiased scores, and no gradient reaches the bias."""
+  choice_BLE = scores_BLE if bias_E is None else scores_BLE + jax.lax.stop_gradient(bias_E)
   if groups > 1:
     batch, length, num_experts = scores_BLE.shape
-    grouped_BLGe = scores_BLE.reshape(batch, length, groups, num_experts // groups)
+    grouped_BLGe = choice_BLE.reshape(batch, length, groups, num_experts // groups)
     group_score_BLG = jnp.sum(jax.lax.top_k(grouped_BLGe, min(2, num_experts // groups))[0], axis=-1)
     _, top_BLg = jax.lax.top_k(group_score_BLG, top_groups)
     kept_BLG = jnp.sum(jax.nn.one_hot(top_BLg, groups, dtype=jnp.int32), axis=2) > 0
-    choice_BLE = jnp.where(jnp.repeat(kept_BLG, num_experts // groups, axis=-1), scores_BLE, -jnp.inf)
+    choice_BLE = jnp.where(jnp.repeat(kept_BLG, num_experts // groups, axis=-1), choice_BLE, -jnp.inf)
   gates_BLk, experts_BLk = jax.lax.top_k(choice_BLE, top_k)
-  if groups > 1:
+  if groups > 1 or bias_E is not None:
     gates_BLk = jnp.take_along_axis(scores_BLE, experts_BLk, axis=-1)
   if normalize and top_k > 1:
     gates_BLk = gates_BLk / jnp.sum(gates_BLk, axis=-1, keepdims=True)
   if scale != 1.0:
     gates_BLk = gates_BLk * scale
   return gates_BLk, experts_BLk
-
-
-def sort_by_expert(experts_Tk: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """(order_N, expert_N, sizes_E) of the N = T * k token-expert pairs: the pairs (flat indices into
-  experts_Tk) sorted by expert, stably, so each expert's tokens keep their order; each pair's expert
-  in that order; and how many pairs each expert has."""
-  flat_N = experts_Tk.reshape(-1)
-  order_N = jnp.argsort(flat_N, stable=True)
-  return order_N, flat_N[order_N], jnp.bincount(flat_N, length=num_experts)
 
 
 class MoeMlp(nn.Module):
@@ -129,8 +123,9 @@ class MoeMlp(nn.Module):
     else:
       scores_BLE = probs_BLE = jax.nn.softmax(router_logits_BLE, axis=-1)
     self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
+    bias_E = self.param('router_bias', zeros_init((None,)), (num_experts,)) if c.moe_router_bias else None
     gates_BLk, experts_BLk = top_k_gates(scores_BLE, c.moe_top_k, c.moe_norm_top_k, c.moe_routed_scale,
-                                         c.moe_groups, c.moe_top_groups)
+                                         c.moe_groups, c.moe_top_groups, bias_E)
     # What the loop logs of the routing: token-expert pairs per expert, and how many capacity drops.
     self.sow('moe_stats', 'load', jnp.sum(jax.nn.one_hot(experts_BLk, num_experts), axis=(0, 1, 2)))
     weights = self._weights(num_experts, width)
@@ -185,27 +180,43 @@ class MoeMlp(nn.Module):
 
   def _dropless(self, x_BLD: jax.Array, gates_BLk: jax.Array, experts_BLk: jax.Array,
                 weights: dict[str, jax.Array], dtype) -> jax.Array:
-    """Every token through each of its top_k experts: the pairs sorted by expert, grouped products."""
+    """Every token through each of its top_k experts: the pairs sorted by expert, grouped products; over
+    an expert mesh axis, exchanged all-to-all with the devices holding their experts (expert_parallel)."""
     c = self.config
-    batch, length, d_model = x_BLD.shape
-    order_N, expert_N, sizes_E = sort_by_expert(experts_BLk.reshape(batch * length, -1), c.moe_experts)
-    token_N = order_N // c.moe_top_k
-    x_ND = x_BLD.reshape(batch * length, d_model).astype(dtype)[token_N]
+    weights = {name: w.astype(dtype) for name, w in weights.items()}
     implementation = c.moe_grouped_impl if c.moe_grouped_impl != 'auto' else grouped.default_implementation(
         compile_platform())
-
-    def expert_in(name):
-      h_NF = grouped.grouped_matmul(x_ND, weights[f'{name}_kernel'].astype(dtype), sizes_E, implementation)
-      if c.use_bias:
-        h_NF += weights[f'{name}_bias'].astype(dtype)[expert_N]
-      return h_NF
-
-    h_NF = activation(c)(expert_in('gate' if c.mlp == 'swiglu' else 'up'))
-    if c.mlp == 'swiglu':
-      h_NF = h_NF * expert_in('up')
-    y_ND = grouped.grouped_matmul(h_NF, weights['down_kernel'].astype(dtype), sizes_E, implementation)
+    rows = functools.partial(expert_rows, c, implementation=implementation)
+    plan = expert_parallel.plan_of(c)
+    if plan is not None:
+      y_BLD, dropped = expert_parallel.dropless(x_BLD.astype(dtype), gates_BLk, experts_BLk, weights, rows, plan,
+                                                 c.moe_ep_capacity_factor)
+      if c.moe_ep_capacity_factor:
+        self.sow('moe_stats', 'dropped', dropped)
+      return y_BLD
+    batch, length, d_model = x_BLD.shape
+    order_N, expert_N, sizes_E = grouped.sort_by_expert(experts_BLk.reshape(batch * length, -1), c.moe_experts)
+    token_N = order_N // c.moe_top_k
+    x_ND = x_BLD.reshape(batch * length, d_model).astype(dtype)[token_N]
+    y_ND = rows(x_ND, sizes_E, expert_N, weights)
     if c.use_bias:
-      y_ND += weights['down_bias'].astype(dtype)[expert_N]
+      y_ND += weights['down_bias'][expert_N]
     gate_N = gates_BLk.reshape(-1)[order_N].astype(dtype)
     y_TD = jnp.zeros((batch * length, d_model), dtype).at[token_N].add(y_ND * gate_N[:, None])
     return y_TD.reshape(batch, length, d_model)
+
+
+def expert_rows(config, x_ND: jax.Array, sizes_E: jax.Array, expert_N: jax.Array, weights: dict[str, jax.Array],
+                implementation: str) -> jax.Array:
+  """Rows sorted by expert (sizes_E of each; expert_N each row's) through their expert's MLP, all but
+  the down projection's bias (which a caller summing partial products over a tensor axis adds once)."""
+  def expert_in(name):
+    h_NF = grouped.grouped_matmul(x_ND, weights[f'{name}_kernel'], sizes_E, implementation)
+    if config.use_bias:
+      h_NF += weights[f'{name}_bias'][expert_N]
+    return h_NF
+
+  h_NF = activation(config)(expert_in('gate' if config.mlp == 'swiglu' else 'up'))
+  if config.mlp == 'swiglu':
+    h_NF = h_NF * expert_in('up')
+  return grouped.grouped_matmul(h_NF, weights['down_kernel'], sizes_E, implementation)

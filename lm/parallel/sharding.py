@@ -1,7 +1,7 @@
 """The device mesh, and shardings of parameters, optimizer state and batches from logical axis rules.
 
 The model names the logical axes of every parameter and activation; `mesh.logical_axis_rules`
-in the config maps them onto the mesh axes (data, fsdp, context, tensor). Everything here is computed from
+in the config maps them onto the mesh axes (lm.config.MESH_AXES). Everything here is computed from
 shapes (jax.eval_shape), so nothing is materialised on one device first.
 """
 
@@ -28,7 +28,7 @@ _AXIS_SIZE_KEYS = {'vocab': 'model.vocab_size', 'embed': 'model.d_model', 'heads
 
 
 def make_mesh(mesh: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A (data, fsdp, context, tensor) mesh of mesh.shape (the mesh section) over `devices` (default: every
+  """A mesh of mesh.shape (axes lm.config.MESH_AXES) (the mesh section) over `devices` (default: every
   device of every process)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh.shape, len(devices))
@@ -96,8 +96,9 @@ def check_batch(key: str, batch_size: int, mesh: Mesh, rules, microbatches: int 
   shards = batch_shards(mesh, rules) * microbatches
   if batch_size % shards:
     micro = f' x train.microbatches={microbatches}' if microbatches > 1 else ''
+    axes = ' x '.join(mesh_axes_of('batch', rules))
     raise ConfigError(f'{key}={batch_size} must be divisible by the {batch_shards(mesh, rules)} batch '
-                      f'shards of the mesh (data x fsdp){micro}')
+                      f'shards of the mesh ({axes}){micro}')
 
 
 def process_rows(sharding: NamedSharding, batch_size: int) -> tuple[int, int]:

@@ -23,6 +23,7 @@ from lm.nn.attention import attention_implementation, segment_positions
 from lm.nn.model import apply_model, vocab_logits
 from lm.parallel import sharding
 from lm.training import metrics
+from lm.training.experts import balance_router_bias, moe_metrics, moe_sums
 from lm.training.optim import learning_rate_schedule, make_optimizer
 
 
@@ -175,28 +176,6 @@ def chunked_loss_sum(config, params, x_BLD: jax.Array, targets_BL: jax.Array, ma
   return total
 
 
-def moe_sums(stats: dict) -> dict[str, jax.Array]:
-  """The 'moe_stats' a model sowed as sums: 'load' [MoE layers, experts] (token-expert pairs per
-  expert), 'dropped' and 'pairs' (over all layers); {} for a model without experts."""
-  leaves = jax.tree_util.tree_leaves_with_path(stats)
-  loads = [x for path, x in leaves if 'load' in jax.tree_util.keystr(path)]
-  if not loads:
-    return {}
-  load = jnp.concatenate([x.reshape(-1, x.shape[-1]) for x in loads])
-  dropped = [jnp.sum(x) for path, x in leaves if 'dropped' in jax.tree_util.keystr(path)]
-  return {'load': load, 'dropped': sum(dropped, jnp.float32(0)), 'pairs': jnp.sum(load)}
-
-
-def moe_metrics(sums: dict[str, jax.Array], drops: bool) -> dict[str, jax.Array]:
-  """train/moe/imbalance (the most loaded expert over the mean, in the worst layer) and, where capacity
-  drops (model.moe_impl='capacity'), train/moe/dropped (the share of token-expert pairs dropped)."""
-  load = sums['load']
-  metrics_ = {'moe/imbalance': jnp.max(jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9))}
-  if drops:
-    metrics_['moe/dropped'] = sums['dropped'] / jnp.maximum(sums['pairs'], 1.0)
-  return metrics_
-
-
 def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: float = 0.0,
               label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
               dropout_rng: jax.Array | None = None, logits_chunk: int = 0,
@@ -277,6 +256,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  if model.config.moe_bias_rate:
+    params = balance_router_bias(params, stats['layer_load'], model.config.moe_bias_rate)
   # Known before the update, so XLA can fuse the choice below into it. Finite gradients cannot make the
   # parameters overflow (Adam's steps are about the learning rate); Trainer checks before each save.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -290,7 +271,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
               'nonfinite_streak': streak}
   if model.config.moe_experts:
     metrics_['moe_balance_loss'] = balance_sum * scale
-    metrics_ |= moe_metrics(stats, drops=model.config.moe_impl == 'capacity')
+    drops = model.config.moe_impl == 'capacity' or bool(model.config.moe_ep_capacity_factor)
+    metrics_ |= moe_metrics(stats, drops=drops)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state, skipped_steps=skipped,
                        nonfinite_streak=streak), metrics_
 

@@ -22,8 +22,9 @@ import numpy as np
 
 from lm import cli, kinds
 from lm.config import ConfigError, named_mesh, validate
-from lm.nn.layers import mlp_width
-from lm.nn.model import count_params
+from lm.nn import expert_parallel
+from lm.nn.layers import dtype_of, mlp_width
+from lm.nn.model import count_active_params, count_params
 from lm.parallel import sharding
 from lm.training import metrics, train
 
@@ -105,7 +106,7 @@ def report(config, devices, where: str = '') -> dict[str, float]:
   per_token = metrics.flops_per_token(config.model, config.data)
   figures = {
       'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'mesh': named_mesh(mesh.shape.values()),
-      'parameters': count_params(state.params),
+      'parameters': count_params(state.params), 'active_parameters': count_active_params(state.params, config.model),
       'flops_per_token': per_token, 'compile_seconds': compile_s,
       'flops_per_step_per_device': metrics.flops_per_example(config.model, config.data) * b / mesh.size,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
@@ -113,6 +114,10 @@ def report(config, devices, where: str = '') -> dict[str, float]:
       'alias_bytes': memory.alias_size_in_bytes, 'temp_bytes': memory.temp_size_in_bytes,
       'code_bytes': memory.generated_code_size_in_bytes,
   }
+  with sharding.activate(mesh, rules):
+    plan = expert_parallel.plan_of(config.model) if config.model.moe_impl == 'dropless' else None
+  if plan is not None and plan.expert_axes and config.model.moe_experts:
+    figures['expert_exchange_bytes'] = _exchange_bytes(config, mesh, rules, plan)
   # Donated state is aliased: inputs and outputs share it, so it counts once.
   figures['total_bytes'] = (figures['argument_bytes'] + figures['output_bytes'] - figures['alias_bytes']
                             + figures['temp_bytes'] + figures['code_bytes'])
@@ -129,11 +134,23 @@ def report(config, devices, where: str = '') -> dict[str, float]:
   return figures
 
 
+def _exchange_bytes(config, mesh, rules, plan: expert_parallel.ExpertPlan) -> int:
+  """Bytes of one MoE layer's exchange buffers per device: rows sent and received, there and back."""
+  m, d = config.model, config.data
+  tokens = d.batch_size * d.seq_len // (sharding.batch_shards(mesh, rules) * config.train.microbatches)
+  tokens //= math.prod(mesh.shape[a] for a in plan.length_axes)
+  rows = plan.shards * expert_parallel.exchange_rows(tokens, m.moe_top_k, m.moe_experts, plan.shards,
+                                                     m.moe_ep_capacity_factor)
+  return 4 * rows * m.d_model * np.dtype(dtype_of(m)).itemsize
+
+
 def _print(config, devices, f: dict[str, float]) -> None:
   where = FLAGS.topology or f'{len(devices)} {devices[0].platform} devices'
   m = config.model
   print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {mlp_width(m)}, '
-        f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters; dtype {m.dtype}, '
+        f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters'
+        + (f' ({f["active_parameters"] / 1e6:,.1f}M active per token)' if m.moe_experts else '')
+        + f'; dtype {m.dtype}, '
         f'remat {m.remat}, scan_layers {m.scan_layers}, microbatches {config.train.microbatches}')
   print(f'mesh: {f["mesh"]} on {where}; batch {config.data.batch_size} x {config.data.seq_len} tokens')
   print(f'compiled the train step in {f["compile_seconds"]:.1f} s')
@@ -150,6 +167,11 @@ def _print(config, devices, f: dict[str, float]) -> None:
           ('total', f['total_bytes'])]
   for name, value in rows:
     print(f'  {name:<52} {value / GIB:10.3f} GiB')
+  if 'expert_exchange_bytes' in f:
+    bound = (f'moe_ep_capacity_factor={m.moe_ep_capacity_factor}' if m.moe_ep_capacity_factor else
+             'the worst case, nothing dropped; model.moe_ep_capacity_factor bounds it')
+    print(f'  expert exchange buffers, per MoE layer ({bound}): {f["expert_exchange_bytes"] / GIB:10.3f} GiB '
+          '(within the temporaries)')
 
 
 def main(argv: list[str]) -> None:

@@ -336,9 +336,10 @@ def test_a_workdir_written_before_the_rehousing_resumes_exactly(tfds_dir, tmp_pa
   keep = lambda r: {k: v for k, v in r.items() if k not in TIMINGS and k != 'time'}
   assert [keep(r) for r in now] == [keep(r) for r in then]
   assert [r['step'] for r in now if 'train/loss' in r] == [2, 4, 6, 8]
-  # [-1, 1, 1] there and 'data=1' here resolve to the same mesh: not a change (the data's folder is).
+  # [-1, 1, 1] there and 'data=1' here resolve to the same mesh: not a change (the data's folder is; and
+  # the default logical rules, which gained the expert axis since, are recorded as the free key they are).
   changes = json.loads((workdir / 'config_changes.jsonl').read_text())['changes']
-  assert list(changes) == ['data.tfds_data_dir']
+  assert list(changes) == ['data.tfds_data_dir', 'mesh.logical_axis_rules']
   assert json.loads((workdir / 'config.json').read_text())['mesh.shape'] == 'data=1'
 
 

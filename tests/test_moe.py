@@ -12,7 +12,7 @@ import pytest
 from lm import config as config_lib
 from lm.kinds import make_model
 from lm.nn import grouped
-from lm.nn.model import stack_layers
+from lm.nn.model import count_active_params, count_params, stack_layers
 from lm.nn.moe import MoeMlp, balance_loss, route, top_k_gates
 from lm.parallel import sharding
 from lm.training import experts, train
@@ -131,18 +131,24 @@ def test_the_task_loss_trains_the_router(top_k):
 
 
 @pytest.mark.parametrize('implementation', grouped.IMPLEMENTATIONS)
-def test_grouped_products_equal_each_groups_own_product_forward_and_backward(implementation):
-  sizes = np.array([5, 0, 9, 1, 0, 17])  # Empty groups, and groups over and under a block.
-  x = jax.random.normal(jax.random.PRNGKey(0), (int(sizes.sum()), 8))
-  w = jax.random.normal(jax.random.PRNGKey(1), (len(sizes), 8, 3))
-  ends = np.cumsum(sizes)
+def test_grouped_products_equal_each_items_own_product_forward_and_backward(implementation):
+  # Groups 1 and 4 empty, the others over and under a block of 4 rows; items in shuffled order.
+  groups = jnp.asarray(np.random.RandomState(0).permutation(np.repeat([0, 2, 3, 5], [5, 9, 1, 17])))
+  x = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+  w = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 3))
 
   def reference(x, w):
-    return jnp.concatenate([x[end - n:end] @ w[e] for e, (n, end) in enumerate(zip(sizes, ends))])
+    return jnp.einsum('ND,NDF->NF', x, w[groups])
 
   def grouped_product(x, w):
-    return grouped.grouped_matmul(x, w, jnp.asarray(sizes), implementation, block_rows=4)
+    grouping = grouped.group_rows(groups, 6, implementation, block_rows=4)
+    y_RF = grouped.grouped_matmul(x[grouping.item_R], w, grouping)
+    return jnp.zeros((32, 3)).at[grouping.item_R].add(y_RF * grouping.valid_R[:, None])
 
+  grouping = grouped.group_rows(groups, 6, implementation, block_rows=4)
+  # 'blocks': room for any sizes, 32 rows plus 3 of padding per group, in blocks of 4.
+  assert int(grouping.valid_R.sum()) == 32 and len(grouping.item_R) == (52 if implementation == 'blocks' else 32)
+  np.testing.assert_array_equal(grouping.group_R[grouping.valid_R], np.sort(groups))
   np.testing.assert_allclose(grouped_product(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   for got, want in zip(jax.grad(loss(grouped_product), (0, 1))(x, w), jax.grad(loss(reference), (0, 1))(x, w)):
@@ -243,6 +249,15 @@ def test_sigmoid_grouped_routing_with_a_shared_expert_equals_a_per_token_referen
       shared = (silu(v @ s['gate']['kernel']) * (v @ s['up']['kernel'])) @ s['down']['kernel']
       expected = sum(g * expert(v, e) for g, e in zip(gates, top)) + shared
       np.testing.assert_allclose(out[b, l], expected, rtol=2e-4, atol=2e-5)
+
+
+def test_active_parameters_count_top_k_of_each_layers_experts():
+  config = _moe_config()  # Per MoE layer: 4 experts of up [16, 32] + bias 32, down [32, 16] + bias 16.
+  boxed = jax.eval_shape(make_model(config.model, config.data).init, jax.random.PRNGKey(0),
+                         jnp.zeros((1, 8), jnp.int32))['params']
+  params = nn.meta.unbox(boxed)
+  per_expert = 16 * 32 + 32 + 32 * 16 + 16
+  assert count_params(params) - count_active_params(params, config.model) == 2 * (4 - 2) * per_expert
 
 
 def test_flops_count_the_active_experts_shared_ones_and_the_router():

@@ -50,6 +50,22 @@ def test_fsdp_splits_parameters_and_optimizer_state():
     assert f['alias_bytes'] >= f['params_bytes'] + f['optimizer_bytes']  # The state is donated.
 
 
+@pytest.mark.slow
+def test_a_plan_over_an_expert_axis_counts_active_parameters_and_the_exchange_buffers():
+  experts = {'model.moe_experts': 8, 'model.moe_top_k': 2, 'model.moe_impl': 'dropless', 'model.moe_capacity_factor': 0}
+  figures = plan.report(_config(**experts, **{'mesh.shape': 'expert=8'}), jax.devices())
+  m = _config(**experts).model
+  per_expert = 3 * m.d_model * m.mlp_dim + (2 * m.mlp_dim + m.d_model) * m.use_bias  # SwiGLU's gate, up, down
+  assert figures['parameters'] - figures['active_parameters'] == m.num_layers * (8 - 2) * per_expert
+  # 8 x 128 tokens over 8 devices: 128 each, sending at most one pair per token to each of 8 shards (one
+  # expert each), there and back: 4 buffers of 8 x 128 rows of d_model float32s.
+  assert figures['expert_exchange_bytes'] == 4 * 8 * 128 * m.d_model * 4
+  bounded = plan.report(_config(**experts, **{'mesh.shape': 'expert=8', 'model.moe_ep_capacity_factor': 2.0}),
+                        jax.devices())
+  assert bounded['expert_exchange_bytes'] == 4 * 8 * 64 * m.d_model * 4  # 2 x 128 x 2 / 8 rows per shard.
+  assert bounded['temp_bytes'] < figures['temp_bytes']
+
+
 def _plan(*args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   return subprocess.run([sys.executable, '-m', 'lm.plan', f'--config={QUICKSTART}', *args], capture_output=True,

@@ -8,7 +8,7 @@ model.moe_ep_capacity_factor times the mean, the rows beyond it dropped and coun
 ragged_all_to_all, so the exchange is the dense `jax.lax.all_to_all` of those buffers everywhere.
 
 Shape suffixes: T local tokens, N their pairs, S expert shards, C rows per shard pair (capacity), R rows
-received (S * C), D model width.
+sent or received (S * C), G rows of the grouped layout, D model width.
 """
 
 from __future__ import annotations
@@ -43,17 +43,18 @@ def _axes(logical: str, rules, mesh) -> tuple[str, ...]:
 
 
 def plan_of(config) -> ExpertPlan | None:
-  """The exchange for the mesh and logical axis rules in context (lm.parallel.sharding.activate), or None
-  when no mesh axis of more than one device splits the experts."""
+  """Where the experts run for the mesh and logical axis rules in context (lm.parallel.sharding.activate),
+  or None without a mesh (or on one device). Without an expert axis (shards=1) each device still sorts
+  only its own tokens' pairs, with nothing to exchange: a global sort would gather the batch."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return None
   rules = nn.get_logical_axis_rules()
-  expert_axes = _axes('expert', rules, mesh)
-  if not expert_axes:
+  plan = ExpertPlan(_axes('expert', rules, mesh), 1, _axes('batch', rules, mesh), _axes('length', rules, mesh),
+                    _axes('mlp', rules, mesh))
+  if not (plan.expert_axes or plan.batch_axes or plan.length_axes or plan.mlp_axes):
     return None
-  return ExpertPlan(expert_axes, math.prod(mesh.shape[a] for a in expert_axes), _axes('batch', rules, mesh),
-                    _axes('length', rules, mesh), _axes('mlp', rules, mesh))
+  return dataclasses.replace(plan, shards=math.prod(mesh.shape[a] for a in plan.expert_axes))
 
 
 def exchange_rows(tokens: int, top_k: int, experts: int, shards: int, capacity_factor: float) -> int:
@@ -68,12 +69,13 @@ def _named(axes: tuple[str, ...]):
 
 
 def dropless(x_BLD: jax.Array, gates_BLk: jax.Array, experts_BLk: jax.Array, weights: dict[str, jax.Array],
-             expert_rows: Callable, plan: ExpertPlan, capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
+             expert_rows: Callable, implementation: str, plan: ExpertPlan,
+             capacity_factor: float = 0.0) -> tuple[jax.Array, jax.Array]:
   """(y_BLD, dropped): each token's gate-weighted sum over its top_k experts, computed on the devices that
   hold them, and how many token-expert pairs the exchange's buffers dropped (none at the worst-case size,
   capacity_factor=0: see exchange_rows).
-  expert_rows(x_ND, sizes_E, expert_N, weights) is the experts' MLP on rows sorted by expert, without the
-  down projection's bias."""
+  expert_rows(x_RD, grouping, weights) is the experts' MLP on rows laid out by grouped.group_rows, without
+  the down projection's bias; `implementation` the grouped products'."""
   config_k, num_experts = experts_BLk.shape[-1], weights['down_kernel'].shape[0]
   tokens_spec = P(_named(plan.batch_axes), _named(plan.length_axes), None)
   expert, mlp = _named(plan.expert_axes), _named(plan.mlp_axes)
@@ -86,31 +88,32 @@ def dropless(x_BLD: jax.Array, gates_BLk: jax.Array, experts_BLk: jax.Array, wei
   def local(x_BLD, gates_BLk, experts_BLk, weights):
     batch, length, d_model = x_BLD.shape
     tokens, local_experts = batch * length, num_experts // plan.shards
-    capacity = exchange_rows(tokens, config_k, num_experts, plan.shards, capacity_factor)
-    order_N, expert_N, sizes_E = grouped.sort_by_expert(experts_BLk.reshape(tokens, -1), num_experts)
+    capacity = exchange_rows(tokens, config_k, num_experts, plan.shards, capacity_factor if expert else 0.0)
+    order_N = jnp.argsort(experts_BLk.reshape(-1), stable=True)
+    expert_N = experts_BLk.reshape(-1)[order_N]
     token_N = order_N // config_k
     # Each pair's slot in the send buffer: its destination's block, at its rank among the pairs going there.
     shard_N = expert_N // local_experts
-    sizes_S = jnp.sum(sizes_E.reshape(plan.shards, local_experts), axis=-1)
+    sizes_S = jnp.bincount(shard_N, length=plan.shards)
     rank_N = jnp.arange(expert_N.shape[0]) - (jnp.cumsum(sizes_S) - sizes_S)[shard_N]
     kept_N = rank_N < capacity
     slot_N = jnp.where(kept_N, shard_N * capacity + rank_N, plan.shards * capacity)  # Out of range: dropped.
     x_TD = x_BLD.reshape(tokens, d_model)
     send_RD = jnp.zeros((plan.shards * capacity, d_model), x_TD.dtype).at[slot_N].set(x_TD[token_N], mode='drop')
-    # Each row's expert on the receiving shard; empty rows get local_experts (sorted after every real one).
+    # Each row's expert on the receiving shard; empty rows get local_experts (then ride with the last one).
     send_R = jnp.full((plan.shards * capacity,), local_experts, jnp.int32).at[slot_N].set(
         (expert_N % local_experts).astype(jnp.int32), mode='drop')
-    exchange = lambda a: jax.lax.all_to_all(a, expert, 0, 0, tiled=True)
+    exchange = (lambda a: jax.lax.all_to_all(a, expert, 0, 0, tiled=True)) if expert else (lambda a: a)
     received_RD, received_R = exchange(send_RD), exchange(send_R)
-    order_R, row_expert_R, sizes = grouped.sort_by_expert(received_R, local_experts + 1)
-    sizes_E = sizes[:-1].at[-1].add(sizes[-1])  # Empty rows (zeros) ride with the last expert, then are dropped.
-    row_expert_R = jnp.minimum(row_expert_R, local_experts - 1)
-    y_RD = expert_rows(received_RD[order_R], sizes_E, row_expert_R, weights)
+    grouping = grouped.group_rows(jnp.minimum(received_R, local_experts - 1), local_experts, implementation)
+    y_GD = expert_rows(received_RD[grouping.item_R], grouping, weights)
     if mlp is not None:  # Each device holds a slice of the hidden units: sum the partial products.
-      y_RD = jax.lax.psum(y_RD, mlp)
+      y_GD = jax.lax.psum(y_GD, mlp)
     if down_bias is not None:
-      y_RD += weights['down_bias'][row_expert_R]
-    y_RD = jnp.zeros_like(y_RD).at[order_R].set(y_RD)  # Back in the order received.
+      y_GD += weights['down_bias'][grouping.group_R]
+    # Back in the order received (padding rows of the layout add nothing), and home.
+    y_RD = jnp.zeros_like(received_RD).at[grouping.item_R].add(
+        y_GD * grouping.valid_R[:, None].astype(y_GD.dtype))
     returned_RD = exchange(y_RD)
     y_ND = returned_RD[jnp.minimum(slot_N, plan.shards * capacity - 1)] * kept_N[:, None].astype(y_RD.dtype)
     gate_N = gates_BLk.reshape(-1)[order_N].astype(y_ND.dtype)

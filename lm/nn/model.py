@@ -279,6 +279,20 @@ def count_params(params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))
 
 
+EXPERT_WEIGHTS = ('gate_kernel', 'up_kernel', 'down_kernel', 'gate_bias', 'up_bias', 'down_bias')
+
+
+def count_active_params(params, config) -> int:
+  """Parameters a token passes through: all but the routed experts it was not sent to (each MoE layer's
+  expert weights count top_k of their moe_experts shares)."""
+  inactive = 0.0
+  for path, x in jax.tree_util.tree_leaves_with_path(params):
+    names = [getattr(k, 'key', None) for k in path]
+    if len(names) > 1 and names[-2] == 'moe' and names[-1] in EXPERT_WEIGHTS:
+      inactive += x.size * (config.moe_experts - config.moe_top_k) / config.moe_experts
+  return count_params(params) - round(inactive)
+
+
 def count_embedding_params(params) -> int:
   """Parameters of the token and position tables and an untied output layer: those that scale with
   the vocabulary or context, not the depth (scaling laws count the rest)."""

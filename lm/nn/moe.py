@@ -180,43 +180,42 @@ class MoeMlp(nn.Module):
 
   def _dropless(self, x_BLD: jax.Array, gates_BLk: jax.Array, experts_BLk: jax.Array,
                 weights: dict[str, jax.Array], dtype) -> jax.Array:
-    """Every token through each of its top_k experts: the pairs sorted by expert, grouped products; over
-    an expert mesh axis, exchanged all-to-all with the devices holding their experts (expert_parallel)."""
+    """Every token through each of its top_k experts: the token-expert pairs laid out by expert, grouped
+    products; over an expert mesh axis, exchanged all-to-all with the devices holding their experts
+    (expert_parallel)."""
     c = self.config
     weights = {name: w.astype(dtype) for name, w in weights.items()}
     implementation = c.moe_grouped_impl if c.moe_grouped_impl != 'auto' else grouped.default_implementation(
         compile_platform())
-    rows = functools.partial(expert_rows, c, implementation=implementation)
     plan = expert_parallel.plan_of(c)
     if plan is not None:
-      y_BLD, dropped = expert_parallel.dropless(x_BLD.astype(dtype), gates_BLk, experts_BLk, weights, rows, plan,
-                                                 c.moe_ep_capacity_factor)
+      y_BLD, dropped = expert_parallel.dropless(x_BLD.astype(dtype), gates_BLk, experts_BLk, weights,
+                                                functools.partial(expert_rows, c), implementation, plan,
+                                                c.moe_ep_capacity_factor)
       if c.moe_ep_capacity_factor:
         self.sow('moe_stats', 'dropped', dropped)
       return y_BLD
     batch, length, d_model = x_BLD.shape
-    order_N, expert_N, sizes_E = grouped.sort_by_expert(experts_BLk.reshape(batch * length, -1), c.moe_experts)
-    token_N = order_N // c.moe_top_k
-    x_ND = x_BLD.reshape(batch * length, d_model).astype(dtype)[token_N]
-    y_ND = rows(x_ND, sizes_E, expert_N, weights)
+    grouping = grouped.group_rows(experts_BLk, c.moe_experts, implementation)
+    token_R = grouping.item_R // c.moe_top_k
+    y_RD = expert_rows(c, x_BLD.reshape(batch * length, d_model).astype(dtype)[token_R], grouping, weights)
     if c.use_bias:
-      y_ND += weights['down_bias'][expert_N]
-    gate_N = gates_BLk.reshape(-1)[order_N].astype(dtype)
-    y_TD = jnp.zeros((batch * length, d_model), dtype).at[token_N].add(y_ND * gate_N[:, None])
+      y_RD += weights['down_bias'][grouping.group_R]
+    gate_R = jnp.where(grouping.valid_R, gates_BLk.reshape(-1)[grouping.item_R], 0).astype(dtype)
+    y_TD = jnp.zeros((batch * length, d_model), dtype).at[token_R].add(y_RD * gate_R[:, None])
     return y_TD.reshape(batch, length, d_model)
 
 
-def expert_rows(config, x_ND: jax.Array, sizes_E: jax.Array, expert_N: jax.Array, weights: dict[str, jax.Array],
-                implementation: str) -> jax.Array:
-  """Rows sorted by expert (sizes_E of each; expert_N each row's) through their expert's MLP, all but
-  the down projection's bias (which a caller summing partial products over a tensor axis adds once)."""
+def expert_rows(config, x_RD: jax.Array, grouping: grouped.Grouping, weights: dict[str, jax.Array]) -> jax.Array:
+  """Rows laid out by expert (`grouping`) through their expert's MLP, all but the down projection's bias
+  (which a caller summing partial products over a tensor axis adds once)."""
   def expert_in(name):
-    h_NF = grouped.grouped_matmul(x_ND, weights[f'{name}_kernel'], sizes_E, implementation)
+    h_RF = grouped.grouped_matmul(x_RD, weights[f'{name}_kernel'], grouping)
     if config.use_bias:
-      h_NF += weights[f'{name}_bias'][expert_N]
-    return h_NF
+      h_RF += weights[f'{name}_bias'][grouping.group_R]
+    return h_RF
 
-  h_NF = activation(config)(expert_in('gate' if config.mlp == 'swiglu' else 'up'))
+  h_RF = activation(config)(expert_in('gate' if config.mlp == 'swiglu' else 'up'))
   if config.mlp == 'swiglu':
-    h_NF = h_NF * expert_in('up')
-  return grouped.grouped_matmul(h_NF, weights['down_kernel'], sizes_E, implementation)
+    h_RF = h_RF * expert_in('up')
+  return grouped.grouped_matmul(h_RF, weights['down_kernel'], grouping)

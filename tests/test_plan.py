@@ -60,10 +60,7 @@ def test_a_plan_over_an_expert_axis_counts_active_parameters_and_the_exchange_bu
   # 8 x 128 tokens over 8 devices: 128 each, sending at most one pair per token to each of 8 shards (one
   # expert each), there and back: 4 buffers of 8 x 128 rows of d_model float32s.
   assert figures['expert_exchange_bytes'] == 4 * 8 * 128 * m.d_model * 4
-  bounded = plan.report(_config(**experts, **{'mesh.shape': 'expert=8', 'model.moe_ep_capacity_factor': 2.0}),
-                        jax.devices())
-  assert bounded['expert_exchange_bytes'] == 4 * 8 * 64 * m.d_model * 4  # 2 x 128 x 2 / 8 rows per shard.
-  assert bounded['temp_bytes'] < figures['temp_bytes']
+  assert figures['temp_bytes'] > figures['expert_exchange_bytes']  # Within the temporaries.
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:

@@ -127,7 +127,7 @@ class MoeMlp(nn.Module):
     gates_BLk, experts_BLk = top_k_gates(scores_BLE, c.moe_top_k, c.moe_norm_top_k, c.moe_routed_scale,
                                          c.moe_groups, c.moe_top_groups, bias_E)
     # What the loop logs of the routing: token-expert pairs per expert, and how many capacity drops.
-    self.sow('moe_stats', 'load', jnp.sum(jax.nn.one_hot(experts_BLk, num_experts), axis=(0, 1, 2)))
+    self.sow('moe_stats', 'load', jnp.bincount(experts_BLk.reshape(-1), length=num_experts).astype(jnp.float32))
     weights = self._weights(num_experts, width)
     if c.moe_impl == 'dropless':
       routed_BLD = self._dropless(x_BLD, gates_BLk, experts_BLk, weights, dtype)

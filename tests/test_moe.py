@@ -131,24 +131,29 @@ def test_the_task_loss_trains_the_router(top_k):
 
 
 @pytest.mark.parametrize('implementation', grouped.IMPLEMENTATIONS)
-def test_grouped_products_equal_each_items_own_product_forward_and_backward(implementation):
-  # Groups 1 and 4 empty, the others over and under a block of 4 rows; items in shuffled order.
-  groups = jnp.asarray(np.random.RandomState(0).permutation(np.repeat([0, 2, 3, 5], [5, 9, 1, 17])))
-  x = jax.random.normal(jax.random.PRNGKey(0), (32, 8))
+@pytest.mark.parametrize('counts', [[5, 9, 1, 17], [0, 0, 0, 32]])
+def test_grouped_products_equal_each_items_own_product_forward_and_backward(implementation, counts):
+  # 32 items (16 tokens, 2 choices each) in groups 0, 2, 3, 5 (1 and 4 empty), over and under a block of
+  # 4 rows, or all in one group; items in shuffled order. Rows go in by rows_of_tokens and out by
+  # items_of_rows, whose gradients are gathers of their own.
+  groups = jnp.asarray(np.random.RandomState(0).permutation(np.repeat([0, 2, 3, 5], counts)))
+  x = jax.random.normal(jax.random.PRNGKey(0), (16, 8))
   w = jax.random.normal(jax.random.PRNGKey(1), (6, 8, 3))
 
   def reference(x, w):
-    return jnp.einsum('ND,NDF->NF', x, w[groups])
+    return jnp.einsum('ND,NDF->NF', jnp.repeat(x, 2, axis=0), w[groups])
 
   def grouped_product(x, w):
     grouping = grouped.group_rows(groups, 6, implementation, block_rows=4)
-    y_RF = grouped.grouped_matmul(x[grouping.item_R], w, grouping)
-    return jnp.zeros((32, 3)).at[grouping.item_R].add(y_RF * grouping.valid_R[:, None])
+    return grouped.items_of_rows(grouped.grouped_matmul(grouped.rows_of_tokens(x, grouping), w, grouping), grouping)
 
   grouping = grouped.group_rows(groups, 6, implementation, block_rows=4)
   # 'blocks': room for any sizes, 32 rows plus 3 of padding per group, in blocks of 4.
   assert int(grouping.valid_R.sum()) == 32 and len(grouping.item_R) == (52 if implementation == 'blocks' else 32)
-  np.testing.assert_array_equal(grouping.group_R[grouping.valid_R], np.sort(groups))
+  np.testing.assert_array_equal(grouping.group_R[grouping.row_N], groups)
+  np.testing.assert_array_equal(grouping.item_R[grouping.row_N], np.arange(32))
+  x_RD = grouped.rows_of_tokens(x, grouping)
+  assert not np.any(x_RD[~grouping.valid_R])  # Padding rows hold zeros.
   np.testing.assert_allclose(grouped_product(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
   loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))
   for got, want in zip(jax.grad(loss(grouped_product), (0, 1))(x, w), jax.grad(loss(reference), (0, 1))(x, w)):

@@ -196,15 +196,15 @@ class MoeMlp(nn.Module):
         self.sow('moe_stats', 'dropped', dropped)
       return y_BLD
     batch, length, d_model = x_BLD.shape
-    grouping = grouped.group_rows(experts_BLk, c.moe_experts, implementation)
-    token_R = grouping.item_R // c.moe_top_k
-    y_RD = expert_rows(c, x_BLD.reshape(batch * length, d_model).astype(dtype)[token_R], grouping, weights)
-    if c.use_bias:
-      y_RD += weights['down_bias'][grouping.group_R]
-    gate_R = jnp.where(grouping.valid_R, gates_BLk.reshape(-1)[grouping.item_R], 0).astype(dtype)
-    y_TD = jnp.zeros((batch * length, d_model), dtype).at[token_R].add(y_RD * gate_R[:, None])
-    return y_TD.reshape(batch, length, d_model)
 
+    def mlp_rows(x_RD, grouping):
+      y_RD = expert_rows(c, x_RD, grouping, weights)
+      return y_RD + weights['down_bias'][grouping.group_R] if c.use_bias else y_RD
+
+    tokens = batch * length
+    y_TD = expert_parallel.local_dropless(x_BLD.reshape(tokens, d_model).astype(dtype), gates_BLk.reshape(tokens, -1),
+                                          experts_BLk.reshape(tokens, -1), c.moe_experts, mlp_rows, implementation)
+    return y_TD.reshape(batch, length, d_model)
 
 def expert_rows(config, x_RD: jax.Array, grouping: grouped.Grouping, weights: dict[str, jax.Array]) -> jax.Array:
   """Rows laid out by expert (`grouping`) through their expert's MLP, all but the down projection's bias

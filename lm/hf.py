@@ -1,6 +1,6 @@
 """Open-model weights in and out of Hugging Face's format (a `save_pretrained` folder: config.json,
 model.safetensors or its shards, tokenizer.json), for the families lm.kinds converts: gpt2, llama,
-mistral, mixtral, qwen2, qwen3. Needs the `hf` extra: pip install -e '.[hf]'.
+mistral, mixtral, qwen2, qwen3, qwen3_moe. Needs the `hf` extra: pip install -e '.[hf]'.
 
   python -m lm.hf import --hf_dir=path/to/gpt2 --workdir=runs/gpt2    # then lm.generate, lm.evaluate,
                                                                       # or checkpoint.init_from=runs/gpt2

@@ -1,4 +1,4 @@
-"""The open families through lm.hf: for each of llama, mistral, mixtral, qwen2 and qwen3 a tiny
+"""The open families through lm.hf: for each of llama, mistral, mixtral, qwen2, qwen3 and qwen3_moe a tiny
 transformers model with every parameter random (norms and biases too; nothing downloaded) imports
 with PyTorch's logits, exports back to the same logits, and greedy-decodes transformers' tokens from a
 left-padded prompt batch. The RoPE scalings (llama3, linear, dynamic) are checked on the logits."""
@@ -14,6 +14,7 @@ import torch
 import transformers
 
 from conftest import tiny_overrides
+import lm
 from lm import hf, kinds
 from lm.config import ConfigError, override, validate
 from lm.data.builders import normalize_text, shakespeare_plays_dir
@@ -22,6 +23,7 @@ from lm.evaluate import evaluate
 from lm.generate import generate
 from lm.inference.decode import Sampling, generate_ids
 from lm.kinds.llama import rope_from_hf
+from lm.parallel import sharding
 from lm.training import loop, saved
 from test_hf import _byte_level_bpe
 
@@ -35,6 +37,10 @@ FAMILIES = {
     'mixtral': (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
     'qwen2': (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     'qwen3': (transformers.Qwen3Config, dict(head_dim=16, tie_word_embeddings=False)),
+    # A dense first block (mlp_only_layers), then experts of their own width; the chosen gates renormalised.
+    'qwen3_moe': (transformers.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                                    mlp_only_layers=[0], norm_topk_prob=True, head_dim=16,
+                                                    tie_word_embeddings=False)),
 }
 ROPES = {
     'linear': dict(rope_parameters={'rope_type': 'linear', 'rope_theta': 10000.0, 'factor': 4.0}),
@@ -158,6 +164,11 @@ def test_what_lm_cannot_represent_is_refused_naming_the_field():
   mixtral = transformers.MixtralConfig(**SHAPE, vocab_size=64).to_dict()
   with pytest.raises(ConfigError, match="router_jitter_noise=0.1 in config.json is not supported"):
     kinds.for_hf('mixtral').config_from_hf(mixtral | {'router_jitter_noise': 0.1})
+  qwen3_moe = transformers.Qwen3MoeConfig(**SHAPE, vocab_size=64, moe_intermediate_size=16).to_dict()
+  with pytest.raises(ConfigError, match=r"mlp_only_layers=\[1\] in config.json is not supported"):
+    kinds.for_hf('qwen3_moe').config_from_hf(qwen3_moe | {'mlp_only_layers': [1]})
+  imported = kinds.for_hf('qwen3_moe').config_from_hf(qwen3_moe | {'mlp_only_layers': [0], 'decoder_sparse_step': 1})
+  assert (imported.model.moe_first_dense, imported.model.moe_mlp_dim, imported.model.mlp_dim) == (1, 16, 48)
   # Export: a windowed model is Mistral's, and Llama refuses it by name.
   windowed = kinds.for_hf('mistral').config_from_hf(transformers.MistralConfig(**SHAPE, vocab_size=64).to_dict())
   assert kinds.hf_family_of(windowed.model).model_type == 'mistral'
@@ -289,3 +300,30 @@ def test_a_bfloat16_checkpoint_imports_as_its_float32_values(tokenizer, tmp_path
   ids = tokenizer.encode(TEXT).ids
   reference = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
   np.testing.assert_allclose(_lm_logits(run, ids), _torch_logits(reference, ids), atol=1e-4, rtol=1e-4)
+
+
+def test_qwen3_moe_streams_onto_an_expert_mesh_with_transformers_logits(tokenizer, tmp_path):
+  """A Qwen3-MoE checkpoint of 8 experts imports one tensor at a time onto mesh fsdp=2,expert=4 (each
+  device holding 2 experts), equal to the one-device import, and its logits there, the tokens
+  exchanged between the experts' devices, are transformers'. lm.pipeline answers as transformers' does."""
+  config_class, knobs = FAMILIES['qwen3_moe']
+  folder, torch_model = _hf_folder(tmp_path / 'hf', tokenizer, config_class, **(knobs | {'num_experts': 8}))
+  hf.import_hf(folder, tmp_path / 'meshed', mesh={'shape': 'fsdp=2,expert=4'})
+  hf.import_hf(folder, tmp_path / 'single')
+  single = saved.load(tmp_path / 'single', devices=jax.devices()[:1])
+  meshed = saved.load(tmp_path / 'meshed', devices=jax.devices())
+  assert dict(meshed.mesh.shape) == {'data': 1, 'fsdp': 2, 'context': 1, 'expert': 4, 'tensor': 1}
+  jax.tree.map(np.testing.assert_array_equal, meshed.params, single.params)
+  experts = meshed.params['block_1']['moe']['up_kernel']
+  assert {s.data.shape[0] for s in experts.addressable_shards} == {2}  # Split over the expert axis.
+  ids = np.asarray(tokenizer.encode(TEXT).ids)
+  batch = np.stack([ids[i:i + 16] for i in range(8)])  # The batch splits over fsdp x expert, as in training.
+  with sharding.activate(meshed.mesh, sharding.logical_axis_rules(meshed.config.mesh)):
+    ours = np.asarray(jax.jit(lambda p, x: meshed.model.apply({'params': p}, x))(meshed.params, batch))
+  for row, sequence in zip(ours, batch):
+    np.testing.assert_allclose(row, _torch_logits(torch_model, sequence.tolist()), atol=1e-4, rtol=1e-4)
+  (folder / 'tokenizer_config.json').write_text(json.dumps({'tokenizer_class': 'PreTrainedTokenizerFast',
+                                                            'eos_token': '<|endoftext|>'}))
+  prompts = ['To be, or not to be', 'Now is the winter', 'O']
+  theirs = transformers.pipeline('text-generation', model=str(folder))(prompts, do_sample=False, max_new_tokens=12)
+  assert lm.pipeline('text-generation', model=folder)(prompts, do_sample=False, max_new_tokens=12) == theirs

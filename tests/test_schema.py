@@ -102,9 +102,10 @@ def test_a_key_the_saved_config_predates_counts_as_its_default(tmp_path):
 def test_every_model_kind_the_config_allows_has_a_seam():
   allowed = {c.strip("'") for c in config_lib.KEYS['model.kind'].check.allowed.split(', ')}
   assert set(kinds.KINDS) == allowed
-  assert set(kinds.hf_families()) == {'gpt2', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3'}
+  assert set(kinds.hf_families()) == {'gpt2', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3', 'qwen3_moe'}
   assert all(f in kinds.KINDS['decoder'].hf_families for f in kinds.hf_families().values())
-  with pytest.raises(ConfigError, match="model_type='t5' in config.json: only 'mixtral', 'qwen3', .* checkpoints"):
+  with pytest.raises(ConfigError,
+                     match="model_type='t5' in config.json: only 'mixtral', 'qwen3_moe', 'qwen3', .* checkpoints"):
     kinds.for_hf('t5')
   encoder_decoder = config_lib.override(config_lib.base_config(), {'model.kind': 'encoder_decoder'})
   with pytest.raises(ConfigError, match="model.kind='encoder_decoder' has no Hugging Face conversion"):

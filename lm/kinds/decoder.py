@@ -10,14 +10,14 @@ import ml_collections
 
 from lm.kinds.base import Kind, self_attention_stack_flops
 from lm.kinds.gpt2 import GPT2
-from lm.kinds.llama import LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3
+from lm.kinds.llama import LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3_MOE
 from lm.nn.model import GPT, empty_cache, vocab_logits
 
 
 class Decoder(Kind):
   """Token ids -> next-token logits; decodes through its self-attention KV cache."""
   name = 'decoder'
-  hf_families = (MIXTRAL, QWEN3, QWEN2, LLAMA, MISTRAL, GPT2)
+  hf_families = (MIXTRAL, QWEN3_MOE, QWEN3, QWEN2, LLAMA, MISTRAL, GPT2)
 
   def build(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> nn.Module:
     return GPT(ml_collections.FrozenConfigDict(m))

@@ -1,5 +1,6 @@
 """Llama's Hugging Face format and the families built like it: Mistral (sliding window), Mixtral
-(sparse MoE), Qwen2 (q/k/v biases) and Qwen3 (per-head qk-norm, free head_dim). All are pre-RMSNorm
+(sparse MoE), Qwen2 (q/k/v biases), Qwen3 (per-head qk-norm, free head_dim) and Qwen3-MoE (Qwen3 with
+experts of their own width, dense first layers). All are pre-RMSNorm
 decoders with RoPE, SwiGLU and grouped-query attention; weights are torch Linear [out, in].
 
 transformers rotates the pairs (x_i, x_{i + K/2}) (rotate_half), as lm.nn.layers.rotary does, so the
@@ -17,7 +18,7 @@ import numpy as np
 from lm.config import ConfigError, base_config, override, validate
 from lm.kinds.base import HfFamily, hf_value
 from lm.kinds.gpt2 import host
-from lm.nn.layers import head_width, mlp_width
+from lm.nn.layers import expert_width, head_width, mlp_width
 from lm.nn.model import is_moe_layer, unstack_layers
 
 # transformers' rope_type -> model.rope_scaling.
@@ -99,6 +100,11 @@ class Llama(HfFamily):
   qkv_bias = False  # Qwen2: biases on q, k and v only.
   qk_norm = False  # Qwen3.
   own_biases = True  # Llama: attention_bias and mlp_bias.
+  # Mixtures: MoE keys a checkpoint fixes, where its experts' weights live on disk and their names (lm's
+  # gate/up/down kernels).
+  moe_fixed: dict[str, Any] = {}
+  experts_module = ''
+  expert_names: tuple[tuple[str, str], ...] = ()
 
   # ---- config.json
   def config_from_hf(self, hf: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -133,9 +139,7 @@ class Llama(HfFamily):
     else:
       self._refuse_sliding(hf)
     if self.moe:
-      hf_value(hf, 'router_jitter_noise', 0.0, (0.0,))
-      keys |= {'model.moe_experts': hf['num_local_experts'], 'model.moe_top_k': hf['num_experts_per_tok'],
-               'model.moe_every': 1, 'model.moe_capacity_factor': 0.0}
+      keys |= self._moe_from_hf(hf)
     config = base_config()
     keys['data.seq_len'] = min(config.data.seq_len, keys['model.max_len'])
     return validate(override(config, keys))
@@ -158,9 +162,8 @@ class Llama(HfFamily):
     if not self.moe:
       wanted['moe_experts'] = 0
     else:
-      wanted |= {'moe_every': 1, 'moe_capacity_factor': 0.0, 'moe_mlp_dim': 0, 'moe_shared_experts': 0,
-                 'moe_router_score': 'softmax', 'moe_norm_top_k': True, 'moe_routed_scale': 1.0, 'moe_groups': 1,
-                 'moe_first_dense': 0, 'moe_router_bias': False}
+      wanted |= {'moe_capacity_factor': 0.0, 'moe_shared_experts': 0, 'moe_router_score': 'softmax',
+                 'moe_routed_scale': 1.0, 'moe_groups': 1, 'moe_router_bias': False} | self.moe_fixed
     for key, value in wanted.items():
       if m[key] != value:
         return f'model.{key}={m[key]!r}: a {self.model_type} checkpoint needs model.{key}={value!r}'
@@ -186,9 +189,8 @@ class Llama(HfFamily):
     if self.sliding_window:
       config['sliding_window'] = m.sliding_window or None
     if self.moe:
-      config |= {'num_local_experts': m.moe_experts, 'num_experts_per_tok': m.moe_top_k, 'router_jitter_noise': 0.0,
-                 'output_router_logits': False}
-    if self.model_type in ('qwen2', 'qwen3'):
+      config |= self._moe_to_hf(m)
+    if self.model_type in ('qwen2', 'qwen3', 'qwen3_moe'):
       config |= {'use_sliding_window': False, 'sliding_window': None,
                  'layer_types': ['full_attention'] * m.num_layers}
     if self.qk_norm:
@@ -259,13 +261,38 @@ class Llama(HfFamily):
       if is_moe_layer(m, i):
         yield from self._experts_to_hf(block['moe'], i, m)
 
-  def _experts_from_hf(self, get, i: int, m):
-    """(name under block_i/moe, array) of layer i's router and experts."""
+  def _moe_from_hf(self, hf: dict[str, Any]) -> dict[str, Any]:
+    """The model.moe_* keys of a mixture's config.json."""
     raise NotImplementedError
+
+  def _moe_to_hf(self, m) -> dict[str, Any]:
+    raise NotImplementedError
+
+  def _experts_from_hf(self, get, i: int, m):
+    """(name under block_i/moe, array) of layer i's router and experts: as save_pretrained writes them (one
+    tensor per expert and projection), or transformers 5's fused in-memory layout (mlp.gate, and
+    mlp.experts.gate_up_proj [E, 2F, D], mlp.experts.down_proj [E, D, F])."""
+    d, f, e = m.d_model, expert_width(m), m.moe_experts
+    p = f'model.layers.{i}.'
+    if get.has(f'{p}mlp.experts.gate_up_proj'):
+      yield 'router_kernel', get(f'{p}mlp.gate.weight', (e, d)).T
+      gate_up = get(f'{p}mlp.experts.gate_up_proj', (e, 2 * f, d))
+      yield 'gate_kernel', gate_up[:, :f].transpose(0, 2, 1)
+      yield 'up_kernel', gate_up[:, f:].transpose(0, 2, 1)
+      yield 'down_kernel', get(f'{p}mlp.experts.down_proj', (e, d, f)).transpose(0, 2, 1)
+      return
+    p += f'{self.experts_module}.'
+    yield 'router_kernel', get(f'{p}gate.weight', (e, d)).T
+    for ours, theirs in self.expert_names:
+      shape = (d, f) if ours == 'down' else (f, d)
+      yield f'{ours}_kernel', np.stack([get(f'{p}experts.{j}.{theirs}.weight', shape).T for j in range(e)])
 
   def _experts_to_hf(self, moe: dict, i: int, m):
-    raise NotImplementedError
-
+    p = f'model.layers.{i}.{self.experts_module}.'
+    yield p + 'gate.weight', host(np.asarray(moe['router_kernel']).T)
+    for j in range(m.moe_experts):
+      for ours, theirs in self.expert_names:
+        yield f'{p}experts.{j}.{theirs}.weight', host(np.asarray(moe[f'{ours}_kernel'][j]).T)
 
 def _get(tree: dict, path: str):
   for name in path.split('/'):
@@ -281,33 +308,21 @@ class Mistral(Llama):
 
 class Mixtral(Mistral):
   """Mixtral's experts: the router `gate` [E, D] and per expert w1 (gate), w3 (up) [F, D] and w2 (down)
-  [D, F] under block_sparse_moe, as save_pretrained writes them; transformers 5's fused in-memory
-  layout (mlp.gate, mlp.experts.gate_up_proj [E, 2F, D], mlp.experts.down_proj [E, D, F]) imports too."""
+  [D, F] under block_sparse_moe; every block a mixture, the chosen gates renormalised."""
   model_type = 'mixtral'
   moe = True
+  moe_fixed = {'moe_every': 1, 'moe_first_dense': 0, 'moe_mlp_dim': 0, 'moe_norm_top_k': True}
+  experts_module = 'block_sparse_moe'
+  expert_names = (('gate', 'w1'), ('up', 'w3'), ('down', 'w2'))
 
-  def _experts_from_hf(self, get, i: int, m):
-    d, f, e = m.d_model, mlp_width(m), m.moe_experts
-    p = f'model.layers.{i}.'
-    if get.has(f'{p}mlp.experts.gate_up_proj'):
-      yield 'router_kernel', get(f'{p}mlp.gate.weight', (e, d)).T
-      gate_up = get(f'{p}mlp.experts.gate_up_proj', (e, 2 * f, d))
-      yield 'gate_kernel', gate_up[:, :f].transpose(0, 2, 1)
-      yield 'up_kernel', gate_up[:, f:].transpose(0, 2, 1)
-      yield 'down_kernel', get(f'{p}mlp.experts.down_proj', (e, d, f)).transpose(0, 2, 1)
-      return
-    expert = lambda j, w, shape: get(f'{p}block_sparse_moe.experts.{j}.{w}.weight', shape).T
-    yield 'router_kernel', get(f'{p}block_sparse_moe.gate.weight', (e, d)).T
-    yield 'gate_kernel', np.stack([expert(j, 'w1', (f, d)) for j in range(e)])
-    yield 'up_kernel', np.stack([expert(j, 'w3', (f, d)) for j in range(e)])
-    yield 'down_kernel', np.stack([expert(j, 'w2', (d, f)) for j in range(e)])
+  def _moe_from_hf(self, hf: dict[str, Any]) -> dict[str, Any]:
+    hf_value(hf, 'router_jitter_noise', 0.0, (0.0,))
+    return {'model.moe_experts': hf['num_local_experts'], 'model.moe_top_k': hf['num_experts_per_tok'],
+            'model.moe_every': 1, 'model.moe_capacity_factor': 0.0}
 
-  def _experts_to_hf(self, moe: dict, i: int, m):
-    p = f'model.layers.{i}.block_sparse_moe.'
-    yield p + 'gate.weight', host(np.asarray(moe['router_kernel']).T)
-    for j in range(m.moe_experts):
-      for ours, theirs in (('gate', 'w1'), ('up', 'w3'), ('down', 'w2')):
-        yield f'{p}experts.{j}.{theirs}.weight', host(np.asarray(moe[f'{ours}_kernel'][j]).T)
+  def _moe_to_hf(self, m) -> dict[str, Any]:
+    return {'num_local_experts': m.moe_experts, 'num_experts_per_tok': m.moe_top_k, 'router_jitter_noise': 0.0,
+            'output_router_logits': False}
 
 
 class Qwen2(Llama):
@@ -322,4 +337,31 @@ class Qwen3(Llama):
   own_biases = False
 
 
-LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3 = Llama(), Mistral(), Mixtral(), Qwen2(), Qwen3()
+class Qwen3Moe(Qwen3):
+  """Qwen3-MoE: Qwen3's attention; experts (gate_proj, up_proj, down_proj, moe_intermediate_size wide) and
+  the router `gate` under mlp on every decoder_sparse_step-th block, except the first mlp_only_layers,
+  which keep a dense MLP intermediate_size wide. Imported with dropless experts."""
+  model_type = 'qwen3_moe'
+  architecture = 'Qwen3MoeForCausalLM'
+  moe = True
+  experts_module = 'mlp'
+  expert_names = (('gate', 'gate_proj'), ('up', 'up_proj'), ('down', 'down_proj'))
+
+  def _moe_from_hf(self, hf: dict[str, Any]) -> dict[str, Any]:
+    experts = hf['num_experts'] if 'num_experts' in hf else hf['num_local_experts']
+    dense = sorted(hf_value(hf, 'mlp_only_layers', []))
+    if dense != list(range(len(dense))):
+      raise ConfigError(f'mlp_only_layers={dense} in config.json is not supported (lm can represent: the first '
+                        'layers, model.moe_first_dense)')
+    return {'model.moe_experts': experts, 'model.moe_top_k': hf['num_experts_per_tok'],
+            'model.moe_mlp_dim': hf['moe_intermediate_size'], 'model.moe_every': hf_value(hf, 'decoder_sparse_step', 1),
+            'model.moe_first_dense': len(dense), 'model.moe_norm_top_k': bool(hf_value(hf, 'norm_topk_prob', False)),
+            'model.moe_impl': 'dropless', 'model.moe_capacity_factor': 0.0}
+
+  def _moe_to_hf(self, m) -> dict[str, Any]:
+    return {'num_experts': m.moe_experts, 'num_experts_per_tok': m.moe_top_k, 'moe_intermediate_size': expert_width(m),
+            'decoder_sparse_step': m.moe_every, 'mlp_only_layers': list(range(m.moe_first_dense)),
+            'norm_topk_prob': m.moe_norm_top_k, 'output_router_logits': False}
+
+
+LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, QWEN3_MOE = Llama(), Mistral(), Mixtral(), Qwen2(), Qwen3(), Qwen3Moe()

@@ -10,9 +10,15 @@ grouped-query attention with heads of 128 whatever the width (model.head_dim), n
                 596,049,920 parameters (0.44B without the embedding), as published
           8b    Qwen3-8B: 36 x 4096, 32 / 8 heads of 128, MLP 12,288, untied; 8,190,735,360 parameters
                 (6.95B without the embeddings), as published
+          30b-a3b    Qwen3-30B-A3B: 48 x 2048, 32 / 4 heads of 128, 128 experts 768 wide, top-8 (gates
+                     renormalised), every block; untied
+          235b-a22b  Qwen3-235B-A22B: 94 x 4096, 64 / 4 heads of 128, 128 experts 1,536 wide, top-8, untied
+                The mixtures' counts (total and active) are in docs/scaling.md; they equal transformers'
+                count for the same config.json (tests/test_presets.py). Dropless experts.
   LAYOUT  dp (default), fsdp, hybrid, fsdp_tensor: as in experiments/gpt2.py
 
-python -m lm.hf import reads Qwen3 checkpoints into this layout (model_type 'qwen3').
+python -m lm.hf import reads Qwen3 checkpoints into this layout (model_type 'qwen3', and 'qwen3_moe' for
+the mixtures).
 """
 
 import pathlib
@@ -28,8 +34,13 @@ SIZES = {
     'tiny': ('tiny', 4, 128, 4, 2, 64, 0, 4096, False),
     '0.6b': ('1b', 28, 1024, 16, 8, 128, 3072, 151_936, True),
     '8b': ('8b', 36, 4096, 32, 8, 128, 12_288, 151_936, False),
+    '30b-a3b': ('8b', 48, 2048, 32, 4, 128, 6144, 151_936, False),
+    '235b-a22b': ('8b', 94, 4096, 64, 4, 128, 12_288, 151_936, False),
 }
-PUBLISHED_PARAMS = {'0.6b': 596_049_920, '8b': 8_190_735_360}
+# The mixtures: experts, experts per token, each expert's width (mlp_dim above is config.json's
+# intermediate_size, which no block of theirs uses).
+EXPERTS = {'30b-a3b': (128, 8, 768), '235b-a22b': (128, 8, 1536)}
+PUBLISHED_PARAMS = {'0.6b': 596_049_920, '8b': 8_190_735_360, '30b-a3b': 30_532_122_624, '235b-a22b': 235_093_634_560}
 
 
 def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
@@ -41,4 +52,7 @@ def get_config(arg: str = 'tiny') -> ml_collections.ConfigDict:
   m.mlp_dim, m.vocab_size, m.tie_embeddings = mlp_dim, vocab, tied
   m.qk_norm, m.norm_eps, m.qk_norm_eps = True, 1e-6, 1e-6
   m.rope_base = 1_000_000.0
+  if size in EXPERTS:
+    m.moe_experts, m.moe_top_k, m.moe_mlp_dim = EXPERTS[size]
+    m.moe_impl, m.moe_capacity_factor, m.moe_norm_top_k = 'dropless', 0.0, True
   return config

@@ -2,6 +2,7 @@
 
 import importlib.util
 
+import flax.linen as nn
 import jax
 import pytest
 
@@ -10,7 +11,7 @@ from lm import config as config_lib
 from lm import kinds
 from lm.kinds import make_model
 from lm.nn.layers import head_width, mlp_width
-from lm.nn.model import count_params
+from lm.nn.model import count_active_params, count_params
 
 
 def _preset(name: str, arg: str, **overrides):
@@ -69,3 +70,23 @@ def test_t5_presets_share_one_model():
   _, span = _preset('t5', 'span')
   _, seq2seq = _preset('t5', 'seq2seq', **{'data.paths': __file__})  # Pairs files are the user's to name.
   assert span.model.to_dict() == seq2seq.model.to_dict()  # So a span run's checkpoint starts a seq2seq run.
+
+
+@pytest.mark.parametrize('size', ['30b-a3b', '235b-a22b'])
+def test_qwen3_moe_presets_count_what_transformers_counts(size):
+  """The mixtures' totals equal transformers' count for the config.json lm would export (built on the
+  meta device: nothing allocated); active parameters count top_k of the experts."""
+  torch, transformers = pytest.importorskip('torch'), pytest.importorskip('transformers')
+  experiment, config = _preset('qwen3', size)
+  m = config.model
+  model = make_model(m, config.data)
+  batch = kinds.of(m).example_batch(config.data)
+  params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch['tokens'][:, :-1]))['params'])
+  family = kinds.hf_family_of(m)
+  assert family.model_type == 'qwen3_moe'
+  with torch.device('meta'):
+    theirs = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(**family.hf_config(m, None, None)))
+  assert count_params(params) == sum(p.numel() for p in theirs.parameters()) == experiment.PUBLISHED_PARAMS[size]
+  idle_experts = m.num_layers * (m.moe_experts - m.moe_top_k) * 3 * m.d_model * m.moe_mlp_dim
+  assert count_active_params(params, m) == count_params(params) - idle_experts

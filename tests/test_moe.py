@@ -80,6 +80,25 @@ def test_balance_loss_is_one_for_a_uniform_router_and_more_otherwise():
     assert float(balance_loss(probs, top_k=2)) > 1.0
   collapsed = jax.nn.softmax(jnp.tile(jnp.array([9.0, 0, 0, 0, 0, 0]), (4, 8, 1)))
   assert float(balance_loss(collapsed, top_k=1)) > 5.9  # Nearly E: all tokens on one expert.
+  # Each sequence on its own expert: the batch is balanced, every sequence collapsed (DeepSeek-V3's
+  # sequence-wise loss sees it; the batch's does not).
+  split = jax.nn.softmax(jnp.stack([jnp.tile(jnp.array([9.0, 0]), (8, 1)), jnp.tile(jnp.array([0, 9.0]), (8, 1))]))
+  assert float(balance_loss(split, top_k=1)) == pytest.approx(1.0, abs=1e-3)
+  assert float(balance_loss(split, top_k=1, per_sequence=True)) == pytest.approx(2.0, abs=1e-3)
+  assert float(balance_loss(uniform, top_k=2, per_sequence=True)) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_the_layer_sows_the_sequence_wise_loss_when_asked():
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 6, 16))
+  losses = {}
+  for per_sequence in (False, True):
+    layer = MoeMlp(ml_collections.FrozenConfigDict(_moe_config(moe_balance_per_sequence=per_sequence).model))
+    params = nn.meta.unbox(layer.init(jax.random.PRNGKey(2), x)['params'])
+    _, aux = layer.apply({'params': params}, x, mutable=['aux_loss'])
+    probs = jax.nn.softmax(jnp.einsum('BLD,DE->BLE', x, params['router_kernel']))
+    [losses[per_sequence]] = jax.tree.leaves(aux['aux_loss'])
+    np.testing.assert_allclose(losses[per_sequence], balance_loss(probs, 2, per_sequence), rtol=1e-6)
+  assert float(losses[True]) > float(losses[False])  # Sequences lean more than the batch does.
 
 
 def test_moe_every_places_experts_on_every_nth_block_with_their_own_logical_axis():

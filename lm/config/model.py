@@ -104,6 +104,9 @@ class Model:
   moe_bias_rate: float = key(0.0, number(0), FREE, 'moe_router_bias: after each step every expert\'s bias moves '
                              'this much up if it got fewer than the mean of its layer\'s tokens, down if more '
                              '(DeepSeek-V3: 0.001); 0 = held where it is.')
+  moe_balance_per_sequence: bool = key(False, BOOLEAN, FREE, 'The load-balancing loss (train.moe_balance_loss) '
+                                       "of each sequence's tokens, averaged over sequences (DeepSeek-V3's "
+                                       'sequence-wise loss, there at a weight of 1e-4); False: of the whole batch.')
   moe_impl: str = key('capacity', choice('capacity', 'dropless'), FREE,
                       "'capacity': GShard dispatch into moe_capacity_factor slots per expert (overflow dropped); "
                       "'dropless': tokens sorted by expert, grouped products, none dropped.")

@@ -52,14 +52,18 @@ def dispatch(gates_BLk: jax.Array, experts_BLk: jax.Array, num_experts: int,
   return dispatch_BLEC.astype(bool), combine_BLEC
 
 
-def balance_loss(router_probs_BLE: jax.Array, top_k: int) -> jax.Array:
+def balance_loss(router_probs_BLE: jax.Array, top_k: int, per_sequence: bool = False) -> jax.Array:
   """Switch Transformer's load-balancing loss E * sum_e f_e * p_e: f_e the share of top-k choices
   that pick expert e, p_e its mean router probability. It is 1 for a uniform router (its minimum
-  there) and grows as the router concentrates on a few experts."""
+  there) and grows as the router concentrates on a few experts. per_sequence: f and p of each
+  sequence, the loss averaged over sequences (DeepSeek-V3's), so no sequence may lean on a few experts
+  even where the batch as a whole is balanced."""
   num_experts = router_probs_BLE.shape[-1]
   _, experts_BLk = jax.lax.top_k(router_probs_BLE, top_k)
-  share_E = jnp.mean(jnp.sum(jax.nn.one_hot(experts_BLk, num_experts), axis=2), axis=(0, 1)) / top_k
-  return num_experts * jnp.sum(share_E * jnp.mean(router_probs_BLE, axis=(0, 1)))
+  chosen_BLE = jnp.sum(jax.nn.one_hot(experts_BLk, num_experts), axis=2)
+  axes = 1 if per_sequence else (0, 1)
+  share_E, probs_E = jnp.mean(chosen_BLE, axis=axes) / top_k, jnp.mean(router_probs_BLE, axis=axes)
+  return num_experts * jnp.mean(jnp.sum(share_E * probs_E, axis=-1))
 
 
 def expert_capacity(config, length: int) -> int:
@@ -122,7 +126,7 @@ class MoeMlp(nn.Module):
       probs_BLE = scores_BLE / jnp.sum(scores_BLE, axis=-1, keepdims=True)
     else:
       scores_BLE = probs_BLE = jax.nn.softmax(router_logits_BLE, axis=-1)
-    self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k))
+    self.sow('aux_loss', 'moe_balance', balance_loss(probs_BLE, c.moe_top_k, c.moe_balance_per_sequence))
     bias_E = self.param('router_bias', zeros_init((None,)), (num_experts,)) if c.moe_router_bias else None
     gates_BLk, experts_BLk = top_k_gates(scores_BLE, c.moe_top_k, c.moe_norm_top_k, c.moe_routed_scale,
                                          c.moe_groups, c.moe_top_groups, bias_E)

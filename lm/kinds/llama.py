@@ -294,6 +294,7 @@ class Llama(HfFamily):
       for ours, theirs in self.expert_names:
         yield f'{p}experts.{j}.{theirs}.weight', host(np.asarray(moe[f'{ours}_kernel'][j]).T)
 
+
 def _get(tree: dict, path: str):
   for name in path.split('/'):
     tree = tree[name]

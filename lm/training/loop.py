@@ -9,6 +9,7 @@ import signal
 import threading
 import time
 from typing import Any, Callable
+import warnings
 
 import jax
 from jax.experimental import multihost_utils
@@ -336,6 +337,8 @@ def train_command(config: ml_collections.ConfigDict, workdir: str | pathlib.Path
     trainer = Trainer(config, workdir)
     result = trainer.run(stop_after=stop_after)
   except (ConfigError, OSError, NonFiniteError) as e:  # OSError: an unusable workdir, a full disk, ...
+    if isinstance(e, checkpoint.CheckpointWriteError):  # The failed save's writes are abandoned, not awaited.
+      warnings.filterwarnings('ignore', message=r'coroutine .* was never awaited', category=RuntimeWarning)
     raise SystemExit(f'error: {e}') from e
   finally:
     if held is not None:

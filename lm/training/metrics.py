@@ -9,6 +9,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 import uuid
@@ -16,12 +17,29 @@ import uuid
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tensorboardX import SummaryWriter  # Imports no TensorFlow.
 import tqdm
 
 from lm import kinds
 from lm.config import ConfigError, flatten
 from lm.training.workdirs import read_metrics
+
+
+def _summary_writer_class() -> type:
+  """tensorboardX's SummaryWriter (which imports no TensorFlow), imported so that it does not import
+  PyTorch either where PyTorch is installed but not yet loaded: it would only check whether values
+  are torch tensors (ours are floats), and the import costs ~3 s at the start of every run."""
+  if 'torch' in sys.modules:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+    return SummaryWriter
+  sys.modules['torch'] = None  # An import of torch now raises ImportError; tensorboardX allows that.
+  try:
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+  finally:
+    del sys.modules['torch']
+  return SummaryWriter
+
+
+SummaryWriter = _summary_writer_class()
 
 
 def say(message: str) -> None:

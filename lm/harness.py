@@ -79,7 +79,7 @@ def main(argv: list[str]) -> None:
     cli.start(argv, ('workdir', 'tasks'), 'python -m lm.harness --workdir=runs/qs --tasks=shakespeare')
     if FLAGS.limit is not None and not FLAGS.limit > 0:
       raise ConfigError(f'--limit={FLAGS.limit:g}: must be > 0 (documents per task; below 1, a fraction of them)')
-    manager = task_manager(FLAGS.include_path)
+    manager = task_manager(FLAGS.include_path, FLAGS.tasks)
     check_tasks(FLAGS.tasks, manager)
     model = HarnessModel(FLAGS.workdir, FLAGS.step, batch_size=FLAGS.batch_size)
     limit = None if FLAGS.limit is None else (int(FLAGS.limit) if FLAGS.limit >= 1 else FLAGS.limit)

@@ -60,7 +60,7 @@ def _responses(results, task):
 @pytest.mark.slow
 def test_lm_gives_the_hf_backends_numbers_on_the_same_weights(llama, tmp_path):
   folder, workdir = llama
-  manager = harness.task_manager()
+  manager = harness.task_manager(tasks=TASKS)
   theirs = _run('hf', TASKS, manager, model_args={'pretrained': str(folder), 'dtype': 'float32'}, device='cpu')
   model = harness.HarnessModel(run=saved.load(workdir, devices=jax.devices()[:1]), batch_size=4)
   ours = _run(model, TASKS, manager)
@@ -127,7 +127,7 @@ def test_unknown_tasks_missing_data_and_missing_folders_are_refused_in_one_line(
                                       f'    test: {tmp_path / "gone.jsonl"}\ntest_split: test\n'
                                       'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: text\n')
   with pytest.raises(ConfigError, match="harness task 'lost' cannot load its data: .*gone.jsonl"):
-    harness.check_tasks(['lost'], harness.task_manager(str(tmp_path)))
+    harness.check_tasks(['lost'], harness.task_manager(str(tmp_path), ['lost']))
   manager = harness.task_manager()
   nearest = r"unknown harness task 'shakespeare_nextline' \(nearest: shakespeare_next_line"
   with pytest.raises(ConfigError, match=nearest):

@@ -40,7 +40,7 @@ def bench_harness(name: str, tasks: list[str], limit: int | None, batch_size: in
   (folder / 'hf' / 'tokenizer_config.json').write_text(json.dumps({
       'tokenizer_class': 'PreTrainedTokenizerFast', 'bos_token': '<|endoftext|>', 'eos_token': '<|endoftext|>'}))
   hf.import_hf(folder / 'hf', folder / 'run')
-  manager = harness.task_manager()
+  manager = harness.task_manager(tasks=tasks)
   harness.check_tasks(tasks, manager)
   backends = {'lm': harness.HarnessModel(str(folder / 'run'), batch_size=batch_size),
               'hf': huggingface.HFLM(pretrained=str(folder / 'hf'), dtype='float32', batch_size=batch_size,

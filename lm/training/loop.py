@@ -139,7 +139,7 @@ class Trainer:
     if not tasks:
       return None
     from lm.inference import harness  # noqa: PLC0415 (only here: it brings in lm-eval, torch and datasets)
-    manager = harness.task_manager()
+    manager = harness.task_manager(tasks=tasks)
     harness.check_tasks(tasks, manager)
     return hooks.Harness(harness, manager, tasks)
 

@@ -20,7 +20,7 @@ base = load_module(pathlib.Path(__file__).with_name('base.py'))
 
 WIDTHS = {'cpu': [32, 64, 128], 'gpu': [384, 768, 1536], 'smoke': [32, 64]}
 RATES = {'cpu': [1.5e-3, 3e-3, 6e-3, 1.2e-2, 2.4e-2, 4.8e-2], 'gpu': [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-         'smoke': [1e-2, 2e-2]}
+         'smoke': [1e-2]}
 STEPS = {'cpu': (250, 25), 'gpu': (10_000, 500)}  # (train.steps, optimizer.warmup_steps); smoke keeps its own.
 
 

@@ -24,7 +24,7 @@ from lm import cli, kinds
 from lm.config import ConfigError, named_mesh, validate
 from lm.nn import expert_parallel
 from lm.nn.layers import dtype_of, mlp_width
-from lm.nn.model import count_active_params, count_params
+from lm.nn.model import count_active_params, count_mtp_params, count_params
 from lm.parallel import sharding
 from lm.training import metrics, train
 
@@ -107,6 +107,7 @@ def report(config, devices, where: str = '') -> dict[str, float]:
   figures = {
       'devices': mesh.size, 'mesh_shape': tuple(mesh.shape.values()), 'mesh': named_mesh(mesh.shape.values()),
       'parameters': count_params(state.params), 'active_parameters': count_active_params(state.params, config.model),
+      'mtp_parameters': count_mtp_params(state.params),
       'flops_per_token': per_token, 'compile_seconds': compile_s,
       'flops_per_step_per_device': metrics.flops_per_example(config.model, config.data) * b / mesh.size,
       'params_bytes': _shard_bytes(state.params), 'optimizer_bytes': _shard_bytes(state.opt_state),
@@ -150,6 +151,7 @@ def _print(config, devices, f: dict[str, float]) -> None:
   print(f'model: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {mlp_width(m)}, '
         f'vocab {m.vocab_size}: {f["parameters"] / 1e6:,.1f}M parameters'
         + (f' ({f["active_parameters"] / 1e6:,.1f}M active per token)' if m.moe_experts else '')
+        + (f', {f["mtp_parameters"] / 1e6:,.1f}M of them in multi-token modules' if f['mtp_parameters'] else '')
         + f'; dtype {m.dtype}, '
         f'remat {m.remat}, scan_layers {m.scan_layers}, microbatches {config.train.microbatches}')
   print(f'mesh: {f["mesh"]} on {where}; batch {config.data.batch_size} x {config.data.seq_len} tokens')

@@ -72,7 +72,7 @@ def test_the_train_steps_matmuls_do_exactly_the_flops_of_the_formula(tfds_dir, p
   step_flops = lambda c: matmuls.flops(bench_train.train_step_matmuls(c))
   model_flops = lambda c: metrics.flops_per_example(c.model, c.data) * c.data.batch_size
   for knobs in [{}, {'model.scan_layers': True, 'model.tie_embeddings': False, 'model.mlp': 'swiglu',
-                     'model.num_kv_heads': 1}, {'train.microbatches': 2},
+                     'model.num_kv_heads': 1, 'model.mtp_depth': 2}, {'train.microbatches': 2},
                 {'model.kind': 'encoder_decoder', 'data.objective': 'span_corruption'}]:
     config = tiny_config(tfds_dir, play_files, **{'data.batch_size': 16} | knobs)
     assert step_flops(config) == model_flops(config), knobs

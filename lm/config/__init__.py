@@ -69,8 +69,8 @@ SECTIONS: dict[str, type] = {'': run.Root, 'model': Model, 'data': Data, 'optimi
 KEYS: dict[str, Key] = {k: v for prefix, cls in SECTIONS.items() for k, v in keys_of(cls, prefix).items()}
 
 # Cross-key rules, in the order their errors are reported; each lives beside the keys it relates.
-RULES = (model.rules, data.length_rules, model.moe_rules, model.mup_rules, data.objective_rules, run.rules,
-         data.source_rules, data.mixture_rules)
+RULES = (model.rules, data.length_rules, model.moe_rules, model.mtp_rules, model.mup_rules, data.objective_rules,
+         run.rules, data.source_rules, data.mixture_rules)
 
 
 def base_config() -> ml_collections.ConfigDict:

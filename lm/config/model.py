@@ -78,6 +78,9 @@ class Model:
   attention_dropout: float = key(0.0, number(0, 1, hi_open=True), FREE, 'Dropout rate on the attention probabilities.')
   residual_dropout: float = key(0.0, number(0, 1, hi_open=True), FREE,
                                 'Dropout rate on each attention and MLP output before its residual add.')
+  mtp_depth: int = key(0, integer(0), SHAPE, "Multi-token prediction (DeepSeek-V3's sequential form): this many "
+                       'modules after the blocks, module k predicting the token k + 1 ahead from module k - 1 and the '
+                       'embedding of the token k ahead; trained with train.mtp_weight, ignored by generation.')
   moe_experts: int = key(0, integer(0), SHAPE, 'Mixture of experts: experts per MoE layer; 0 = dense MLPs only.')
   moe_top_k: int = key(2, integer(1), SHAPE, 'Experts each token is routed to.')
   moe_every: int = key(1, integer(1), SHAPE,
@@ -202,6 +205,13 @@ def rules(c) -> list[str]:
     errors.append(f'model.rope_high_freq_factor={m.rope_high_freq_factor} must exceed '
                   f'model.rope_low_freq_factor={m.rope_low_freq_factor}')
   return errors
+
+
+def mtp_rules(c) -> list[str]:
+  m = c.model
+  if m.mtp_depth and m.kind != 'decoder':
+    return [f"model.mtp_depth={m.mtp_depth} needs model.kind='decoder' (not {m.kind!r})"]
+  return []
 
 
 def moe_rules(c) -> list[str]:

@@ -98,6 +98,8 @@ class Train:
                                "Share of each target's probability spread evenly over the vocabulary.")
   moe_balance_loss: float = key(0.01, number(0), FREE,
                                 "Weight of the experts' load-balancing loss (mean over MoE layers).")
+  mtp_weight: float = key(0.3, number(0), FREE, 'model.mtp_depth > 0: the multi-token losses\' weight: the '
+                          'objective adds mtp_weight / mtp_depth times their sum (DeepSeek-V3: 0.3, then 0.1).')
   peak_flops_per_device: float = key(0.0, number(0), FREE, 'For train/mfu: peak FLOP/s of one device; 0 = known '
                                      'TPU/GPU kinds, else the matmul rate measured once per machine and cached.')
   microbatches: int = key(1, integer(1), FREE,

@@ -33,7 +33,13 @@ class Decoder(Kind):
     return d.seq_len
 
   def flops_per_example(self, m: ml_collections.ConfigDict, d: ml_collections.ConfigDict) -> float:
-    return self_attention_stack_flops(m, m.num_layers, d.seq_len) + 6 * d.seq_len * m.vocab_size * m.d_model
+    """The blocks and the output layer; each multi-token module (training only) adds a block like the
+    last, its 2D -> D projection and the output layer again."""
+    layers = self_attention_stack_flops(m, m.num_layers, d.seq_len)
+    last_block = layers - self_attention_stack_flops(m, m.num_layers - 1, d.seq_len)
+    output = 6 * d.seq_len * m.vocab_size * m.d_model
+    mtp = m.get('mtp_depth', 0) * (last_block + 6 * d.seq_len * 2 * m.d_model**2 + output)
+    return layers + output + mtp
 
   def decoding_context(self, model, params, inputs_NS):
     """With tied embeddings, the output layer as a [D, V] matrix, transposed once: read as the [V, D]

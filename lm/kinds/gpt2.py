@@ -46,7 +46,7 @@ class Gpt2(HfFamily):
   def problem(self, m: ml_collections.ConfigDict) -> str | None:
     wanted = {'kind': 'decoder', 'positions': 'learned', 'norm': 'layernorm', 'norm_position': 'pre', 'mlp': 'gelu',
               'use_bias': True, 'qkv_bias': False, 'tie_embeddings': True, 'qk_norm': False, 'moe_experts': 0,
-              'sliding_window': 0, 'embed_multiplier': 1.0, 'parametrization': 'sp', 'head_dim': 0}
+              'sliding_window': 0, 'embed_multiplier': 1.0, 'parametrization': 'sp', 'head_dim': 0, 'mtp_depth': 0}
     for key, value in wanted.items():
       if m[key] != value:
         return f'model.{key}={m[key]!r}: a GPT-2 checkpoint needs model.{key}={value!r}'

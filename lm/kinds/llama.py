@@ -154,7 +154,8 @@ class Llama(HfFamily):
 
   def problem(self, m: ml_collections.ConfigDict) -> str | None:
     wanted = {'kind': 'decoder', 'positions': 'rope', 'norm': 'rmsnorm', 'norm_position': 'pre', 'mlp': 'swiglu',
-              'embed_multiplier': 1.0, 'parametrization': 'sp', 'qk_norm': self.qk_norm, 'qkv_bias': self.qkv_bias}
+              'embed_multiplier': 1.0, 'parametrization': 'sp', 'qk_norm': self.qk_norm, 'qkv_bias': self.qkv_bias,
+              'mtp_depth': 0}
     if not self.own_biases:
       wanted['use_bias'] = False
     if not self.sliding_window:

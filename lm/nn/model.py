@@ -15,7 +15,7 @@ import ml_collections
 from lm.nn import mup
 from lm.nn.attention import causal_mask, same_segment, segment_positions
 from lm.nn.block import Block
-from lm.nn.layers import Projection, dropout, dtype_of, norm_layer, param_init
+from lm.nn.layers import Projection, dropout, dtype_of, hidden_std, norm_layer, param_init
 
 # What the backward pass keeps of a block's activations; the rest it recomputes.
 REMAT_POLICIES = {'full': jax.checkpoint_policies.nothing_saveable, 'dots': jax.checkpoint_policies.dots_saveable}
@@ -136,11 +136,41 @@ class GPT(nn.Module):
     x_BLD = _embed(self, embedding, tokens_BL, _position_table(self, 'position_embedding'), train, positions_BL)
     x_BLD = _stack(c, x_BLD, num_layers=c.num_layers, train=train, self_mask=self_mask,
                    decode=decode, positions_BL=positions_BL, valid_BL=valid_BL, segments_BL=segments_BL)
+    if c.mtp_depth and not decode and (self.is_initializing() or self.is_mutable_collection('mtp')):
+      # Each module's final hidden states go to the 'mtp' collection: the training loss scores them.
+      h_BLD = x_BLD
+      for k in range(1, c.mtp_depth + 1):
+        ahead_BL = jnp.pad(tokens_BL[:, k:], ((0, 0), (0, k)))  # The last k positions have no token k ahead.
+        h_BLD, out_BLD = MultiToken(c, train, name=f'mtp_{k}')(h_BLD, embedding(ahead_BL), self_mask, positions_BL,
+                                                               segments_BL)
+        self.sow('mtp', f'hidden_{k}', out_BLD)
     if c.norm_position == 'pre':  # Post-norm blocks already end normalised.
       x_BLD = norm_layer('ln_final', c)(x_BLD)
     if hidden:
       return x_BLD
     return _logits(c, embedding.attend(x_BLD) if c.tie_embeddings else _output_layer(c)(x_BLD))
+
+
+class MultiToken(nn.Module):
+  """One multi-token prediction module (DeepSeek-V3's MTP): the previous depth's hidden states and the
+  embeddings of the tokens one further ahead, each normalised, joined by a projection from 2D to D, then
+  one block of the model's kind. Returns (its hidden states, the same after its own final norm), the
+  latter for the shared output layer."""
+
+  config: ml_collections.FrozenConfigDict
+  train: bool = False
+
+  @nn.compact
+  def __call__(self, h_BLD: jax.Array, ahead_BLD: jax.Array, self_mask, positions_BL, segments_BL):
+    c = self.config
+    joined_BLE = jnp.concatenate([norm_layer('ln_hidden', c)(h_BLD), norm_layer('ln_embedding', c)(ahead_BLD)], -1)
+    # A hidden matrix (Muon and muP treat it so); its 2D input split like an MLP's units.
+    x_BLD = Projection('BLE,ED->BLD', (2 * c.d_model, c.d_model), ('mlp', 'embed'), hidden_std(c), dtype_of(c),
+                       use_bias=False, name='projection')(joined_BLE)
+    block = Block(c, self.train, moe=is_moe_layer(c, c.num_layers - 1), name='block')
+    x_BLD = block(x_BLD, None, self_mask, None, positions_BL, None, segments_BL)
+    x_BLD = x_BLD[0] if c.scan_layers else x_BLD
+    return x_BLD, norm_layer('ln_final', c)(x_BLD) if c.norm_position == 'pre' else x_BLD
 
 
 class Stack(nn.Module):
@@ -291,6 +321,11 @@ def count_active_params(params, config) -> int:
     if len(names) > 1 and names[-2] == 'moe' and names[-1] in EXPERT_WEIGHTS:
       inactive += x.size * (config.moe_experts - config.moe_top_k) / config.moe_experts
   return count_params(params) - round(inactive)
+
+
+def count_mtp_params(params) -> int:
+  """Parameters of the multi-token prediction modules (model.mtp_depth), which generation never runs."""
+  return sum(count_params(v) for k, v in params.items() if k.startswith('mtp_'))
 
 
 def count_embedding_params(params) -> int:

@@ -20,7 +20,7 @@ from lm import kinds
 from lm.config import ConfigError, named_mesh, override
 from lm.data import pipeline, tokenizers
 from lm.inference import decode
-from lm.nn.model import count_embedding_params, count_params
+from lm.nn.model import count_embedding_params, count_mtp_params, count_params
 from lm.parallel import sharding
 from lm.training import checkpoint, hooks, lock, metrics, workdirs
 from lm.training.records import TrainRecords
@@ -201,7 +201,9 @@ class Trainer:
     c = self.config
     end = c.train.steps if stop_after is None else min(stop_after, c.train.steps)
     step = self.start_step
-    metrics.say(f'model: {count_params(self.state.params):,} parameters; '
+    mtp = count_mtp_params(self.state.params)
+    metrics.say(f'model: {count_params(self.state.params):,} parameters'
+                + (f' ({mtp:,} of them in {c.model.mtp_depth} multi-token module(s))' if mtp else '') + '; '
                 f'tokenizer: {c.data.tokenizer}, {self.corpus.tokenizer.vocab_size} tokens; '
                 f'mesh: {c.mesh.shape} over {self.mesh.size} {jax.devices()[0].platform} devices, '
                 f'{jax.process_count()} process(es)')
@@ -219,6 +221,7 @@ class Trainer:
     compile_s = time.perf_counter() - start
     self.writer.write(step, {'train/compile_seconds': compile_s, 'model/params': count_params(self.state.params),
                              'model/embedding_params': count_embedding_params(self.state.params),
+                             'model/mtp_params': count_mtp_params(self.state.params),
                              'model/flops_per_token': metrics.flops_per_token(c.model, c.data),
                              'train/peak_flops_per_device': self.peak_flops})
     metrics.say(f'compiled the train step in {compile_s:.1f} s')

@@ -179,20 +179,22 @@ def chunked_loss_sum(config, params, x_BLD: jax.Array, targets_BL: jax.Array, ma
 def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: float = 0.0,
               label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
               dropout_rng: jax.Array | None = None, logits_chunk: int = 0,
-              stats: dict | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+              stats: dict | None = None, mtp_weight: float = 0.0) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(summed loss in nats over unmasked targets, count of those targets, mean MoE balance loss); a
   `stats` dict receives the experts' moe_sums.
 
   With the defaults the loss is the cross-entropy; training may add label smoothing (a share of
   the target spread over the vocabulary), z-loss (z_loss * logsumexp(logits)^2), and the experts'
-  load-balancing loss (moe_balance_loss * its mean over MoE layers, per target). A dropout_rng turns
-  dropout on. logits_chunk > 0 computes the logits that many positions at a time (chunked_loss_sum).
+  load-balancing loss (moe_balance_loss * its mean over MoE layers, per target) and the multi-token
+  losses (model.mtp_depth: mtp_weight / depth times the sum of theirs, each summed over its targets,
+  which `stats` gets as mtp_{k}/loss_sum and mtp_{k}/count). A dropout_rng turns dropout on.
+  logits_chunk > 0 computes the logits that many positions at a time (chunked_loss_sum).
   """
   train = dropout_rng is not None
   targets_BL, mask_BL = batch['tokens'][:, 1:], batch['loss_mask'].astype(jnp.float32)
   chunked = 0 < logits_chunk < targets_BL.shape[1]
   out, aux = apply_model(model, params, batch, train=train, rngs={'dropout': dropout_rng} if train else None,
-                         mutable=['aux_loss', 'moe_stats'], hidden=chunked)
+                         mutable=['aux_loss', 'moe_stats', 'mtp'], hidden=chunked)
   if stats is not None:
     stats.update(moe_sums(aux.get('moe_stats', {})))
   options = {'z_loss': z_loss, 'label_smoothing': label_smoothing}
@@ -201,6 +203,24 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: 
   else:
     total = jnp.sum(token_losses(out, targets_BL, **options) * mask_BL)
   count = jnp.sum(mask_BL)
+  depth = model.config.get('mtp_depth', 0)
+  for k in range(1, depth + 1):
+    # Position i predicts token i + k + 1: its target and mask k further along, within i's document.
+    ahead_BL = lambda x: jnp.pad(x[:, k:], ((0, 0), (0, k)))  # noqa: E731
+    mtp_mask_BL = ahead_BL(mask_BL)
+    if 'segment_ids' in batch:
+      segments_BL = batch['segment_ids'][:, :-1]
+      mtp_mask_BL = mtp_mask_BL * (ahead_BL(batch['segment_ids'][:, 1:]) == segments_BL)
+    [hidden_BLD] = aux['mtp'][f'hidden_{k}']
+    logits = lambda x: vocab_logits(model.config, params, x)  # noqa: E731
+    if chunked:
+      mtp_sum = chunked_loss_sum(model.config, params, hidden_BLD, ahead_BL(targets_BL), mtp_mask_BL, logits_chunk,
+                                 **options)
+    else:
+      mtp_sum = jnp.sum(token_losses(logits(hidden_BLD), ahead_BL(targets_BL), **options) * mtp_mask_BL)
+    total = total + mtp_weight / depth * mtp_sum
+    if stats is not None:
+      stats[f'mtp_{k}/loss_sum'], stats[f'mtp_{k}/count'] = mtp_sum, jnp.sum(mtp_mask_BL)
   balance_layers = jax.tree.leaves(aux.get('aux_loss', {}))
   balance = jnp.mean(jnp.concatenate([jnp.ravel(x) for x in balance_layers])) if balance_layers else jnp.float32(0)
   return total + moe_balance_loss * balance * count, count, balance
@@ -209,7 +229,8 @@ def loss_sums(params, batch: dict[str, jax.Array], model: nn.Module, *, z_loss: 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Module,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule, microbatches: int = 1,
                z_loss: float = 0.0, label_smoothing: float = 0.0, moe_balance_loss: float = 0.0,
-               logits_chunk: int = 0, max_nonfinite_steps: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
+               logits_chunk: int = 0, max_nonfinite_steps: int = 0,
+               mtp_weight: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the mean loss over the batch's targets (see loss_sums).
 
   A step whose loss or gradient norm is not finite changes neither the parameters nor the optimizer
@@ -228,7 +249,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
     stats = {}
     total, count, balance = loss_sums(params, b, model, z_loss=z_loss, label_smoothing=label_smoothing,
                                       moe_balance_loss=moe_balance_loss, dropout_rng=rng, logits_chunk=logits_chunk,
-                                      stats=stats)
+                                      stats=stats, mtp_weight=mtp_weight)
     return total, (count, balance * count, stats)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -269,6 +290,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   skipped = state.skipped_steps + (~keep_update).astype(jnp.int32)
   metrics_ = {'loss': loss, 'grad_norm': grad_norm, 'learning_rate': schedule(state.step), 'skipped_steps': skipped,
               'nonfinite_streak': streak}
+  for k in range(1, model.config.mtp_depth + 1):  # Each depth's own mean loss; 'loss' is the objective's.
+    metrics_[f'mtp_{k}/loss'] = stats[f'mtp_{k}/loss_sum'] / jnp.maximum(stats[f'mtp_{k}/count'], 1.0)
   if model.config.moe_experts:
     metrics_['moe_balance_loss'] = balance_sum * scale
     drops = model.config.moe_impl == 'capacity' or bool(model.config.moe_ep_capacity_factor)
@@ -290,7 +313,8 @@ def jit_train_step(layout: Layout, t: ml_collections.ConfigDict):
   return jax.jit(functools.partial(train_step, model=layout.model, optimizer=layout.optimizer,
                                    schedule=layout.schedule, microbatches=t.microbatches, z_loss=t.z_loss,
                                    label_smoothing=t.label_smoothing, moe_balance_loss=t.moe_balance_loss,
-                                   logits_chunk=t.logits_chunk, max_nonfinite_steps=t.max_nonfinite_steps),
+                                   logits_chunk=t.logits_chunk, max_nonfinite_steps=t.max_nonfinite_steps,
+                                   mtp_weight=t.mtp_weight),
                  in_shardings=(layout.shardings, layout.batch_sharding), out_shardings=(layout.shardings, replicated),
                  donate_argnums=0)
 

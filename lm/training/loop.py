@@ -221,9 +221,9 @@ class Trainer:
     compile_s = time.perf_counter() - start
     self.writer.write(step, {'train/compile_seconds': compile_s, 'model/params': count_params(self.state.params),
                              'model/embedding_params': count_embedding_params(self.state.params),
-                             'model/mtp_params': count_mtp_params(self.state.params),
                              'model/flops_per_token': metrics.flops_per_token(c.model, c.data),
-                             'train/peak_flops_per_device': self.peak_flops})
+                             'train/peak_flops_per_device': self.peak_flops}
+                      | ({'model/mtp_params': mtp} if mtp else {}))
     metrics.say(f'compiled the train step in {compile_s:.1f} s')
     records, checkpointer = TrainRecords(c, step, self.peak_flops, self.mesh.size), hooks.Checkpoint()
     built_in = [hooks.NonFiniteGuard(), hooks.Progress(self), checkpointer, hooks.Evaluate()]

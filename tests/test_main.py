@@ -22,6 +22,7 @@ from conftest import QUICKSTART, ROOT, TINY, run_main, tiny_overrides
 from lm import config as config_lib
 from lm.training.metrics import flops_per_token
 from lm.training.workdirs import read_metrics
+from test_quiet import alarming_lines
 
 
 def _restore(workdir: pathlib.Path, step: int):
@@ -85,6 +86,13 @@ def test_resume_is_bitwise_identical(straight_and_resumed):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   assert not np.array_equal(_restore(resumed, 5)['params']['block_0']['mlp']['up']['kernel'],
                             b['params']['block_0']['mlp']['up']['kernel'])  # Steps 6-8 did train.
+
+
+@pytest.mark.slow
+def test_a_run_stopped_and_resumed_prints_no_alarm(straight_and_resumed):
+  first, second = straight_and_resumed[2:]
+  bad = alarming_lines(first.stdout, first.stderr, second.stdout, second.stderr)
+  assert not bad, '\n'.join(bad)
 
 
 @pytest.mark.slow

@@ -1,15 +1,13 @@
-"""Quiet on success: a tiny training, its resumption and lm.harness on the workdir print nothing that
-reads as a failure (a traceback, a download, a missing file, a deadlock, a library's WARNING or an
-absl/glog log line)."""
+"""Quiet on success: what a successful command must not print (a traceback, a download, a missing file,
+a deadlock, a library's WARNING or an absl/glog log line), checked on the output of a tiny training and
+its resumption (test_main.py) and of lm.harness (test_harness.py), which run them anyway."""
 
 import os
 import re
 import subprocess
 import sys
 
-import pytest
-
-from conftest import ROOT, run_main, tiny_overrides
+from conftest import ROOT
 from lm import cli
 
 # What a successful command must not print: each reads as a failure to whoever watches the run.
@@ -47,22 +45,3 @@ def test_a_host_without_accelerators_starts_jax_on_the_cpu_alone(tmp_path):
                           env=env | ({'JAX_PLATFORMS': chosen} if chosen else {}))
     expected = chosen or ('None' if cli.accelerator_present() else 'cpu')  # What the user chose stays.
     assert (done.returncode, done.stdout.strip()) == (0, expected), done.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_training_resuming_and_the_harness_print_no_alarm(tfds_dir, play_files, compile_cache, tmp_path):
-  workdir = tmp_path / 'run'
-  overrides = tiny_overrides(str(tmp_path / 'tfds'), play_files, **{'eval.num_samples': 1})
-  outputs = []
-  for args in (('--stop_after=4',), ()):  # A run stopped with a checkpoint, then resumed to its end.
-    done = run_main(workdir, overrides, *args, compile_cache=compile_cache)
-    outputs += [done.stdout, done.stderr]
-  env = dict(os.environ, PYTHONPATH=str(ROOT))
-  done = subprocess.run([sys.executable, '-m', 'lm.harness', f'--workdir={workdir}',
-                         '--tasks=shakespeare', '--limit=2', '--batch_size=2'],  # Perplexities bootstrap too.
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert '|shakespeare_next_line|' in done.stdout
-  outputs += [done.stdout, done.stderr]
-  bad = alarming_lines(*outputs)
-  assert not bad, '\n'.join(bad)

@@ -23,7 +23,7 @@ HARNESS = {
     'cpu': {'eval.harness_tasks': 'shakespeare', 'eval.harness_every': 100, 'eval.harness_limit': 200},
     'gpu': {'eval.harness_tasks': 'lambada_openai,hellaswag,arc_easy,piqa', 'eval.harness_every': 2000,
             'eval.harness_limit': 1000},
-    'smoke': {'eval.harness_tasks': 'shakespeare', 'eval.harness_every': 2, 'eval.harness_limit': 4},
+    'smoke': {'eval.harness_tasks': 'shakespeare', 'eval.harness_every': 4, 'eval.harness_limit': 4},
 }
 
 

@@ -25,6 +25,8 @@ def points(scale: str) -> list[dict]:
   coarse = {'model.moe_experts': 8, 'model.moe_top_k': 2, 'model.moe_mlp_dim': width // 2}
   fine = {'model.moe_experts': 32, 'model.moe_top_k': 8, 'model.moe_mlp_dim': width // 8}
   bias = {'train.moe_balance_loss': 0.0, 'model.moe_router_bias': True, 'model.moe_bias_rate': 0.001}
+  if scale == 'smoke':  # Each point is a program to compile: dense, and each way of balancing fine experts but none.
+    return [{'model.moe_experts': 0}, fine, fine | bias]
   return [{'model.moe_experts': 0}, coarse, fine, fine | bias, fine | {'train.moe_balance_loss': 0.0}]
 
 
